@@ -1,0 +1,371 @@
+//! Model configuration: the fields of Hugging Face `config.json` we use (LlamaConfig,
+//! Qwen2Config, Qwen3Config), also built from GGUF metadata so both formats give one struct.
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+
+/// Decoder architectures we run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// LLaMA 2/3/3.x, SmolLM: no biases unless `attention_bias`.
+    Llama,
+    /// Qwen2/2.5: q/k/v projections carry biases.
+    Qwen2,
+    /// Qwen3: RMS norms on q and k per head.
+    Qwen3,
+}
+
+impl Arch {
+    fn parse(source: &str, key: &str, v: &str) -> Result<Self> {
+        match v {
+            "llama" | "smollm" | "mistral" => Ok(Arch::Llama),
+            "qwen2" => Ok(Arch::Qwen2),
+            "qwen3" => Ok(Arch::Qwen3),
+            other => Err(Error::Unsupported {
+                source_name: source.to_string(),
+                key: key.to_string(),
+                value: other.to_string(),
+                supported: "llama, qwen2, qwen3".into(),
+            }),
+        }
+    }
+}
+
+/// RoPE frequency scaling (`rope_scaling` / `rope_parameters` with `rope_type`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// LLaMA-3.1/3.2 frequency-dependent scaling.
+    Llama3 {
+        /// Overall factor.
+        factor: f64,
+        /// Low-frequency factor.
+        low_freq_factor: f64,
+        /// High-frequency factor.
+        high_freq_factor: f64,
+        /// Context length the model was pretrained with.
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// The resolved configuration of a decoder model.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// Architecture.
+    pub arch: Arch,
+    /// Hidden size.
+    pub hidden_size: i64,
+    /// MLP inner size.
+    pub intermediate_size: i64,
+    /// Number of decoder blocks (L).
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: i64,
+    /// Key/value heads (GQA).
+    pub num_kv_heads: i64,
+    /// Per-head dimension.
+    pub head_dim: i64,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: i64,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE scaling.
+    pub rope_scaling: RopeScaling,
+    /// Whether the LM head is the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v (and o, for llama `attention_bias`) carry biases.
+    pub attention_bias: bool,
+    /// Context length.
+    pub max_position_embeddings: i64,
+    /// End-of-sequence ids from the config, if any.
+    pub eos_token_ids: Vec<i64>,
+    /// Beginning-of-sequence id from the config, if any.
+    pub bos_token_id: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct RawRope {
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    type_: Option<String>,
+    rope_theta: Option<f64>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    hidden_size: Option<i64>,
+    intermediate_size: Option<i64>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<i64>,
+    num_key_value_heads: Option<i64>,
+    head_dim: Option<i64>,
+    vocab_size: Option<i64>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<RawRope>,
+    /// transformers >= 5 writes RoPE settings here.
+    rope_parameters: Option<RawRope>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    max_position_embeddings: Option<i64>,
+    eos_token_id: Option<serde_json::Value>,
+    bos_token_id: Option<serde_json::Value>,
+}
+
+/// Token ids given as a number or a list of numbers.
+pub(crate) fn ids_of(v: &serde_json::Value) -> Vec<i64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_i64().into_iter().collect(),
+        serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_i64()).collect(),
+        _ => vec![],
+    }
+}
+
+fn parse_rope(source: &str, key: &str, r: &RawRope) -> Result<RopeScaling> {
+    let ty = r
+        .rope_type
+        .as_deref()
+        .or(r.type_.as_deref())
+        .unwrap_or("default");
+    match ty {
+        "default" => Ok(RopeScaling::None),
+        "llama3" => {
+            let need = |v: Option<f64>, k: &str| {
+                v.ok_or_else(|| {
+                    Error::config(
+                        source,
+                        format!("{key}.{k}"),
+                        "required for rope_type llama3",
+                    )
+                })
+            };
+            Ok(RopeScaling::Llama3 {
+                factor: need(r.factor, "factor")?,
+                low_freq_factor: need(r.low_freq_factor, "low_freq_factor")?,
+                high_freq_factor: need(r.high_freq_factor, "high_freq_factor")?,
+                original_max_position_embeddings: need(
+                    r.original_max_position_embeddings,
+                    "original_max_position_embeddings",
+                )?,
+            })
+        }
+        other => Err(Error::Unsupported {
+            source_name: source.to_string(),
+            key: format!("{key}.rope_type"),
+            value: other.to_string(),
+            supported: "default, llama3".into(),
+        }),
+    }
+}
+
+impl ModelConfig {
+    /// Parses a Hugging Face `config.json`.
+    pub fn from_hf_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let raw: RawConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(path, format!("invalid config JSON: {e}")))?;
+        let src = path.display().to_string();
+        let req = |v: Option<i64>, k: &str| {
+            v.ok_or_else(|| Error::config(&src, k, "required key is missing"))
+        };
+        let model_type = raw
+            .model_type
+            .as_deref()
+            .ok_or_else(|| Error::config(&src, "model_type", "required key is missing"))?;
+        let arch = Arch::parse(&src, "model_type", model_type)?;
+        let hidden_size = req(raw.hidden_size, "hidden_size")?;
+        let num_heads = req(raw.num_attention_heads, "num_attention_heads")?;
+        let num_layers = raw
+            .num_hidden_layers
+            .ok_or_else(|| Error::config(&src, "num_hidden_layers", "required key is missing"))?;
+        let (rope_theta, rope_scaling) = match (&raw.rope_parameters, &raw.rope_scaling) {
+            (Some(p), _) => (
+                p.rope_theta.or(raw.rope_theta).unwrap_or(10000.0),
+                parse_rope(&src, "rope_parameters", p)?,
+            ),
+            (None, Some(s)) => (
+                raw.rope_theta.unwrap_or(10000.0),
+                parse_rope(&src, "rope_scaling", s)?,
+            ),
+            (None, None) => (raw.rope_theta.unwrap_or(10000.0), RopeScaling::None),
+        };
+        let cfg = ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size: req(raw.intermediate_size, "intermediate_size")?,
+            num_layers,
+            num_heads,
+            num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
+            head_dim: raw.head_dim.unwrap_or(hidden_size / num_heads.max(1)),
+            vocab_size: req(raw.vocab_size, "vocab_size")?,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            attention_bias: match arch {
+                Arch::Qwen2 => true,
+                _ => raw.attention_bias.unwrap_or(false),
+            },
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            eos_token_ids: raw.eos_token_id.as_ref().map(ids_of).unwrap_or_default(),
+            bos_token_id: raw
+                .bos_token_id
+                .as_ref()
+                .and_then(|v| ids_of(v).first().copied()),
+        };
+        cfg.validate(&src)?;
+        Ok(cfg)
+    }
+
+    /// Builds the configuration from GGUF metadata (`general.architecture`, `{arch}.*`).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let src = g.path().display().to_string();
+        let arch_name = g.get_str("general.architecture")?;
+        let arch = Arch::parse(&src, "general.architecture", arch_name)?;
+        let k = |s: &str| format!("{arch_name}.{s}");
+        let int = |s: &str| g.get_u64(&k(s)).map(|v| v as i64);
+        let hidden_size = int("embedding_length")?;
+        let num_heads = int("attention.head_count")?;
+        let vocab_size = match g.metadata.get(&k("vocab_size")).and_then(|v| v.as_u64()) {
+            Some(v) => v as i64,
+            None => g
+                .get("tokenizer.ggml.tokens")?
+                .as_array()
+                .map(|a| a.len() as i64)
+                .unwrap_or(0),
+        };
+        let head_dim = match g
+            .metadata
+            .get(&k("attention.key_length"))
+            .and_then(|v| v.as_u64())
+        {
+            Some(v) => v as i64,
+            None => hidden_size / num_heads.max(1),
+        };
+        let cfg = ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size: int("feed_forward_length")?,
+            num_layers: int("block_count")? as usize,
+            num_heads,
+            num_kv_heads: int("attention.head_count_kv").unwrap_or(num_heads),
+            head_dim,
+            vocab_size,
+            rms_norm_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
+            rope_theta: g.get_f64(&k("rope.freq_base")).unwrap_or(10000.0),
+            // llama.cpp stores LLaMA-3 scaling as a precomputed `rope_freqs.weight` tensor,
+            // which the model applies when present.
+            rope_scaling: RopeScaling::None,
+            tie_word_embeddings: !g.tensors.contains_key("output.weight"),
+            attention_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
+            max_position_embeddings: int("context_length").unwrap_or(4096),
+            eos_token_ids: vec![],
+            bos_token_id: None,
+        };
+        cfg.validate(&src)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, src: &str) -> Result<()> {
+        let positive = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("num_hidden_layers", self.num_layers as i64),
+        ];
+        for (k, v) in positive {
+            if v <= 0 {
+                return Err(Error::config(src, k, format!("must be positive, got {v}")));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(Error::config(
+                src,
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.num_kv_heads, self.num_heads
+                ),
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(Error::config(
+                src,
+                "head_dim",
+                format!("must be even for RoPE, got {}", self.head_dim),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, v: serde_json::Value) -> std::path::PathBuf {
+        let p = dir.join("config.json");
+        std::fs::write(&p, v.to_string()).unwrap();
+        p
+    }
+
+    #[test]
+    fn parses_v4_and_v5_rope_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = serde_json::json!({"model_type":"llama","hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100,
+            "rms_norm_eps":1e-5,"tie_word_embeddings":true});
+        let mut v4 = base.clone();
+        v4["rope_theta"] = 500000.0.into();
+        v4["rope_scaling"] = serde_json::json!({"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":8192});
+        let mut v5 = base.clone();
+        v5["rope_parameters"] = serde_json::json!({"rope_type":"llama3","rope_theta":500000.0,"factor":32.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192});
+        let a = ModelConfig::from_hf_json(&write(dir.path(), v4)).unwrap();
+        let b = ModelConfig::from_hf_json(&write(dir.path(), v5)).unwrap();
+        assert_eq!(a.rope_theta, 500000.0);
+        assert_eq!(a.rope_scaling, b.rope_scaling);
+        assert_eq!(a.rope_theta, b.rope_theta);
+        assert_eq!(a.head_dim, 16);
+    }
+
+    #[test]
+    fn missing_and_unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            serde_json::json!({"model_type":"llama","hidden_size":64}),
+        );
+        let msg = ModelConfig::from_hf_json(&p).unwrap_err().to_string();
+        assert!(
+            msg.contains("config.json") && msg.contains("num_attention_heads"),
+            "{msg}"
+        );
+        let p = write(dir.path(), serde_json::json!({"model_type":"gpt_neox"}));
+        let msg = ModelConfig::from_hf_json(&p).unwrap_err().to_string();
+        assert!(
+            msg.contains("model_type") && msg.contains("gpt_neox"),
+            "{msg}"
+        );
+        std::fs::write(&p, "{not json").unwrap();
+        assert!(ModelConfig::from_hf_json(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("invalid config JSON"));
+    }
+}

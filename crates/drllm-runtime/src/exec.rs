@@ -1,0 +1,256 @@
+//! The path executor: runs a batch of sequences, each along its own layer path, with one KV cache
+//! per (block, repetition) slot. This is the only place that loops over blocks and counts.
+//!
+//! Layer-synchronous: for block `l`, every row whose count at `l` is at least 1 goes through the
+//! block in one batched call; rows with count 2 go through it once more (slot `(l, 1)`). A slot's
+//! row set is fixed for the batch's lifetime, so its cache holds exactly those rows.
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::{Kv, Model};
+use crate::path::LayerPath;
+
+struct Slot {
+    layer: usize,
+    /// Rows of the batch that use this slot; `None` = all rows.
+    rows: Option<Tensor>,
+    kv: Kv,
+}
+
+/// Decoding state of a batch of sequences along their paths.
+pub struct PathBatch<'m> {
+    model: &'m Model,
+    slots: Vec<Slot>,
+    /// `[B, T_total]`: which cached positions are real tokens (false = left padding).
+    key_valid: Tensor,
+    /// `[B]`: position id of each row's next token.
+    next_pos: Tensor,
+    batch: usize,
+}
+
+impl<'m> PathBatch<'m> {
+    /// Prepares slots for `paths` (one per row, each of the model's length).
+    pub fn new(model: &'m Model, paths: &[LayerPath]) -> Result<Self> {
+        let n_layers = model.num_layers();
+        for p in paths {
+            p.check_len(n_layers)?;
+        }
+        let b = paths.len();
+        let dev = model.device();
+        let mut slots = Vec::new();
+        for l in 0..n_layers {
+            let max = paths.iter().map(|p| p.counts()[l]).max().unwrap_or(0);
+            for r in 0..max {
+                let rows: Vec<i64> = paths
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.counts()[l] > r)
+                    .map(|(i, _)| i as i64)
+                    .collect();
+                let rows = if rows.len() == b {
+                    None
+                } else {
+                    Some(Tensor::from_slice(&rows).to_device(dev))
+                };
+                slots.push(Slot {
+                    layer: l,
+                    rows,
+                    kv: None,
+                });
+            }
+        }
+        Ok(PathBatch {
+            model,
+            slots,
+            key_valid: Tensor::zeros([b as i64, 0], (Kind::Bool, dev)),
+            next_pos: Tensor::zeros([b as i64], (Kind::Int64, dev)),
+            batch: b,
+        })
+    }
+
+    /// Runs new tokens `[B, T]` through the paths. `valid[B, T]` marks real tokens (false = left
+    /// padding, allowed only in the first call). Returns final-normed hidden states `[B, T, H]`.
+    fn step(&mut self, ids: &Tensor, valid: &Tensor) -> Tensor {
+        let model = self.model;
+        let dev = model.device();
+        let (b, t) = (ids.size()[0], ids.size()[1]);
+        // Positions count real tokens only: left padding does not shift a row's positions.
+        let positions =
+            valid.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1 + self.next_pos.unsqueeze(1);
+        let positions = positions.clamp_min(0);
+        self.next_pos = positions.select(1, t - 1) + 1;
+        let past = self.key_valid.size()[1];
+        self.key_valid = Tensor::cat(&[&self.key_valid, valid], 1);
+        let total = past + t;
+        // Causal over new tokens, all past keys visible, padded keys hidden; every query may see
+        // itself so rows of padding stay finite.
+        let q_idx = Tensor::arange_start(past, total, (Kind::Int64, dev)).view([t, 1]);
+        let k_idx = Tensor::arange(total, (Kind::Int64, dev)).view([1, total]);
+        let causal = k_idx.le_tensor(&q_idx);
+        let diag = k_idx.eq_tensor(&q_idx);
+        let mask = causal
+            .view([1, 1, t, total])
+            .logical_and(&self.key_valid.view([b, 1, 1, total]))
+            .logical_or(&diag.view([1, 1, t, total]));
+        let rope = model.rope(&positions);
+        let mut h = model.embed(ids);
+        let cfg = &model.cfg;
+        for slot in &mut self.slots {
+            let block = &model.blocks[slot.layer];
+            h = match &slot.rows {
+                None => block.forward(cfg, &h, &rope, &mask, &mut slot.kv),
+                Some(idx) => {
+                    let out = block.forward(
+                        cfg,
+                        &h.index_select(0, idx),
+                        &rope.rows(idx),
+                        &mask.index_select(0, idx),
+                        &mut slot.kv,
+                    );
+                    h.index_copy(0, idx, &out)
+                }
+            };
+        }
+        model.final_norm(&h)
+    }
+
+    /// Prefills left-padded prompts; returns final-normed hidden states `[B, T, H]`.
+    pub fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<Tensor> {
+        if prompts.len() != self.batch {
+            return Err(Error::Request(format!(
+                "{} prompts for a batch of {} paths",
+                prompts.len(),
+                self.batch
+            )));
+        }
+        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(Error::Request(format!("prompt {i} is empty")));
+        }
+        let vocab = self.model.cfg.vocab_size;
+        if let Some(id) = prompts.iter().flatten().find(|&&id| id as i64 >= vocab) {
+            return Err(Error::Request(format!(
+                "token id {id} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = vec![0i64; self.batch * t];
+        let mut valid = vec![false; self.batch * t];
+        for (r, p) in prompts.iter().enumerate() {
+            let pad = t - p.len();
+            for (j, &id) in p.iter().enumerate() {
+                ids[r * t + pad + j] = id as i64;
+                valid[r * t + pad + j] = true;
+            }
+        }
+        let dev = self.model.device();
+        let shape = [self.batch as i64, t as i64];
+        let ids = Tensor::from_slice(&ids).view(shape).to_device(dev);
+        let valid = Tensor::from_slice(&valid).view(shape).to_device(dev);
+        Ok(self.step(&ids, &valid))
+    }
+
+    /// Feeds one token per row; returns logits `[B, V]` (f32) for the next token.
+    pub fn decode_step(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        if tokens.len() != self.batch {
+            return Err(Error::Request(format!(
+                "{} tokens for a batch of {}",
+                tokens.len(),
+                self.batch
+            )));
+        }
+        let dev = self.model.device();
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::from_slice(&ids)
+            .view([self.batch as i64, 1])
+            .to_device(dev);
+        let valid = Tensor::ones([self.batch as i64, 1], (Kind::Bool, dev));
+        let h = self.step(&ids, &valid);
+        Ok(self.model.lm_head(&h.select(1, 0)))
+    }
+}
+
+/// Options of greedy generation.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Most new tokens per sequence.
+    pub max_new_tokens: usize,
+    /// Token ids that end a sequence (not included in the output).
+    pub stop_ids: Vec<u32>,
+}
+
+/// One generated sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    /// New token ids (stop token excluded).
+    pub tokens: Vec<u32>,
+    /// Whether a stop id ended the sequence (else the token budget did).
+    pub stopped: bool,
+}
+
+fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    let ids = logits.argmax(-1, false).to_device(Device::Cpu);
+    let v: Vec<i64> = Vec::<i64>::try_from(&ids)?;
+    Ok(v.into_iter().map(|x| x as u32).collect())
+}
+
+impl Model {
+    /// Logits `[T_i, V]` (f32) at every position of each prompt, run along its path.
+    pub fn prompt_logits(&self, prompts: &[Vec<u32>], paths: &[LayerPath]) -> Result<Vec<Tensor>> {
+        let _g = tch::no_grad_guard();
+        let mut batch = PathBatch::new(self, paths)?;
+        let h = batch.prefill(prompts)?;
+        let t = h.size()[1];
+        Ok(prompts
+            .iter()
+            .enumerate()
+            .map(|(r, p)| {
+                self.lm_head(
+                    &h.get(r as i64)
+                        .narrow(0, t - p.len() as i64, p.len() as i64),
+                )
+            })
+            .collect())
+    }
+
+    /// Greedy generation for a batch of prompts, each along its own path.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        paths: &[LayerPath],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<Generated>> {
+        let _g = tch::no_grad_guard();
+        let mut batch = PathBatch::new(self, paths)?;
+        let h = batch.prefill(prompts)?;
+        let t = h.size()[1];
+        let mut out: Vec<Generated> = prompts
+            .iter()
+            .map(|_| Generated {
+                tokens: vec![],
+                stopped: false,
+            })
+            .collect();
+        if opts.max_new_tokens == 0 {
+            return Ok(out);
+        }
+        let mut next = argmax_rows(&self.lm_head(&h.select(1, t - 1)))?;
+        for step in 0..opts.max_new_tokens {
+            for (g, &tok) in out.iter_mut().zip(&next) {
+                if g.stopped {
+                    continue;
+                }
+                if opts.stop_ids.contains(&tok) {
+                    g.stopped = true;
+                } else {
+                    g.tokens.push(tok);
+                }
+            }
+            if step + 1 == opts.max_new_tokens || out.iter().all(|g| g.stopped) {
+                break;
+            }
+            // Finished rows keep feeding their last token; their outputs are ignored.
+            next = argmax_rows(&batch.decode_step(&next)?)?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,25 @@
+//! drllm model runtime: loads pretrained decoder LLMs (Hugging Face safetensors directories or
+//! GGUF files) and runs them along arbitrary layer paths (skip / execute / repeat per block),
+//! with batched prefill and greedy decoding over per-(block, repetition) KV caches.
+#![warn(missing_docs)]
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod exec;
+pub mod gguf;
+pub mod loader;
+pub mod model;
+pub mod path;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat::Message;
+pub use config::{Arch, ModelConfig};
+pub use error::{Error, Result};
+pub use exec::{GenerateOptions, Generated, PathBatch};
+pub use loader::{parse_dtype, DeviceSpec, LoadedModel, ModelSource};
+pub use model::Model;
+pub use path::LayerPath;
+pub use tch;
+pub use tokenizer::Tokenizer;

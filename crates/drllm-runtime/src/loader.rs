@@ -1,0 +1,235 @@
+//! Resolving what the user typed after `--model` (a directory, a `.gguf` file, `embedded`, or a
+//! Hugging Face repo id in the local cache) and loading model + tokenizer from it.
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use tch::{Device, Kind};
+
+use crate::config::{Arch, ModelConfig};
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{GgufWeights, SafetensorsWeights};
+
+/// File name of the embedded default model inside the cache directory.
+pub const EMBEDDED_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where a model's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// Hugging Face model directory (config.json, tokenizer.json, safetensors).
+    HfDir(PathBuf),
+    /// A single GGUF file.
+    Gguf(PathBuf),
+}
+
+/// The cache holding the embedded model: `$DRLLM_CACHE`, else the checkout's `.cache/drllm`
+/// (where `scripts/setup.sh` puts it).
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("DRLLM_CACHE") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/drllm"),
+    }
+}
+
+fn hf_cache_dirs() -> Vec<PathBuf> {
+    let mut v = vec![];
+    if let Some(d) = std::env::var_os("HF_HUB_CACHE") {
+        v.push(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("HF_HOME") {
+        v.push(PathBuf::from(d).join("hub"));
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        v.push(PathBuf::from(h).join(".cache/huggingface/hub"));
+    }
+    v
+}
+
+impl ModelSource {
+    /// Resolves a `--model` argument.
+    pub fn resolve(spec: &str) -> Result<Self> {
+        let err = |msg: String| Error::ModelSpec {
+            spec: spec.to_string(),
+            msg,
+        };
+        if spec == "embedded" {
+            let p = cache_dir().join(EMBEDDED_FILE);
+            if !p.is_file() {
+                return Err(err(format!(
+                    "the embedded model is not at {}; run scripts/setup.sh (or set DRLLM_CACHE to the directory holding {EMBEDDED_FILE})",
+                    p.display()
+                )));
+            }
+            return Ok(ModelSource::Gguf(p));
+        }
+        let path = Path::new(spec);
+        if path.is_file() {
+            return Ok(ModelSource::Gguf(path.to_path_buf()));
+        }
+        if path.is_dir() {
+            if path.join("config.json").is_file() {
+                return Ok(ModelSource::HfDir(path.to_path_buf()));
+            }
+            let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| Error::io(path, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+                .collect();
+            return match ggufs.as_slice() {
+                [one] => Ok(ModelSource::Gguf(one.clone())),
+                [] => Err(err(
+                    "directory has neither config.json (Hugging Face layout) nor a .gguf file"
+                        .into(),
+                )),
+                _ => Err(err(format!(
+                    "directory holds {} .gguf files; name one",
+                    ggufs.len()
+                ))),
+            };
+        }
+        // A repo id such as "HuggingFaceTB/SmolLM2-135M-Instruct": look in the local HF cache.
+        if let Some((org, name)) = spec.split_once('/') {
+            if !org.is_empty() && !name.is_empty() && !name.contains('/') {
+                for cache in hf_cache_dirs() {
+                    let repo = cache.join(format!("models--{org}--{name}"));
+                    let Ok(rev) = std::fs::read_to_string(repo.join("refs/main")) else {
+                        continue;
+                    };
+                    let snap = repo.join("snapshots").join(rev.trim());
+                    if snap.join("config.json").is_file() {
+                        return Ok(ModelSource::HfDir(snap));
+                    }
+                }
+                return Err(err(format!(
+                    "no such file or directory, and not in the local Hugging Face cache (looked in {}); download it first, we load offline",
+                    hf_cache_dirs().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        Err(err("no such file or directory (expected a model directory, a .gguf file, `embedded`, or a cached repo id)".into()))
+    }
+}
+
+/// Where to run: `cpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSpec(pub Device);
+
+impl FromStr for DeviceSpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |msg: &str| Error::Device {
+            device: s.to_string(),
+            msg: msg.to_string(),
+        };
+        let dev = match s {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda(0),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Device::Cuda(i),
+                _ => return Err(bad("expected cpu, cuda or cuda:N")),
+            },
+        };
+        if let Device::Cuda(i) = dev {
+            let n = tch::Cuda::device_count() as usize;
+            if n == 0 {
+                return Err(bad("CUDA was requested but libtorch sees no GPU (is this a CUDA build on a GPU machine?)"));
+            }
+            if i >= n {
+                return Err(bad(&format!("GPU index {i} out of range: {n} visible")));
+            }
+        }
+        Ok(DeviceSpec(dev))
+    }
+}
+
+/// Compute dtype; `auto` = f32 on CPU, bf16 on CUDA.
+pub fn parse_dtype(s: &str, device: Device) -> Result<Kind> {
+    Ok(match s {
+        "auto" => match device {
+            Device::Cpu => Kind::Float,
+            _ => Kind::BFloat16,
+        },
+        "f32" | "float32" => Kind::Float,
+        "bf16" | "bfloat16" => Kind::BFloat16,
+        "f16" | "float16" => Kind::Half,
+        other => {
+            return Err(Error::Unsupported {
+                source_name: "--dtype".into(),
+                key: "dtype".into(),
+                value: other.into(),
+                supported: "auto, f32, bf16, f16".into(),
+            })
+        }
+    })
+}
+
+/// A loaded model with its tokenizer.
+pub struct LoadedModel {
+    /// The network.
+    pub model: Model,
+    /// Its tokenizer, special tokens and chat template.
+    pub tokenizer: Tokenizer,
+    /// Where it came from.
+    pub source: ModelSource,
+}
+
+impl LoadedModel {
+    /// Loads model and tokenizer from `source`.
+    pub fn load(source: ModelSource, device: Device, kind: Kind) -> Result<Self> {
+        let (model, tokenizer) = match &source {
+            ModelSource::HfDir(dir) => {
+                let cfg_path = dir.join("config.json");
+                let cfg = ModelConfig::from_hf_json(&cfg_path)?;
+                let tokenizer = Tokenizer::from_hf_dir(dir)?;
+                let ws = SafetensorsWeights::open_dir(dir)?;
+                (Model::load(&ws, cfg, device, kind)?, tokenizer)
+            }
+            ModelSource::Gguf(path) => {
+                let file = Arc::new(GgufFile::open(path)?);
+                let cfg = ModelConfig::from_gguf(&file)?;
+                let tokenizer = Tokenizer::from_gguf(&file)?;
+                let unpermute =
+                    (cfg.arch == Arch::Llama).then_some((cfg.num_heads, cfg.num_kv_heads));
+                let ws = GgufWeights::new(file.clone(), unpermute);
+                let mut model = Model::load(&ws, cfg, device, kind)?;
+                if let Some(info) = file.tensors.get("rope_freqs.weight") {
+                    let f = crate::gguf::dequantize(info.ty, file.tensor_bytes(info));
+                    model.apply_rope_freq_factors(&tch::Tensor::from_slice(&f));
+                }
+                (model, tokenizer)
+            }
+        };
+        let vocab = tokenizer.vocab_size() as i64;
+        if vocab > model.cfg.vocab_size {
+            tracing::warn!(
+                tokenizer = vocab,
+                model = model.cfg.vocab_size,
+                "tokenizer has more ids than the embedding rows"
+            );
+        }
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            source,
+        })
+    }
+
+    /// Stop ids: the tokenizer's plus the model config's.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut v = self.tokenizer.stop_ids();
+        v.extend(
+            self.model
+                .cfg
+                .eos_token_ids
+                .iter()
+                .filter(|&&i| i >= 0)
+                .map(|&i| i as u32),
+        );
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}

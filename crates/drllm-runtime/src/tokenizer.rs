@@ -1,0 +1,311 @@
+//! Tokenizers: `tokenizer.json` through the `tokenizers` crate, or a byte-level BPE rebuilt from
+//! GGUF metadata (tokens, merges, token types, pre-tokenizer name) with llama.cpp's semantics.
+use std::path::Path;
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::config::ids_of;
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+
+/// Pre-tokenizer regexes of the llama.cpp `tokenizer.ggml.pre` values we support. The patterns
+/// are the published ones of each model family (LLaMA-3, Qwen2).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A tokenizer with the special tokens and chat template of its model.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    source: String,
+    /// Prepend BOS when encoding with special tokens (GGUF `add_bos_token`; `tokenizer.json`
+    /// files do this in their own post-processor instead).
+    prepend_bos: bool,
+    /// BOS token text and id, if the model has one.
+    pub bos: Option<(String, u32)>,
+    /// EOS token text and id, if the model has one.
+    pub eos: Option<(String, u32)>,
+    /// Additional stop ids (e.g. from `generation_config.json`).
+    pub extra_stop_ids: Vec<u32>,
+    /// Jinja chat template, if the model ships one.
+    pub chat_template: Option<String>,
+}
+
+fn tok_err(source: &str, e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer {
+        source_name: source.to_string(),
+        msg: e.to_string(),
+    }
+}
+
+fn token_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`, `tokenizer_config.json` (special tokens, chat template),
+    /// `chat_template.jinja` and `generation_config.json` from a Hugging Face model directory.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        if !tj.exists() {
+            return Err(Error::bad_file(
+                dir,
+                "missing tokenizer.json (needed to tokenize prompts)",
+            ));
+        }
+        let source = tj.display().to_string();
+        let inner = tokenizers::Tokenizer::from_file(&tj).map_err(|e| tok_err(&source, e))?;
+        let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
+            let p = dir.join(name);
+            if !p.exists() {
+                return Ok(None);
+            }
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| Error::bad_file(&p, format!("invalid JSON: {e}")))
+        };
+        let tc = read_json("tokenizer_config.json")?.unwrap_or(serde_json::Value::Null);
+        let special = |key: &str| -> Option<(String, u32)> {
+            let text = tc.get(key).and_then(token_text)?;
+            let id = inner.token_to_id(&text)?;
+            Some((text, id))
+        };
+        let bos = special("bos_token");
+        let eos = special("eos_token");
+        let mut chat_template = match tc.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take "default".
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template").and_then(|s| s.as_str()).map(String::from)),
+            _ => None,
+        };
+        let jinja = dir.join("chat_template.jinja");
+        if chat_template.is_none() && jinja.exists() {
+            chat_template =
+                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+        }
+        let mut extra_stop_ids = vec![];
+        for name in ["generation_config.json", "config.json"] {
+            if let Some(v) = read_json(name)? {
+                if let Some(ids) = v.get("eos_token_id") {
+                    extra_stop_ids.extend(
+                        ids_of(ids)
+                            .into_iter()
+                            .filter(|&i| i >= 0)
+                            .map(|i| i as u32),
+                    );
+                }
+            }
+        }
+        Ok(Tokenizer {
+            inner,
+            source,
+            prepend_bos: false,
+            bos,
+            eos,
+            extra_stop_ids,
+            chat_template,
+        })
+    }
+
+    /// Builds the tokenizer described by GGUF metadata (`tokenizer.ggml.*`).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let source = g.path().display().to_string();
+        let model = g.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(Error::Unsupported {
+                source_name: source,
+                key: "tokenizer.ggml.model".into(),
+                value: model.into(),
+                supported: "gpt2 (byte-level BPE)".into(),
+            });
+        }
+        let pre = g
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let byte_level = |use_regex: bool| {
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex))
+        };
+        let split = |re: &str| -> Result<PreTokenizerWrapper> {
+            Ok(PreTokenizerWrapper::Split(
+                Split::new(
+                    SplitPattern::Regex(re.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| tok_err(&source, e))?,
+            ))
+        };
+        let pre_tokenizer = match pre {
+            "default" | "gpt2" | "gpt-2" => byte_level(true),
+            // llama.cpp splits every digit first, then applies the GPT-2 regex.
+            "smollm" | "starcoder" | "refact" | "codeshell" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                byte_level(true),
+            ])),
+            "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" => {
+                PreTokenizerWrapper::Sequence(Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level(false)]))
+            }
+            "qwen2" | "deepseek-r1-qwen" => {
+                PreTokenizerWrapper::Sequence(Sequence::new(vec![split(QWEN2_SPLIT)?, byte_level(false)]))
+            }
+            other => {
+                return Err(Error::Unsupported {
+                    source_name: source,
+                    key: "tokenizer.ggml.pre".into(),
+                    value: other.into(),
+                    supported: "default, gpt2, smollm, starcoder, refact, codeshell, llama3, llama-bpe, smaug-bpe, qwen2, deepseek-r1-qwen".into(),
+                })
+            }
+        };
+        let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
+        let merges = g.get_str_array("tokenizer.ggml.merges")?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let merges = merges
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| {
+                        Error::config(
+                            &source,
+                            "tokenizer.ggml.merges",
+                            format!("entry {i} {m:?} is not \"left right\""),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| tok_err(&source, e))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+        if let Some(types) = g
+            .metadata
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+        {
+            let mut control = vec![];
+            let mut user = vec![];
+            for (t, ty) in tokens.iter().zip(types) {
+                match ty.as_u64().or_else(|| ty.as_f64().map(|f| f as u64)) {
+                    Some(3) => {
+                        control.push(AddedToken::from(t.to_string(), true).normalized(false))
+                    }
+                    Some(4) => user.push(AddedToken::from(t.to_string(), false).normalized(false)),
+                    _ => {}
+                }
+            }
+            inner.add_special_tokens(&control);
+            inner.add_tokens(&user);
+        }
+        let id_key = |key: &str| -> Option<(String, u32)> {
+            let id = g.metadata.get(key)?.as_u64()? as usize;
+            Some((tokens.get(id)?.to_string(), id as u32))
+        };
+        let bos = id_key("tokenizer.ggml.bos_token_id");
+        let eos = id_key("tokenizer.ggml.eos_token_id");
+        let extra_stop_ids = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+            .iter()
+            .filter_map(|k| id_key(k).map(|(_, id)| id))
+            .collect();
+        let prepend_bos = g
+            .metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let chat_template = g
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(String::from);
+        Ok(Tokenizer {
+            inner,
+            source,
+            prepend_bos,
+            bos,
+            eos,
+            extra_stop_ids,
+            chat_template,
+        })
+    }
+
+    /// Encodes text. With `add_special`, BOS is added the way the model expects; chat-templated
+    /// text is encoded without (the template writes its own special tokens).
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| tok_err(&self.source, e))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special && self.prepend_bos {
+            if let Some((_, bos)) = &self.bos {
+                if ids.first() != Some(bos) {
+                    ids.insert(0, *bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Decodes ids to text, dropping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| tok_err(&self.source, e))
+    }
+
+    /// Ids that end generation: EOS plus any extra stop ids, deduplicated.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .eos
+            .iter()
+            .map(|(_, id)| *id)
+            .chain(self.extra_stop_ids.iter().copied())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Renders a chat with the model's template (`add_generation_prompt` = true).
+    pub fn apply_chat_template(&self, messages: &[crate::chat::Message]) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            Error::Template(format!(
+                "{} has no chat template; run without --chat",
+                self.source
+            ))
+        })?;
+        crate::chat::render(
+            template,
+            messages,
+            self.bos.as_ref().map(|b| b.0.as_str()).unwrap_or(""),
+            self.eos.as_ref().map(|b| b.0.as_str()).unwrap_or(""),
+        )
+    }
+}

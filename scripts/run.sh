@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The README's main command. Until the distributed search lands, the main job is routed
+# generation on the embedded model: ARC questions from the data directory, answered along the
+# default path and along a shorter path that skips blocks, side by side.
+#   scripts/run.sh [--data DIR] [--limit N]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+data="${DRLLM_DATA:-../shared/data}"
+limit=3
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data) data="$2"; shift 2 ;;
+    --limit) limit="$2"; shift 2 ;;
+    *) echo "usage: scripts/run.sh [--data DIR] [--limit N]" >&2; exit 2 ;;
+  esac
+done
+arc="$data/arc/ARC-Challenge-Dev.jsonl"
+[ -f "$arc" ] || { echo "run.sh: $arc not found (pass --data DIR holding arc/ARC-Challenge-Dev.jsonl)" >&2; exit 1; }
+bash scripts/setup.sh
+cargo build --release --locked -p drllm-infer
+args=()
+while IFS= read -r q; do args+=(--prompt "$q"); done < <(.venv/bin/python - "$arc" "$limit" <<'PY'
+import json, sys
+path, limit = sys.argv[1], int(sys.argv[2])
+with open(path) as f:
+    for i, line in enumerate(f):
+        if i >= limit: break
+        row = json.loads(line)
+        q = row["question"]
+        choices = " ".join(f"{c['label']}. {c['text']}" for c in q["choices"])
+        print(f"{q['stem']} {choices} Answer with the letter of the correct choice.")
+PY
+)
+bin=target/release/drllm-infer
+echo "== default path (all 30 blocks once)"
+"$bin" generate --model embedded --chat --max-new-tokens 24 "${args[@]}"
+# Skip two late blocks and repeat an early one: cost 29 of 30.
+path="1,1,1,1,2,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,0,1,1,0,1"
+echo "== shorter path $path"
+"$bin" generate --model embedded --chat --max-new-tokens 24 --path "$path" "${args[@]}"

@@ -1,0 +1,2 @@
+//! drllm: dynamic layer routing for LLMs. The workspace crates do the work; this package holds the end-to-end tests.
+pub use drllm_runtime as runtime;

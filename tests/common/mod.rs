@@ -1,0 +1,123 @@
+//! Helpers shared by the end-to-end tests: locating the venv's Python, the embedded model, the
+//! shared data and the built binaries, and running the transformers reference script.
+#![allow(dead_code)]
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use drllm::runtime::tch::{self, Tensor};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The project venv's Python (made by `scripts/setup.sh --test`), or `$DRLLM_PYTHON`.
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("DRLLM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} not found: run scripts/setup.sh --test (or scripts/test.sh)",
+        p.display()
+    );
+    p
+}
+
+pub fn embedded_gguf() -> PathBuf {
+    let p = drllm::runtime::loader::cache_dir().join(drllm::runtime::loader::EMBEDDED_FILE);
+    assert!(
+        p.exists(),
+        "{} not found: run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
+/// `$DRLLM_DATA`, else `../shared/data` beside the checkout.
+pub fn data_dir() -> PathBuf {
+    let p = std::env::var_os("DRLLM_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/data"));
+    assert!(
+        p.join("arc").is_dir(),
+        "data not found at {} (set DRLLM_DATA)",
+        p.display()
+    );
+    p
+}
+
+/// A release/debug binary of the workspace, next to the test executable's directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo test --workspace` (builds every binary)",
+        p.display()
+    );
+    p
+}
+
+pub fn read_jsonl(path: &Path, limit: usize) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .take(limit)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Runs `tests/reference/hf_reference.py` on `job`; returns its JSON answer and tensors.
+pub fn reference(
+    mut job: serde_json::Value,
+    tmp: &Path,
+) -> (serde_json::Value, HashMap<String, Tensor>) {
+    let out = tmp.join("reference.safetensors");
+    job["out"] = out.display().to_string().into();
+    let mut child = Command::new(python())
+        .arg(root().join("tests/reference/hf_reference.py"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn python");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(job.to_string().as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "reference script failed");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("reference JSON");
+    let tensors = if out.exists() {
+        Tensor::read_safetensors(&out)
+            .unwrap()
+            .into_iter()
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    (v, tensors)
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    (a.to_kind(tch::Kind::Float) - b.to_kind(tch::Kind::Float))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}

@@ -1,0 +1,361 @@
+//! Parity of the runtime with Hugging Face transformers on the same weights
+//! (reference outputs from tests/reference/hf_reference.py).
+mod common;
+
+use common::*;
+use drllm::runtime::tch::{Device, Kind, Tensor};
+use drllm::runtime::{GenerateOptions, LayerPath, LoadedModel, Message, ModelSource, PathBatch};
+
+/// First `n` ARC-Challenge dev questions as chat messages.
+fn arc_chats(n: usize) -> Vec<Vec<Message>> {
+    read_jsonl(&data_dir().join("arc/ARC-Challenge-Dev.jsonl"), n)
+        .iter()
+        .map(|row| {
+            let q = &row["question"];
+            let mut text = format!("{}\n", q["stem"].as_str().unwrap());
+            for c in q["choices"].as_array().unwrap() {
+                text += &format!(
+                    "{}. {}\n",
+                    c["label"].as_str().unwrap(),
+                    c["text"].as_str().unwrap()
+                );
+            }
+            text += "Answer with the letter of the correct choice.";
+            vec![Message::user(text)]
+        })
+        .collect()
+}
+
+/// A path with skips and repeats for a 30-block model.
+fn edited_path(n: usize) -> LayerPath {
+    let mut counts = vec![1u8; n];
+    for l in [3, 11, 17] {
+        counts[l] = 0;
+    }
+    for l in [5, 20] {
+        counts[l] = 2;
+    }
+    LayerPath::from_counts(counts).unwrap()
+}
+
+fn path_json(p: &LayerPath) -> serde_json::Value {
+    p.counts()
+        .iter()
+        .map(|&c| c as u64)
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// Feeds `tokens` one by one after prefilling `prompt` and compares each step's logits with the
+/// reference's no-cache logits: checks our per-slot KV caches against a cache-free run.
+fn teacher_forced_max_diff(
+    lm: &LoadedModel,
+    prompt: &[u32],
+    path: &LayerPath,
+    tokens: &[u32],
+    reference: &Tensor,
+) -> f64 {
+    let _g = drllm::runtime::tch::no_grad_guard();
+    let mut b = PathBatch::new(&lm.model, std::slice::from_ref(path)).unwrap();
+    let _ = b.prefill(&[prompt.to_vec()]).unwrap();
+    let mut worst: f64 = 0.0;
+    for (s, &tok) in tokens.iter().enumerate().take(tokens.len() - 1) {
+        let logits = b.decode_step(&[tok]).unwrap();
+        worst = worst.max(max_abs_diff(&logits.get(0), &reference.get(s as i64 + 1)));
+    }
+    worst
+}
+
+#[test]
+fn smollm2_gguf_matches_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = embedded_gguf();
+    let chats = arc_chats(5);
+    let lm = LoadedModel::load(ModelSource::Gguf(gguf.clone()), Device::Cpu, Kind::Float).unwrap();
+    let n = lm.model.num_layers();
+    assert_eq!(n, 30);
+    let edited = edited_path(n);
+    let paths = [LayerPath::all_ones(n), edited.clone()];
+    let job = serde_json::json!({
+        "job": "gguf", "gguf": gguf, "steps": 20,
+        "chats": chats, "paths": [serde_json::Value::Null, path_json(&edited)],
+    });
+    let (r, t) = reference(job, tmp.path());
+
+    // Chat template and tokenizer.
+    let mut prompts = vec![];
+    for (i, chat) in chats.iter().enumerate() {
+        let text = lm.tokenizer.apply_chat_template(chat).unwrap();
+        assert_eq!(
+            text,
+            r["rendered"][i].as_str().unwrap(),
+            "chat template, prompt {i}"
+        );
+        let ours = lm.tokenizer.encode(&text, false).unwrap();
+        assert_eq!(ours, ids(&r["ids"][i]), "token ids, prompt {i}");
+        prompts.push(ours);
+    }
+
+    for (j, path) in paths.iter().enumerate() {
+        // Logits at every position, all prompts in one left-padded batch.
+        let logits = lm
+            .model
+            .prompt_logits(&prompts, &vec![path.clone(); prompts.len()])
+            .unwrap();
+        for (i, l) in logits.iter().enumerate() {
+            let d = max_abs_diff(l, &t[&format!("p{i}_path{j}_logits")]);
+            assert!(d <= 1e-3, "path {j} prompt {i}: max |logit diff| {d}");
+        }
+        // 20 greedy tokens, batched, with our KV caches.
+        let opts = GenerateOptions {
+            max_new_tokens: 20,
+            stop_ids: vec![],
+        };
+        let gens = lm
+            .model
+            .generate(&prompts, &vec![path.clone(); prompts.len()], &opts)
+            .unwrap();
+        if j == 0 {
+            // With the file's EOS (<|im_end|>) as stop id, against transformers' generate().
+            let opts = GenerateOptions {
+                max_new_tokens: 20,
+                stop_ids: lm.stop_ids(),
+            };
+            let stopped = lm
+                .model
+                .generate(&prompts, &vec![path.clone(); prompts.len()], &opts)
+                .unwrap();
+            for (i, g) in stopped.iter().enumerate() {
+                let mut want = ids(&r["generated"][i]["generate"]);
+                if want.last() == Some(&2) {
+                    want.pop();
+                    assert!(g.stopped, "prompt {i} should stop at <|im_end|>");
+                }
+                assert_eq!(g.tokens, want, "generate() with EOS, prompt {i}");
+            }
+        }
+        for (i, g) in gens.iter().enumerate() {
+            let want = ids(&r["generated"][i][format!("path{j}")]);
+            assert_eq!(g.tokens, want, "greedy continuation, path {j} prompt {i}");
+            let d = teacher_forced_max_diff(
+                &lm,
+                &prompts[i],
+                path,
+                &want,
+                &t[&format!("p{i}_path{j}_steps")],
+            );
+            assert!(
+                d <= 1e-3,
+                "decode-step logits vs no-cache reference, path {j} prompt {i}: {d}"
+            );
+        }
+    }
+}
+
+/// 300 real strings from the shared data plus edge cases.
+fn tokenizer_strings() -> Vec<String> {
+    let d = data_dir();
+    let mut v: Vec<String> = vec![];
+    for row in read_jsonl(&d.join("arc/ARC-Easy-Train.jsonl"), 100) {
+        let q = &row["question"];
+        let choices: Vec<&str> = q["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["text"].as_str().unwrap())
+            .collect();
+        v.push(format!(
+            "{} {}",
+            q["stem"].as_str().unwrap(),
+            choices.join(" | ")
+        ));
+    }
+    v.extend(
+        read_jsonl(&d.join("math/train.jsonl"), 100)
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}\n{}",
+                    r["problem"].as_str().unwrap(),
+                    r["solution"].as_str().unwrap()
+                )
+            }),
+    );
+    v.extend(
+        read_jsonl(&d.join("gsm8k/train.jsonl"), 100)
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}\n{}",
+                    r["question"].as_str().unwrap(),
+                    r["answer"].as_str().unwrap()
+                )
+            }),
+    );
+    for s in [
+        "",
+        " ",
+        "  leading and trailing  ",
+        "\n\n\tTabs\tand\r\nCRLF\n",
+        "12345678901234567890",
+        "3.14159 and -2.5e-3",
+        "don't won't it's I'M we'LL",
+        "naïve café résumé",
+        "日本語のテキストと中文",
+        "emoji 🤖🎉 mixed",
+        "\u{200b}zero\u{200b}width",
+        "<|im_start|>user\nhi<|im_end|>",
+        "$\\frac{1}{2} + \\sqrt{x^2}$",
+        "a    many     spaces",
+        "Ünïcödé ÀÉÎÕÜ ß",
+        "x=1;y=2\n\n\n",
+        "((((nested))))",
+        "https://example.com/a?b=c&d=e",
+        "tab\tsep\tvalues",
+        "ends with newline\n",
+    ] {
+        v.push(s.to_string());
+    }
+    v
+}
+
+#[test]
+fn tokenizer_matches_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = embedded_gguf();
+    let strings = tokenizer_strings();
+    assert!(strings.len() >= 320);
+    let (r, _) = reference(
+        serde_json::json!({"job": "tokens", "gguf": gguf, "strings": strings, "pre": "smollm"}),
+        tmp.path(),
+    );
+    eprintln!(
+        "strings where transformers' uncorrected GGUF tokenizer differs: {}",
+        r["uncorrected_differs"]
+    );
+    let lm_tok = {
+        let g = drllm::runtime::gguf::GgufFile::open(&gguf).unwrap();
+        drllm::runtime::Tokenizer::from_gguf(&g).unwrap()
+    };
+    for (i, s) in strings.iter().enumerate() {
+        // The reference is asked without special tokens: the file says add_bos_token = false and
+        // no BOS may be prepended; some transformers versions prepend one on GGUF tokenizers.
+        let ours = lm_tok.encode(s, false).unwrap();
+        assert_eq!(ours, ids(&r["ids"][i]), "string {i}: {s:?}");
+        assert_eq!(
+            lm_tok.encode(s, true).unwrap(),
+            ours,
+            "add_bos_token is false: no BOS for {s:?}"
+        );
+    }
+    // Metadata says eos = 2 (<|im_end|>).
+    assert_eq!(lm_tok.eos.as_ref().unwrap(), &("<|im_end|>".to_string(), 2));
+}
+
+#[test]
+fn tiny_random_models_match_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = 6;
+    let paths = [
+        LayerPath::all_ones(n),
+        LayerPath::from_counts(vec![1, 0, 2, 1, 0, 1]).unwrap(),
+        LayerPath::from_counts(vec![2, 1, 1, 0, 2, 2]).unwrap(),
+    ];
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![17, 2043, 99, 5, 4000, 12, 731],
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+        vec![30000, 7, 8],
+    ];
+    let job = serde_json::json!({
+        "job": "tiny", "gguf": embedded_gguf(), "dir": tmp.path(), "steps": 8,
+        "archs": ["llama", "qwen2", "qwen3"], "sharded": "qwen2",
+        "prompts": prompts,
+        "paths": [serde_json::Value::Null, path_json(&paths[1]), path_json(&paths[2])],
+    });
+    let (r, t) = reference(job, tmp.path());
+    assert!(
+        tmp.path()
+            .join("qwen2/model.safetensors.index.json")
+            .exists(),
+        "qwen2 should be saved sharded"
+    );
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let lm = LoadedModel::load(
+            ModelSource::resolve(tmp.path().join(arch).to_str().unwrap()).unwrap(),
+            Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap();
+        // Every (prompt, path) pair in ONE batch: rows take different paths and lengths.
+        let mut rows = vec![];
+        for (i, p) in prompts.iter().enumerate() {
+            for (j, path) in paths.iter().enumerate() {
+                rows.push((i, j, p.clone(), path.clone()));
+            }
+        }
+        let batch_prompts: Vec<Vec<u32>> = rows.iter().map(|r| r.2.clone()).collect();
+        let batch_paths: Vec<LayerPath> = rows.iter().map(|r| r.3.clone()).collect();
+        let logits = lm
+            .model
+            .prompt_logits(&batch_prompts, &batch_paths)
+            .unwrap();
+        let gens = lm
+            .model
+            .generate(
+                &batch_prompts,
+                &batch_paths,
+                &GenerateOptions {
+                    max_new_tokens: 8,
+                    stop_ids: vec![],
+                },
+            )
+            .unwrap();
+        for (k, (i, j, prompt, path)) in rows.iter().enumerate() {
+            let key = format!("{arch}_p{i}_path{j}");
+            let d = max_abs_diff(&logits[k], &t[&format!("{key}_logits")]);
+            assert!(d <= 1e-4, "{key}: max |logit diff| {d}");
+            let want = ids(&r[arch][*i][format!("path{j}")]);
+            assert_eq!(gens[k].tokens, want, "{key}: greedy tokens");
+            let d = teacher_forced_max_diff(&lm, prompt, path, &want, &t[&format!("{key}_steps")]);
+            assert!(
+                d <= 1e-4,
+                "{key}: decode-step logits vs no-cache reference: {d}"
+            );
+        }
+    }
+
+    // Bad model directories built from the good ones: clear errors naming file and field.
+    let good = tmp.path().join("llama");
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    for f in std::fs::read_dir(&good).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, bad.join(f.file_name().unwrap())).unwrap();
+    }
+    let load = || {
+        LoadedModel::load(ModelSource::HfDir(bad.clone()), Device::Cpu, Kind::Float)
+            .err()
+            .expect("must fail")
+            .to_string()
+    };
+    let cfg_text = std::fs::read_to_string(good.join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+    cfg["intermediate_size"] = 80.into();
+    std::fs::write(bad.join("config.json"), cfg.to_string()).unwrap();
+    let msg = load();
+    assert!(
+        msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains("[80, 64]"),
+        "{msg}"
+    );
+    cfg.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(bad.join("config.json"), cfg.to_string()).unwrap();
+    let msg = load();
+    assert!(
+        msg.contains("config.json") && msg.contains("hidden_size"),
+        "{msg}"
+    );
+    std::fs::write(bad.join("config.json"), &cfg_text).unwrap();
+    std::fs::remove_file(bad.join("tokenizer.json")).unwrap();
+    let msg = load();
+    assert!(msg.contains("tokenizer.json"), "{msg}");
+}

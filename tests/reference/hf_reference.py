@@ -1,0 +1,168 @@
+"""Reference outputs from Hugging Face transformers for drllm's parity tests (tests/parity.rs).
+
+Called by the Rust tests with a JSON job on stdin; writes tensors to a safetensors file and a JSON
+summary to stdout. Jobs:
+  gguf   -- load a GGUF with transformers (dequantized to f32): chat-template rendering, token ids,
+            all-position logits and 20 greedy tokens for each prompt, optionally along layer paths.
+  tokens -- token ids of many strings with the GGUF-derived tokenizer.
+  tiny   -- create tiny random models (LLaMA + llama3 RoPE scaling, Qwen2 with biases, Qwen3 with
+            q/k norm; one sharded) in a directory, and their logits along paths.
+
+A path is run in transformers the way the paper's code does it -- `model.layers` replaced by the
+list of blocks (repeats reuse the module) -- but WITHOUT a KV cache: a reused block would share
+one cache slot, which corrupts repeats. Greedy decoding therefore re-runs the full sequence.
+"""
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+torch.manual_seed(0)
+torch.set_grad_enabled(False)
+
+
+def with_path(model, counts):
+    """Temporarily runs `model` with its blocks applied per `counts` (None = all once)."""
+
+    class Ctx:
+        def __enter__(self):
+            self.orig = model.model.layers
+            self.n = model.config.num_hidden_layers
+            self.types = getattr(model.config, "layer_types", None)
+            if counts is not None:
+                order = [l for l, c in enumerate(counts) for _ in range(c)]
+                model.model.layers = torch.nn.ModuleList([self.orig[l] for l in order])
+                model.config.num_hidden_layers = len(order)
+                if self.types is not None:
+                    model.config.layer_types = [self.types[l] for l in order]
+
+        def __exit__(self, *a):
+            model.model.layers = self.orig
+            model.config.num_hidden_layers = self.n
+            if self.types is not None:
+                model.config.layer_types = self.types
+
+    return Ctx()
+
+
+def greedy_no_cache(model, ids, steps):
+    """Greedy tokens and the logits of each step, re-running the whole sequence every step."""
+    seq = list(ids)
+    toks, step_logits = [], []
+    for _ in range(steps):
+        out = model(torch.tensor([seq]), use_cache=False).logits[0, -1].float()
+        step_logits.append(out)
+        t = int(out.argmax())
+        toks.append(t)
+        seq.append(t)
+    return toks, torch.stack(step_logits)
+
+
+def run_prompts(model, prompts, paths, steps, tensors, prefix):
+    """Logits of every position and greedy continuations for each (prompt, path)."""
+    res = []
+    for i, ids in enumerate(prompts):
+        entry = {}
+        for j, counts in enumerate(paths):
+            with with_path(model, counts):
+                logits = model(torch.tensor([ids]), use_cache=False).logits[0].float()
+                tensors[f"{prefix}{i}_path{j}_logits"] = logits.contiguous()
+                if steps:
+                    toks, sl = greedy_no_cache(model, ids, steps)
+                    tensors[f"{prefix}{i}_path{j}_steps"] = sl.contiguous()
+                    entry[f"path{j}"] = toks
+                    if counts is None:
+                        # transformers' own cached generate(), stopping at its EOS.
+                        out = model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False)
+                        entry["generate"] = out[0, len(ids):].tolist()
+        res.append(entry)
+    return res
+
+
+def job_gguf(job, tensors):
+    d, f = os.path.split(job["gguf"])
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    rendered, prompts = [], []
+    for msgs in job["chats"]:
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        rendered.append(text)
+        # The template writes its own special tokens: encode without adding any (what
+        # apply_chat_template(tokenize=True) does too).
+        prompts.append(tok(text, add_special_tokens=False).input_ids)
+    gens = run_prompts(model, prompts, job.get("paths", [None]), job.get("steps", 20), tensors, "p")
+    return {"rendered": rendered, "ids": prompts, "generated": gens}
+
+
+def job_tokens(job, tensors):
+    d, f = os.path.split(job["gguf"])
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    raw = [tok(s, add_special_tokens=False).input_ids for s in job["strings"]]
+    pre = job.get("pre")
+    if pre == "smollm":
+        # transformers builds this file's tokenizer with a plain GPT-2 ByteLevel pre-tokenizer,
+        # ignoring tokenizer.ggml.pre = "smollm". llama.cpp (and SmolLM2's own tokenizer.json)
+        # split every digit out first, then apply the GPT-2 regex; the two differ on runs of
+        # spaces before a digit. Correct the reference to the file's stated pre-tokenizer.
+        from tokenizers import pre_tokenizers
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    ids = [tok(s, add_special_tokens=False).input_ids for s in job["strings"]]
+    return {"ids": ids, "uncorrected_differs": sum(a != b for a, b in zip(raw, ids))}
+
+
+def tiny_config(arch, vocab):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, initializer_range=0.2)
+    if arch == "llama":
+        from transformers import LlamaConfig
+        return LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if arch == "qwen2":
+        from transformers import Qwen2Config
+        return Qwen2Config(**common, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if arch == "qwen3":
+        from transformers import Qwen3Config
+        return Qwen3Config(**common, head_dim=32, tie_word_embeddings=False, attention_bias=False,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    raise SystemExit(f"unknown arch {arch}")
+
+
+def job_tiny(job, tensors):
+    d, f = os.path.split(job["gguf"])
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    out = {}
+    for arch in job["archs"]:
+        target = os.path.join(job["dir"], arch)
+        cfg = tiny_config(arch, len(tok))
+        cfg._attn_implementation = "sdpa"
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        # Biases are zero at init; make them matter.
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.data.normal_(1.0 if "norm" in name else 0.0, 0.1)
+        shard = "40KB" if arch == job.get("sharded") else "10GB"
+        model.save_pretrained(target, max_shard_size=shard)
+        tok.save_pretrained(target)
+        out[arch] = run_prompts(model, job["prompts"], job["paths"], job.get("steps", 8), tensors, f"{arch}_p")
+    return out
+
+
+def main():
+    job = json.load(sys.stdin)
+    tensors = {}
+    kind = job["job"]
+    res = {"gguf": job_gguf, "tokens": job_tokens, "tiny": job_tiny}[kind](job, tensors)
+    if tensors:
+        save_file(tensors, job["out"])
+    json.dump(res, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
