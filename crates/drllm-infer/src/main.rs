@@ -1,6 +1,8 @@
 //! `drllm-infer`: generation along a layer path (and, later, routed validation runs).
 use std::time::Instant;
 
+mod bench;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use drllm_runtime::{
@@ -30,6 +32,12 @@ enum Cmd {
   drllm-infer generate --prompt 'The capital of France is' --path 1,1,0,1,2,1,...  # one entry per block
   drllm-infer generate --prompt A --prompt B --max-new-tokens 32 --json")]
     Generate(GenerateArgs),
+    /// Prefill and decode tokens/s at several batch sizes, side by side with transformers.
+    #[command(after_help = "Examples:
+  drllm-infer bench                                   # embedded model, batch 1 and 8, vs transformers
+  drllm-infer bench --batch 1,4,16 --new-tokens 64 --python none
+  drllm-infer bench --model path/to/Llama-3.2-3B --device cuda --dtype bf16")]
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -81,15 +89,20 @@ fn init_logging(json: bool) {
     }
 }
 
+/// `auto` = first GPU when libtorch sees one, else CPU; otherwise cpu, cuda or cuda:N.
+pub(crate) fn pick_device(spec: &str) -> Result<tch::Device> {
+    Ok(if spec == "auto" {
+        tch::Device::cuda_if_available()
+    } else {
+        spec.parse::<DeviceSpec>()?.0
+    })
+}
+
 fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(n) = a.threads {
         tch::set_num_threads(n);
     }
-    let device = if a.device == "auto" {
-        tch::Device::cuda_if_available()
-    } else {
-        a.device.parse::<DeviceSpec>()?.0
-    };
+    let device = pick_device(&a.device)?;
     let kind = parse_dtype(&a.dtype, device)?;
     let source = ModelSource::resolve(&a.model)?;
     let t0 = Instant::now();
@@ -158,5 +171,6 @@ fn main() -> Result<()> {
     init_logging(cli.log_json);
     match cli.cmd {
         Cmd::Generate(a) => generate(a),
+        Cmd::Bench(a) => bench::bench(a),
     }
 }

@@ -7,7 +7,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::{Kv, Model};
+use crate::model::{Attn, Kv, Model};
 use crate::path::LayerPath;
 
 struct Slot {
@@ -26,6 +26,8 @@ pub struct PathBatch<'m> {
     /// `[B]`: position id of each row's next token.
     next_pos: Tensor,
     batch: usize,
+    /// Whether any row carries left padding (else attention needs no explicit mask).
+    padded: bool,
 }
 
 impl<'m> PathBatch<'m> {
@@ -65,12 +67,13 @@ impl<'m> PathBatch<'m> {
             key_valid: Tensor::zeros([b as i64, 0], (Kind::Bool, dev)),
             next_pos: Tensor::zeros([b as i64], (Kind::Int64, dev)),
             batch: b,
+            padded: false,
         })
     }
 
     /// Runs new tokens `[B, T]` through the paths. `valid[B, T]` marks real tokens (false = left
     /// padding, allowed only in the first call). Returns final-normed hidden states `[B, T, H]`.
-    fn step(&mut self, ids: &Tensor, valid: &Tensor) -> Tensor {
+    fn step(&mut self, ids: &Tensor, valid: &Tensor, padded: bool) -> Tensor {
         let model = self.model;
         let dev = model.device();
         let (b, t) = (ids.size()[0], ids.size()[1]);
@@ -82,16 +85,25 @@ impl<'m> PathBatch<'m> {
         let past = self.key_valid.size()[1];
         self.key_valid = Tensor::cat(&[&self.key_valid, valid], 1);
         let total = past + t;
-        // Causal over new tokens, all past keys visible, padded keys hidden; every query may see
-        // itself so rows of padding stay finite.
-        let q_idx = Tensor::arange_start(past, total, (Kind::Int64, dev)).view([t, 1]);
-        let k_idx = Tensor::arange(total, (Kind::Int64, dev)).view([1, total]);
-        let causal = k_idx.le_tensor(&q_idx);
-        let diag = k_idx.eq_tensor(&q_idx);
-        let mask = causal
-            .view([1, 1, t, total])
-            .logical_and(&self.key_valid.view([b, 1, 1, total]))
-            .logical_or(&diag.view([1, 1, t, total]));
+        self.padded |= padded;
+        let mask = if !self.padded && t == 1 {
+            Attn::All
+        } else if !self.padded && past == 0 {
+            Attn::Causal
+        } else {
+            // Causal over new tokens, all past keys visible, padded keys hidden; every query
+            // may see itself so rows of padding stay finite.
+            let q_idx = Tensor::arange_start(past, total, (Kind::Int64, dev)).view([t, 1]);
+            let k_idx = Tensor::arange(total, (Kind::Int64, dev)).view([1, total]);
+            let causal = k_idx.le_tensor(&q_idx);
+            let diag = k_idx.eq_tensor(&q_idx);
+            Attn::Mask(
+                causal
+                    .view([1, 1, t, total])
+                    .logical_and(&self.key_valid.view([b, 1, 1, total]))
+                    .logical_or(&diag.view([1, 1, t, total])),
+            )
+        };
         let rope = model.rope(&positions);
         let mut h = model.embed(ids);
         let cfg = &model.cfg;
@@ -104,7 +116,7 @@ impl<'m> PathBatch<'m> {
                         cfg,
                         &h.index_select(0, idx),
                         &rope.rows(idx),
-                        &mask.index_select(0, idx),
+                        &mask.rows(idx),
                         &mut slot.kv,
                     );
                     h.index_copy(0, idx, &out)
@@ -145,8 +157,9 @@ impl<'m> PathBatch<'m> {
         let dev = self.model.device();
         let shape = [self.batch as i64, t as i64];
         let ids = Tensor::from_slice(&ids).view(shape).to_device(dev);
+        let padded = prompts.iter().any(|p| p.len() < t);
         let valid = Tensor::from_slice(&valid).view(shape).to_device(dev);
-        Ok(self.step(&ids, &valid))
+        Ok(self.step(&ids, &valid, padded))
     }
 
     /// Feeds one token per row; returns logits `[B, V]` (f32) for the next token.
@@ -164,8 +177,8 @@ impl<'m> PathBatch<'m> {
             .view([self.batch as i64, 1])
             .to_device(dev);
         let valid = Tensor::ones([self.batch as i64, 1], (Kind::Bool, dev));
-        let h = self.step(&ids, &valid);
-        Ok(self.model.lm_head(&h.select(1, 0)))
+        let h = self.step(&ids, &valid, false);
+        Ok(self.model.logits(&h.select(1, 0)))
     }
 }
 
@@ -187,7 +200,8 @@ pub struct Generated {
     pub stopped: bool,
 }
 
-fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+/// Greedy choice per row of `[B, V]` logits.
+pub fn argmax_tokens(logits: &Tensor) -> Result<Vec<u32>> {
     let ids = logits.argmax(-1, false).to_device(Device::Cpu);
     let v: Vec<i64> = Vec::<i64>::try_from(&ids)?;
     Ok(v.into_iter().map(|x| x as u32).collect())
@@ -204,7 +218,7 @@ impl Model {
             .iter()
             .enumerate()
             .map(|(r, p)| {
-                self.lm_head(
+                self.logits(
                     &h.get(r as i64)
                         .narrow(0, t - p.len() as i64, p.len() as i64),
                 )
@@ -233,7 +247,7 @@ impl Model {
         if opts.max_new_tokens == 0 {
             return Ok(out);
         }
-        let mut next = argmax_rows(&self.lm_head(&h.select(1, t - 1)))?;
+        let mut next = argmax_tokens(&self.logits(&h.select(1, t - 1)))?;
         for step in 0..opts.max_new_tokens {
             for (g, &tok) in out.iter_mut().zip(&next) {
                 if g.stopped {
@@ -249,7 +263,7 @@ impl Model {
                 break;
             }
             // Finished rows keep feeding their last token; their outputs are ignored.
-            next = argmax_rows(&batch.decode_step(&next)?)?;
+            next = argmax_tokens(&batch.decode_step(&next)?)?;
         }
         Ok(out)
     }

@@ -17,7 +17,7 @@ pub mod weights;
 pub use chat::Message;
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
-pub use exec::{GenerateOptions, Generated, PathBatch};
+pub use exec::{argmax_tokens, GenerateOptions, Generated, PathBatch};
 pub use loader::{parse_dtype, DeviceSpec, LoadedModel, ModelSource};
 pub use model::Model;
 pub use path::LayerPath;

@@ -36,6 +36,24 @@ impl Linear {
         };
         Ok(Linear { w, b })
     }
+    /// One linear layer computing `parts` side by side (outputs concatenated): fewer, larger
+    /// matmuls per block, which matters when decoding one token at a time.
+    fn fuse(parts: Vec<Linear>) -> Linear {
+        let w = Tensor::cat(&parts.iter().map(|p| &p.w).collect::<Vec<_>>(), 0);
+        let b = if parts.iter().any(|p| p.b.is_some()) {
+            let bs: Vec<Tensor> = parts
+                .iter()
+                .map(|p| {
+                    p.b.as_ref()
+                        .map_or_else(|| p.w.zeros_like().select(1, 0), |b| b.shallow_clone())
+                })
+                .collect();
+            Some(Tensor::cat(&bs, 0))
+        } else {
+            None
+        };
+        Linear { w, b }
+    }
     fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.w, self.b.as_ref())
     }
@@ -44,6 +62,11 @@ impl Linear {
 /// RMSNorm as `LlamaRMSNorm`: normalise in f32, cast back, then scale.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     let kind = x.kind();
+    if kind == Kind::Float {
+        // Same formula in one fused kernel (no casts needed in f32).
+        let d = x.size()[x.dim() - 1];
+        return x.rms_norm([d], Some(w), eps);
+    }
     let xf = x.to_kind(Kind::Float);
     let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
     let normed = (xf * (var + eps).rsqrt()).to_kind(kind);
@@ -60,20 +83,40 @@ fn rotate_half(x: &Tensor) -> Tensor {
 /// One decoder block.
 pub(crate) struct Block {
     in_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v projections fused (split sizes `qkv_split`).
+    qkv: Linear,
+    qkv_split: [i64; 3],
     o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// gate and up projections fused (each `intermediate_size` wide).
+    gate_up: Linear,
     down: Linear,
 }
 
 /// Keys and values cached by one (block, repetition) slot: `[rows, kv_heads, time, head_dim]`.
 pub(crate) type Kv = Option<(Tensor, Tensor)>;
+
+/// Which keys each query may attend to.
+pub(crate) enum Attn {
+    /// Every cached key (decoding without padding).
+    All,
+    /// Causal over the new tokens, nothing cached before them, no padding.
+    Causal,
+    /// Explicit boolean mask `[B, 1, T, T_total]`, true = may attend.
+    Mask(Tensor),
+}
+
+impl Attn {
+    pub(crate) fn rows(&self, idx: &Tensor) -> Attn {
+        match self {
+            Attn::All => Attn::All,
+            Attn::Causal => Attn::Causal,
+            Attn::Mask(m) => Attn::Mask(m.index_select(0, idx)),
+        }
+    }
+}
 
 /// Rotary tables for a batch: `[B, 1, T, head_dim]` each.
 pub(crate) struct Rope {
@@ -161,9 +204,12 @@ impl Model {
             let qk_norm = cfg.arch == Arch::Qwen3;
             blocks.push(Block {
                 in_norm: norm("input_layernorm", h)?,
-                q: lin("self_attn.q_proj", nh * hd, h, qkv_bias)?,
-                k: lin("self_attn.k_proj", nkv * hd, h, qkv_bias)?,
-                v: lin("self_attn.v_proj", nkv * hd, h, qkv_bias)?,
+                qkv: Linear::fuse(vec![
+                    lin("self_attn.q_proj", nh * hd, h, qkv_bias)?,
+                    lin("self_attn.k_proj", nkv * hd, h, qkv_bias)?,
+                    lin("self_attn.v_proj", nkv * hd, h, qkv_bias)?,
+                ]),
+                qkv_split: [nh * hd, nkv * hd, nkv * hd],
                 o: lin("self_attn.o_proj", h, nh * hd, false)?,
                 q_norm: if qk_norm {
                     Some(norm("self_attn.q_norm", hd)?)
@@ -176,8 +222,10 @@ impl Model {
                     None
                 },
                 post_norm: norm("post_attention_layernorm", h)?,
-                gate: lin("mlp.gate_proj", i, h, false)?,
-                up: lin("mlp.up_proj", i, h, false)?,
+                gate_up: Linear::fuse(vec![
+                    lin("mlp.gate_proj", i, h, false)?,
+                    lin("mlp.up_proj", i, h, false)?,
+                ]),
                 down: lin("mlp.down_proj", h, i, false)?,
             });
         }
@@ -229,8 +277,8 @@ impl Model {
         rms_norm(h, &self.norm, self.cfg.rms_norm_eps)
     }
 
-    /// Logits (f32) for final-normed hidden states.
-    pub(crate) fn lm_head(&self, h: &Tensor) -> Tensor {
+    /// Logits (f32) for final-normed hidden states (as returned by [`crate::PathBatch::prefill`]).
+    pub fn logits(&self, h: &Tensor) -> Tensor {
         h.linear::<Tensor>(&self.lm_head, None).to_kind(Kind::Float)
     }
 
@@ -247,22 +295,23 @@ impl Model {
 
 impl Block {
     /// One application of the block to `x: [B, T, H]`, attending over `kv` (extended in place)
-    /// under the boolean mask `[B, 1, T, T_total]` (true = may attend).
+    /// under `mask`.
     pub(crate) fn forward(
         &self,
         cfg: &ModelConfig,
         x: &Tensor,
         rope: &Rope,
-        mask: &Tensor,
+        mask: &Attn,
         kv: &mut Kv,
     ) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps;
         let h = rms_norm(x, &self.in_norm, eps);
-        let mut q = self.q.forward(&h).view([b, t, nh, hd]);
-        let mut k = self.k.forward(&h).view([b, t, nkv, hd]);
-        let v = self.v.forward(&h).view([b, t, nkv, hd]).transpose(1, 2);
+        let qkv = self.qkv.forward(&h).split_with_sizes(self.qkv_split, -1);
+        let mut q = qkv[0].view([b, t, nh, hd]);
+        let mut k = qkv[1].view([b, t, nkv, hd]);
+        let v = qkv[2].view([b, t, nkv, hd]).transpose(1, 2);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = rms_norm(&q, qn, eps);
             k = rms_norm(&k, kn, eps);
@@ -275,23 +324,19 @@ impl Block {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &v], 2)),
             None => (k, v),
         };
-        let attn = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            Some(mask),
-            0.0,
-            false,
-            None,
-            nh != nkv,
-        );
+        let (m, causal) = match mask {
+            Attn::All => (None, false),
+            Attn::Causal => (None, true),
+            Attn::Mask(m) => (Some(m), false),
+        };
+        let attn =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, m, 0.0, causal, None, nh != nkv);
         *kv = Some((k, v));
         let attn = attn.transpose(1, 2).reshape([b, t, nh * hd]);
         let x = x + self.o.forward(&attn);
         let h = rms_norm(&x, &self.post_norm, eps);
-        let mlp = self
-            .down
-            .forward(&(self.gate.forward(&h).silu() * self.up.forward(&h)));
+        let gu = self.gate_up.forward(&h).chunk(2, -1);
+        let mlp = self.down.forward(&(gu[0].silu() * &gu[1]));
         x + mlp
     }
 }

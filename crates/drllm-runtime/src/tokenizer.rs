@@ -309,3 +309,88 @@ impl Tokenizer {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::tests::GgufBuilder;
+
+    fn tiny(pre: &str) -> GgufBuilder {
+        GgufBuilder::new()
+            .kv_str("general.architecture", "llama")
+            .kv_str("tokenizer.ggml.model", "gpt2")
+            .kv_str("tokenizer.ggml.pre", pre)
+            .kv_str_array("tokenizer.ggml.tokens", &["a", "b", "ab", "Ġ", "1", "2"])
+            .kv_str_array("tokenizer.ggml.merges", &["a b"])
+            .kv_u32("tokenizer.ggml.eos_token_id", 2)
+    }
+
+    #[test]
+    fn builds_byte_level_bpe_from_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = GgufFile::open(tiny("smollm").write(dir.path(), "t.gguf")).unwrap();
+        let t = Tokenizer::from_gguf(&g).unwrap();
+        assert_eq!(t.encode("ab a", false).unwrap(), vec![2, 3, 0]);
+        assert_eq!(t.encode("12", false).unwrap(), vec![4, 5]);
+        assert_eq!(t.decode(&[2, 3, 0]).unwrap(), "ab a");
+        assert_eq!(t.stop_ids(), vec![2]);
+    }
+
+    #[test]
+    fn unknown_pre_tokenizer_and_model_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = GgufFile::open(tiny("mystery-pre").write(dir.path(), "t.gguf")).unwrap();
+        let msg = Tokenizer::from_gguf(&g).err().unwrap().to_string();
+        assert!(
+            msg.contains("tokenizer.ggml.pre") && msg.contains("mystery-pre"),
+            "{msg}"
+        );
+        let g = GgufFile::open(
+            GgufBuilder::new()
+                .kv_str("tokenizer.ggml.model", "llama")
+                .write(dir.path(), "s.gguf"),
+        )
+        .unwrap();
+        let msg = Tokenizer::from_gguf(&g).err().unwrap().to_string();
+        assert!(
+            msg.contains("tokenizer.ggml.model") && msg.contains("llama"),
+            "{msg}"
+        );
+        let g = GgufFile::open(GgufBuilder::new().write(dir.path(), "e.gguf")).unwrap();
+        let msg = Tokenizer::from_gguf(&g).err().unwrap().to_string();
+        assert!(
+            msg.contains("tokenizer.ggml.model") && msg.contains("missing"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn unknown_architecture_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = GgufFile::open(
+            GgufBuilder::new()
+                .kv_str("general.architecture", "falcon")
+                .write(dir.path(), "f.gguf"),
+        )
+        .unwrap();
+        let msg = crate::config::ModelConfig::from_gguf(&g)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("general.architecture") && msg.contains("falcon"),
+            "{msg}"
+        );
+        let g = GgufFile::open(
+            GgufBuilder::new()
+                .kv_str("general.architecture", "llama")
+                .write(dir.path(), "l.gguf"),
+        )
+        .unwrap();
+        let msg = crate::config::ModelConfig::from_gguf(&g)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains("llama.embedding_length"), "{msg}");
+    }
+}
