@@ -56,7 +56,7 @@ fn generates_json_along_a_path() {
         assert_eq!(l["layers"], 30);
         assert_eq!(l["path"], path.as_str());
         let n = l["tokens"].as_array().unwrap().len();
-        assert!(n >= 1 && n <= 12, "{l}");
+        assert!((1..=12).contains(&n), "{l}");
         assert!(!l["text"].as_str().unwrap().is_empty());
     }
     let err = String::from_utf8_lossy(&o.stderr);
