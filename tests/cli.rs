@@ -170,3 +170,41 @@ fn cuda_without_gpu_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn cli_docs_are_current() {
+    let dir = bin("drllm-infer").parent().unwrap().to_path_buf();
+    let o = Command::new("bash")
+        .arg(root().join("scripts/gen-cli-docs.sh"))
+        .arg("--check")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The prepared GPU check runs end to end on CPU with a tiny model, so it works when a GPU
+/// machine is lent (where it runs the LLaMA-3.2-3B shape on CUDA).
+#[test]
+fn gpu_check_script_runs_on_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new("bash")
+        .arg(root().join("scripts/gpu-check.sh"))
+        .arg(bin("drllm-infer"))
+        .env("PYTHON", python())
+        .env("GPU_CHECK_SHAPE", "tiny")
+        .env("GPU_CHECK_DEVICE", "cpu")
+        .env("OUT", tmp.path())
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(tmp.path().join("gpu-check.log")).unwrap_or_default();
+    assert!(
+        o.status.success() && log.contains("GPU PARITY: PASS") && log.contains("peak RSS"),
+        "{log}"
+    );
+}

@@ -12,9 +12,8 @@ use drllm_runtime::{argmax_tokens, LayerPath, LoadedModel, ModelSource, PathBatc
 /// Options of a benchmark run.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Model (as for `generate`).
-    #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
-    model: String,
+    #[command(flatten)]
+    m: crate::ModelArgs,
     /// Batch sizes to measure, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     batch: Vec<usize>,
@@ -27,15 +26,6 @@ pub struct BenchArgs {
     /// Measurements per configuration (after one warm-up); medians are reported.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
-    /// cpu, cuda or cuda:N (`auto`: first GPU if visible).
-    #[arg(long, env = "DRLLM_DEVICE", default_value = "auto")]
-    device: String,
-    /// Compute dtype: auto, f32, bf16, f16.
-    #[arg(long, env = "DRLLM_DTYPE", default_value = "auto")]
-    dtype: String,
-    /// CPU threads, for us and for torch in transformers (default: libtorch's choice).
-    #[arg(long, env = "DRLLM_THREADS")]
-    threads: Option<i32>,
     /// Python with transformers for the side-by-side run (default: the project venv's);
     /// `none` measures our runtime alone.
     #[arg(long, env = "DRLLM_PYTHON")]
@@ -174,22 +164,18 @@ fn make_prompts(lm: &LoadedModel, batch: usize, len: usize) -> Result<Vec<Vec<u3
 
 /// Runs the benchmark and prints a table.
 pub fn bench(a: BenchArgs) -> Result<()> {
-    if let Some(n) = a.threads {
-        tch::set_num_threads(n);
-    }
+    let lm = a.m.load()?;
+    // transformers runs with as many threads as we do.
     let threads = tch::get_num_threads();
-    let device = crate::pick_device(&a.device)?;
-    let kind = drllm_runtime::parse_dtype(&a.dtype, device)?;
-    let dtype_name = match kind {
+    let device = lm.model.device();
+    let dtype_name = match lm.model.kind() {
         tch::Kind::Float => "f32",
         tch::Kind::BFloat16 => "bf16",
         _ => "f16",
     };
-    let source = ModelSource::resolve(&a.model)?;
-    let model_file = match &source {
+    let model_file = match &lm.source {
         ModelSource::Gguf(p) | ModelSource::HfDir(p) => p.display().to_string(),
     };
-    let lm = LoadedModel::load(source, device, kind)?;
     let python = match a.python.as_deref() {
         Some("none") => None,
         Some(p) => Some(p.to_string()),
@@ -217,7 +203,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     };
     println!(
         "model {} | {} | {dtype_name} | {threads} threads | prompt {} tokens | {} decode steps | {} repeats (medians)",
-        a.model, dev_name, a.prompt_tokens, a.new_tokens, a.repeats
+        a.m.model, dev_name, a.prompt_tokens, a.new_tokens, a.repeats
     );
     println!(
         "{:>5} | {:>16} {:>16} {:>7} | {:>16} {:>16} {:>7}",

@@ -1,4 +1,5 @@
-//! `drllm-infer`: generation along a layer path (and, later, routed validation runs).
+//! `drllm-infer`: generation along a layer path, logits dumps and throughput benchmarks (routed
+//! validation runs come with the router package).
 use std::time::Instant;
 
 mod bench;
@@ -32,6 +33,11 @@ enum Cmd {
   drllm-infer generate --prompt 'The capital of France is' --path 1,1,0,1,2,1,...  # one entry per block
   drllm-infer generate --prompt A --prompt B --max-new-tokens 32 --json")]
     Generate(GenerateArgs),
+    /// Writes the logits at every prompt position (f32) to a safetensors file, for parity checks.
+    #[command(after_help = "Examples:
+  drllm-infer logits --ids-file prompts.json --out logits.safetensors     # prompts.json: [[1, 2, 3], [4, 5]]
+  drllm-infer logits --model dir --device cuda --dtype bf16 --ids-file p.json --path 1,0,2,... --out l.safetensors")]
+    Logits(LogitsArgs),
     /// Prefill and decode tokens/s at several batch sizes, side by side with transformers.
     #[command(after_help = "Examples:
   drllm-infer bench                                   # embedded model, batch 1 and 8, vs transformers
@@ -40,12 +46,59 @@ enum Cmd {
     Bench(bench::BenchArgs),
 }
 
+/// Which model to load, where, and in which dtype.
 #[derive(clap::Args)]
-struct GenerateArgs {
+pub(crate) struct ModelArgs {
     /// Model: a Hugging Face model directory, a .gguf file, `embedded` (SmolLM2-135M-Instruct,
     /// installed by scripts/setup.sh), or a repo id present in the local Hugging Face cache.
     #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
-    model: String,
+    pub model: String,
+    /// cpu, cuda or cuda:N; `auto` picks the first GPU when one is visible.
+    #[arg(long, env = "DRLLM_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// Compute dtype: auto (f32 on CPU, bf16 on CUDA), f32, bf16, f16.
+    #[arg(long, env = "DRLLM_DTYPE", default_value = "auto")]
+    pub dtype: String,
+    /// CPU threads for libtorch (default: libtorch's choice).
+    #[arg(long, env = "DRLLM_THREADS")]
+    pub threads: Option<i32>,
+}
+
+impl ModelArgs {
+    /// Applies the thread setting, then loads model and tokenizer.
+    pub(crate) fn load(&self) -> Result<LoadedModel> {
+        if let Some(n) = self.threads {
+            tch::set_num_threads(n);
+        }
+        let device = if self.device == "auto" {
+            tch::Device::cuda_if_available()
+        } else {
+            self.device.parse::<DeviceSpec>()?.0
+        };
+        let kind = parse_dtype(&self.dtype, device)?;
+        let source = ModelSource::resolve(&self.model)?;
+        let t0 = Instant::now();
+        let lm = LoadedModel::load(source, device, kind)
+            .with_context(|| format!("loading model {}", self.model))?;
+        tracing::info!(model = %self.model, layers = lm.model.num_layers(), ?device, ?kind, secs = t0.elapsed().as_secs_f64(), "model loaded");
+        Ok(lm)
+    }
+}
+
+/// Parses `--path` for a model of `n_layers` blocks (default: all ones).
+fn parse_path(path: Option<&str>, n_layers: usize) -> Result<LayerPath> {
+    let Some(p) = path else {
+        return Ok(LayerPath::all_ones(n_layers));
+    };
+    let p: LayerPath = p.parse().context("--path")?;
+    p.check_len(n_layers).context("--path")?;
+    Ok(p)
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
     /// Prompt text; repeat the flag to generate for several prompts in one batch.
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -62,18 +115,24 @@ struct GenerateArgs {
     /// Most new tokens per prompt.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// cpu, cuda or cuda:N; `auto` picks the first GPU when one is visible.
-    #[arg(long, env = "DRLLM_DEVICE", default_value = "auto")]
-    device: String,
-    /// Compute dtype: auto (f32 on CPU, bf16 on CUDA), f32, bf16, f16.
-    #[arg(long, env = "DRLLM_DTYPE", default_value = "auto")]
-    dtype: String,
-    /// CPU threads for libtorch (default: libtorch's choice).
-    #[arg(long, env = "DRLLM_THREADS")]
-    threads: Option<i32>,
     /// Print one JSON object per prompt instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// JSON file holding a list of prompts, each a list of token ids.
+    #[arg(long)]
+    ids_file: std::path::PathBuf,
+    /// Layer path (as for `generate`); default every block once.
+    #[arg(long)]
+    path: Option<String>,
+    /// Output safetensors file: tensor `logits.{i}` of shape [len_i, vocab] per prompt.
+    #[arg(long)]
+    out: std::path::PathBuf,
 }
 
 fn init_logging(json: bool) {
@@ -89,35 +148,10 @@ fn init_logging(json: bool) {
     }
 }
 
-/// `auto` = first GPU when libtorch sees one, else CPU; otherwise cpu, cuda or cuda:N.
-pub(crate) fn pick_device(spec: &str) -> Result<tch::Device> {
-    Ok(if spec == "auto" {
-        tch::Device::cuda_if_available()
-    } else {
-        spec.parse::<DeviceSpec>()?.0
-    })
-}
-
 fn generate(a: GenerateArgs) -> Result<()> {
-    if let Some(n) = a.threads {
-        tch::set_num_threads(n);
-    }
-    let device = pick_device(&a.device)?;
-    let kind = parse_dtype(&a.dtype, device)?;
-    let source = ModelSource::resolve(&a.model)?;
-    let t0 = Instant::now();
-    let lm = LoadedModel::load(source, device, kind)
-        .with_context(|| format!("loading model {}", a.model))?;
+    let lm = a.m.load()?;
     let n_layers = lm.model.num_layers();
-    tracing::info!(model = %a.model, layers = n_layers, ?device, ?kind, secs = t0.elapsed().as_secs_f64(), "model loaded");
-    let path = match &a.path {
-        Some(p) => {
-            let p: LayerPath = p.parse().context("--path")?;
-            p.check_len(n_layers).context("--path")?;
-            p
-        }
-        None => LayerPath::all_ones(n_layers),
-    };
+    let path = parse_path(a.path.as_deref(), n_layers)?;
     let mut prompts = Vec::with_capacity(a.prompt.len());
     for text in &a.prompt {
         let ids = if a.chat {
@@ -166,11 +200,41 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn logits(a: LogitsArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.ids_file)
+        .with_context(|| format!("reading {}", a.ids_file.display()))?;
+    let prompts: Vec<Vec<u32>> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON list of lists of token ids",
+            a.ids_file.display()
+        )
+    })?;
+    let lm = a.m.load()?;
+    let path = parse_path(a.path.as_deref(), lm.model.num_layers())?;
+    let logits = lm
+        .model
+        .prompt_logits(&prompts, &vec![path; prompts.len()])?;
+    let named: Vec<(String, tch::Tensor)> = logits
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (format!("logits.{i}"), t.to_device(tch::Device::Cpu)))
+        .collect();
+    tch::Tensor::write_safetensors(&named, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote {} logits tensors to {}",
+        named.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     match cli.cmd {
         Cmd::Generate(a) => generate(a),
+        Cmd::Logits(a) => logits(a),
         Cmd::Bench(a) => bench::bench(a),
     }
 }
