@@ -6,4 +6,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh --test
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests in tests/ run the workspace's binaries: build them first (cargo only
+# builds a package's binaries for that package's own integration tests).
+cargo build --release --workspace --locked
 cargo test --release --workspace --locked "$@"

@@ -55,7 +55,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = dir.join(name);
     assert!(
         p.exists(),
-        "{} not built: run `cargo test --workspace` (builds every binary)",
+        "{} not built: run `cargo build --release --workspace` first (scripts/test.sh does)",
         p.display()
     );
     p

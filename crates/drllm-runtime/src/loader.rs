@@ -51,6 +51,11 @@ fn hf_cache_dirs() -> Vec<PathBuf> {
 impl ModelSource {
     /// Resolves a `--model` argument.
     pub fn resolve(spec: &str) -> Result<Self> {
+        Self::resolve_in(spec, &hf_cache_dirs())
+    }
+
+    /// Resolves a `--model` argument, looking up repo ids in the given Hugging Face hub caches.
+    pub fn resolve_in(spec: &str, hf_caches: &[PathBuf]) -> Result<Self> {
         let err = |msg: String| Error::ModelSpec {
             spec: spec.to_string(),
             msg,
@@ -93,7 +98,7 @@ impl ModelSource {
         // A repo id such as "HuggingFaceTB/SmolLM2-135M-Instruct": look in the local HF cache.
         if let Some((org, name)) = spec.split_once('/') {
             if !org.is_empty() && !name.is_empty() && !name.contains('/') {
-                for cache in hf_cache_dirs() {
+                for cache in hf_caches {
                     let repo = cache.join(format!("models--{org}--{name}"));
                     let Ok(rev) = std::fs::read_to_string(repo.join("refs/main")) else {
                         continue;
@@ -105,7 +110,7 @@ impl ModelSource {
                 }
                 return Err(err(format!(
                     "no such file or directory, and not in the local Hugging Face cache (looked in {}); download it first, we load offline",
-                    hf_cache_dirs().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                    hf_caches.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
                 )));
             }
         }
@@ -231,5 +236,57 @@ impl LoadedModel {
         v.sort_unstable();
         v.dedup();
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_repo_ids_from_the_hub_cache_offline() {
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache
+            .path()
+            .join("models--HuggingFaceTB--SmolLM2-135M-Instruct");
+        let snap = repo.join("snapshots/abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
+        std::fs::write(snap.join("config.json"), "{}").unwrap();
+        let caches = [
+            PathBuf::from("/nonexistent-cache"),
+            cache.path().to_path_buf(),
+        ];
+        let got = ModelSource::resolve_in("HuggingFaceTB/SmolLM2-135M-Instruct", &caches).unwrap();
+        assert_eq!(got, ModelSource::HfDir(snap));
+        let msg = ModelSource::resolve_in("HuggingFaceTB/Other", &caches)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("not in the local Hugging Face cache")
+                && msg.contains("/nonexistent-cache"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn resolves_directories_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let msg = ModelSource::resolve_in(dir.path().to_str().unwrap(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("neither config.json"), "{msg}");
+        std::fs::write(dir.path().join("a.gguf"), b"").unwrap();
+        let got = ModelSource::resolve_in(dir.path().to_str().unwrap(), &[]).unwrap();
+        assert_eq!(got, ModelSource::Gguf(dir.path().join("a.gguf")));
+        std::fs::write(dir.path().join("b.gguf"), b"").unwrap();
+        let msg = ModelSource::resolve_in(dir.path().to_str().unwrap(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("2 .gguf files"), "{msg}");
+        std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
+        let got = ModelSource::resolve_in(dir.path().to_str().unwrap(), &[]).unwrap();
+        assert_eq!(got, ModelSource::HfDir(dir.path().to_path_buf()));
     }
 }

@@ -95,19 +95,15 @@ impl Tokenizer {
             chat_template =
                 Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
         }
-        let mut extra_stop_ids = vec![];
-        for name in ["generation_config.json", "config.json"] {
-            if let Some(v) = read_json(name)? {
-                if let Some(ids) = v.get("eos_token_id") {
-                    extra_stop_ids.extend(
-                        ids_of(ids)
-                            .into_iter()
-                            .filter(|&i| i >= 0)
-                            .map(|i| i as u32),
-                    );
-                }
-            }
+        // Chat models list their end-of-turn ids here (config.json's are read with the config).
+        let extra_stop_ids = match read_json("generation_config.json")? {
+            Some(v) => v.get("eos_token_id").map(ids_of).unwrap_or_default(),
+            None => vec![],
         }
+        .into_iter()
+        .filter(|&i| i >= 0)
+        .map(|i| i as u32)
+        .collect();
         Ok(Tokenizer {
             inner,
             source,
