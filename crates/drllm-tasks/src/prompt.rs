@@ -1,0 +1,235 @@
+//! Prompt templates: data (minijinja files), not code. Built-ins cover instruct and base use for
+//! every task family; users can pass their own file. Instruct prompts get the model's chat
+//! template applied by the runtime; base prompts are fed as they are.
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::data::{Choice, Family, Question, Sample};
+use crate::error::{Error, Result};
+
+/// Whether a template is for chat (instruct) models or plain completion (base) models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Style {
+    /// Wrapped in the model's chat template as a user message.
+    Instruct,
+    /// Fed as it is; the model continues the text.
+    Base,
+}
+
+impl std::str::FromStr for Style {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "instruct" => Ok(Style::Instruct),
+            "base" => Ok(Style::Base),
+            other => Err(Error::Template {
+                name: "--style".into(),
+                msg: format!("{other:?}: expected instruct or base"),
+            }),
+        }
+    }
+}
+
+/// A prompt template.
+#[derive(Debug, Clone)]
+pub struct Template {
+    name: String,
+    source: String,
+    style: Style,
+}
+
+#[derive(Serialize)]
+struct Ctx<'a> {
+    id: &'a str,
+    task: String,
+    question: &'a str,
+    choices: &'a [Choice],
+}
+
+impl Template {
+    /// The built-in template for a task family and style.
+    pub fn builtin(family: Family, style: Style) -> Template {
+        let (name, source) = match (family, style) {
+            (Family::MultipleChoice, Style::Instruct) => {
+                ("mc_instruct", include_str!("../templates/mc_instruct.j2"))
+            }
+            (Family::MultipleChoice, Style::Base) => {
+                ("mc_base", include_str!("../templates/mc_base.j2"))
+            }
+            (Family::Math, Style::Instruct) => (
+                "math_instruct",
+                include_str!("../templates/math_instruct.j2"),
+            ),
+            (Family::Math, Style::Base) => ("math_base", include_str!("../templates/math_base.j2")),
+            (Family::Gsm8k, Style::Instruct) => (
+                "gsm8k_instruct",
+                include_str!("../templates/gsm8k_instruct.j2"),
+            ),
+            (Family::Gsm8k, Style::Base) => {
+                ("gsm8k_base", include_str!("../templates/gsm8k_base.j2"))
+            }
+        };
+        Template {
+            name: name.into(),
+            source: source.into(),
+            style,
+        }
+    }
+
+    /// A user template file; it sees `question`, `choices` (label, text), `id` and `task`.
+    pub fn from_file(path: &Path, style: Style) -> Result<Template> {
+        let source = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let t = Template {
+            name: path.display().to_string(),
+            source,
+            style,
+        };
+        // Parse now so a broken file fails before any model work.
+        t.env()?;
+        Ok(t)
+    }
+
+    /// Template name (built-in name or file path).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Instruct or base.
+    pub fn style(&self) -> Style {
+        self.style
+    }
+
+    fn env(&self) -> Result<minijinja::Environment<'_>> {
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.add_template("t", &self.source)
+            .map_err(|e| Error::Template {
+                name: self.name.clone(),
+                msg: format!("{e:#}"),
+            })?;
+        Ok(env)
+    }
+
+    /// The prompt text for a sample.
+    pub fn render(&self, sample: &Sample) -> Result<String> {
+        let (question, choices): (&str, &[Choice]) = match &sample.question {
+            Question::MultipleChoice { stem, choices } => (stem, choices),
+            Question::Problem(p) => (p, &[]),
+        };
+        let ctx = Ctx {
+            id: &sample.id,
+            task: sample.task.to_string(),
+            question,
+            choices,
+        };
+        let env = self.env()?;
+        let t = env.get_template("t").map_err(|e| Error::Template {
+            name: self.name.clone(),
+            msg: e.to_string(),
+        })?;
+        t.render(&ctx).map_err(|e| Error::Template {
+            name: self.name.clone(),
+            msg: format!("{e:#}"),
+        })
+    }
+
+    /// Text the prompt opened for the answer (base math prompts end inside `\boxed{`): prepend
+    /// it to a response before grading.
+    pub fn response_prefix(&self) -> &'static str {
+        if self.style == Style::Base && self.source.trim_end().ends_with("\\boxed{") {
+            "\\boxed{"
+        } else {
+            ""
+        }
+    }
+
+    /// A base model continues past its answer into a new few-shot example: the response is cut
+    /// at the first blank line. Instruct responses are kept whole.
+    pub fn truncate<'a>(&self, response: &'a str) -> &'a str {
+        match self.style {
+            Style::Base => response.find("\n\n").map_or(response, |i| &response[..i]),
+            Style::Instruct => response,
+        }
+    }
+
+    /// The response as the grader should see it.
+    pub fn graded_text(&self, response: &str) -> String {
+        format!("{}{}", self.response_prefix(), self.truncate(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Gold, TaskName};
+
+    fn arc() -> Sample {
+        Sample {
+            id: "x".into(),
+            task: TaskName::ArcEasy,
+            question: Question::MultipleChoice {
+                stem: "Which is a gas?".into(),
+                choices: vec![
+                    Choice {
+                        label: 'A',
+                        text: "ice".into(),
+                    },
+                    Choice {
+                        label: 'B',
+                        text: "steam".into(),
+                    },
+                ],
+            },
+            gold: Gold::Letter('B'),
+            level: None,
+        }
+    }
+
+    #[test]
+    fn builtins_render() {
+        let p = Template::builtin(Family::MultipleChoice, Style::Instruct)
+            .render(&arc())
+            .unwrap();
+        assert_eq!(p, "Which is a gas?\n\nA. ice\nB. steam\n\nReply with only the letter of the correct choice, after \"Answer: \".");
+        let b = Template::builtin(Family::MultipleChoice, Style::Base)
+            .render(&arc())
+            .unwrap();
+        assert!(b.ends_with("B. steam\nThe correct answer is"), "{b:?}");
+        let m = Sample {
+            question: Question::Problem("What is $1+1$?".into()),
+            task: TaskName::Dart(Some(1)),
+            gold: Gold::Math("2".into()),
+            ..arc()
+        };
+        let t = Template::builtin(Family::Math, Style::Base);
+        assert!(t
+            .render(&m)
+            .unwrap()
+            .ends_with("Problem: What is $1+1$?\nAnswer: $\\boxed{"));
+        assert_eq!(t.graded_text("2}$\n\nProblem: next"), "\\boxed{2}$");
+        assert_eq!(
+            Template::builtin(Family::Math, Style::Instruct).response_prefix(),
+            ""
+        );
+    }
+
+    #[test]
+    fn user_templates_fail_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.j2");
+        std::fs::write(&p, "{% for c in choices %}").unwrap();
+        let msg = Template::from_file(&p, Style::Instruct)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("t.j2"), "{msg}");
+        std::fs::write(&p, "{{ question }} {{ nonexistent }}").unwrap();
+        let t = Template::from_file(&p, Style::Instruct).unwrap();
+        let msg = t.render(&arc()).unwrap_err().to_string();
+        assert!(msg.contains("t.j2") && msg.contains("undefined"), "{msg}");
+    }
+}

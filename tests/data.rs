@@ -1,0 +1,263 @@
+//! The task crate on the real data in ../shared/data, and the drllm-data binary.
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use drllm::tasks::answer::{eval, math_equal, normalize};
+use drllm::tasks::{data, Gold, LoadOptions, Split, TaskName};
+
+fn load(task: TaskName, split: Split) -> Vec<drllm::tasks::Sample> {
+    data::load(&data_dir(), task, split, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .samples
+}
+
+#[test]
+fn every_real_row_parses() {
+    let counts = [
+        (TaskName::ArcEasy, Split::Train, 2251),
+        (TaskName::ArcEasy, Split::Dev, 570),
+        (TaskName::ArcChallenge, Split::Train, 1119),
+        (TaskName::ArcChallenge, Split::Dev, 299),
+        (TaskName::Dart(None), Split::Train, 7500),
+        (TaskName::Gsm8k, Split::Train, 7473),
+    ];
+    for (task, split, n) in counts {
+        let s = load(task, split);
+        assert_eq!(s.len(), n, "{task} {split}");
+        let mut ids: Vec<&str> = s.iter().map(|x| x.id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "{task} {split}: sample ids must be unique");
+    }
+    // 3- and 5-choice ARC items keep all their choices; an E answer is gradable.
+    let arc = load(TaskName::Arc, Split::Train);
+    let with_e = arc.iter().filter(|s| s.gold == Gold::Letter('E')).count();
+    assert!(with_e > 0, "some ARC items have gold E");
+    // The two "Level ?" MATH rows belong to `dart` only.
+    let unlevelled: Vec<String> = load(TaskName::Dart(None), Split::Train)
+        .into_iter()
+        .filter(|s| s.level.is_none())
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(unlevelled.len(), 2, "{unlevelled:?}");
+    let by_level: usize = (1..=5)
+        .map(|l| load(TaskName::Dart(Some(l)), Split::Train).len())
+        .sum();
+    assert_eq!(by_level, 7498);
+}
+
+#[test]
+fn math_golds_grade_equal_to_themselves_and_to_a_rewritten_form() {
+    let samples = load(TaskName::Dart(None), Split::Train);
+    let mut empty = vec![];
+    let mut rewrites_ok = [0usize; 4];
+    for s in &samples {
+        let Gold::Math(g) = &s.gold else {
+            panic!("MATH gold is Math")
+        };
+        if g.trim().is_empty() {
+            empty.push(s.id.clone());
+            continue;
+        }
+        assert!(
+            math_equal(g, g),
+            "{}: {g:?} (normalized {:?}) must equal itself",
+            s.id,
+            normalize(g)
+        );
+        let forms = [
+            (g.contains("\\frac")).then(|| g.replace("\\frac", "\\dfrac")),
+            eval(&normalize(g))
+                .filter(|v| v.is_finite())
+                .map(|v| format!("{v:.10}")),
+            Some(format!("$ {} $", g.replace(',', ", "))),
+            (!g.contains('=')).then(|| format!("x = {g}")),
+        ];
+        let mut any = false;
+        for (k, f) in forms.iter().enumerate() {
+            if let Some(f) = f {
+                if math_equal(f, g) {
+                    rewrites_ok[k] += 1;
+                    any = true;
+                }
+            }
+        }
+        assert!(any, "{}: no rewritten form of {g:?} grades equal", s.id);
+    }
+    eprintln!(
+        "rewritten forms graded equal: dfrac {}, numeric value {}, spaced+dollars {}, \"x = \" {}",
+        rewrites_ok[0], rewrites_ok[1], rewrites_ok[2], rewrites_ok[3]
+    );
+    // The two source rows whose solution ends in an empty \boxed{} (see data.rs).
+    assert_eq!(
+        empty,
+        vec![
+            "train/number_theory/7115".to_string(),
+            "train/number_theory/7117".to_string()
+        ]
+    );
+}
+
+fn drllm_data(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(bin("drllm-data"))
+        .args(args)
+        .env("DRLLM_DATA", data_dir())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[test]
+fn stats_match_the_data_readme() {
+    let (ok, out, err) = drllm_data(&["stats"]);
+    assert!(ok, "{err}");
+    for line in [
+        "arc_easy train 2251",
+        "arc_easy dev 570",
+        "arc_challenge train 1119",
+        "arc_challenge dev 299",
+        "dart-5 train 2304",
+        "dart-1 train 564",
+        "dart train 7500",
+        "gsm8k train 7473",
+    ] {
+        assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
+    }
+}
+
+#[test]
+fn show_and_grade() {
+    let (ok, out, err) = drllm_data(&[
+        "show",
+        "--task",
+        "arc_challenge",
+        "--split",
+        "dev",
+        "--limit",
+        "2",
+        "--model",
+        "embedded",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.matches("<|im_start|>assistant").count(), 2, "{out}");
+    assert!(
+        out.contains("=== Mercury_SC_407695") && out.contains("--- gold: D"),
+        "{out}"
+    );
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "--task",
+                "dart-3",
+                "--response",
+                "so \\boxed{0.5}",
+                "--gold",
+                "\\frac{1}{2}",
+            ],
+            "correct",
+        ),
+        (
+            &[
+                "--task",
+                "dart-3",
+                "--response",
+                "3}$",
+                "--gold",
+                "3",
+                "--style",
+                "base",
+            ],
+            "correct",
+        ),
+        (
+            &[
+                "--task",
+                "arc_easy",
+                "--response",
+                "A. a leg muscle",
+                "--gold",
+                "A",
+                "--reward",
+                "strict",
+            ],
+            "wrong",
+        ),
+        (
+            &[
+                "--task",
+                "arc_easy",
+                "--response",
+                "A. a leg muscle",
+                "--gold",
+                "1",
+                "--reward",
+                "lenient",
+            ],
+            "correct",
+        ),
+        (
+            &[
+                "--task",
+                "gsm8k",
+                "--response",
+                "She pays 1,200 dollars.",
+                "--gold",
+                "1200",
+            ],
+            "correct",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut a = vec!["grade"];
+        a.extend_from_slice(args);
+        let (ok, out, err) = drllm_data(&a);
+        assert!(ok, "{err}");
+        assert_eq!(out.trim(), want, "{args:?}");
+    }
+}
+
+#[test]
+fn bad_rows_are_named_or_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let arc = tmp.path().join("arc");
+    std::fs::create_dir(&arc).unwrap();
+    let good = std::fs::read_to_string(data_dir().join("arc/ARC-Easy-Dev.jsonl")).unwrap();
+    let mut lines: Vec<&str> = good.lines().take(4).collect();
+    lines.insert(2, r#"{"id":"broken","question":{"stem":"S","choices":[{"text":"x","label":"Q"}]},"answerKey":"A"}"#);
+    std::fs::write(arc.join("ARC-Easy-Dev.jsonl"), lines.join("\n")).unwrap();
+    let d = tmp.path().to_str().unwrap();
+    let (ok, _, err) = drllm_data(&["show", "--data", d, "--task", "arc_easy", "--split", "dev"]);
+    assert!(
+        !ok && err.contains("ARC-Easy-Dev.jsonl:3")
+            && err.contains("choices[0].label")
+            && err.contains("\"Q\""),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let (ok, out, err) = drllm_data(&[
+        "show",
+        "--data",
+        d,
+        "--task",
+        "arc_easy",
+        "--split",
+        "dev",
+        "--limit",
+        "10",
+        "--skip-bad-rows",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.matches("=== ").count(), 4);
+    assert!(err.contains("skipped 1 malformed rows"), "{err}");
+    let (ok, _, err) = drllm_data(&["show", "--data", d, "--task", "gsm8k"]);
+    assert!(!ok && err.contains("gsm8k/train.jsonl"), "{err}");
+    let (ok, _, err) = drllm_data(&["show", "--task", "dart-9"]);
+    assert!(!ok && err.contains("unknown task"), "{err}");
+}
