@@ -65,9 +65,9 @@ PY
 fi
 
 if [ "$want_test" = 1 ]; then
-  if ! "$py" -c 'import transformers, gguf, numpy, accelerate, safetensors' 2>/dev/null; then
+  if ! "$py" -c 'import transformers, gguf, numpy, accelerate, safetensors, pyarrow' 2>/dev/null; then
     log "installing transformers and gguf (test references)"
-    pip_q "transformers==5.23.0" "gguf==0.19.0" "accelerate==1.15.0" numpy safetensors
+    pip_q "transformers==5.23.0" "gguf==0.19.0" "accelerate==1.15.0" numpy safetensors "pyarrow==26.0.1"
   fi
 fi
 log "ready: venv=$venv model=$model"

@@ -261,3 +261,55 @@ fn bad_rows_are_named_or_skipped() {
     let (ok, _, err) = drllm_data(&["show", "--task", "dart-9"]);
     assert!(!ok && err.contains("unknown task"), "{err}");
 }
+
+#[test]
+fn hugging_face_parquet_layouts_load_like_the_jsonl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(python())
+        .arg(root().join("tests/reference/write_hf_parquet.py"))
+        .arg(data_dir())
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let opts = LoadOptions::default();
+    let pq = |task, split| {
+        data::load(tmp.path(), task, split, &opts)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .samples
+    };
+    // ARC in the HF layout (question string + choices{text,label}) equals the AI2 original rows.
+    assert_eq!(
+        pq(TaskName::ArcEasy, Split::Dev),
+        load(TaskName::ArcEasy, Split::Dev)
+    );
+    let gsm = pq(TaskName::Gsm8k, Split::Train);
+    let want: Vec<_> = load(TaskName::Gsm8k, Split::Train)
+        .into_iter()
+        .take(300)
+        .collect();
+    assert_eq!(gsm.len(), 300);
+    // jsonl rows without an id are named `<file stem>:<line>`; compare the content.
+    for (a, b) in gsm.iter().zip(&want) {
+        assert_eq!((&a.question, &a.gold), (&b.question, &b.gold));
+    }
+    let math = pq(TaskName::Dart(None), Split::Train);
+    let want: Vec<_> = load(TaskName::Dart(None), Split::Train)
+        .into_iter()
+        .take(400)
+        .collect();
+    assert_eq!(math, want, "two snappy shards, in order");
+    // A file that is not parquet is named.
+    std::fs::write(
+        tmp.path().join("math/train-00002-of-00002.parquet"),
+        b"not parquet",
+    )
+    .unwrap();
+    let msg = data::load(tmp.path(), TaskName::Dart(None), Split::Train, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("train-00002-of-00002.parquet") && msg.contains("not a readable parquet file"),
+        "{msg}"
+    );
+}

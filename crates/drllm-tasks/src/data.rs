@@ -204,7 +204,49 @@ pub fn resolve_data_dir(arg: Option<&Path>) -> Result<PathBuf> {
     ))
 }
 
-/// Files holding `task`'s `split` under `dir`, and the sub-task each belongs to.
+/// One place a split may be stored.
+enum Candidate {
+    /// A single jsonl file.
+    File(PathBuf),
+    /// Parquet shards `DIR/<prefix>-*.parquet` or `DIR/<prefix>.parquet` (Hugging Face layout).
+    Shards(PathBuf, String),
+}
+
+impl Candidate {
+    fn files(&self) -> Vec<PathBuf> {
+        match self {
+            Candidate::File(p) => p.is_file().then(|| p.clone()).into_iter().collect(),
+            Candidate::Shards(dir, prefix) => {
+                let Ok(rd) = std::fs::read_dir(dir) else {
+                    return vec![];
+                };
+                let mut v: Vec<PathBuf> = rd
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        let name = p
+                            .file_name()
+                            .map(|n| n.to_string_lossy().to_string())
+                            .unwrap_or_default();
+                        name.ends_with(".parquet")
+                            && (name.starts_with(&format!("{prefix}-"))
+                                || name == format!("{prefix}.parquet"))
+                    })
+                    .collect();
+                v.sort();
+                v
+            }
+        }
+    }
+    fn describe(&self) -> String {
+        match self {
+            Candidate::File(p) => p.display().to_string(),
+            Candidate::Shards(dir, prefix) => format!("{}/{prefix}-*.parquet", dir.display()),
+        }
+    }
+}
+
+/// Files holding `task`'s `split` under `dir` (jsonl, or Hugging Face parquet shards), and the
+/// sub-task each belongs to.
 pub fn task_files(dir: &Path, task: TaskName, split: Split) -> Result<Vec<(TaskName, PathBuf)>> {
     let arc_split = match split {
         Split::Train => "Train",
@@ -216,49 +258,55 @@ pub fn task_files(dir: &Path, task: TaskName, split: Split) -> Result<Vec<(TaskN
         Split::Dev => "validation",
         Split::Test => "test",
     };
-    let find = |sub: TaskName, candidates: Vec<PathBuf>| -> Result<(TaskName, PathBuf)> {
-        candidates
-            .iter()
-            .find(|p| p.is_file())
-            .map(|p| (sub, p.clone()))
-            .ok_or_else(|| {
-                Error::MissingData(format!(
-                    "no {sub} {split} data in {}: looked for {}",
-                    dir.display(),
-                    candidates
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })
+    let find = |sub: TaskName, candidates: Vec<Candidate>| -> Result<Vec<(TaskName, PathBuf)>> {
+        for c in &candidates {
+            let files = c.files();
+            if !files.is_empty() {
+                return Ok(files.into_iter().map(|f| (sub, f)).collect());
+            }
+        }
+        Err(Error::MissingData(format!(
+            "no {sub} {split} data in {}: looked for {}",
+            dir.display(),
+            candidates
+                .iter()
+                .map(Candidate::describe)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
     };
     let arc = |sub: TaskName, name: &str| {
         find(
             sub,
             vec![
-                dir.join("arc").join(format!("{name}-{arc_split}.jsonl")),
-                dir.join(name).join(format!("{name}-{arc_split}.jsonl")),
-                dir.join("arc").join(name).join(format!("{hf_split}.jsonl")),
+                Candidate::File(dir.join("arc").join(format!("{name}-{arc_split}.jsonl"))),
+                Candidate::File(dir.join(name).join(format!("{name}-{arc_split}.jsonl"))),
+                Candidate::File(dir.join("arc").join(name).join(format!("{hf_split}.jsonl"))),
+                Candidate::Shards(dir.join("arc").join(name), hf_split.into()),
+                Candidate::Shards(dir.join(name), hf_split.into()),
             ],
         )
     };
     let plain = |sub: TaskName, folder: &str| {
-        let mut c = vec![dir.join(folder).join(format!("{split}.jsonl"))];
+        let base = dir.join(folder);
+        let mut c = vec![Candidate::File(base.join(format!("{split}.jsonl")))];
         if split == Split::Dev {
-            c.push(dir.join(folder).join("validation.jsonl"));
+            c.push(Candidate::File(base.join("validation.jsonl")));
         }
+        c.push(Candidate::Shards(base.clone(), hf_split.into()));
+        c.push(Candidate::Shards(base.join("main"), hf_split.into()));
         find(sub, c)
     };
     Ok(match task {
-        TaskName::ArcEasy => vec![arc(task, "ARC-Easy")?],
-        TaskName::ArcChallenge => vec![arc(task, "ARC-Challenge")?],
-        TaskName::Arc => vec![
-            arc(TaskName::ArcEasy, "ARC-Easy")?,
-            arc(TaskName::ArcChallenge, "ARC-Challenge")?,
-        ],
-        TaskName::Dart(_) => vec![plain(task, "math")?],
-        TaskName::Gsm8k => vec![plain(task, "gsm8k")?],
+        TaskName::ArcEasy => arc(task, "ARC-Easy")?,
+        TaskName::ArcChallenge => arc(task, "ARC-Challenge")?,
+        TaskName::Arc => {
+            let mut v = arc(TaskName::ArcEasy, "ARC-Easy")?;
+            v.extend(arc(TaskName::ArcChallenge, "ARC-Challenge")?);
+            v
+        }
+        TaskName::Dart(_) => plain(task, "math")?,
+        TaskName::Gsm8k => plain(task, "gsm8k")?,
     })
 }
 
@@ -284,22 +332,44 @@ pub struct Loaded {
     pub bad_rows: Vec<Error>,
 }
 
-/// Streams the rows of one file as samples of `task` (a single-dataset task or `Dart`).
+/// Streams the rows of one file (jsonl, or parquet by extension) as samples of `task` (a
+/// single-dataset task or `Dart`).
 pub fn read_file(
     path: &Path,
     task: TaskName,
     mut on_row: impl FnMut(Result<Sample>) -> Result<()>,
 ) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_default();
+    let mut handle = |line_no: usize, value: Result<Value>| -> Result<()> {
+        match value.and_then(|v| parse_row(path, line_no, &stem, task, &v)) {
+            Ok(Some(s)) => on_row(Ok(s)),
+            Ok(None) => Ok(()),
+            Err(e) => on_row(Err(e)),
+        }
+    };
+    if path.extension().is_some_and(|e| e == "parquet") {
+        let reader = parquet::file::reader::SerializedFileReader::try_from(path).map_err(|e| {
+            Error::BadFile {
+                path: path.to_path_buf(),
+                msg: format!("not a readable parquet file: {e}"),
+            }
+        })?;
+        for (i, row) in reader.into_iter().enumerate() {
+            let value = row.map(|r| r.to_json_value()).map_err(|e| {
+                Error::bad_row(path, i + 1, "-", format!("unreadable parquet row: {e}"))
+            });
+            handle(i + 1, value)?;
+        }
+        return Ok(());
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line_no = i + 1;
         let line = line.map_err(|e| Error::Io {
             path: path.to_path_buf(),
             source: e,
@@ -307,20 +377,9 @@ pub fn read_file(
         if line.trim().is_empty() {
             continue;
         }
-        let row = match serde_json::from_str::<Value>(&line) {
-            Ok(v) => parse_row(path, line_no, &stem, task, &v),
-            Err(e) => Err(Error::bad_row(
-                path,
-                line_no,
-                "-",
-                format!("invalid JSON: {e}"),
-            )),
-        };
-        match row {
-            Ok(Some(s)) => on_row(Ok(s))?,
-            Ok(None) => {}
-            Err(e) => on_row(Err(e))?,
-        }
+        let value = serde_json::from_str::<Value>(&line)
+            .map_err(|e| Error::bad_row(path, i + 1, "-", format!("invalid JSON: {e}")));
+        handle(i + 1, value)?;
     }
     Ok(())
 }
@@ -795,5 +854,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("gsm8k") && msg.contains("dev.jsonl"), "{msg}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// Arbitrary lines (garbage, or JSON of the wrong shape) give errors, never panics.
+        #[test]
+        fn arbitrary_rows_never_panic(lines in proptest::collection::vec(
+            proptest::prop_oneof![
+                "\\PC{0,80}",
+                "\\{\"(id|question|choices|answerKey|problem|solution|level|query|gt_ans|answer)\": ?(\"[A-E1-9 #\\\\{}]{0,12}\"|[0-9]{1,3}|\\[\\]|\\{\\}|null)\\}",
+            ], 0..6)) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("f.jsonl");
+            std::fs::write(&p, lines.join("\n")).unwrap();
+            for task in [TaskName::ArcEasy, TaskName::Dart(None), TaskName::Dart(Some(2)), TaskName::Gsm8k] {
+                let _ = read_file(&p, task, |_| Ok(()));
+            }
+        }
     }
 }

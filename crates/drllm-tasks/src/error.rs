@@ -12,6 +12,14 @@ pub enum Error {
         /// Underlying error.
         source: std::io::Error,
     },
+    /// A file that cannot be read as the format its name says.
+    #[error("{path}: {msg}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        msg: String,
+    },
     /// A row that does not have the expected shape.
     #[error("{path}:{line}: field {field}: {msg}")]
     BadRow {
