@@ -82,6 +82,8 @@ pub fn reference(
         .env("HF_HUB_OFFLINE", "1")
         .env("TRANSFORMERS_VERBOSITY", "error")
         .env("TOKENIZERS_PARALLELISM", "false")
+        .env("TQDM_DISABLE", "1")
+        .env("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

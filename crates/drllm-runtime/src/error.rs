@@ -90,8 +90,8 @@ pub enum Error {
         got: Vec<i64>,
     },
     /// A layer path that does not fit the model.
-    #[error("invalid layer path: {0}")]
-    InvalidPath(String),
+    #[error(transparent)]
+    Path(#[from] drllm_path::PathError),
     /// A tokenizer that cannot be built or used.
     #[error("tokenizer ({source_name}): {msg}")]
     Tokenizer {

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::{Attn, Kv, Model};
-use crate::path::LayerPath;
+use drllm_path::LayerPath;
 
 struct Slot {
     layer: usize,

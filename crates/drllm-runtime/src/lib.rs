@@ -10,16 +10,15 @@ pub mod exec;
 pub mod gguf;
 pub mod loader;
 pub mod model;
-pub mod path;
 pub mod tokenizer;
 pub mod weights;
 
 pub use chat::Message;
 pub use config::{Arch, ModelConfig};
+pub use drllm_path::{LayerPath, PathError};
 pub use error::{Error, Result};
 pub use exec::{argmax_tokens, GenerateOptions, Generated, PathBatch};
 pub use loader::{parse_dtype, DeviceSpec, LoadedModel, ModelSource};
 pub use model::Model;
-pub use path::LayerPath;
 pub use tch;
 pub use tokenizer::Tokenizer;

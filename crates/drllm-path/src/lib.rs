@@ -1,14 +1,25 @@
-//! Layer paths: how many times each block runs (0 = skip, 1 = execute, 2 = repeat).
+//! Layer paths: how many times each block runs (0 = skip, 1 = execute, 2 = repeat). A path is
+//! equally the non-decreasing list of executed layer indices; both forms convert losslessly.
+#![warn(missing_docs)]
 use std::fmt;
 use std::str::FromStr;
 
-use crate::error::{Error, Result};
+/// A path that does not fit the rules or the model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid layer path: {0}")]
+pub struct PathError(pub String);
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, PathError>;
 
 /// Most repetitions of one block a path may ask for.
 pub const MAX_REPEAT: u8 = 2;
 
 /// `counts[l]` in {0, 1, 2} for every block `l` of the model.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct LayerPath {
     counts: Vec<u8>,
 }
@@ -24,7 +35,7 @@ impl LayerPath {
     /// A path from per-block counts; each must be at most [`MAX_REPEAT`].
     pub fn from_counts(counts: Vec<u8>) -> Result<Self> {
         if let Some((l, c)) = counts.iter().enumerate().find(|(_, &c)| c > MAX_REPEAT) {
-            return Err(Error::InvalidPath(format!(
+            return Err(PathError(format!(
                 "block {l} has count {c}; counts must be 0, 1 or 2"
             )));
         }
@@ -38,19 +49,19 @@ impl LayerPath {
         let mut prev = 0usize;
         for (i, &l) in layers.iter().enumerate() {
             if l >= num_layers {
-                return Err(Error::InvalidPath(format!(
+                return Err(PathError(format!(
                     "layer {l} at position {i} is out of range 0..{num_layers}"
                 )));
             }
             if l < prev {
-                return Err(Error::InvalidPath(format!(
+                return Err(PathError(format!(
                     "layer list is not non-decreasing at position {i} ({prev} then {l})"
                 )));
             }
             prev = l;
             counts[l] += 1;
             if counts[l] > MAX_REPEAT {
-                return Err(Error::InvalidPath(format!(
+                return Err(PathError(format!(
                     "layer {l} appears more than {MAX_REPEAT} times"
                 )));
             }
@@ -82,10 +93,15 @@ impl LayerPath {
         self.counts.iter().map(|&c| c as usize).sum()
     }
 
+    /// Number of blocks executed at least once.
+    pub fn distinct_layers(&self) -> usize {
+        self.counts.iter().filter(|&&c| c > 0).count()
+    }
+
     /// Checks the path fits a model of `num_layers` blocks.
     pub fn check_len(&self, num_layers: usize) -> Result<()> {
         if self.counts.len() != num_layers {
-            return Err(Error::InvalidPath(format!(
+            return Err(PathError(format!(
                 "path has {} entries but the model has {num_layers} blocks",
                 self.counts.len()
             )));
@@ -102,7 +118,7 @@ impl fmt::Display for LayerPath {
 }
 
 impl FromStr for LayerPath {
-    type Err = Error;
+    type Err = PathError;
     /// Parses `1,1,0,2,...` (commas, spaces allowed).
     fn from_str(s: &str) -> Result<Self> {
         let counts = s
@@ -110,9 +126,8 @@ impl FromStr for LayerPath {
             .map(str::trim)
             .enumerate()
             .map(|(i, p)| {
-                p.parse::<u8>().map_err(|_| {
-                    Error::InvalidPath(format!("entry {i} is {p:?}; expected 0, 1 or 2"))
-                })
+                p.parse::<u8>()
+                    .map_err(|_| PathError(format!("entry {i} is {p:?}; expected 0, 1 or 2")))
             })
             .collect::<Result<Vec<u8>>>()?;
         LayerPath::from_counts(counts)
