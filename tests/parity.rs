@@ -310,6 +310,28 @@ fn tiny_random_models_match_transformers() {
                 },
             )
             .unwrap();
+        // Rows leaving the batch at different steps (their caches dropped) do not disturb the
+        // others.
+        let early = lm
+            .model
+            .generate_until(
+                &batch_prompts,
+                &batch_paths,
+                &GenerateOptions {
+                    max_new_tokens: 8,
+                    stop_ids: vec![],
+                },
+                |i, t| t.len() > i % 4,
+            )
+            .unwrap();
+        for (k, e) in early.iter().enumerate() {
+            assert_eq!(e.tokens.len(), k % 4 + 1, "{arch} row {k}");
+            assert_eq!(
+                e.tokens[..],
+                gens[k].tokens[..e.tokens.len()],
+                "{arch} row {k}"
+            );
+        }
         for (k, (i, j, prompt, path)) in rows.iter().enumerate() {
             let key = format!("{arch}_p{i}_path{j}");
             let d = max_abs_diff(&logits[k], &t[&format!("{key}_logits")]);

@@ -12,8 +12,8 @@ use drllm_path::LayerPath;
 
 struct Slot {
     layer: usize,
-    /// Rows of the batch that use this slot; `None` = all rows.
-    rows: Option<Tensor>,
+    /// Rows of the batch that use this slot (ascending, and as an index tensor); `None` = all.
+    rows: Option<(Vec<usize>, Tensor)>,
     kv: Kv,
 }
 
@@ -43,17 +43,16 @@ impl<'m> PathBatch<'m> {
         for l in 0..n_layers {
             let max = paths.iter().map(|p| p.counts()[l]).max().unwrap_or(0);
             for r in 0..max {
-                let rows: Vec<i64> = paths
+                let rows: Vec<usize> = paths
                     .iter()
                     .enumerate()
                     .filter(|(_, p)| p.counts()[l] > r)
-                    .map(|(i, _)| i as i64)
+                    .map(|(i, _)| i)
                     .collect();
-                let rows = if rows.len() == b {
-                    None
-                } else {
-                    Some(Tensor::from_slice(&rows).to_device(dev))
-                };
+                let rows = (rows.len() != b).then(|| {
+                    let t = index_tensor(&rows, dev);
+                    (rows, t)
+                });
                 slots.push(Slot {
                     layer: l,
                     rows,
@@ -109,7 +108,7 @@ impl<'m> PathBatch<'m> {
         let cfg = &model.cfg;
         for slot in &mut self.slots {
             let block = &model.blocks[slot.layer];
-            h = match &slot.rows {
+            h = match slot.rows.as_ref().map(|(_, t)| t) {
                 None => block.forward(cfg, &h, &rope, &mask, &mut slot.kv),
                 Some(idx) => {
                     let out = block.forward(
@@ -182,6 +181,72 @@ impl<'m> PathBatch<'m> {
     }
 }
 
+fn index_tensor(rows: &[usize], dev: Device) -> Tensor {
+    let v: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    Tensor::from_slice(&v).to_device(dev)
+}
+
+impl PathBatch<'_> {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.batch
+    }
+
+    /// Whether the batch has no rows left.
+    pub fn is_empty(&self) -> bool {
+        self.batch == 0
+    }
+
+    /// Keeps only the rows `keep` (ascending indices into the current batch), dropping the
+    /// others from every cache: rows whose reward is decided stop costing compute.
+    pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
+        if keep.windows(2).any(|w| w[0] >= w[1]) || keep.last().is_some_and(|&k| k >= self.batch) {
+            return Err(Error::Request(format!(
+                "retain: {keep:?} is not an ascending subset of 0..{}",
+                self.batch
+            )));
+        }
+        if keep.len() == self.batch {
+            return Ok(());
+        }
+        let dev = self.model.device();
+        let keep_t = index_tensor(keep, dev);
+        self.key_valid = self.key_valid.index_select(0, &keep_t);
+        self.next_pos = self.next_pos.index_select(0, &keep_t);
+        let new_b = keep.len();
+        let mut slots = Vec::with_capacity(self.slots.len());
+        for mut slot in std::mem::take(&mut self.slots) {
+            // Positions inside the slot's cache of the kept rows, and their new batch indices.
+            let (local, rows): (Vec<usize>, Vec<usize>) = match &slot.rows {
+                None => (
+                    (0..keep.len()).map(|i| keep[i]).collect(),
+                    (0..new_b).collect(),
+                ),
+                Some((rows, _)) => keep
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(new_i, k)| rows.binary_search(k).ok().map(|pos| (pos, new_i)))
+                    .unzip(),
+            };
+            if rows.is_empty() {
+                continue;
+            }
+            let local_t = index_tensor(&local, dev);
+            slot.kv = slot
+                .kv
+                .map(|(k, v)| (k.index_select(0, &local_t), v.index_select(0, &local_t)));
+            slot.rows = (rows.len() != new_b).then(|| {
+                let t = index_tensor(&rows, dev);
+                (rows, t)
+            });
+            slots.push(slot);
+        }
+        self.slots = slots;
+        self.batch = new_b;
+        Ok(())
+    }
+}
+
 /// Options of greedy generation.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -233,6 +298,19 @@ impl Model {
         paths: &[LayerPath],
         opts: &GenerateOptions,
     ) -> Result<Vec<Generated>> {
+        self.generate_until(prompts, paths, opts, |_, _| false)
+    }
+
+    /// Greedy generation that also ends a row as soon as `decided(row, tokens_so_far)` says its
+    /// outcome is known (e.g. its reward is decided). Ended rows leave the batch, so they stop
+    /// costing compute; the others continue exactly as they would have.
+    pub fn generate_until(
+        &self,
+        prompts: &[Vec<u32>],
+        paths: &[LayerPath],
+        opts: &GenerateOptions,
+        mut decided: impl FnMut(usize, &[u32]) -> bool,
+    ) -> Result<Vec<Generated>> {
         let _g = tch::no_grad_guard();
         let mut batch = PathBatch::new(self, paths)?;
         let h = batch.prefill(prompts)?;
@@ -244,26 +322,29 @@ impl Model {
                 stopped: false,
             })
             .collect();
-        if opts.max_new_tokens == 0 {
-            return Ok(out);
-        }
+        // Output index of each batch row still decoding.
+        let mut active: Vec<usize> = (0..prompts.len()).collect();
         let mut next = argmax_tokens(&self.logits(&h.select(1, t - 1)))?;
         for step in 0..opts.max_new_tokens {
-            for (g, &tok) in out.iter_mut().zip(&next) {
-                if g.stopped {
-                    continue;
-                }
+            let mut keep = Vec::with_capacity(active.len());
+            for (row, (&i, &tok)) in active.iter().zip(&next).enumerate() {
+                let g = &mut out[i];
                 if opts.stop_ids.contains(&tok) {
                     g.stopped = true;
-                } else {
-                    g.tokens.push(tok);
+                    continue;
+                }
+                g.tokens.push(tok);
+                if !decided(i, &g.tokens) {
+                    keep.push(row);
                 }
             }
-            if step + 1 == opts.max_new_tokens || out.iter().all(|g| g.stopped) {
+            if keep.is_empty() || step + 1 == opts.max_new_tokens {
                 break;
             }
-            // Finished rows keep feeding their last token; their outputs are ignored.
-            next = argmax_tokens(&batch.decode_step(&next)?)?;
+            batch.retain(&keep)?;
+            active = keep.iter().map(|&r| active[r]).collect();
+            let feed: Vec<u32> = keep.iter().map(|&r| next[r]).collect();
+            next = argmax_tokens(&batch.decode_step(&feed)?)?;
         }
         Ok(out)
     }
