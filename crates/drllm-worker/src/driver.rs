@@ -1,0 +1,142 @@
+//! Runs many searches at once so the evaluator's batches stay full. Each search still runs one
+//! simulation at a time (it asks for one path, gets its reward, continues), so its result is
+//! identical to running it alone.
+use std::collections::VecDeque;
+
+use drllm_path::LayerPath;
+use drllm_runtime::LoadedModel;
+use drllm_search::{sample_seed, Search, SearchConfig, SearchResult, Step};
+
+use crate::eval::{evaluate_batch, EvalError, EvalOptions, PreparedPrompt};
+
+/// The outcome of one sample: its search result, or why it could not be searched.
+#[derive(Debug, Clone)]
+pub struct SampleOutcome {
+    /// Sample id.
+    pub sample_id: String,
+    /// Search result, or the error recorded for this sample.
+    pub result: Result<SearchResult, String>,
+}
+
+/// Options of a multi-search run.
+#[derive(Debug, Clone)]
+pub struct DriverOptions {
+    /// MCTS parameters (shared by all samples).
+    pub search: SearchConfig,
+    /// Run seed; each sample's seed derives from it and the sample id.
+    pub seed: u64,
+    /// Searches in flight at once (= most candidates per evaluator batch).
+    pub concurrency: usize,
+    /// How candidates are scored.
+    pub eval: EvalOptions,
+}
+
+struct Active {
+    prompt: PreparedPrompt,
+    search: Search,
+    pending: Option<LayerPath>,
+}
+
+/// Searches every prompt (errors from preparation are reported as they are), calling `on_done`
+/// as each sample finishes, in completion order.
+pub fn run_searches(
+    lm: &LoadedModel,
+    prompts: Vec<Result<PreparedPrompt, EvalError>>,
+    opts: &DriverOptions,
+    mut on_done: impl FnMut(SampleOutcome),
+) {
+    let n_layers = lm.model.num_layers();
+    let mut queue: VecDeque<Result<PreparedPrompt, EvalError>> = prompts.into();
+    let mut active: Vec<Active> = vec![];
+    loop {
+        while active.len() < opts.concurrency.max(1) {
+            match queue.pop_front() {
+                None => break,
+                Some(Err(e)) => {
+                    let sample_id = match &e {
+                        EvalError::Prompt { sample_id, .. } => sample_id.clone(),
+                        _ => String::new(),
+                    };
+                    on_done(SampleOutcome {
+                        sample_id,
+                        result: Err(e.to_string()),
+                    });
+                }
+                Some(Ok(prompt)) => {
+                    let seed = sample_seed(opts.seed, &prompt.sample_id);
+                    let search = Search::new(n_layers, opts.search.clone(), seed);
+                    active.push(Active {
+                        prompt,
+                        search,
+                        pending: None,
+                    });
+                }
+            }
+        }
+        if active.is_empty() {
+            return;
+        }
+        // Advance every search to its next request; finished ones leave.
+        let mut i = 0;
+        while i < active.len() {
+            match active[i].search.next_step() {
+                Step::Evaluate(p) => {
+                    active[i].pending = Some(p);
+                    i += 1;
+                }
+                Step::Done(r) => {
+                    let a = active.swap_remove(i);
+                    on_done(SampleOutcome {
+                        sample_id: a.prompt.sample_id,
+                        result: Ok(r),
+                    });
+                }
+            }
+        }
+        if active.is_empty() {
+            continue;
+        }
+        let items: Vec<(&PreparedPrompt, &LayerPath)> = active
+            .iter()
+            .map(|a| {
+                (
+                    &a.prompt,
+                    a.pending
+                        .as_ref()
+                        .expect("every active search has a request"),
+                )
+            })
+            .collect();
+        match evaluate_batch(lm, &items, &opts.eval) {
+            Ok(evals) => {
+                for (a, e) in active.iter_mut().zip(evals) {
+                    a.search.provide(e.reward);
+                    a.pending = None;
+                }
+            }
+            Err(batch_err) => {
+                // Find the candidates at fault: evaluate each alone; only those searches fail.
+                tracing::warn!(error = %batch_err, "batched evaluation failed; retrying candidates one by one");
+                let mut k = 0;
+                while k < active.len() {
+                    let a = &active[k];
+                    let one = [(&a.prompt, a.pending.as_ref().expect("pending"))];
+                    match evaluate_batch(lm, &one, &opts.eval) {
+                        Ok(e) => {
+                            active[k].search.provide(e[0].reward);
+                            active[k].pending = None;
+                            k += 1;
+                        }
+                        Err(e) => {
+                            let a = active.swap_remove(k);
+                            on_done(SampleOutcome {
+                                sample_id: a.prompt.sample_id,
+                                result: Err(e.to_string()),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

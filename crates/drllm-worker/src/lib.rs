@@ -1,0 +1,13 @@
+//! drllm search worker: batched path evaluation on the model runtime and many concurrent MCTS
+//! searches feeding it. `drllm-worker --standalone` runs it in one process; the coordinator
+//! (distributed search) drives the same engine.
+#![warn(missing_docs)]
+
+pub mod driver;
+pub mod eval;
+
+pub use driver::{run_searches, DriverOptions, SampleOutcome};
+pub use eval::{
+    decision_point, evaluate_alone, evaluate_batch, prepare, EvalError, EvalOptions, Evaluation,
+    PreparedPrompt,
+};
