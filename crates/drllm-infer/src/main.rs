@@ -7,7 +7,7 @@ mod bench;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use drllm_runtime::{
-    parse_dtype, DeviceSpec, GenerateOptions, LayerPath, LoadedModel, Message, ModelSource,
+    parse_dtype, resolve_device, GenerateOptions, LayerPath, LoadedModel, Message, ModelSource,
 };
 
 #[derive(Parser)]
@@ -70,11 +70,7 @@ impl ModelArgs {
         if let Some(n) = self.threads {
             tch::set_num_threads(n);
         }
-        let device = if self.device == "auto" {
-            tch::Device::cuda_if_available()
-        } else {
-            self.device.parse::<DeviceSpec>()?.0
-        };
+        let device = resolve_device(&self.device)?;
         let kind = parse_dtype(&self.dtype, device)?;
         let source = ModelSource::resolve(&self.model)?;
         let t0 = Instant::now();

@@ -150,6 +150,16 @@ impl FromStr for DeviceSpec {
     }
 }
 
+/// Resolves a `--device` flag: `auto` = the first GPU when libtorch sees one, else the CPU;
+/// otherwise `cpu`, `cuda` or `cuda:N` (checked against the visible GPUs).
+pub fn resolve_device(spec: &str) -> Result<Device> {
+    Ok(if spec == "auto" {
+        Device::cuda_if_available()
+    } else {
+        spec.parse::<DeviceSpec>()?.0
+    })
+}
+
 /// Compute dtype; `auto` = f32 on CPU, bf16 on CUDA.
 pub fn parse_dtype(s: &str, device: Device) -> Result<Kind> {
     Ok(match s {

@@ -31,6 +31,17 @@ pub struct DriverOptions {
     pub eval: EvalOptions,
 }
 
+/// Work done by a run, for throughput and FLOP accounting.
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    /// Candidates evaluated.
+    pub evaluations: usize,
+    /// Evaluator calls (batches).
+    pub batches: usize,
+    /// Per evaluated candidate: (prompt tokens, path cost, tokens decoded).
+    pub work: Vec<(usize, usize, usize)>,
+}
+
 struct Active {
     prompt: PreparedPrompt,
     search: Search,
@@ -44,7 +55,8 @@ pub fn run_searches(
     prompts: Vec<Result<PreparedPrompt, EvalError>>,
     opts: &DriverOptions,
     mut on_done: impl FnMut(SampleOutcome),
-) {
+) -> RunStats {
+    let mut stats = RunStats::default();
     let n_layers = lm.model.num_layers();
     let mut queue: VecDeque<Result<PreparedPrompt, EvalError>> = prompts.into();
     let mut active: Vec<Active> = vec![];
@@ -74,7 +86,7 @@ pub fn run_searches(
             }
         }
         if active.is_empty() {
-            return;
+            return stats;
         }
         // Advance every search to its next request; finished ones leave.
         let mut i = 0;
@@ -109,7 +121,14 @@ pub fn run_searches(
             .collect();
         match evaluate_batch(lm, &items, &opts.eval) {
             Ok(evals) => {
+                stats.batches += 1;
                 for (a, e) in active.iter_mut().zip(evals) {
+                    stats.evaluations += 1;
+                    stats.work.push((
+                        a.prompt.ids.len(),
+                        a.pending.as_ref().map_or(0, LayerPath::cost),
+                        e.tokens.len(),
+                    ));
                     a.search.provide(e.reward);
                     a.pending = None;
                 }

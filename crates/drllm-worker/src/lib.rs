@@ -6,7 +6,7 @@
 pub mod driver;
 pub mod eval;
 
-pub use driver::{run_searches, DriverOptions, SampleOutcome};
+pub use driver::{run_searches, DriverOptions, RunStats, SampleOutcome};
 pub use eval::{
     decision_point, evaluate_alone, evaluate_batch, prepare, EvalError, EvalOptions, Evaluation,
     PreparedPrompt,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use drllm_runtime::{parse_dtype, DeviceSpec, LoadedModel, ModelSource};
+use drllm_runtime::{parse_dtype, resolve_device, LoadedModel, ModelSource};
 use drllm_search::{SearchConfig, Selection};
 use drllm_tasks::{data, LoadOptions, RewardMode, Style, TaskName, Template};
 use drllm_worker::{prepare, run_searches, DriverOptions, EvalOptions};
@@ -127,11 +127,7 @@ fn main() -> Result<()> {
     if let Some(n) = a.threads {
         tch::set_num_threads(n);
     }
-    let device = if a.device == "auto" {
-        tch::Device::cuda_if_available()
-    } else {
-        a.device.parse::<DeviceSpec>()?.0
-    };
+    let device = resolve_device(&a.device)?;
     let kind = parse_dtype(&a.dtype, device)?;
     let task: TaskName = a.dataset.parse()?;
     let style: Style = a.style.parse()?;
