@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The README's main command. Until the distributed search lands, the main job is routed
-# generation on the embedded model: ARC questions from the data directory, answered along the
-# default path and along a shorter path that skips blocks, side by side.
+# The README's main command. Until the coordinator lands, the main job is: ARC questions from
+# the data directory answered by the embedded model along the default path and along a shorter
+# path, side by side; then a standalone path search (MCTS) over a few ARC-Easy train prompts,
+# written as JSON lines to $OUT (default .cache/run/paths.jsonl).
 #   scripts/run.sh [--data DIR] [--limit N]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,7 +18,7 @@ done
 arc="$data/arc/ARC-Challenge-Dev.jsonl"
 [ -f "$arc" ] || { echo "run.sh: $arc not found (pass --data DIR holding arc/ARC-Challenge-Dev.jsonl)" >&2; exit 1; }
 bash scripts/setup.sh
-cargo build --release --locked -p drllm-infer
+cargo build --release --locked -p drllm-infer -p drllm-worker
 args=()
 while IFS= read -r q; do args+=(--prompt "$q"); done < <(.venv/bin/python - "$arc" "$limit" <<'PY'
 import json, sys
@@ -38,3 +39,9 @@ echo "== default path (all 30 blocks once)"
 path="1,1,1,1,2,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,0,1,1,0,1"
 echo "== shorter path $path"
 "$bin" generate --model embedded --chat --max-new-tokens 24 --path "$path" "${args[@]}"
+out="${OUT:-.cache/run}"
+mkdir -p "$out"
+echo "== path search: $limit ARC-Easy train prompts, 20 simulations each"
+target/release/drllm-worker --standalone --data "$data" --dataset arc_easy --split train --limit "$limit" \
+  --num-simulations 20 --seed 7 --out "$out/paths.jsonl"
+cat "$out/paths.jsonl"

@@ -187,6 +187,7 @@ fn main() -> Result<()> {
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (mut found, mut failed) = (0usize, 0usize);
     let mut write_err = None;
     let started = std::time::Instant::now();
@@ -220,6 +221,21 @@ fn main() -> Result<()> {
         }
         bar.inc(1);
         bar.set_message(format!("found {found}, failed {failed}"));
+        // Without a terminal (SLURM logs, pipes) the bar is hidden: log progress lines instead.
+        let done = bar.position() as usize;
+        if !interactive && (done.is_multiple_of(10) || done == n) {
+            let secs = started.elapsed().as_secs_f64();
+            let eta = secs / done as f64 * (n - done) as f64;
+            tracing::info!(
+                done,
+                total = n,
+                found,
+                failed,
+                elapsed_s = secs.round(),
+                eta_s = eta.round(),
+                "progress"
+            );
+        }
     });
     bar.finish();
     if let Some(e) = write_err {
