@@ -223,3 +223,33 @@ fn a_prompt_too_long_fails_alone() {
         2
     );
 }
+
+#[test]
+fn an_impossible_budget_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.jsonl");
+    let (ok, err) = worker(&[
+        "--standalone",
+        "--dataset",
+        "arc_easy",
+        "--cost-cap",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("--cost-cap = 0.5: the budget cannot be met"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written");
+    let (ok, err) = worker(&[
+        "--standalone",
+        "--dataset",
+        "arc_easy",
+        "--max-count",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("--max-count = 3"), "{err}");
+}

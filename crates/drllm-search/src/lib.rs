@@ -89,6 +89,34 @@ impl Default for SearchConfig {
     }
 }
 
+impl SearchConfig {
+    /// Checks the parameters can be met; the error names the flag and what is expected.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.c.is_finite() || self.c < 0.0 {
+            return Err(format!("c = {}: expected a finite number >= 0", self.c));
+        }
+        if !(0.0..=1.0).contains(&self.random_child_prob) {
+            return Err(format!(
+                "random-child-prob = {}: expected 0..=1",
+                self.random_child_prob
+            ));
+        }
+        if self.skip_sizes.contains(&0) {
+            return Err("skip-sizes: a skip removes at least one entry".into());
+        }
+        if !(1..=2).contains(&self.max_count) {
+            return Err(format!("max-count = {}: expected 1 or 2", self.max_count));
+        }
+        if self.cost_cap_factor.is_nan() || self.cost_cap_factor < 1.0 {
+            return Err(format!(
+                "cost-cap = {}: the budget cannot be met, the default path alone costs L (expected >= 1)",
+                self.cost_cap_factor
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The seed of one prompt's search: a stable mix of the run seed and the sample id, so a
 /// retried or resumed sample reproduces its result on any worker.
 pub fn sample_seed(run_seed: u64, sample_id: &str) -> u64 {
@@ -514,6 +542,21 @@ mod tests {
         };
         let r = run(Search::new(12, cfg3, 3), hidden_skips(&[2, 5, 9])).unwrap();
         assert_eq!(r.simulations, 40);
+    }
+
+    #[test]
+    fn impossible_configurations_are_named() {
+        let bad = |f: fn(&mut SearchConfig)| {
+            let mut c = SearchConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert!(bad(|c| c.cost_cap_factor = 0.5).contains("cannot be met"));
+        assert!(bad(|c| c.max_count = 3).contains("max-count"));
+        assert!(bad(|c| c.random_child_prob = 1.5).contains("random-child-prob"));
+        assert!(bad(|c| c.skip_sizes = vec![0]).contains("skip-sizes"));
+        assert!(bad(|c| c.c = f64::NAN).contains("c = NaN"));
+        assert!(SearchConfig::default().validate().is_ok());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use drllm_runtime::{parse_dtype, resolve_device, LoadedModel, ModelSource};
 use drllm_search::{SearchConfig, Selection};
@@ -118,12 +118,6 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let a = Cli::parse();
-    if a.max_count > 2 {
-        bail!(
-            "--max-count {} : paths allow at most 2 applications of a block",
-            a.max_count
-        );
-    }
     if let Some(n) = a.threads {
         tch::set_num_threads(n);
     }
@@ -137,6 +131,20 @@ fn main() -> Result<()> {
         Some(p) => Template::from_file(p, style)?,
         None => Template::builtin(task.family(), style),
     };
+    let search = SearchConfig {
+        num_simulations: a.num_simulations,
+        c: a.c,
+        length_penalty: a.length_penalty,
+        random_child_prob: a.random_child_prob,
+        skip_sizes: a.skip_sizes.clone(),
+        allow_repeat: !a.no_repeat,
+        max_count: a.max_count,
+        cost_cap_factor: a.cost_cap,
+        stop_on_improvement: !a.no_stop_on_improvement,
+        stop_on_saving: (a.stop_on_saving > 0).then_some(a.stop_on_saving),
+        selection,
+    };
+    search.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
     let dir = data::resolve_data_dir(a.data.as_deref())?;
     let loaded = data::load(
         &dir,
@@ -160,21 +168,9 @@ fn main() -> Result<()> {
         .map(|s| prepare(&lm, s, &template, &eval))
         .collect();
     let opts = DriverOptions {
-        search: SearchConfig {
-            num_simulations: a.num_simulations,
-            c: a.c,
-            length_penalty: a.length_penalty,
-            random_child_prob: a.random_child_prob,
-            skip_sizes: a.skip_sizes.clone(),
-            allow_repeat: !a.no_repeat,
-            max_count: a.max_count,
-            cost_cap_factor: a.cost_cap,
-            stop_on_improvement: !a.no_stop_on_improvement,
-            stop_on_saving: (a.stop_on_saving > 0).then_some(a.stop_on_saving),
-            selection,
-        },
+        search,
         seed: a.seed,
-        concurrency: a.concurrency,
+        concurrency: a.concurrency.max(1),
         eval,
     };
     let file =
