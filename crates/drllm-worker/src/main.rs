@@ -210,8 +210,9 @@ fn main() -> Result<()> {
                 serde_json::json!({"sample_id": o.sample_id, "error": e})
             }
         };
+        // Each finished sample reaches the file at once: a crash loses no finished work.
         if write_err.is_none() {
-            if let Err(e) = writeln!(out, "{line}") {
+            if let Err(e) = writeln!(out, "{line}").and_then(|_| out.flush()) {
                 write_err = Some(e);
             }
         }
