@@ -23,6 +23,9 @@ pub enum EvalError {
     /// The task crate failed (template rendering).
     #[error(transparent)]
     Task(#[from] drllm_tasks::Error),
+    /// libtorch raised inside an operation (e.g. out of memory); caught, not fatal.
+    #[error("evaluation aborted: {0}")]
+    Aborted(String),
 }
 
 /// How candidates are scored.
@@ -163,8 +166,29 @@ fn score_choice(p: &PreparedPrompt, logits: &tch::Tensor) -> f64 {
     drllm_tasks::choice_logits_correct(&letter_logits, g) as u8 as f64
 }
 
-/// Evaluates `(prompt, path)` candidates in one batch.
+/// Evaluates `(prompt, path)` candidates in one batch. A libtorch failure inside (tch turns C++
+/// exceptions such as out-of-memory into panics) comes back as [`EvalError::Aborted`].
 pub fn evaluate_batch(
+    lm: &LoadedModel,
+    items: &[(&PreparedPrompt, &LayerPath)],
+    opts: &EvalOptions,
+) -> Result<Vec<Evaluation>, EvalError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        evaluate_batch_unguarded(lm, items, opts)
+    }))
+    .unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into());
+        Err(EvalError::Aborted(
+            msg.lines().next().unwrap_or_default().to_string(),
+        ))
+    })
+}
+
+fn evaluate_batch_unguarded(
     lm: &LoadedModel,
     items: &[(&PreparedPrompt, &LayerPath)],
     opts: &EvalOptions,
