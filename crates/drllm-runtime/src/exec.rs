@@ -3,7 +3,8 @@
 //!
 //! Layer-synchronous: for block `l`, every row whose count at `l` is at least 1 goes through the
 //! block in one batched call; rows with count 2 go through it once more (slot `(l, 1)`). A slot's
-//! row set is fixed for the batch's lifetime, so its cache holds exactly those rows.
+//! cache holds exactly its rows; rows only change when finished rows leave the batch
+//! ([`PathBatch::retain`]), which drops them from every cache.
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
