@@ -32,12 +32,22 @@ impl std::str::FromStr for Style {
     }
 }
 
-/// A prompt template.
-#[derive(Debug, Clone)]
+/// A prompt template, parsed once.
+#[derive(Clone)]
 pub struct Template {
     name: String,
     source: String,
     style: Style,
+    env: std::sync::Arc<minijinja::Environment<'static>>,
+}
+
+impl std::fmt::Debug for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Template")
+            .field("name", &self.name)
+            .field("style", &self.style)
+            .finish()
+    }
 }
 
 #[derive(Serialize)]
@@ -71,11 +81,24 @@ impl Template {
                 ("gsm8k_base", include_str!("../templates/gsm8k_base.j2"))
             }
         };
-        Template {
-            name: name.into(),
-            source: source.into(),
+        Template::parse(name.into(), source.into(), style)
+            .expect("built-in templates parse (unit-tested)")
+    }
+
+    fn parse(name: String, source: String, style: Style) -> Result<Template> {
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.add_template_owned("t", source.clone())
+            .map_err(|e| Error::Template {
+                name: name.clone(),
+                msg: format!("{e:#}"),
+            })?;
+        Ok(Template {
+            name,
+            source,
             style,
-        }
+            env: std::sync::Arc::new(env),
+        })
     }
 
     /// A user template file; it sees `question`, `choices` (label, text), `id` and `task`.
@@ -84,14 +107,8 @@ impl Template {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let t = Template {
-            name: path.display().to_string(),
-            source,
-            style,
-        };
-        // Parse now so a broken file fails before any model work.
-        t.env()?;
-        Ok(t)
+        // Parsed now, so a broken file fails before any model work.
+        Template::parse(path.display().to_string(), source, style)
     }
 
     /// Template name (built-in name or file path).
@@ -102,17 +119,6 @@ impl Template {
     /// Instruct or base.
     pub fn style(&self) -> Style {
         self.style
-    }
-
-    fn env(&self) -> Result<minijinja::Environment<'_>> {
-        let mut env = minijinja::Environment::new();
-        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        env.add_template("t", &self.source)
-            .map_err(|e| Error::Template {
-                name: self.name.clone(),
-                msg: format!("{e:#}"),
-            })?;
-        Ok(env)
     }
 
     /// The prompt text for a sample.
@@ -127,8 +133,7 @@ impl Template {
             question,
             choices,
         };
-        let env = self.env()?;
-        let t = env.get_template("t").map_err(|e| Error::Template {
+        let t = self.env.get_template("t").map_err(|e| Error::Template {
             name: self.name.clone(),
             msg: e.to_string(),
         })?;
@@ -187,6 +192,36 @@ mod tests {
             },
             gold: Gold::Letter('B'),
             level: None,
+        }
+    }
+
+    #[test]
+    fn every_builtin_parses_and_renders() {
+        let problem = Sample {
+            question: Question::Problem("What is 2+2?".into()),
+            task: TaskName::Gsm8k,
+            gold: Gold::Number("4".into()),
+            ..arc()
+        };
+        for family in [Family::MultipleChoice, Family::Math, Family::Gsm8k] {
+            for style in [Style::Instruct, Style::Base] {
+                let t = Template::builtin(family, style);
+                let s = if family == Family::MultipleChoice {
+                    arc()
+                } else {
+                    problem.clone()
+                };
+                let text = t.render(&s).unwrap();
+                assert!(
+                    text.contains(if family == Family::MultipleChoice {
+                        "Which is a gas?"
+                    } else {
+                        "What is 2+2?"
+                    }),
+                    "{}",
+                    t.name()
+                );
+            }
         }
     }
 
