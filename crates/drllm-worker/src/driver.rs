@@ -45,7 +45,6 @@ pub struct RunStats {
 struct Active {
     prompt: PreparedPrompt,
     search: Search,
-    pending: Option<LayerPath>,
 }
 
 /// Searches every prompt (errors from preparation are reported as they are), calling `on_done`
@@ -77,23 +76,21 @@ pub fn run_searches(
                 Some(Ok(prompt)) => {
                     let seed = sample_seed(opts.seed, &prompt.sample_id);
                     let search = Search::new(n_layers, opts.search.clone(), seed);
-                    active.push(Active {
-                        prompt,
-                        search,
-                        pending: None,
-                    });
+                    active.push(Active { prompt, search });
                 }
             }
         }
         if active.is_empty() {
             return stats;
         }
-        // Advance every search to its next request; finished ones leave.
+        // Advance every search to its next request (`requests[i]` is `active[i]`'s); finished
+        // ones leave.
+        let mut requests: Vec<LayerPath> = Vec::with_capacity(active.len());
         let mut i = 0;
         while i < active.len() {
             match active[i].search.next_step() {
                 Step::Evaluate(p) => {
-                    active[i].pending = Some(p);
+                    requests.push(p);
                     i += 1;
                 }
                 Step::Done(r) => {
@@ -108,29 +105,17 @@ pub fn run_searches(
         if active.is_empty() {
             continue;
         }
-        let items: Vec<(&PreparedPrompt, &LayerPath)> = active
-            .iter()
-            .map(|a| {
-                (
-                    &a.prompt,
-                    a.pending
-                        .as_ref()
-                        .expect("every active search has a request"),
-                )
-            })
-            .collect();
+        let items: Vec<(&PreparedPrompt, &LayerPath)> =
+            active.iter().map(|a| &a.prompt).zip(&requests).collect();
         match evaluate_batch(lm, &items, &opts.eval) {
             Ok(evals) => {
                 stats.batches += 1;
-                for (a, e) in active.iter_mut().zip(evals) {
+                for ((a, path), e) in active.iter_mut().zip(&requests).zip(evals) {
                     stats.evaluations += 1;
-                    stats.work.push((
-                        a.prompt.ids.len(),
-                        a.pending.as_ref().map_or(0, LayerPath::cost),
-                        e.tokens.len(),
-                    ));
+                    stats
+                        .work
+                        .push((a.prompt.ids.len(), path.cost(), e.tokens.len()));
                     a.search.provide(e.reward);
-                    a.pending = None;
                 }
             }
             Err(batch_err) => {
@@ -138,15 +123,14 @@ pub fn run_searches(
                 tracing::warn!(error = %batch_err, "batched evaluation failed; retrying candidates one by one");
                 let mut k = 0;
                 while k < active.len() {
-                    let a = &active[k];
-                    let one = [(&a.prompt, a.pending.as_ref().expect("pending"))];
+                    let one = [(&active[k].prompt, &requests[k])];
                     match evaluate_batch(lm, &one, &opts.eval) {
                         Ok(e) => {
                             active[k].search.provide(e[0].reward);
-                            active[k].pending = None;
                             k += 1;
                         }
                         Err(e) => {
+                            requests.swap_remove(k);
                             let a = active.swap_remove(k);
                             on_done(SampleOutcome {
                                 sample_id: a.prompt.sample_id,
