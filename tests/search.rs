@@ -6,7 +6,7 @@ use std::process::Command;
 
 use common::*;
 use drllm::runtime::tch::{Device, Kind};
-use drllm::runtime::{LayerPath, LoadedModel, ModelSource};
+use drllm::runtime::{GenerateOptions, LayerPath, LoadedModel, ModelSource, PrefixCache};
 use drllm::tasks::{data, LoadOptions, RewardMode, Split, Style, TaskName, Template};
 use drllm::worker::{
     decision_point, evaluate_alone, evaluate_batch, prepare, EvalOptions, PreparedPrompt,
@@ -35,6 +35,14 @@ fn random_paths(n: usize, count: usize, seed: u64) -> Vec<LayerPath> {
         .collect()
 }
 
+/// `path` with one block's count changed at a seeded position (as a search edit would).
+fn edited(path: &LayerPath, seed: u64) -> LayerPath {
+    let mut counts = path.counts().to_vec();
+    let at = (seed as usize * 7 + 3) % counts.len();
+    counts[at] = (counts[at] + 1 + (seed % 2) as u8) % 3;
+    LayerPath::from_counts(counts).unwrap()
+}
+
 fn check_equivalence(n_prompts: usize, n_paths: usize, mode: RewardMode) {
     let lm =
         LoadedModel::load(ModelSource::Gguf(embedded_gguf()), Device::Cpu, Kind::Float).unwrap();
@@ -58,18 +66,28 @@ fn check_equivalence(n_prompts: usize, n_paths: usize, mode: RewardMode) {
         .iter()
         .map(|s| prepare(&lm, s, &template, &opts).unwrap())
         .collect();
+    // Random paths first, then one-edit variants of them (as a search asks for), so later
+    // candidates resume from prefixes cached by earlier ones.
     let mut items = vec![];
     for (i, p) in prompts.iter().enumerate() {
-        for path in random_paths(30, n_paths, i as u64) {
+        for path in random_paths(30, n_paths / 2, i as u64) {
             items.push((p, path));
         }
     }
+    let variants: Vec<_> = items
+        .iter()
+        .enumerate()
+        .map(|(k, (p, path))| (*p, edited(path, k as u64)))
+        .collect();
+    items.extend(variants);
+    // A budget of a few candidates' states: entries are evicted during the run.
+    let mut cache = PrefixCache::new(160 << 20);
     let (mut correct, mut early) = (0, 0);
     // Batches mix prompts of different lengths and paths of different shapes.
-    for chunk in items.chunks(48) {
+    for chunk in items.chunks(16) {
         let refs: Vec<(&PreparedPrompt, &LayerPath)> =
             chunk.iter().map(|(p, path)| (*p, path)).collect();
-        let batched = evaluate_batch(&lm, &refs, &opts).unwrap();
+        let batched = evaluate_batch(&lm, &refs, &opts, Some(&mut cache)).unwrap();
         for ((p, path), b) in chunk.iter().zip(&batched) {
             let alone = evaluate_alone(&lm, p, path, &opts).unwrap();
             assert_eq!(b.reward, alone.reward, "{} along {path}", p.sample_id);
@@ -86,10 +104,93 @@ fn check_equivalence(n_prompts: usize, n_paths: usize, mode: RewardMode) {
             early += (b.tokens.len() < alone.tokens.len()) as usize;
         }
     }
+    let st = cache.stats();
+    assert!(st.blocks_reused > 0 && st.evicted > 0, "{st:?}");
     eprintln!(
-        "{mode:?}: {} candidates, {correct} correct, {early} stopped early",
-        items.len()
+        "{mode:?}: {} candidates, {correct} correct, {early} stopped early, {:.0}% of block applications resumed from cache, {} evictions",
+        items.len(),
+        100.0 * st.blocks_reused as f64 / st.blocks_requested as f64,
+        st.evicted
     );
+}
+
+/// Prefix sharing at the runtime level: logits after resuming from cached prefixes (including a
+/// fully cached path and prefixes ending in skips) match a plain prefill, and grouped prefill +
+/// joined decoding generates the same tokens as the plain runtime.
+#[test]
+fn prefix_sharing_matches_plain_prefill() {
+    let lm =
+        LoadedModel::load(ModelSource::Gguf(embedded_gguf()), Device::Cpu, Kind::Float).unwrap();
+    let samples = data::load(
+        &data_dir(),
+        TaskName::ArcEasy,
+        Split::Train,
+        &LoadOptions {
+            limit: Some(4),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .samples;
+    let opts = EvalOptions {
+        mode: RewardMode::Lenient,
+        max_new_tokens: 5,
+    };
+    let template = Template::builtin(drllm::tasks::Family::MultipleChoice, Style::Instruct);
+    let prompts: Vec<Vec<u32>> = samples
+        .iter()
+        .map(|s| prepare(&lm, s, &template, &opts).unwrap().ids)
+        .collect();
+    let base = LayerPath::all_ones(30);
+    let mut skip_tail = base.counts().to_vec();
+    skip_tail[20] = 0;
+    skip_tail[21] = 0;
+    let rounds: Vec<Vec<LayerPath>> = vec![
+        vec![base.clone(); 4],
+        (0..4).map(|i| edited(&base, 10 + i)).collect(),
+        vec![
+            base.clone(),
+            LayerPath::from_counts(skip_tail).unwrap(),
+            edited(&edited(&base, 11), 5),
+            edited(&base, 12),
+        ],
+    ];
+    let gopts = GenerateOptions {
+        max_new_tokens: 5,
+        stop_ids: lm.stop_ids(),
+    };
+    for budget_mb in [1024, 8] {
+        let mut cache = PrefixCache::new(budget_mb << 20);
+        for paths in &rounds {
+            let (cached, _) = lm
+                .model
+                .last_logits_cached(&prompts, paths, &mut cache)
+                .unwrap();
+            let plain = lm.model.prompt_logits(&prompts, paths).unwrap();
+            for (r, p) in plain.iter().enumerate() {
+                let d = max_abs_diff(&cached.get(r as i64), &p.get(p.size()[0] - 1));
+                assert!(d < 1e-3, "row {r} along {}: max |diff| {d}", paths[r]);
+            }
+            let a = lm
+                .model
+                .generate_until_cached(&prompts, paths, &mut cache, &gopts, |_, _| false)
+                .unwrap();
+            let b = lm.model.generate(&prompts, paths, &gopts).unwrap();
+            let toks = |g: &[drllm::runtime::Generated]| {
+                g.iter().map(|x| x.tokens.clone()).collect::<Vec<_>>()
+            };
+            assert_eq!(toks(&a), toks(&b));
+        }
+        let st = cache.stats();
+        assert!(st.blocks_reused > 0, "{st:?}");
+        assert!(cache.used_bytes() <= budget_mb << 20);
+        if budget_mb == 8 {
+            assert!(st.evicted > 0, "{st:?}");
+        } else {
+            // The second identical default path resumes entirely from cache.
+            assert!(st.blocks_reused >= 4 * 30, "{st:?}");
+        }
+    }
 }
 
 #[test]

@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::{Attn, Kv, Model};
+use crate::prefix::{PrefixCache, Resume};
 use drllm_path::LayerPath;
 
 struct Slot {
@@ -21,6 +22,8 @@ struct Slot {
 /// Decoding state of a batch of sequences along their paths.
 pub struct PathBatch<'m> {
     model: &'m Model,
+    /// Each row's path.
+    paths: Vec<LayerPath>,
     slots: Vec<Slot>,
     /// `[B, T_total]`: which cached positions are real tokens (false = left padding).
     key_valid: Tensor,
@@ -29,6 +32,8 @@ pub struct PathBatch<'m> {
     batch: usize,
     /// Whether any row carries left padding (else attention needs no explicit mask).
     padded: bool,
+    /// Per row: block applications its prefill resumed from a prefix cache.
+    reused: Vec<usize>,
 }
 
 impl<'m> PathBatch<'m> {
@@ -63,17 +68,29 @@ impl<'m> PathBatch<'m> {
         }
         Ok(PathBatch {
             model,
+            paths: paths.to_vec(),
             slots,
             key_valid: Tensor::zeros([b as i64, 0], (Kind::Bool, dev)),
             next_pos: Tensor::zeros([b as i64], (Kind::Int64, dev)),
             batch: b,
             padded: false,
+            reused: vec![0; b],
         })
     }
 
     /// Runs new tokens `[B, T]` through the paths. `valid[B, T]` marks real tokens (false = left
-    /// padding, allowed only in the first call). Returns final-normed hidden states `[B, T, H]`.
-    fn step(&mut self, ids: &Tensor, valid: &Tensor, padded: bool) -> Tensor {
+    /// padding, allowed only in the first call). With `resume` (prefill only), row `r` starts at
+    /// block `resume[r].start` from its cached state. With `record`, also returns the hidden
+    /// state entering each block `l` (`rec[l]`, for blocks after a block some row applies).
+    /// Returns final-normed hidden states `[B, T, H]`.
+    fn step(
+        &mut self,
+        ids: &Tensor,
+        valid: &Tensor,
+        padded: bool,
+        resume: Option<&[Resume]>,
+        record: bool,
+    ) -> (Tensor, Vec<Option<Tensor>>) {
         let model = self.model;
         let dev = model.device();
         let (b, t) = (ids.size()[0], ids.size()[1]);
@@ -107,27 +124,108 @@ impl<'m> PathBatch<'m> {
         let rope = model.rope(&positions);
         let mut h = model.embed(ids);
         let cfg = &model.cfg;
-        for slot in &mut self.slots {
-            let block = &model.blocks[slot.layer];
-            h = match slot.rows.as_ref().map(|(_, t)| t) {
-                None => block.forward(cfg, &h, &rope, &mask, &mut slot.kv),
-                Some(idx) => {
+        let n_layers = model.num_layers();
+        let start = |r: usize| resume.map_or(0, |rs| rs[r].start);
+        let mut rec: Vec<Option<Tensor>> = (0..if record { n_layers + 1 } else { 0 })
+            .map(|_| None)
+            .collect();
+        let mut next_slot = 0;
+        for l in 0..=n_layers {
+            // Rows resuming at block `l` take their cached hidden state.
+            if let Some(rs) = resume.filter(|_| l > 0) {
+                let rows: Vec<usize> = (0..b as usize).filter(|&r| rs[r].start == l).collect();
+                let states: Vec<Tensor> = rows
+                    .iter()
+                    .filter_map(|&r| rs[r].hidden.as_ref().map(|x| left_pad(x, 0, t)))
+                    .collect();
+                if !rows.is_empty() && states.len() == rows.len() {
+                    let src = Tensor::stack(&states, 0).to_kind(h.kind());
+                    h = h.index_copy(0, &index_tensor(&rows, dev), &src);
+                }
+            }
+            if l == n_layers {
+                break;
+            }
+            let first = next_slot;
+            while next_slot < self.slots.len() && self.slots[next_slot].layer == l {
+                let slot = &mut self.slots[next_slot];
+                next_slot += 1;
+                let block = &model.blocks[l];
+                let slot_rows: Vec<usize> = match &slot.rows {
+                    None => (0..b as usize).collect(),
+                    Some((rows, _)) => rows.clone(),
+                };
+                // Rows of this slot that compute it; the others bring its KV from the cache.
+                let (computed, cached): (Vec<usize>, Vec<usize>) =
+                    (0..slot_rows.len()).partition(|&i| start(slot_rows[i]) <= l);
+                if cached.is_empty() {
+                    h = match slot.rows.as_ref().map(|(_, t)| t) {
+                        None => block.forward(cfg, &h, &rope, &mask, &mut slot.kv),
+                        Some(idx) => {
+                            let out = block.forward(
+                                cfg,
+                                &h.index_select(0, idx),
+                                &rope.rows(idx),
+                                &mask.rows(idx),
+                                &mut slot.kv,
+                            );
+                            h.index_copy(0, idx, &out)
+                        }
+                    };
+                    continue;
+                }
+                let rs = resume.unwrap_or_default();
+                let rep = self.slots[..next_slot - 1]
+                    .iter()
+                    .filter(|s| s.layer == l)
+                    .count();
+                let kv_of = |i: usize, which: usize| -> Tensor {
+                    let (k, v) = &rs[slot_rows[i]].kv[l][rep];
+                    left_pad(if which == 0 { k } else { v }, 1, t)
+                };
+                let k_cached =
+                    Tensor::stack(&cached.iter().map(|&i| kv_of(i, 0)).collect::<Vec<_>>(), 0);
+                let v_cached =
+                    Tensor::stack(&cached.iter().map(|&i| kv_of(i, 1)).collect::<Vec<_>>(), 0);
+                let slot = &mut self.slots[next_slot - 1];
+                let (k_all, v_all) = if computed.is_empty() {
+                    (k_cached, v_cached)
+                } else {
+                    let global: Vec<usize> = computed.iter().map(|&i| slot_rows[i]).collect();
+                    let idx = index_tensor(&global, dev);
+                    let mut kv: Kv = None;
                     let out = block.forward(
                         cfg,
-                        &h.index_select(0, idx),
-                        &rope.rows(idx),
-                        &mask.rows(idx),
-                        &mut slot.kv,
+                        &h.index_select(0, &idx),
+                        &rope.rows(&idx),
+                        &mask.rows(&idx),
+                        &mut kv,
                     );
-                    h.index_copy(0, idx, &out)
-                }
-            };
+                    h = h.index_copy(0, &idx, &out);
+                    let (kc, vc) = kv.expect("a block's forward always fills its KV");
+                    let n = slot_rows.len() as i64;
+                    let mut shape = kc.size();
+                    shape[0] = n;
+                    let (ci, hi) = (index_tensor(&computed, dev), index_tensor(&cached, dev));
+                    let k_all = Tensor::zeros(&shape, (kc.kind(), dev))
+                        .index_copy(0, &ci, &kc)
+                        .index_copy(0, &hi, &k_cached.to_kind(kc.kind()));
+                    let v_all = Tensor::zeros(&shape, (vc.kind(), dev))
+                        .index_copy(0, &ci, &vc)
+                        .index_copy(0, &hi, &v_cached.to_kind(vc.kind()));
+                    (k_all, v_all)
+                };
+                slot.kv = Some((k_all, v_all));
+            }
+            if record && next_slot > first {
+                rec[l + 1] = Some(h.shallow_clone());
+            }
         }
-        model.final_norm(&h)
+        (model.final_norm(&h), rec)
     }
 
-    /// Prefills left-padded prompts; returns final-normed hidden states `[B, T, H]`.
-    pub fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<Tensor> {
+    /// Checks prompts and lays them out left-padded: (ids, valid, any padding).
+    fn layout(&self, prompts: &[Vec<u32>]) -> Result<(Tensor, Tensor, bool)> {
         if prompts.len() != self.batch {
             return Err(Error::Request(format!(
                 "{} prompts for a batch of {} paths",
@@ -159,7 +257,69 @@ impl<'m> PathBatch<'m> {
         let ids = Tensor::from_slice(&ids).view(shape).to_device(dev);
         let padded = prompts.iter().any(|p| p.len() < t);
         let valid = Tensor::from_slice(&valid).view(shape).to_device(dev);
-        Ok(self.step(&ids, &valid, padded))
+        Ok((ids, valid, padded))
+    }
+
+    /// Prefills left-padded prompts; returns final-normed hidden states `[B, T, H]`.
+    pub fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<Tensor> {
+        let (ids, valid, padded) = self.layout(prompts)?;
+        Ok(self.step(&ids, &valid, padded, None, false).0)
+    }
+
+    /// [`PathBatch::prefill`] with prefix sharing: each row resumes from the longest prefix of
+    /// its path cached for its prompt, and the states of its new prefixes are stored for later
+    /// candidates.
+    pub fn prefill_cached(
+        &mut self,
+        prompts: &[Vec<u32>],
+        cache: &mut PrefixCache,
+    ) -> Result<Tensor> {
+        let (ids, valid, padded) = self.layout(prompts)?;
+        if cache.budget_bytes() == 0 {
+            return Ok(self.step(&ids, &valid, padded, None, false).0);
+        }
+        let resume: Vec<Resume> = (0..self.batch)
+            .map(|r| cache.lookup(&prompts[r], self.paths[r].counts()))
+            .collect();
+        let (h, rec) = self.step(&ids, &valid, padded, Some(&resume), true);
+        self.reused = (0..self.batch)
+            .map(|r| {
+                self.paths[r].counts()[..resume[r].start]
+                    .iter()
+                    .map(|&c| c as usize)
+                    .sum()
+            })
+            .collect();
+        let t = ids.size()[1];
+        // Store every new prefix, long to short (shorter ones end up more recent).
+        for r in 0..self.batch {
+            let counts = self.paths[r].counts();
+            let pad = t - prompts[r].len() as i64;
+            let len = prompts[r].len() as i64;
+            for l in (resume[r].start + 1..=counts.len()).rev() {
+                if counts[l - 1] == 0 || cache.contains(&prompts[r], &counts[..l]) {
+                    continue;
+                }
+                let Some(hid) = &rec[l] else { continue };
+                let hidden = hid.get(r as i64).narrow(0, pad, len).copy();
+                let kv: Vec<(Tensor, Tensor)> = self
+                    .slots
+                    .iter()
+                    .filter(|s| s.layer == l - 1)
+                    .filter_map(|s| {
+                        let local = match &s.rows {
+                            None => r,
+                            Some((rows, _)) => rows.binary_search(&r).ok()?,
+                        };
+                        let (k, v) = s.kv.as_ref()?;
+                        let cut = |x: &Tensor| x.get(local as i64).narrow(1, pad, len).copy();
+                        Some((cut(k), cut(v)))
+                    })
+                    .collect();
+                cache.insert(&prompts[r], &counts[..l], hidden, kv);
+            }
+        }
+        Ok(h)
     }
 
     /// Feeds one token per row; returns logits `[B, V]` (f32) for the next token.
@@ -177,9 +337,47 @@ impl<'m> PathBatch<'m> {
             .view([self.batch as i64, 1])
             .to_device(dev);
         let valid = Tensor::ones([self.batch as i64, 1], (Kind::Bool, dev));
-        let h = self.step(&ids, &valid, false);
+        let (h, _) = self.step(&ids, &valid, false, None, false);
         Ok(self.model.logits(&h.select(1, 0)))
     }
+}
+
+/// Prompt indices grouped for prefill: longest first, a group closed when padding would exceed
+/// a tenth of its tokens. Padding is pure waste in prefill, and a prefill of even one prompt of
+/// ordinary length keeps the matmuls large, so small groups cost little.
+fn length_groups(prompts: &[Vec<u32>]) -> Vec<Vec<usize>> {
+    let mut idx: Vec<usize> = (0..prompts.len()).collect();
+    idx.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
+    let mut groups: Vec<Vec<usize>> = vec![];
+    let (mut max, mut real) = (0usize, 0usize);
+    for i in idx {
+        let len = prompts[i].len();
+        match groups.last_mut() {
+            Some(g) if max * (g.len() + 1) * 10 <= (real + len) * 11 => {
+                g.push(i);
+                real += len;
+            }
+            _ => {
+                groups.push(vec![i]);
+                (max, real) = (len, len);
+            }
+        }
+    }
+    groups
+}
+
+/// `x` with zeros before its real positions along `dim` (the time axis), to length `t`.
+fn left_pad(x: &Tensor, dim: usize, t: i64) -> Tensor {
+    let len = x.size()[dim];
+    if len == t {
+        return x.shallow_clone();
+    }
+    let mut shape = x.size();
+    shape[dim] = t - len;
+    Tensor::cat(
+        &[&Tensor::zeros(&shape, (x.kind(), x.device())), x],
+        dim as i64,
+    )
 }
 
 fn index_tensor(rows: &[usize], dev: Device) -> Tensor {
@@ -187,7 +385,104 @@ fn index_tensor(rows: &[usize], dev: Device) -> Tensor {
     Tensor::from_slice(&v).to_device(dev)
 }
 
-impl PathBatch<'_> {
+impl<'m> PathBatch<'m> {
+    /// Joins batches (same model, same step count: all prefilled, none decoded yet, or all
+    /// decoded equally) into one, rows in order; shorter caches are left-padded. Lets prompts
+    /// prefill in groups of similar length and then decode together.
+    pub fn concat(parts: Vec<PathBatch<'m>>) -> Result<PathBatch<'m>> {
+        let Some(first) = parts.first() else {
+            return Err(Error::Request("concat of no batches".into()));
+        };
+        let model = first.model;
+        if parts.iter().any(|p| !std::ptr::eq(p.model, model)) {
+            return Err(Error::Request(
+                "concat of batches of different models".into(),
+            ));
+        }
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().expect("one part"));
+        }
+        let dev = model.device();
+        let t = parts
+            .iter()
+            .map(|p| p.key_valid.size()[1])
+            .max()
+            .unwrap_or(0);
+        let key_valid = Tensor::cat(
+            &parts
+                .iter()
+                .map(|p| left_pad(&p.key_valid, 1, t))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let next_pos = Tensor::cat(&parts.iter().map(|p| &p.next_pos).collect::<Vec<_>>(), 0);
+        let padded = parts.iter().any(|p| p.padded || p.key_valid.size()[1] != t);
+        // Slots by (layer, repetition), in block order.
+        let mut keys: Vec<(usize, usize)> = vec![];
+        for p in &parts {
+            let mut rep = std::collections::HashMap::new();
+            for s in &p.slots {
+                let r = rep.entry(s.layer).or_insert(0usize);
+                if !keys.contains(&(s.layer, *r)) {
+                    keys.push((s.layer, *r));
+                }
+                *r += 1;
+            }
+        }
+        keys.sort();
+        let batch: usize = parts.iter().map(|p| p.batch).sum();
+        let mut slots = Vec::with_capacity(keys.len());
+        for &(layer, rep) in &keys {
+            let (mut rows, mut ks, mut vs) = (vec![], vec![], vec![]);
+            let mut offset = 0;
+            for p in &parts {
+                if let Some(s) = p.slots.iter().filter(|s| s.layer == layer).nth(rep) {
+                    match &s.rows {
+                        None => rows.extend(offset..offset + p.batch),
+                        Some((r, _)) => rows.extend(r.iter().map(|&i| i + offset)),
+                    }
+                    if let Some((k, v)) = &s.kv {
+                        ks.push(left_pad(k, 2, t));
+                        vs.push(left_pad(v, 2, t));
+                    }
+                }
+                offset += p.batch;
+            }
+            let kv = (!ks.is_empty()).then(|| (Tensor::cat(&ks, 0), Tensor::cat(&vs, 0)));
+            if kv
+                .as_ref()
+                .is_some_and(|(k, _)| k.size()[0] != rows.len() as i64)
+            {
+                return Err(Error::Request(
+                    "concat of batches at different steps (some prefilled, some not)".into(),
+                ));
+            }
+            let rows = (rows.len() != batch).then(|| {
+                let idx = index_tensor(&rows, dev);
+                (rows, idx)
+            });
+            slots.push(Slot { layer, rows, kv });
+        }
+        Ok(PathBatch {
+            model,
+            paths: parts.iter().flat_map(|p| p.paths.iter().cloned()).collect(),
+            slots,
+            key_valid,
+            next_pos,
+            batch,
+            padded,
+            reused: parts
+                .iter()
+                .flat_map(|p| p.reused.iter().copied())
+                .collect(),
+        })
+    }
+
+    /// Per row: block applications of its prefill resumed from a prefix cache (0 without one).
+    pub fn reused_blocks(&self) -> &[usize] {
+        &self.reused
+    }
+
     /// Number of rows.
     pub fn len(&self) -> usize {
         self.batch
@@ -243,6 +538,8 @@ impl PathBatch<'_> {
             slots.push(slot);
         }
         self.slots = slots;
+        self.paths = keep.iter().map(|&k| self.paths[k].clone()).collect();
+        self.reused = keep.iter().map(|&k| self.reused[k]).collect();
         self.batch = new_b;
         Ok(())
     }
@@ -264,6 +561,8 @@ pub struct Generated {
     pub tokens: Vec<u32>,
     /// Whether a stop id ended the sequence (else the token budget did).
     pub stopped: bool,
+    /// Block applications of the prefill resumed from a prefix cache instead of computed.
+    pub reused_blocks: usize,
 }
 
 /// Greedy choice per row of `[B, V]` logits.
@@ -310,22 +609,109 @@ impl Model {
         prompts: &[Vec<u32>],
         paths: &[LayerPath],
         opts: &GenerateOptions,
-        mut decided: impl FnMut(usize, &[u32]) -> bool,
+        decided: impl FnMut(usize, &[u32]) -> bool,
     ) -> Result<Vec<Generated>> {
         let _g = tch::no_grad_guard();
         let mut batch = PathBatch::new(self, paths)?;
         let h = batch.prefill(prompts)?;
         let t = h.size()[1];
-        let mut out: Vec<Generated> = prompts
-            .iter()
+        let first = argmax_tokens(&self.logits(&h.select(1, t - 1)))?;
+        self.decode_prefilled(batch, first, (0..prompts.len()).collect(), opts, decided)
+    }
+
+    /// [`Model::generate_until`] for many candidates: the prefill runs in groups of similar
+    /// prompt length (little padding) and shares path prefixes through `cache` (see
+    /// [`PathBatch::prefill_cached`]); the groups then decode together as one batch.
+    pub fn generate_until_cached(
+        &self,
+        prompts: &[Vec<u32>],
+        paths: &[LayerPath],
+        cache: &mut PrefixCache,
+        opts: &GenerateOptions,
+        decided: impl FnMut(usize, &[u32]) -> bool,
+    ) -> Result<Vec<Generated>> {
+        let _g = tch::no_grad_guard();
+        let (batch, logits, order) = self.prefill_grouped(prompts, paths, cache)?;
+        let first = argmax_tokens(&logits)?;
+        self.decode_prefilled(batch, first, order, opts, decided)
+    }
+
+    /// Next-token logits `[B, V]` (f32) after each prompt along its path, prefilled like
+    /// [`Model::generate_until_cached`]; also each row's block applications resumed from `cache`.
+    pub fn last_logits_cached(
+        &self,
+        prompts: &[Vec<u32>],
+        paths: &[LayerPath],
+        cache: &mut PrefixCache,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let _g = tch::no_grad_guard();
+        let (batch, logits, order) = self.prefill_grouped(prompts, paths, cache)?;
+        let mut reused = vec![0; prompts.len()];
+        for (row, &i) in order.iter().enumerate() {
+            reused[i] = batch.reused[row];
+        }
+        let mut inverse = vec![0i64; order.len()];
+        for (row, &i) in order.iter().enumerate() {
+            inverse[i] = row as i64;
+        }
+        let idx = Tensor::from_slice(&inverse).to_device(logits.device());
+        Ok((logits.index_select(0, &idx), reused))
+    }
+
+    /// Prefills in groups of similar prompt length and joins the groups into one batch.
+    /// Returns the batch, its rows' next-token logits, and each row's index into `prompts`.
+    fn prefill_grouped(
+        &self,
+        prompts: &[Vec<u32>],
+        paths: &[LayerPath],
+        cache: &mut PrefixCache,
+    ) -> Result<(PathBatch<'_>, Tensor, Vec<usize>)> {
+        if prompts.len() != paths.len() {
+            return Err(Error::Request(format!(
+                "{} prompts for {} paths",
+                prompts.len(),
+                paths.len()
+            )));
+        }
+        let groups = length_groups(prompts);
+        let mut parts = Vec::with_capacity(groups.len());
+        let mut logits = Vec::with_capacity(groups.len());
+        for g in &groups {
+            let gp: Vec<Vec<u32>> = g.iter().map(|&i| prompts[i].clone()).collect();
+            let gpaths: Vec<LayerPath> = g.iter().map(|&i| paths[i].clone()).collect();
+            let mut b = PathBatch::new(self, &gpaths)?;
+            let h = b.prefill_cached(&gp, cache)?;
+            let t = h.size()[1];
+            logits.push(self.logits(&h.select(1, t - 1)));
+            parts.push(b);
+        }
+        let order = groups.concat();
+        Ok((PathBatch::concat(parts)?, Tensor::cat(&logits, 0), order))
+    }
+
+    /// Greedy decoding of a prefilled batch: `first` = each row's first token, `order` = each
+    /// row's index in the output.
+    fn decode_prefilled(
+        &self,
+        mut batch: PathBatch<'_>,
+        first: Vec<u32>,
+        order: Vec<usize>,
+        opts: &GenerateOptions,
+        mut decided: impl FnMut(usize, &[u32]) -> bool,
+    ) -> Result<Vec<Generated>> {
+        let mut out: Vec<Generated> = (0..batch.len())
             .map(|_| Generated {
                 tokens: vec![],
                 stopped: false,
+                reused_blocks: 0,
             })
             .collect();
+        for (row, &i) in order.iter().enumerate() {
+            out[i].reused_blocks = batch.reused[row];
+        }
         // Output index of each batch row still decoding.
-        let mut active: Vec<usize> = (0..prompts.len()).collect();
-        let mut next = argmax_tokens(&self.logits(&h.select(1, t - 1)))?;
+        let mut active = order;
+        let mut next = first;
         for step in 0..opts.max_new_tokens {
             let mut keep = Vec::with_capacity(active.len());
             for (row, (&i, &tok)) in active.iter().zip(&next).enumerate() {
@@ -348,5 +734,27 @@ impl Model {
             next = argmax_tokens(&batch.decode_step(&feed)?)?;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::length_groups;
+
+    #[test]
+    fn length_groups_bound_padding_and_cover_every_prompt() {
+        let lens = [148, 80, 110, 92, 78, 100, 5];
+        let prompts: Vec<Vec<u32>> = lens.iter().map(|&n| vec![1; n]).collect();
+        let groups = length_groups(&prompts);
+        let mut all: Vec<usize> = groups.concat();
+        all.sort();
+        assert_eq!(all, (0..lens.len()).collect::<Vec<_>>());
+        for g in &groups {
+            let max = g.iter().map(|&i| lens[i]).max().unwrap();
+            let real: usize = g.iter().map(|&i| lens[i]).sum();
+            assert!(max * g.len() * 10 <= real * 11, "{g:?}");
+        }
+        assert_eq!(groups[0], [0]);
+        assert!(length_groups(&[]).is_empty());
     }
 }

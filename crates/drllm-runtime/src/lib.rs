@@ -10,6 +10,7 @@ pub mod exec;
 pub mod gguf;
 pub mod loader;
 pub mod model;
+pub mod prefix;
 pub mod tokenizer;
 pub mod weights;
 
@@ -20,5 +21,6 @@ pub use error::{Error, Result};
 pub use exec::{argmax_tokens, GenerateOptions, Generated, PathBatch};
 pub use loader::{parse_dtype, resolve_device, DeviceSpec, LoadedModel, ModelSource};
 pub use model::Model;
+pub use prefix::{PrefixCache, PrefixStats};
 pub use tch;
 pub use tokenizer::Tokenizer;

@@ -46,7 +46,10 @@ struct Cli {
     /// Concurrent searches of the batched engine.
     #[arg(long, default_value_t = 20)]
     concurrency: usize,
-    /// Measure only the batched engine.
+    /// Prefix cache budget of the shared engine, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    prefix_cache_mb: usize,
+    /// Measure only the batched engines.
     #[arg(long)]
     skip_alone: bool,
 }
@@ -70,9 +73,16 @@ fn matmul_flops() -> f64 {
     rates[2]
 }
 
-/// Model FLOPs of one candidate: every block application on every prompt and decoded token
-/// (projections, MLP and attention over the context so far), plus the LM head per token scored.
-fn candidate_flops(cfg: &ModelConfig, prompt: usize, cost: usize, decoded: usize) -> f64 {
+/// Model FLOPs executed for one candidate: every block application on every prompt token (less
+/// the `reused` ones resumed from the prefix cache) and decoded token (projections, MLP and
+/// attention over the context so far), plus the LM head per token scored.
+fn candidate_flops(
+    cfg: &ModelConfig,
+    prompt: usize,
+    cost: usize,
+    decoded: usize,
+    reused: usize,
+) -> f64 {
     let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
     let (nh, nkv, hd) = (
         cfg.num_heads as f64,
@@ -88,7 +98,7 @@ fn candidate_flops(cfg: &ModelConfig, prompt: usize, cost: usize, decoded: usize
         .map(|k| linear + attn_per_ctx * (p + k as f64 + 1.0))
         .sum();
     let head = 2.0 * h * cfg.vocab_size as f64 * (decoded.max(1)) as f64;
-    cost as f64 * (prefill + decode) + head
+    (cost - reused.min(cost)) as f64 * prefill + cost as f64 * decode + head
 }
 
 fn peak_rss_mib() -> f64 {
@@ -148,36 +158,63 @@ fn main() -> Result<()> {
         peak / 1e9
     );
 
-    // Batched engine: concurrent searches, layer-synchronous batches, early decision.
-    let opts = DriverOptions {
-        search: search.clone(),
-        seed: a.seed,
-        concurrency: a.concurrency,
-        eval: eval.clone(),
-    };
-    let mut batched: Vec<(String, SearchResult)> = vec![];
-    let t0 = Instant::now();
-    let stats: RunStats =
-        run_searches(&lm, prompts.iter().cloned().map(Ok).collect(), &opts, |o| {
-            if let Ok(r) = o.result {
-                batched.push((o.sample_id, r));
-            }
-        });
-    let secs_b = t0.elapsed().as_secs_f64();
-    ensure!(batched.len() == prompts.len(), "some searches failed");
-    let flops_b: f64 = stats
-        .work
-        .iter()
-        .map(|&(p, c, d)| candidate_flops(&lm.model.cfg, p, c, d))
-        .sum();
-    let decoded_b =
-        stats.work.iter().map(|w| w.2).sum::<usize>() as f64 / stats.evaluations.max(1) as f64;
+    // Batched engines: concurrent searches, layer-synchronous batches, early decision; without
+    // and with prefix sharing.
+    // (seconds, evaluations, results by sample id) of each batched engine.
+    type Run = (f64, usize, Vec<(String, SearchResult)>);
+    let mut runs: Vec<Run> = vec![];
+    for (name, cache_mb) in [
+        ("batched + early stop", 0),
+        ("batched + shared prefixes + early stop", a.prefix_cache_mb),
+    ] {
+        let opts = DriverOptions {
+            search: search.clone(),
+            seed: a.seed,
+            concurrency: a.concurrency,
+            eval: eval.clone(),
+            prefix_cache_bytes: cache_mb << 20,
+        };
+        let mut results: Vec<(String, SearchResult)> = vec![];
+        let t0 = Instant::now();
+        let stats: RunStats =
+            run_searches(&lm, prompts.iter().cloned().map(Ok).collect(), &opts, |o| {
+                if let Ok(r) = o.result {
+                    results.push((o.sample_id, r));
+                }
+            });
+        let secs = t0.elapsed().as_secs_f64();
+        ensure!(results.len() == prompts.len(), "some searches failed");
+        let flops: f64 = stats
+            .work
+            .iter()
+            .map(|&(p, c, d, r)| candidate_flops(&lm.model.cfg, p, c, d, r))
+            .sum();
+        let n = stats.evaluations.max(1) as f64;
+        let decoded = stats.work.iter().map(|w| w.2).sum::<usize>() as f64 / n;
+        let shared = if cache_mb > 0 {
+            format!(
+                ", {:.0}% of prefill block applications resumed from cache (peak {:.0} MiB)",
+                100.0 * stats.prefix.blocks_reused as f64
+                    / stats.prefix.blocks_requested.max(1) as f64,
+                stats.prefix_peak_bytes as f64 / (1u64 << 20) as f64
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "{name}: {} evaluations in {secs:.1}s = {:.2} evals/s ({} batches, {decoded:.2} tokens decoded per evaluation, {} decode steps{shared}), compute {:.0}% of matmul peak",
+            stats.evaluations,
+            stats.evaluations as f64 / secs,
+            stats.batches,
+            stats.decode_steps,
+            100.0 * flops / secs / peak
+        );
+        results.sort_by(|x, y| x.0.cmp(&y.0));
+        runs.push((secs, stats.evaluations, results));
+    }
     println!(
-        "batched + early stop: {} evaluations in {secs_b:.1}s = {:.2} evals/s ({} batches, {decoded_b:.2} tokens decoded per evaluation), compute {:.0}% of matmul peak",
-        stats.evaluations,
-        stats.evaluations as f64 / secs_b,
-        stats.batches,
-        100.0 * flops_b / secs_b / peak
+        "prefix sharing: {:.2}x (evals/s, shared vs unshared batched)",
+        (runs[1].1 as f64 / runs[1].0) / (runs[0].1 as f64 / runs[0].0)
     );
     if a.skip_alone {
         println!("peak RSS {:.0} MiB", peak_rss_mib());
@@ -198,7 +235,7 @@ fn main() -> Result<()> {
             let e = evaluate_alone(&lm, p, path, &eval)?;
             evals_a += 1;
             decoded_a += e.tokens.len();
-            flops_a += candidate_flops(&lm.model.cfg, p.ids.len(), path.cost(), e.tokens.len());
+            flops_a += candidate_flops(&lm.model.cfg, p.ids.len(), path.cost(), e.tokens.len(), 0);
             Ok::<_, drllm_worker::EvalError>(e.reward)
         })?;
         alone.push((p.sample_id.clone(), r));
@@ -211,17 +248,21 @@ fn main() -> Result<()> {
         100.0 * flops_a / secs_a / peak
     );
     // Same searches, same answers: the speed-up is not bought with different results.
-    batched.sort_by(|x, y| x.0.cmp(&y.0));
     alone.sort_by(|x, y| x.0.cmp(&y.0));
-    let same = batched.iter().zip(&alone).all(|((ia, ra), (ib, rb))| {
-        ia == ib
-            && ra.good_paths == rb.good_paths
-            && ra.simulations == rb.simulations
-            && ra.default_reward == rb.default_reward
-    });
+    let same_as_alone = |b: &[(String, SearchResult)]| {
+        b.iter().zip(&alone).all(|((ia, ra), (ib, rb))| {
+            ia == ib
+                && ra.good_paths == rb.good_paths
+                && ra.simulations == rb.simulations
+                && ra.default_reward == rb.default_reward
+        })
+    };
+    let same = runs.iter().all(|r| same_as_alone(&r.2));
+    let rate_a = evals_a as f64 / secs_a;
     println!(
-        "speed-up {:.2}x (evals/s); identical search results: {}; peak RSS {:.0} MiB",
-        (stats.evaluations as f64 / secs_b) / (evals_a as f64 / secs_a),
+        "speed-up vs one at a time (evals/s): batched {:.2}x, batched + shared {:.2}x; identical search results: {}; peak RSS {:.0} MiB",
+        (runs[0].1 as f64 / runs[0].0) / rate_a,
+        (runs[1].1 as f64 / runs[1].0) / rate_a,
         if same { "yes" } else { "NO" },
         peak_rss_mib()
     );

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 
 use drllm_path::LayerPath;
-use drllm_runtime::LoadedModel;
+use drllm_runtime::{LoadedModel, PrefixCache, PrefixStats};
 use drllm_search::{sample_seed, Search, SearchConfig, SearchResult, Step};
 
 use crate::eval::{evaluate_batch, EvalError, EvalOptions, PreparedPrompt};
@@ -29,6 +29,8 @@ pub struct DriverOptions {
     pub concurrency: usize,
     /// How candidates are scored.
     pub eval: EvalOptions,
+    /// Memory budget of the prefix cache in bytes (0 = no prefix sharing).
+    pub prefix_cache_bytes: usize,
 }
 
 /// Work done by a run, for throughput and FLOP accounting.
@@ -38,8 +40,15 @@ pub struct RunStats {
     pub evaluations: usize,
     /// Evaluator calls (batches).
     pub batches: usize,
-    /// Per evaluated candidate: (prompt tokens, path cost, tokens decoded).
-    pub work: Vec<(usize, usize, usize)>,
+    /// Decoding steps run (each over every row still undecided in its batch).
+    pub decode_steps: usize,
+    /// Per evaluated candidate: (prompt tokens, path cost, tokens decoded, block applications
+    /// of its prefill resumed from the prefix cache).
+    pub work: Vec<(usize, usize, usize, usize)>,
+    /// Prefix cache counters at the end of the run.
+    pub prefix: PrefixStats,
+    /// Most bytes the prefix cache held after any batch.
+    pub prefix_peak_bytes: usize,
 }
 
 struct Active {
@@ -56,6 +65,7 @@ pub fn run_searches(
     mut on_done: impl FnMut(SampleOutcome),
 ) -> RunStats {
     let mut stats = RunStats::default();
+    let mut cache = PrefixCache::new(opts.prefix_cache_bytes);
     let n_layers = lm.model.num_layers();
     let mut queue: VecDeque<Result<PreparedPrompt, EvalError>> = prompts.into();
     let mut active: Vec<Active> = vec![];
@@ -81,6 +91,7 @@ pub fn run_searches(
             }
         }
         if active.is_empty() {
+            stats.prefix = cache.stats();
             return stats;
         }
         // Advance every search to its next request (`requests[i]` is `active[i]`'s); finished
@@ -95,6 +106,7 @@ pub fn run_searches(
                 }
                 Step::Done(r) => {
                     let a = active.swap_remove(i);
+                    cache.forget(&a.prompt.ids);
                     on_done(SampleOutcome {
                         sample_id: a.prompt.sample_id,
                         result: Ok(r),
@@ -107,14 +119,20 @@ pub fn run_searches(
         }
         let items: Vec<(&PreparedPrompt, &LayerPath)> =
             active.iter().map(|a| &a.prompt).zip(&requests).collect();
-        match evaluate_batch(lm, &items, &opts.eval) {
+        let result = evaluate_batch(lm, &items, &opts.eval, Some(&mut cache));
+        stats.prefix_peak_bytes = stats.prefix_peak_bytes.max(cache.used_bytes());
+        match result {
             Ok(evals) => {
                 stats.batches += 1;
+                stats.decode_steps += evals.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
                 for ((a, path), e) in active.iter_mut().zip(&requests).zip(evals) {
                     stats.evaluations += 1;
-                    stats
-                        .work
-                        .push((a.prompt.ids.len(), path.cost(), e.tokens.len()));
+                    stats.work.push((
+                        a.prompt.ids.len(),
+                        path.cost(),
+                        e.tokens.len(),
+                        e.reused_blocks,
+                    ));
                     a.search.provide(e.reward);
                 }
             }
@@ -124,7 +142,7 @@ pub fn run_searches(
                 let mut k = 0;
                 while k < active.len() {
                     let one = [(&active[k].prompt, &requests[k])];
-                    match evaluate_batch(lm, &one, &opts.eval) {
+                    match evaluate_batch(lm, &one, &opts.eval, Some(&mut cache)) {
                         Ok(e) => {
                             active[k].search.provide(e[0].reward);
                             k += 1;
@@ -132,6 +150,7 @@ pub fn run_searches(
                         Err(e) => {
                             requests.swap_remove(k);
                             let a = active.swap_remove(k);
+                            cache.forget(&a.prompt.ids);
                             on_done(SampleOutcome {
                                 sample_id: a.prompt.sample_id,
                                 result: Err(e.to_string()),

@@ -1,9 +1,10 @@
 //! Batched path evaluation on the runtime: many (prompt, path) candidates per call, all in one
 //! layer-synchronous batch (every candidate applying block `l` goes through it together), with
-//! early decision (a candidate leaves the batch as soon as its reward is decided). In
-//! `choice-logits` mode an evaluation is one prefill and no decoding.
+//! prefix sharing (a candidate resumes from the cached state of the longest prefix of its path
+//! already run on its prompt) and early decision (a candidate leaves the batch as soon as its
+//! reward is decided). In `choice-logits` mode an evaluation is one prefill and no decoding.
 use drllm_path::LayerPath;
-use drllm_runtime::{GenerateOptions, LoadedModel, Message, PathBatch};
+use drllm_runtime::{GenerateOptions, LoadedModel, Message, PathBatch, PrefixCache};
 use drllm_tasks::{decide, Family, Gold, Question, RewardMode, Sample, Style, Template, Verdict};
 
 /// Errors of preparing or evaluating a prompt; recorded per sample, never fatal for the run.
@@ -127,6 +128,8 @@ pub struct Evaluation {
     pub reward: f64,
     /// Tokens generated up to the decision (empty in choice-logits mode).
     pub tokens: Vec<u32>,
+    /// Block applications of the prefill resumed from the prefix cache instead of computed.
+    pub reused_blocks: usize,
 }
 
 /// Verdict on generated text; `finished` = no more text will come.
@@ -166,15 +169,17 @@ fn score_choice(p: &PreparedPrompt, logits: &tch::Tensor) -> f64 {
     drllm_tasks::choice_logits_correct(&letter_logits, g) as u8 as f64
 }
 
-/// Evaluates `(prompt, path)` candidates in one batch. A libtorch failure inside (tch turns C++
-/// exceptions such as out-of-memory into panics) comes back as [`EvalError::Aborted`].
+/// Evaluates `(prompt, path)` candidates in one batch, sharing prefixes through `cache` when
+/// given. A libtorch failure inside (tch turns C++ exceptions such as out-of-memory into panics)
+/// comes back as [`EvalError::Aborted`].
 pub fn evaluate_batch(
     lm: &LoadedModel,
     items: &[(&PreparedPrompt, &LayerPath)],
     opts: &EvalOptions,
+    cache: Option<&mut PrefixCache>,
 ) -> Result<Vec<Evaluation>, EvalError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        evaluate_batch_unguarded(lm, items, opts)
+        evaluate_batch_unguarded(lm, items, opts, cache)
     }))
     .unwrap_or_else(|p| {
         let msg = p
@@ -192,11 +197,13 @@ fn evaluate_batch_unguarded(
     lm: &LoadedModel,
     items: &[(&PreparedPrompt, &LayerPath)],
     opts: &EvalOptions,
+    mut cache: Option<&mut PrefixCache>,
 ) -> Result<Vec<Evaluation>, EvalError> {
     let mut out = vec![
         Evaluation {
             reward: 0.0,
-            tokens: vec![]
+            tokens: vec![],
+            reused_blocks: 0,
         };
         items.len()
     ];
@@ -207,15 +214,19 @@ fn evaluate_batch_unguarded(
         let _g = tch::no_grad_guard();
         let prompts: Vec<Vec<u32>> = logit_idx.iter().map(|&i| items[i].0.ids.clone()).collect();
         let paths: Vec<LayerPath> = logit_idx.iter().map(|&i| items[i].1.clone()).collect();
-        let mut batch = PathBatch::new(&lm.model, &paths)?;
-        let h = batch.prefill(&prompts)?;
-        let t = h.size()[1];
-        let logits = lm
-            .model
-            .logits(&h.select(1, t - 1))
-            .to_device(tch::Device::Cpu);
+        let (logits, reused) = match cache.as_deref_mut() {
+            Some(c) => lm.model.last_logits_cached(&prompts, &paths, c)?,
+            None => {
+                let mut batch = PathBatch::new(&lm.model, &paths)?;
+                let h = batch.prefill(&prompts)?;
+                let t = h.size()[1];
+                (lm.model.logits(&h.select(1, t - 1)), vec![0; prompts.len()])
+            }
+        };
+        let logits = logits.to_device(tch::Device::Cpu);
         for (row, &i) in logit_idx.iter().enumerate() {
             out[i].reward = score_choice(items[i].0, &logits.get(row as i64));
+            out[i].reused_blocks = reused[row];
         }
     }
     if !gen_idx.is_empty() {
@@ -226,17 +237,22 @@ fn evaluate_batch_unguarded(
             max_new_tokens: opts.max_new_tokens,
             stop_ids,
         };
-        let gens = lm
-            .model
-            .generate_until(&prompts, &paths, &gopts, |row, toks| {
-                verdict(lm, items[gen_idx[row]].0, toks, opts.mode, false) != Verdict::Undecided
-            })?;
+        let decided = |row: usize, toks: &[u32]| {
+            verdict(lm, items[gen_idx[row]].0, toks, opts.mode, false) != Verdict::Undecided
+        };
+        let gens = match cache {
+            Some(c) => lm
+                .model
+                .generate_until_cached(&prompts, &paths, c, &gopts, decided)?,
+            None => lm.model.generate_until(&prompts, &paths, &gopts, decided)?,
+        };
         for (row, g) in gens.into_iter().enumerate() {
             let i = gen_idx[row];
             let v = verdict(lm, items[i].0, &g.tokens, opts.mode, true);
             out[i] = Evaluation {
                 reward: (v == Verdict::Correct) as u8 as f64,
                 tokens: g.tokens,
+                reused_blocks: g.reused_blocks,
             };
         }
     }
@@ -258,6 +274,7 @@ pub fn evaluate_alone(
         return Ok(Evaluation {
             reward: score_choice(p, &last),
             tokens: vec![],
+            reused_blocks: 0,
         });
     }
     let gopts = GenerateOptions {
@@ -276,6 +293,7 @@ pub fn evaluate_alone(
     Ok(Evaluation {
         reward: (v == Verdict::Correct) as u8 as f64,
         tokens: g.tokens,
+        reused_blocks: 0,
     })
 }
 

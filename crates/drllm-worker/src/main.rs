@@ -105,6 +105,10 @@ struct Cli {
     /// Searches in flight at once (candidates per evaluator batch).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Memory for cached path prefixes (hidden states and KV shared by candidates of one prompt),
+    /// in MiB; least recently used entries are evicted. 0 turns prefix sharing off.
+    #[arg(long, env = "DRLLM_PREFIX_CACHE_MB", default_value_t = 1024)]
+    prefix_cache_mb: usize,
     /// Output JSON-lines file (one line per sample).
     #[arg(long)]
     out: PathBuf,
@@ -173,6 +177,7 @@ fn main() -> Result<()> {
         seed: a.seed,
         concurrency: a.concurrency.max(1),
         eval,
+        prefix_cache_bytes: a.prefix_cache_mb << 20,
     };
     let file =
         std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
