@@ -65,9 +65,10 @@ PY
 fi
 
 if [ "$want_test" = 1 ]; then
-  if ! "$py" -c 'import transformers, gguf, numpy, accelerate, safetensors, pyarrow' 2>/dev/null; then
-    log "installing transformers and gguf (test references)"
-    pip_q "transformers==5.23.0" "gguf==0.19.0" "accelerate==1.15.0" numpy safetensors "pyarrow==26.0.1"
+  if ! "$py" -c 'import transformers, gguf, numpy, accelerate, safetensors, pyarrow, pandas, polars' 2>/dev/null; then
+    log "installing transformers, gguf, pandas and polars (test references and dataset readers)"
+    pip_q "transformers==5.23.0" "gguf==0.19.0" "accelerate==1.15.0" numpy safetensors "pyarrow==26.0.1" \
+      "pandas==3.1.1" "polars==2.1.0"
   fi
 fi
 log "ready: venv=$venv model=$model"

@@ -1,0 +1,762 @@
+//! The paths dataset a run produces: hive-partitioned Parquet parts under `OUT/data/task=<task>/`
+//! (zstd, one row per sample), and `OUT/_manifest.json` (run config, model fingerprint, code
+//! version, counts, the committed parts) plus `OUT/_SUCCESS` at the root, outside `data/`, so
+//! `pl.scan_parquet("OUT/data/**/*.parquet", hive_partitioning=True)` and
+//! `pd.read_parquet("OUT/data")` read only data.
+//!
+//! Commit protocol (nothing committed is ever lost, nothing half-written is ever read): a part is
+//! written under `OUT/_staging/`, fsync'd, renamed into `data/` (atomic), the directory fsync'd,
+//! then the manifest is rewritten the same way (temp file, fsync, rename). A crash between the
+//! rename and the manifest update leaves a complete part the manifest does not list yet; the
+//! next open adopts it. Staging leftovers are deleted on open.
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BooleanBuilder, ListBuilder, StringBuilder, UInt16Builder, UInt32Builder, UInt64Builder,
+    UInt8Builder,
+};
+use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::{ArrowWriter, ProjectionMask};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+
+/// Version of the manifest and column layout; a newer one on disk is refused.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Errors of reading or writing a dataset; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// A filesystem operation failed (disk full, permissions, ...).
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// A Parquet file could not be written or read.
+    #[error("{path}: {msg}")]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        msg: String,
+    },
+    /// The manifest is unreadable or from a newer format.
+    #[error("{path}: {msg}")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// OUT holds a run made with another configuration or model.
+    #[error("{path} was made by a different run: {what}; use another output directory, or --force to continue it under the new configuration")]
+    ConfigMismatch {
+        /// The manifest file.
+        path: PathBuf,
+        /// What differs.
+        what: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, DatasetError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
+    move |source| DatasetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One sample's search outcome: a row of the dataset (columns documented in docs/dataset.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PathRecord {
+    /// Sample id (unique within its task).
+    pub sample_id: String,
+    /// Task name (also the hive partition).
+    pub task: String,
+    /// Split.
+    pub split: String,
+    /// Question text as in the source data.
+    pub question: String,
+    /// Reference answer.
+    pub answer: String,
+    /// The prompt exactly as the model saw it (template and chat template applied).
+    pub prompt: String,
+    /// Model name.
+    pub model: String,
+    /// Blocks of the model (length of every path).
+    pub num_layers: u16,
+    /// Whether the default path answers correctly.
+    pub default_correct: bool,
+    /// Whether a good path was found.
+    pub found: bool,
+    /// Whether the default path was wrong and a found path is right.
+    pub improved: bool,
+    /// Best path: count per block (0 skip, 1 execute, 2 repeat); `None` if none found.
+    pub best_path: Option<Vec<u8>>,
+    /// Block applications of the best path.
+    pub best_cost: Option<u32>,
+    /// The best path as the list of executed layer indices.
+    pub best_layers: Option<Vec<u16>>,
+    /// Every good path found (counts per block).
+    pub good_paths: Vec<Vec<u8>>,
+    /// Simulations run.
+    pub simulations: u32,
+    /// Distinct path evaluations.
+    pub evaluations: u32,
+    /// Search wall time.
+    pub search_ms: u64,
+    /// Worker that searched the sample.
+    pub worker: String,
+    /// The sample's search seed.
+    pub seed: u64,
+    /// The model's response along the best path (up to the decision point), if found.
+    pub best_response: Option<String>,
+}
+
+impl PathRecord {
+    /// Checks the row against the model's depth: every path of length `num_layers`, counts in
+    /// {0, 1, 2}, best cost and layers consistent with the best path.
+    pub fn validate(&self, num_layers: usize) -> std::result::Result<(), String> {
+        if self.num_layers as usize != num_layers {
+            return Err(format!(
+                "num_layers {} but the model has {num_layers}",
+                self.num_layers
+            ));
+        }
+        let check = |what: &str, p: &[u8]| {
+            if p.len() != num_layers {
+                return Err(format!(
+                    "{what} has {} counts, expected {num_layers}",
+                    p.len()
+                ));
+            }
+            if let Some(c) = p.iter().find(|&&c| c > 2) {
+                return Err(format!("{what} has count {c}; counts must be 0, 1 or 2"));
+            }
+            Ok(())
+        };
+        for p in &self.good_paths {
+            check("a good path", p)?;
+        }
+        match (&self.best_path, self.best_cost, &self.best_layers) {
+            (Some(p), Some(cost), Some(layers)) => {
+                check("best_path", p)?;
+                let sum: u32 = p.iter().map(|&c| c as u32).sum();
+                if sum != cost || layers.len() != cost as usize {
+                    return Err(format!(
+                        "best_cost {cost} / best_layers ({} entries) do not match best_path (cost {sum})",
+                        layers.len()
+                    ));
+                }
+            }
+            (None, None, None) if !self.found => {}
+            _ => return Err("found, best_path, best_cost and best_layers disagree".into()),
+        }
+        Ok(())
+    }
+}
+
+/// The Arrow schema of a part file. `task` is not stored in the files: it is the hive partition
+/// (`data/task=<task>/`), which readers turn into a column (a column stored in the file as well
+/// would clash with it in pyarrow).
+pub fn schema() -> Schema {
+    let list = |name: &str, item: DataType, nullable: bool| {
+        Field::new(
+            name,
+            DataType::List(Arc::new(Field::new("item", item, true))),
+            nullable,
+        )
+    };
+    Schema::new(vec![
+        Field::new("sample_id", DataType::Utf8, false),
+        Field::new("split", DataType::Utf8, false),
+        Field::new("question", DataType::Utf8, false),
+        Field::new("answer", DataType::Utf8, false),
+        Field::new("prompt", DataType::Utf8, false),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("num_layers", DataType::UInt16, false),
+        Field::new("default_correct", DataType::Boolean, false),
+        Field::new("found", DataType::Boolean, false),
+        Field::new("improved", DataType::Boolean, false),
+        list("best_path", DataType::UInt8, true),
+        Field::new("best_cost", DataType::UInt32, true),
+        list("best_layers", DataType::UInt16, true),
+        Field::new(
+            "good_paths",
+            DataType::List(Arc::new(Field::new(
+                "item",
+                DataType::List(Arc::new(Field::new("item", DataType::UInt8, true))),
+                true,
+            ))),
+            false,
+        ),
+        Field::new("simulations", DataType::UInt32, false),
+        Field::new("evaluations", DataType::UInt32, false),
+        Field::new("search_ms", DataType::UInt64, false),
+        Field::new("worker", DataType::Utf8, false),
+        Field::new("seed", DataType::UInt64, false),
+        Field::new("best_response", DataType::Utf8, true),
+    ])
+}
+
+/// Rows as one Arrow record batch of [`schema`].
+pub fn to_batch(rows: &[PathRecord]) -> std::result::Result<RecordBatch, String> {
+    let strings = |f: &dyn Fn(&PathRecord) -> Option<&str>| -> ArrayRef {
+        let mut b = StringBuilder::new();
+        for r in rows {
+            b.append_option(f(r));
+        }
+        Arc::new(b.finish())
+    };
+    let bools = |f: &dyn Fn(&PathRecord) -> bool| -> ArrayRef {
+        let mut b = BooleanBuilder::new();
+        for r in rows {
+            b.append_value(f(r));
+        }
+        Arc::new(b.finish())
+    };
+    let mut num_layers = UInt16Builder::new();
+    let mut best_path = ListBuilder::new(UInt8Builder::new());
+    let mut best_cost = UInt32Builder::new();
+    let mut best_layers = ListBuilder::new(UInt16Builder::new());
+    let mut good = ListBuilder::new(ListBuilder::new(UInt8Builder::new()));
+    let (mut sims, mut evals) = (UInt32Builder::new(), UInt32Builder::new());
+    let (mut ms, mut seed) = (UInt64Builder::new(), UInt64Builder::new());
+    for r in rows {
+        num_layers.append_value(r.num_layers);
+        match &r.best_path {
+            Some(p) => {
+                best_path.values().append_slice(p);
+                best_path.append(true);
+            }
+            None => best_path.append(false),
+        }
+        best_cost.append_option(r.best_cost);
+        match &r.best_layers {
+            Some(l) => {
+                best_layers.values().append_slice(l);
+                best_layers.append(true);
+            }
+            None => best_layers.append(false),
+        }
+        for p in &r.good_paths {
+            good.values().values().append_slice(p);
+            good.values().append(true);
+        }
+        good.append(true);
+        sims.append_value(r.simulations);
+        evals.append_value(r.evaluations);
+        ms.append_value(r.search_ms);
+        seed.append_value(r.seed);
+    }
+    let schema = Arc::new(schema());
+    // The builders' default item fields already match the schema ("item", nullable).
+    let cols: Vec<ArrayRef> = vec![
+        strings(&|r| Some(&r.sample_id)),
+        strings(&|r| Some(&r.split)),
+        strings(&|r| Some(&r.question)),
+        strings(&|r| Some(&r.answer)),
+        strings(&|r| Some(&r.prompt)),
+        strings(&|r| Some(&r.model)),
+        Arc::new(num_layers.finish()),
+        bools(&|r| r.default_correct),
+        bools(&|r| r.found),
+        bools(&|r| r.improved),
+        Arc::new(best_path.finish()),
+        Arc::new(best_cost.finish()),
+        Arc::new(best_layers.finish()),
+        Arc::new(good.finish()),
+        Arc::new(sims.finish()),
+        Arc::new(evals.finish()),
+        Arc::new(ms.finish()),
+        strings(&|r| Some(&r.worker)),
+        Arc::new(seed.finish()),
+        strings(&|r| r.best_response.as_deref()),
+    ];
+    RecordBatch::try_new(schema, cols).map_err(|e| e.to_string())
+}
+
+/// A committed part file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartInfo {
+    /// Path relative to OUT.
+    pub path: String,
+    /// Task (partition).
+    pub task: String,
+    /// Rows in the file.
+    pub rows: usize,
+}
+
+/// A sample that could not be searched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedSample {
+    /// Task.
+    pub task: String,
+    /// Sample id.
+    pub sample_id: String,
+    /// Why.
+    pub error: String,
+}
+
+/// `OUT/_manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`FORMAT_VERSION`] of the writer.
+    pub format_version: u32,
+    /// drllm version that wrote it.
+    pub code_version: String,
+    /// Fingerprint of the model searched.
+    pub model_fingerprint: String,
+    /// Run configuration (task list, search and model flags, seed).
+    pub config: serde_json::Value,
+    /// Configurations the run had before a `--force` change, oldest first.
+    #[serde(default)]
+    pub previous_configs: Vec<serde_json::Value>,
+    /// Committed parts, in commit order.
+    pub parts: Vec<PartInfo>,
+    /// Rows committed (sum over parts).
+    pub rows: usize,
+    /// Samples given up, with their errors.
+    pub failed: Vec<FailedSample>,
+    /// Whether the run finished (then `_SUCCESS` exists too).
+    pub complete: bool,
+}
+
+/// An output directory open for committing.
+pub struct Dataset {
+    out: PathBuf,
+    manifest: Manifest,
+    committed: HashSet<(String, String)>,
+    run_tag: String,
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))
+}
+
+/// Writes `bytes` to `path` atomically (temp file beside it, fsync, rename, fsync directory).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// (task, sample_id) of every row of a part of `task`.
+fn read_ids(path: &Path, task: &str) -> Result<Vec<(String, String)>> {
+    let perr = |msg: String| DatasetError::Parquet {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let f = File::open(path).map_err(io(path))?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| perr(e.to_string()))?;
+    let mask = ProjectionMask::columns(b.parquet_schema(), ["sample_id"]);
+    let reader = b
+        .with_projection(mask)
+        .build()
+        .map_err(|e| perr(e.to_string()))?;
+    let mut out = vec![];
+    for batch in reader {
+        let batch = batch.map_err(|e| perr(e.to_string()))?;
+        let col = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                .cloned()
+                .ok_or_else(|| perr(format!("no string column {name:?}")))
+        };
+        let ids = col("sample_id")?;
+        for i in 0..ids.len() {
+            out.push((task.to_string(), ids.value(i).to_string()));
+        }
+    }
+    Ok(out)
+}
+
+impl Dataset {
+    /// Opens `out` for a run of `config` on the model `model_fingerprint`: creates it, or resumes
+    /// it (committed samples are reported by [`Dataset::is_committed`]; complete parts the
+    /// manifest missed are adopted; staging leftovers removed). A different config or model is
+    /// refused unless `force`.
+    pub fn open(
+        out: &Path,
+        model_fingerprint: &str,
+        config: serde_json::Value,
+        force: bool,
+    ) -> Result<Dataset> {
+        let data = out.join("data");
+        let staging = out.join("_staging");
+        fs::create_dir_all(&data).map_err(io(&data))?;
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(io(&staging))?;
+        }
+        fs::create_dir_all(&staging).map_err(io(&staging))?;
+        let mpath = out.join("_manifest.json");
+        let mut manifest = if mpath.exists() {
+            let text = fs::read_to_string(&mpath).map_err(io(&mpath))?;
+            let m: Manifest = serde_json::from_str(&text).map_err(|e| DatasetError::Manifest {
+                path: mpath.clone(),
+                msg: format!("not a drllm manifest: {e}"),
+            })?;
+            if m.format_version > FORMAT_VERSION {
+                return Err(DatasetError::Manifest {
+                    path: mpath,
+                    msg: format!(
+                        "format version {} is newer than this drllm's {FORMAT_VERSION}",
+                        m.format_version
+                    ),
+                });
+            }
+            m
+        } else {
+            Manifest {
+                format_version: FORMAT_VERSION,
+                code_version: env!("CARGO_PKG_VERSION").to_string(),
+                model_fingerprint: model_fingerprint.to_string(),
+                config: config.clone(),
+                previous_configs: vec![],
+                parts: vec![],
+                rows: 0,
+                failed: vec![],
+                complete: false,
+            }
+        };
+        let mut what = vec![];
+        if manifest.model_fingerprint != model_fingerprint {
+            what.push(format!(
+                "model fingerprint {} (now {model_fingerprint})",
+                manifest.model_fingerprint
+            ));
+        }
+        if manifest.config != config {
+            what.push(format!("config {} (now {config})", manifest.config));
+        }
+        if !what.is_empty() {
+            if !force || manifest.model_fingerprint != model_fingerprint {
+                // A different model is never mixed into one dataset, even with --force.
+                return Err(DatasetError::ConfigMismatch {
+                    path: mpath,
+                    what: what.join("; "),
+                });
+            }
+            let old = std::mem::replace(&mut manifest.config, config);
+            manifest.previous_configs.push(old);
+        }
+        let mut committed = HashSet::new();
+        for p in &manifest.parts {
+            committed.extend(read_ids(&out.join(&p.path), &p.task)?);
+        }
+        // Complete parts renamed in just before a crash, not yet in the manifest: adopt them.
+        let listed: HashSet<String> = manifest.parts.iter().map(|p| p.path.clone()).collect();
+        for dir in fs::read_dir(&data).map_err(io(&data))? {
+            let dir = dir.map_err(io(&data))?.path();
+            let Some(task) = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("task="))
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            for f in fs::read_dir(&dir).map_err(io(&dir))? {
+                let f = f.map_err(io(&dir))?.path();
+                let rel = f
+                    .strip_prefix(out)
+                    .unwrap_or(&f)
+                    .to_string_lossy()
+                    .into_owned();
+                if listed.contains(&rel) || f.extension().is_none_or(|e| e != "parquet") {
+                    continue;
+                }
+                let ids = read_ids(&f, &task)?;
+                tracing::info!(part = %rel, rows = ids.len(), "adopting a committed part the manifest missed");
+                manifest.rows += ids.len();
+                manifest.parts.push(PartInfo {
+                    path: rel,
+                    task: task.clone(),
+                    rows: ids.len(),
+                });
+                committed.extend(ids);
+            }
+        }
+        manifest.complete = false;
+        let _ = fs::remove_file(out.join("_SUCCESS"));
+        let run_tag = format!(
+            "{:08x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ ((std::process::id() as u64) << 32)
+        );
+        let ds = Dataset {
+            out: out.to_path_buf(),
+            manifest,
+            committed,
+            run_tag,
+        };
+        ds.write_manifest()?;
+        Ok(ds)
+    }
+
+    /// The manifest as it stands.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Whether `(task, sample_id)` is committed.
+    pub fn is_committed(&self, task: &str, sample_id: &str) -> bool {
+        self.committed
+            .contains(&(task.to_string(), sample_id.to_string()))
+    }
+
+    fn write_manifest(&self) -> Result<()> {
+        let path = self.out.join("_manifest.json");
+        let text =
+            serde_json::to_vec_pretty(&self.manifest).map_err(|e| DatasetError::Manifest {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
+        write_atomic(&path, &text)
+    }
+
+    /// Commits `rows` (all of `task`, none committed before) as one part. On error nothing of
+    /// it is visible and everything committed before stays.
+    pub fn commit(&mut self, task: &str, rows: &[PathRecord]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let n = self.manifest.parts.len();
+        let name = format!("part-{n:05}-{}.parquet", self.run_tag);
+        let staged = self.out.join("_staging").join(&name);
+        let perr = |msg: String| DatasetError::Parquet {
+            path: staged.clone(),
+            msg,
+        };
+        if let Some(r) = rows.iter().find(|r| r.task != task) {
+            return Err(perr(format!(
+                "row {} of task {} in a part of task {task}",
+                r.sample_id, r.task
+            )));
+        }
+        let batch = to_batch(rows).map_err(perr)?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_key_value_metadata(Some(vec![
+                KeyValue::new("drllm.config".into(), self.manifest.config.to_string()),
+                KeyValue::new(
+                    "drllm.model_fingerprint".into(),
+                    self.manifest.model_fingerprint.clone(),
+                ),
+                KeyValue::new("drllm.format_version".into(), FORMAT_VERSION.to_string()),
+            ]))
+            .build();
+        let file = File::create(&staged).map_err(io(&staged))?;
+        let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props))
+            .map_err(|e| perr(e.to_string()))?;
+        w.write(&batch).map_err(|e| perr(e.to_string()))?;
+        let file = w.into_inner().map_err(|e| perr(e.to_string()))?;
+        file.sync_all().map_err(io(&staged))?;
+        drop(file);
+        let dir = self.out.join("data").join(format!("task={task}"));
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let dest = dir.join(&name);
+        fs::rename(&staged, &dest).map_err(io(&dest))?;
+        sync_dir(&dir)?;
+        self.manifest.parts.push(PartInfo {
+            path: format!("data/task={task}/{name}"),
+            task: task.to_string(),
+            rows: rows.len(),
+        });
+        self.manifest.rows += rows.len();
+        for r in rows {
+            self.committed.insert((r.task.clone(), r.sample_id.clone()));
+        }
+        self.write_manifest()
+    }
+
+    /// Records a sample given up (kept in the manifest; no row).
+    pub fn record_failure(&mut self, failed: FailedSample) -> Result<()> {
+        self.manifest.failed.push(failed);
+        self.write_manifest()
+    }
+
+    /// Marks the run complete: manifest flag and `OUT/_SUCCESS`.
+    pub fn finish(&mut self) -> Result<()> {
+        self.manifest.complete = true;
+        self.write_manifest()?;
+        let ok = self.out.join("_SUCCESS");
+        File::create(&ok)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&ok))?;
+        let _ = fs::remove_dir(self.out.join("_staging"));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row like a real search outcome (the sample ids are ARC's).
+    pub(crate) fn row(task: &str, id: &str, found: bool) -> PathRecord {
+        let best: Vec<u8> = (0..30).map(|l| u8::from(l != 7 && l != 8)).collect();
+        PathRecord {
+            sample_id: id.into(),
+            task: task.into(),
+            split: "train".into(),
+            question: "Which gas do plants take in? (A) oxygen (B) carbon dioxide".into(),
+            answer: "B".into(),
+            prompt: "<|im_start|>user\n...<|im_end|>\n".into(),
+            model: "SmolLM2-135M-Instruct".into(),
+            num_layers: 30,
+            default_correct: true,
+            found,
+            improved: false,
+            best_path: found.then(|| best.clone()),
+            best_cost: found.then_some(28),
+            best_layers: found.then(|| (0..30u16).filter(|&l| l != 7 && l != 8).collect()),
+            good_paths: if found {
+                vec![best.clone(), vec![1; 30]]
+            } else {
+                vec![]
+            },
+            simulations: 50,
+            evaluations: 37,
+            search_ms: 1234,
+            worker: "w0".into(),
+            seed: 14396215654857862097,
+            best_response: found.then(|| "B".into()),
+        }
+    }
+
+    fn cfg() -> serde_json::Value {
+        serde_json::json!({"tasks": ["arc_easy"], "num_simulations": 50})
+    }
+
+    #[test]
+    fn rows_validate_against_the_model() {
+        assert_eq!(row("arc_easy", "a", true).validate(30), Ok(()));
+        assert_eq!(row("arc_easy", "a", false).validate(30), Ok(()));
+        assert!(row("arc_easy", "a", true)
+            .validate(28)
+            .unwrap_err()
+            .contains("num_layers"));
+        let mut r = row("arc_easy", "a", true);
+        r.good_paths[0][3] = 3;
+        assert!(r.validate(30).unwrap_err().contains("count 3"));
+        let mut r = row("arc_easy", "a", true);
+        r.best_cost = Some(30);
+        assert!(r.validate(30).unwrap_err().contains("best_cost"));
+        let mut r = row("arc_easy", "a", true);
+        r.best_path = Some(vec![1; 29]);
+        assert!(r.validate(30).unwrap_err().contains("29 counts"));
+    }
+
+    #[test]
+    fn commits_survive_reopen_and_missed_parts_are_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let mut ds = Dataset::open(&out, "fp1", cfg(), false).unwrap();
+        ds.commit(
+            "arc_easy",
+            &[row("arc_easy", "a", true), row("arc_easy", "b", false)],
+        )
+        .unwrap();
+        ds.commit("arc_easy", &[row("arc_easy", "c", true)])
+            .unwrap();
+        // A part renamed in just before a crash, missing from the manifest.
+        let before = fs::read(out.join("_manifest.json")).unwrap();
+        ds.commit("arc_easy", &[row("arc_easy", "d", true)])
+            .unwrap();
+        fs::write(out.join("_manifest.json"), before).unwrap();
+        // A staging leftover is never data.
+        fs::write(out.join("_staging/part-99999-x.parquet"), b"half").unwrap();
+        drop(ds);
+        let mut ds = Dataset::open(&out, "fp1", cfg(), false).unwrap();
+        for id in ["a", "b", "c", "d"] {
+            assert!(ds.is_committed("arc_easy", id), "{id}");
+        }
+        assert!(!ds.is_committed("arc_easy", "e"));
+        assert_eq!(ds.manifest().rows, 4);
+        assert_eq!(ds.manifest().parts.len(), 3);
+        assert!(!out.join("_staging/part-99999-x.parquet").exists());
+        ds.record_failure(FailedSample {
+            task: "arc_easy".into(),
+            sample_id: "z".into(),
+            error: "too long".into(),
+        })
+        .unwrap();
+        ds.finish().unwrap();
+        assert!(out.join("_SUCCESS").exists());
+        let m: Manifest =
+            serde_json::from_slice(&fs::read(out.join("_manifest.json")).unwrap()).unwrap();
+        assert!(m.complete);
+        assert_eq!(m.failed.len(), 1);
+        // Only parquet parts under data/.
+        for p in &m.parts {
+            assert!(p.path.starts_with("data/task=arc_easy/part-"));
+        }
+    }
+
+    #[test]
+    fn other_configs_and_models_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        let mut ds = Dataset::open(out, "fp1", cfg(), false).unwrap();
+        ds.commit("arc_easy", &[row("arc_easy", "a", true)])
+            .unwrap();
+        drop(ds);
+        let other = serde_json::json!({"tasks": ["arc_easy"], "num_simulations": 20});
+        let e = Dataset::open(out, "fp1", other.clone(), false)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("num_simulations"), "{e}");
+        assert!(e.to_string().contains("--force"), "{e}");
+        let e = Dataset::open(out, "fp2", cfg(), true).err().unwrap();
+        assert!(e.to_string().contains("model fingerprint fp1"), "{e}");
+        // --force continues under the new config, keeping every committed row.
+        let ds = Dataset::open(out, "fp1", other, true).unwrap();
+        assert!(ds.is_committed("arc_easy", "a"));
+        assert_eq!(ds.manifest().previous_configs, [cfg()]);
+        drop(ds);
+        // A manifest from a newer drllm, or not a manifest at all.
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&fs::read(out.join("_manifest.json")).unwrap()).unwrap();
+        m["format_version"] = 99.into();
+        fs::write(out.join("_manifest.json"), m.to_string()).unwrap();
+        let e = Dataset::open(out, "fp1", cfg(), true).err().unwrap();
+        assert!(e.to_string().contains("format version 99"), "{e}");
+        fs::write(out.join("_manifest.json"), "{").unwrap();
+        let e = Dataset::open(out, "fp1", cfg(), true).err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("_manifest.json: not a drllm manifest"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_unwritable_output_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        fs::write(&file, b"x").unwrap();
+        let e = Dataset::open(&file.join("run"), "fp", cfg(), false)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("plain-file"), "{e}");
+    }
+}
