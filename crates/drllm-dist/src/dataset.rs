@@ -608,7 +608,7 @@ impl Dataset {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A row like a real search outcome (the sample ids are ARC's).

@@ -272,14 +272,20 @@ impl LeaseTable {
     }
 
     /// Gives `sample` up (the worker reported an error that retrying cannot fix, e.g. a prompt
-    /// longer than the model's context); it is not handed out again.
+    /// longer than the model's context, or an earlier run recorded it failed); it is not handed
+    /// out again.
     pub fn failed(&mut self, sample: usize) {
-        if let Some(State::Leased(id)) = self.state.get(sample).copied() {
-            self.counts.leased -= 1;
-            self.release(id, sample);
-            self.state[sample] = State::Failed;
-            self.counts.failed += 1;
+        match self.state.get(sample).copied() {
+            Some(State::Leased(id)) => {
+                self.counts.leased -= 1;
+                self.release(id, sample);
+            }
+            // Left in the queue; `request` skips it.
+            Some(State::Queued) => self.counts.queued -= 1,
+            _ => return,
         }
+        self.state[sample] = State::Failed;
+        self.counts.failed += 1;
     }
 
     /// Drops `sample` from lease `id`, closing the lease when it is empty.

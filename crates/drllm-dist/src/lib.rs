@@ -5,8 +5,10 @@
 //! committed results as hive-partitioned Parquet with a manifest, crash-safe and resumable.
 #![warn(missing_docs)]
 
+pub mod coordinator;
 pub mod dataset;
 pub mod lease;
 
+pub use coordinator::{CoordinatorCore, CoordinatorCounts, Outcome, ReportError, WorkSample};
 pub use dataset::{Dataset, DatasetError, FailedSample, Manifest, PathRecord};
 pub use lease::{Accept, Counts, Lease, LeaseConfig, LeaseError, LeaseTable};
