@@ -36,7 +36,7 @@ struct Cli {
 
 /// A row shaped like a real ARC search outcome on a 30-block model.
 fn record(s: &WorkSample, i: usize) -> PathRecord {
-    let found = i % 3 != 0;
+    let found = !i.is_multiple_of(3);
     let mut best = vec![1u8; 30];
     best[i % 30] = 0;
     best[(i + 7) % 30] = 0;
@@ -54,7 +54,7 @@ fn record(s: &WorkSample, i: usize) -> PathRecord {
         prompt: "<|im_start|>user\nAnswer with the letter of the correct choice...<|im_end|>\n<|im_start|>assistant\n".repeat(3),
         model: "SmolLM2-135M-Instruct".into(),
         num_layers: 30,
-        default_correct: i % 2 == 0,
+        default_correct: i.is_multiple_of(2),
         found,
         improved: false,
         best_path: found.then(|| best.clone()),
@@ -75,7 +75,12 @@ fn run(a: &Cli, workers: usize) -> Result<f64> {
     let ds = Dataset::open(dir.path(), "bench", serde_json::json!({}), false)?;
     let samples: Vec<WorkSample> = (0..a.samples)
         .map(|i| WorkSample {
-            task: if i % 2 == 0 { "arc_easy" } else { "dart-1" }.into(),
+            task: if i.is_multiple_of(2) {
+                "arc_easy"
+            } else {
+                "dart-1"
+            }
+            .into(),
             sample_id: format!("s{i:07}"),
         })
         .collect();
