@@ -14,6 +14,8 @@ use crate::lease::{Accept, Counts, Lease, LeaseConfig, LeaseError, LeaseTable};
 pub struct WorkSample {
     /// Task name (partition of the output).
     pub task: String,
+    /// Split the sample comes from.
+    pub split: String,
     /// Sample id in that task.
     pub sample_id: String,
 }
@@ -266,6 +268,7 @@ mod tests {
         (0..n)
             .map(|i| WorkSample {
                 task: "arc_easy".into(),
+                split: "train".into(),
                 sample_id: format!("s{i}"),
             })
             .collect()

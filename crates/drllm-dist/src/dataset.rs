@@ -19,6 +19,8 @@ use arrow_array::builder::{
     BooleanBuilder, ListBuilder, StringBuilder, UInt16Builder, UInt32Builder, UInt64Builder,
     UInt8Builder,
 };
+use arrow_array::cast::AsArray;
+use arrow_array::types::{UInt16Type, UInt32Type, UInt64Type, UInt8Type};
 use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -386,6 +388,153 @@ fn read_ids(path: &Path, task: &str) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// Reads every committed row of the dataset in `out` (parts listed in its manifest, in commit
+/// order), e.g. for training or for comparing runs.
+pub fn read_rows(out: &Path) -> Result<Vec<PathRecord>> {
+    let mpath = out.join("_manifest.json");
+    let text = fs::read_to_string(&mpath).map_err(io(&mpath))?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| DatasetError::Manifest {
+        path: mpath.clone(),
+        msg: format!("not a drllm manifest: {e}"),
+    })?;
+    let mut rows = vec![];
+    for p in &m.parts {
+        let path = out.join(&p.path);
+        let perr = |msg: String| DatasetError::Parquet {
+            path: path.clone(),
+            msg,
+        };
+        let f = File::open(&path).map_err(io(&path))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+            .and_then(|b| b.build())
+            .map_err(|e| perr(e.to_string()))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| perr(e.to_string()))?;
+            rows.extend(from_batch(&batch, &p.task).map_err(perr)?);
+        }
+    }
+    Ok(rows)
+}
+
+/// Rows of a record batch of [`schema`] (task from the partition).
+fn from_batch(b: &RecordBatch, task: &str) -> std::result::Result<Vec<PathRecord>, String> {
+    let col = |name: &str| {
+        b.column_by_name(name)
+            .cloned()
+            .ok_or_else(|| format!("no column {name:?}"))
+    };
+    let strs = |name: &str| -> std::result::Result<Vec<Option<String>>, String> {
+        let c = col(name)?;
+        let a = c
+            .as_string_opt::<i32>()
+            .ok_or_else(|| format!("column {name:?} is not a string column"))?;
+        Ok((0..a.len())
+            .map(|i| a.is_valid(i).then(|| a.value(i).to_string()))
+            .collect())
+    };
+    let bools = |name: &str| -> std::result::Result<Vec<bool>, String> {
+        let c = col(name)?;
+        let a = c
+            .as_boolean_opt()
+            .ok_or_else(|| format!("column {name:?} is not boolean"))?;
+        Ok((0..a.len()).map(|i| a.value(i)).collect())
+    };
+    macro_rules! prim {
+        ($name:expr, $t:ty) => {{
+            let c = col($name)?;
+            let a = c
+                .as_primitive_opt::<$t>()
+                .ok_or_else(|| format!("column {:?} has the wrong type", $name))?;
+            (0..a.len())
+                .map(|i| a.is_valid(i).then(|| a.value(i)))
+                .collect::<Vec<_>>()
+        }};
+    }
+    macro_rules! list {
+        ($c:expr, $t:ty, $name:expr) => {{
+            let l = $c
+                .as_list_opt::<i32>()
+                .ok_or_else(|| format!("column {:?} is not a list", $name))?;
+            (0..l.len())
+                .map(|i| {
+                    if !l.is_valid(i) {
+                        return Ok(None);
+                    }
+                    let v = l.value(i);
+                    let p = v
+                        .as_primitive_opt::<$t>()
+                        .ok_or_else(|| format!("column {:?} has the wrong item type", $name))?;
+                    Ok(Some(p.values().to_vec()))
+                })
+                .collect::<std::result::Result<Vec<_>, String>>()?
+        }};
+    }
+    let n = b.num_rows();
+    let (ids, splits, qs, answers, prompts, models, workers, responses) = (
+        strs("sample_id")?,
+        strs("split")?,
+        strs("question")?,
+        strs("answer")?,
+        strs("prompt")?,
+        strs("model")?,
+        strs("worker")?,
+        strs("best_response")?,
+    );
+    let (dc, found, improved) = (
+        bools("default_correct")?,
+        bools("found")?,
+        bools("improved")?,
+    );
+    let layers_n = prim!("num_layers", UInt16Type);
+    let cost = prim!("best_cost", UInt32Type);
+    let (sims, evals) = (
+        prim!("simulations", UInt32Type),
+        prim!("evaluations", UInt32Type),
+    );
+    let (ms, seeds) = (prim!("search_ms", UInt64Type), prim!("seed", UInt64Type));
+    let (best_col, layers_col) = (col("best_path")?, col("best_layers")?);
+    let best = list!(best_col, UInt8Type, "best_path");
+    let best_layers = list!(layers_col, UInt16Type, "best_layers");
+    let good_col = col("good_paths")?;
+    let good_outer = good_col
+        .as_list_opt::<i32>()
+        .ok_or("column \"good_paths\" is not a list")?;
+    let mut good = Vec::with_capacity(n);
+    for i in 0..n {
+        let inner = good_outer.value(i);
+        let paths = list!(inner, UInt8Type, "good_paths");
+        good.push(paths.into_iter().flatten().collect::<Vec<_>>());
+    }
+    let req = |v: Option<String>, name: &str| v.ok_or_else(|| format!("null in column {name:?}"));
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        out.push(PathRecord {
+            sample_id: req(ids[i].clone(), "sample_id")?,
+            task: task.to_string(),
+            split: req(splits[i].clone(), "split")?,
+            question: req(qs[i].clone(), "question")?,
+            answer: req(answers[i].clone(), "answer")?,
+            prompt: req(prompts[i].clone(), "prompt")?,
+            model: req(models[i].clone(), "model")?,
+            num_layers: layers_n[i].ok_or("null num_layers")?,
+            default_correct: dc[i],
+            found: found[i],
+            improved: improved[i],
+            best_path: best[i].clone(),
+            best_cost: cost[i],
+            best_layers: best_layers[i].clone(),
+            good_paths: good[i].clone(),
+            simulations: sims[i].ok_or("null simulations")?,
+            evaluations: evals[i].ok_or("null evaluations")?,
+            search_ms: ms[i].ok_or("null search_ms")?,
+            worker: req(workers[i].clone(), "worker")?,
+            seed: seeds[i].ok_or("null seed")?,
+            best_response: responses[i].clone(),
+        });
+    }
+    Ok(out)
+}
+
 impl Dataset {
     /// Opens `out` for a run of `config` on the model `model_fingerprint`: creates it, or resumes
     /// it (committed samples are reported by [`Dataset::is_committed`]; complete parts the
@@ -692,6 +841,11 @@ pub(crate) mod tests {
         }
         assert!(!ds.is_committed("arc_easy", "e"));
         assert_eq!(ds.manifest().rows, 4);
+        let back = read_rows(&out).unwrap();
+        let ids: Vec<&str> = back.iter().map(|r| r.sample_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c", "d"]);
+        assert_eq!(back[0], row("arc_easy", "a", true));
+        assert_eq!(back[1], row("arc_easy", "b", false));
         assert_eq!(ds.manifest().parts.len(), 3);
         assert!(!out.join("_staging/part-99999-x.parquet").exists());
         ds.record_failure(FailedSample {

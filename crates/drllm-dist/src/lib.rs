@@ -8,7 +8,9 @@
 pub mod coordinator;
 pub mod dataset;
 pub mod lease;
+pub mod proto;
+pub mod server;
 
 pub use coordinator::{CoordinatorCore, CoordinatorCounts, Outcome, ReportError, WorkSample};
-pub use dataset::{Dataset, DatasetError, FailedSample, Manifest, PathRecord};
+pub use dataset::{read_rows, Dataset, DatasetError, FailedSample, Manifest, PathRecord};
 pub use lease::{Accept, Counts, Lease, LeaseConfig, LeaseError, LeaseTable};

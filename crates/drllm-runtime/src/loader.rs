@@ -49,6 +49,77 @@ fn hf_cache_dirs() -> Vec<PathBuf> {
 }
 
 impl ModelSource {
+    /// The model's configuration, read without loading weights.
+    pub fn config(&self) -> Result<ModelConfig> {
+        match self {
+            ModelSource::HfDir(dir) => ModelConfig::from_hf_json(&dir.join("config.json")),
+            ModelSource::Gguf(path) => ModelConfig::from_gguf(&GgufFile::open(path)?),
+        }
+    }
+
+    /// A short name: the directory or file name without extension.
+    pub fn name(&self) -> String {
+        let p = match self {
+            ModelSource::HfDir(d) => d.as_path(),
+            ModelSource::Gguf(f) => f.as_path(),
+        };
+        p.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| p.display().to_string())
+    }
+
+    /// Identifies the model's files across machines without reading all of them: SHA-256 over
+    /// each file's name, size, first and last MiB (config, tokenizer and weights; GGUF headers
+    /// hold the metadata and tensor table). Coordinator and workers compare it before any work.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        use std::io::{Read, Seek, SeekFrom};
+        let files: Vec<PathBuf> = match self {
+            ModelSource::Gguf(f) => vec![f.clone()],
+            ModelSource::HfDir(d) => {
+                let mut v: Vec<PathBuf> = std::fs::read_dir(d)
+                    .map_err(|e| Error::io(d, e))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                        n == "config.json" || n == "tokenizer.json" || n.ends_with(".safetensors")
+                    })
+                    .collect();
+                v.sort();
+                v
+            }
+        };
+        let mut h = Sha256::new();
+        const MIB: u64 = 1 << 20;
+        for f in &files {
+            let mut file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
+            let size = file.metadata().map_err(|e| Error::io(f, e))?.len();
+            h.update(
+                f.file_name()
+                    .map(|n| n.as_encoded_bytes())
+                    .unwrap_or_default(),
+            );
+            h.update(size.to_le_bytes());
+            let mut buf = vec![];
+            (&mut file)
+                .take(MIB)
+                .read_to_end(&mut buf)
+                .map_err(|e| Error::io(f, e))?;
+            if size > 2 * MIB {
+                file.seek(SeekFrom::End(-(MIB as i64)))
+                    .map_err(|e| Error::io(f, e))?;
+                file.take(MIB)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| Error::io(f, e))?;
+            }
+            h.update(&buf);
+        }
+        Ok(h.finalize()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
     /// Resolves a `--model` argument.
     pub fn resolve(spec: &str) -> Result<Self> {
         Self::resolve_in(spec, &hf_cache_dirs())

@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// How the tree is descended before expanding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Selection {
     /// UCT from the root while nodes are fully expanded; expand the first node that is not.
@@ -45,7 +45,7 @@ impl std::str::FromStr for Selection {
 }
 
 /// Search parameters; defaults follow the paper's code where it is sound.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SearchConfig {
     /// Simulations (select, expand, evaluate, back up) per prompt.
     pub num_simulations: usize,

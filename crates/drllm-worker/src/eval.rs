@@ -47,6 +47,8 @@ pub struct PreparedPrompt {
     pub family: Family,
     /// Reference answer.
     pub gold: Gold,
+    /// The prompt as the model sees it (chat template applied for instruct templates).
+    pub text: String,
     /// Prompt token ids (chat template applied for instruct templates).
     pub ids: Vec<u32>,
     /// Template (for response prefix and truncation).
@@ -71,16 +73,20 @@ pub fn prepare(
     let by_logits =
         opts.mode == RewardMode::ChoiceLogits && sample.task.family() == Family::MultipleChoice;
     let text = template.render(sample)?;
-    let ids = match template.style() {
+    let (text, ids) = match template.style() {
         Style::Instruct => {
             let mut chat = lm.tokenizer.apply_chat_template(&[Message::user(text)])?;
             if by_logits {
                 // The assistant turn is pre-filled up to the answer.
                 chat.push_str("Answer:");
             }
-            lm.tokenizer.encode(&chat, false)?
+            let ids = lm.tokenizer.encode(&chat, false)?;
+            (chat, ids)
         }
-        Style::Base => lm.tokenizer.encode(&text, true)?,
+        Style::Base => {
+            let ids = lm.tokenizer.encode(&text, true)?;
+            (text, ids)
+        }
     };
     if ids.is_empty() {
         return Err(err("the prompt renders to no tokens".into()));
@@ -111,6 +117,7 @@ pub fn prepare(
         }
     }
     Ok(PreparedPrompt {
+        text,
         sample_id: sample.id.clone(),
         family: sample.task.family(),
         gold: sample.gold.clone(),

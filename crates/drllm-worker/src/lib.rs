@@ -3,11 +3,16 @@
 //! (distributed search) drives the same engine.
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod driver;
 pub mod eval;
+pub mod record;
+pub mod remote;
 
+pub use config::{RunConfig, SearchArgs};
 pub use driver::{run_searches, DriverOptions, RunStats, SampleOutcome};
 pub use eval::{
     decision_point, evaluate_alone, evaluate_batch, prepare, EvalError, EvalOptions, Evaluation,
     PreparedPrompt,
 };
+pub use record::{path_record, question_text};

@@ -1,14 +1,14 @@
 //! `drllm-worker`: runs path searches. `--standalone` searches a dataset in this process and
-//! writes one JSON line per sample.
+//! writes one JSON line per sample; `--connect` works for a `drllm-coordinator`.
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use drllm_runtime::{parse_dtype, resolve_device, LoadedModel, ModelSource};
-use drllm_search::{SearchConfig, Selection};
-use drllm_tasks::{data, LoadOptions, RewardMode, Style, TaskName, Template};
-use drllm_worker::{prepare, run_searches, DriverOptions, EvalOptions};
+use drllm_tasks::{data, LoadOptions, TaskName};
+use drllm_worker::remote::{run_remote, RemoteOptions};
+use drllm_worker::{prepare, run_searches, DriverOptions, SearchArgs};
 
 #[derive(Parser)]
 #[command(
@@ -20,13 +20,24 @@ use drllm_worker::{prepare, run_searches, DriverOptions, EvalOptions};
       --num-simulations 50 --seed 7 --out paths.jsonl
   drllm-worker --standalone --dataset arc_easy --reward choice-logits --limit 100 --out p.jsonl
   drllm-worker --standalone --dataset dart-1 --style instruct --max-new-tokens 32 --out m.jsonl
+  drllm-worker --connect http://node17:50051 --token $DRLLM_TOKEN --device cuda:0
 
-Currently only --standalone runs (the coordinator-driven mode comes with drllm-coordinator)."
+With --connect the search flags come from the coordinator; only model, device and resource
+flags apply."
 )]
 struct Cli {
     /// Search the dataset in this process (no coordinator).
-    #[arg(long, required = true)]
+    #[arg(long, conflicts_with = "connect", required_unless_present = "connect")]
     standalone: bool,
+    /// Work for the coordinator at this address (e.g. http://127.0.0.1:50051).
+    #[arg(long, env = "DRLLM_COORDINATOR")]
+    connect: Option<String>,
+    /// Shared secret of the run (with --connect).
+    #[arg(long, env = "DRLLM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Worker id (default host:pid).
+    #[arg(long, env = "DRLLM_WORKER_ID")]
+    worker_id: Option<String>,
     /// Model: HF directory, .gguf file, `embedded`, or a cached repo id.
     #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
     model: String,
@@ -43,8 +54,8 @@ struct Cli {
     #[arg(long, env = "DRLLM_DATA")]
     data: Option<PathBuf>,
     /// Task: arc_easy, arc_challenge, arc, dart-1..dart-5, dart, gsm8k.
-    #[arg(long)]
-    dataset: String,
+    #[arg(long, required_unless_present = "connect")]
+    dataset: Option<String>,
     /// Split: train, dev, test.
     #[arg(long, default_value = "train")]
     split: String,
@@ -54,54 +65,8 @@ struct Cli {
     /// Skip this many samples first.
     #[arg(long, default_value_t = 0)]
     offset: usize,
-    /// Prompt style: instruct (chat template applied) or base.
-    #[arg(long, default_value = "instruct")]
-    style: String,
-    /// Own prompt template file (minijinja).
-    #[arg(long)]
-    template: Option<PathBuf>,
-    /// Multiple-choice reward: strict (the paper's), lenient, choice-logits (no decoding).
-    #[arg(long, default_value = "lenient")]
-    reward: String,
-    /// Token budget of a decoded answer.
-    #[arg(long, default_value_t = 10)]
-    max_new_tokens: usize,
-    /// Run seed; each sample's search seed derives from it and the sample id.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Simulations per prompt.
-    #[arg(long, default_value_t = 50)]
-    num_simulations: usize,
-    /// UCT exploration constant.
-    #[arg(long, default_value_t = 1.8)]
-    c: f64,
-    /// Length penalty lambda (score -= lambda * cost / L).
-    #[arg(long, default_value_t = 3.0)]
-    length_penalty: f64,
-    /// Probability of descending to a random child.
-    #[arg(long, default_value_t = 0.1)]
-    random_child_prob: f64,
-    /// Skip sizes (consecutive layer-list entries removed by one action).
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
-    skip_sizes: Vec<usize>,
-    /// Disable repeat actions.
-    #[arg(long)]
-    no_repeat: bool,
-    /// Most applications of one block (at most 2).
-    #[arg(long, default_value_t = 2)]
-    max_count: u8,
-    /// Path cost cap as a multiple of L.
-    #[arg(long, default_value_t = 2.0)]
-    cost_cap: f64,
-    /// Do not stop when a path beats the default path's reward.
-    #[arg(long)]
-    no_stop_on_improvement: bool,
-    /// Stop once a correct path saves this many blocks (0: never).
-    #[arg(long, default_value_t = 2)]
-    stop_on_saving: usize,
-    /// Selection: uct, or chain (the paper code's leaf-only descent).
-    #[arg(long, default_value = "uct")]
-    selection: String,
+    #[command(flatten)]
+    search: SearchArgs,
     /// Searches in flight at once (candidates per evaluator batch).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
@@ -109,9 +74,9 @@ struct Cli {
     /// in MiB; least recently used entries are evicted. 0 turns prefix sharing off.
     #[arg(long, env = "DRLLM_PREFIX_CACHE_MB", default_value_t = 1024)]
     prefix_cache_mb: usize,
-    /// Output JSON-lines file (one line per sample).
-    #[arg(long)]
-    out: PathBuf,
+    /// Output JSON-lines file (one line per sample; with --standalone).
+    #[arg(long, required_unless_present = "connect")]
+    out: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -128,29 +93,38 @@ fn main() -> Result<()> {
     }
     let device = resolve_device(&a.device)?;
     let kind = parse_dtype(&a.dtype, device)?;
-    let task: TaskName = a.dataset.parse()?;
-    let style: Style = a.style.parse()?;
-    let mode: RewardMode = a.reward.parse()?;
-    let selection: Selection = a.selection.parse().map_err(anyhow::Error::msg)?;
-    let template = match &a.template {
-        Some(p) => Template::from_file(p, style)?,
-        None => Template::builtin(task.family(), style),
-    };
-    let search = SearchConfig {
-        num_simulations: a.num_simulations,
-        c: a.c,
-        length_penalty: a.length_penalty,
-        random_child_prob: a.random_child_prob,
-        skip_sizes: a.skip_sizes.clone(),
-        allow_repeat: !a.no_repeat,
-        max_count: a.max_count,
-        cost_cap_factor: a.cost_cap,
-        stop_on_improvement: !a.no_stop_on_improvement,
-        stop_on_saving: (a.stop_on_saving > 0).then_some(a.stop_on_saving),
-        selection,
-    };
-    search.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
     let dir = data::resolve_data_dir(a.data.as_deref())?;
+    if let Some(addr) = &a.connect {
+        let lm = LoadedModel::load(ModelSource::resolve(&a.model)?, device, kind)
+            .with_context(|| format!("loading {}", a.model))?;
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        let o = RemoteOptions {
+            addr: addr.clone(),
+            token: a.token.clone(),
+            worker_id: a
+                .worker_id
+                .clone()
+                .unwrap_or_else(|| format!("{host}:{}", std::process::id())),
+            device: format!("{device:?} ({} threads)", tch::get_num_threads()),
+            data_dir: dir,
+            concurrency: a.concurrency.max(1),
+            prefix_cache_bytes: a.prefix_cache_mb << 20,
+            connect_timeout: std::time::Duration::from_secs(120),
+        };
+        let s = run_remote(&lm, &o)?;
+        eprintln!(
+            "worker {}: {} leases, {} samples searched, {} failed",
+            o.worker_id, s.leases, s.searched, s.failed
+        );
+        return Ok(());
+    }
+    let (Some(dataset), Some(out_path)) = (&a.dataset, &a.out) else {
+        anyhow::bail!("--standalone needs --dataset and --out");
+    };
+    let task: TaskName = dataset.parse()?;
+    let cfg = a.search.run_config()?;
+    let template = cfg.template(task.family())?;
+    let search = cfg.search.clone();
     let loaded = data::load(
         &dir,
         task,
@@ -163,10 +137,7 @@ fn main() -> Result<()> {
     )?;
     let lm = LoadedModel::load(ModelSource::resolve(&a.model)?, device, kind)
         .with_context(|| format!("loading {}", a.model))?;
-    let eval = EvalOptions {
-        mode,
-        max_new_tokens: a.max_new_tokens,
-    };
+    let eval = cfg.eval()?;
     let prompts: Vec<_> = loaded
         .samples
         .iter()
@@ -174,13 +145,13 @@ fn main() -> Result<()> {
         .collect();
     let opts = DriverOptions {
         search,
-        seed: a.seed,
+        seed: cfg.seed,
         concurrency: a.concurrency.max(1),
         eval,
         prefix_cache_bytes: a.prefix_cache_mb << 20,
     };
-    let file =
-        std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let file = std::fs::File::create(out_path)
+        .with_context(|| format!("creating {}", out_path.display()))?;
     let mut out = std::io::BufWriter::new(file);
     let n = prompts.len();
     let bar = indicatif::ProgressBar::new(n as u64).with_style(
@@ -242,14 +213,14 @@ fn main() -> Result<()> {
     });
     bar.finish();
     if let Some(e) = write_err {
-        return Err(e).with_context(|| format!("writing {}", a.out.display()));
+        return Err(e).with_context(|| format!("writing {}", out_path.display()));
     }
     out.flush()
-        .with_context(|| format!("writing {}", a.out.display()))?;
+        .with_context(|| format!("writing {}", out_path.display()))?;
     eprintln!(
         "{n} samples in {:.1}s: {found} with a shorter or better path, {failed} failed; results in {}",
         started.elapsed().as_secs_f64(),
-        a.out.display()
+        out_path.display()
     );
     Ok(())
 }

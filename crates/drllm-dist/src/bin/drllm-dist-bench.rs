@@ -81,6 +81,7 @@ fn run(a: &Cli, workers: usize) -> Result<f64> {
                 "dart-1"
             }
             .into(),
+            split: "train".into(),
             sample_id: format!("s{i:07}"),
         })
         .collect();

@@ -1,0 +1,356 @@
+//! `drllm-coordinator`: loads and checks the task list, serves leases over gRPC to local workers
+//! it spawns (`--workers N`) and remote ones (`--listen`), commits results to the Parquet paths
+//! dataset in OUT, and shows progress. Re-running with the same OUT resumes.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use drllm_dist::server::{bind, serve, spawn_actor, Service, ServiceConfig};
+use drllm_dist::{CoordinatorCore, Dataset, LeaseConfig, WorkSample};
+use drllm_runtime::ModelSource;
+use drllm_tasks::{data, LoadOptions, Split, TaskName};
+use drllm_worker::SearchArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "drllm-coordinator",
+    version,
+    about = "Distributed path search: hands out leases to workers and writes the Parquet paths dataset.",
+    after_help = "Examples:
+  drllm-coordinator --workers 2 --model embedded --dataset arc_easy --split train --limit 16 \\
+      --num-simulations 50 --seed 7 --out OUT
+  drllm-coordinator --workers 8 --dataset arc --out runs/arc            # one worker per GPU
+  drllm-coordinator --workers 0 --listen 0.0.0.0:50051 --token $DRLLM_TOKEN --dataset dart --out runs/dart
+      # remote workers: drllm-worker --connect http://<host>:50051 --token $DRLLM_TOKEN
+
+Output: OUT/data/task=<task>/part-*.parquet, OUT/_manifest.json, OUT/_SUCCESS (docs/dataset.md).
+Running again with the same OUT resumes; another configuration is refused unless --force."
+)]
+struct Cli {
+    /// Model: HF directory, .gguf file, `embedded`, or a cached repo id (workers load the same).
+    #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
+    model: String,
+    /// Data directory (default $DRLLM_DATA, else ../shared/data); local workers read it too.
+    #[arg(long, env = "DRLLM_DATA")]
+    data: Option<PathBuf>,
+    /// Tasks (comma-separated): arc_easy, arc_challenge, arc, dart-1..dart-5, dart, gsm8k.
+    #[arg(long, value_delimiter = ',', required = true)]
+    dataset: Vec<String>,
+    /// Split: train, dev, test.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Samples per task (after offset).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Skip this many samples of each task first.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    #[command(flatten)]
+    search: SearchArgs,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue an OUT made with another configuration (committed rows are kept).
+    #[arg(long)]
+    force: bool,
+    /// Local workers to spawn (one per GPU when CUDA is available, else the CPU cores split).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Address to serve on; remote workers need a non-loopback one (and a token).
+    #[arg(long, env = "DRLLM_LISTEN", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Shared secret workers must present.
+    #[arg(long, env = "DRLLM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Device of local workers: auto (cuda:i for worker i when GPUs exist, else cpu), cpu, cuda.
+    #[arg(long, default_value = "auto")]
+    worker_device: String,
+    /// Concurrent searches per worker (= most samples per lease).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Prefix cache per worker, MiB.
+    #[arg(long, default_value_t = 1024)]
+    prefix_cache_mb: usize,
+    /// A lease expires after this many seconds without a heartbeat.
+    #[arg(long, default_value_t = 120)]
+    lease_timeout_s: u64,
+    /// Rows per Parquet part (buffered rows are also written every 30 s).
+    #[arg(long, default_value_t = 256)]
+    part_rows: usize,
+}
+
+fn cuda_devices() -> usize {
+    std::process::Command::new("nvidia-smi")
+        .arg("--list-gpus")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("DRLLM_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let a = Cli::parse();
+    let run = a.search.run_config()?;
+    if !a.listen.ip().is_loopback() && a.token.is_none() {
+        bail!(
+            "--listen {} accepts remote workers: set --token (or DRLLM_TOKEN)",
+            a.listen
+        );
+    }
+    let split: Split = a.split.parse()?;
+    let dir = data::resolve_data_dir(a.data.as_deref())?;
+    let dir =
+        std::fs::canonicalize(&dir).with_context(|| format!("data directory {}", dir.display()))?;
+    // The task list, checked up front: an unreadable row stops the run before any work.
+    let mut samples = vec![];
+    for name in &a.dataset {
+        let task: TaskName = name.parse()?;
+        let loaded = data::load(
+            &dir,
+            task,
+            split,
+            &LoadOptions {
+                offset: a.offset,
+                limit: a.limit,
+                ..Default::default()
+            },
+        )?;
+        samples.extend(loaded.samples.iter().map(|s| WorkSample {
+            task: s.task.to_string(),
+            split: split.to_string(),
+            sample_id: s.id.clone(),
+        }));
+    }
+    let source = ModelSource::resolve(&a.model)?;
+    let fingerprint = source.fingerprint()?;
+    let num_layers = source.config()?.num_layers;
+    let config = serde_json::json!({
+        "datasets": a.dataset,
+        "split": a.split,
+        "model": source.name(),
+        "run": run,
+    });
+    let dataset = Dataset::open(&a.out, &fingerprint, config, a.force)?;
+    let total = samples.len();
+    let lease = LeaseConfig {
+        samples_per_lease: a.concurrency.max(1),
+        timeout: Duration::from_secs(a.lease_timeout_s.max(1)),
+        max_attempts: 3,
+    };
+    let core = CoordinatorCore::new(samples.clone(), dataset, num_layers, lease, a.part_rows);
+    let already = core.counts().lease;
+    eprintln!(
+        "{total} samples ({} already committed, {} failed before) | model {} ({num_layers} blocks, fingerprint {fingerprint}) | out {}",
+        already.committed,
+        already.failed,
+        source.name(),
+        a.out.display()
+    );
+    let svc_cfg = ServiceConfig {
+        token: a.token.clone(),
+        model_fingerprint: fingerprint,
+        run_config_json: serde_json::to_string(&run)?,
+        heartbeat: Duration::from_secs((a.lease_timeout_s / 4).max(1)),
+        flush_every: Duration::from_secs(30),
+    };
+    let (handle, actor) = spawn_actor(core, &svc_cfg);
+    let (listener, addr) = bind(a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        Service::new(handle.clone(), svc_cfg, samples),
+        listener,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    tracing::info!(%addr, "serving");
+
+    // Local workers: one per GPU, else the CPU cores split between them.
+    let exe = std::env::current_exe()?;
+    let worker_bin = exe
+        .parent()
+        .map(|d| d.join("drllm-worker"))
+        .context("locating drllm-worker")?;
+    let gpus = if a.worker_device == "cpu" {
+        0
+    } else {
+        cuda_devices()
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let logs = a.out.join("_logs");
+    if a.workers > 0 {
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    }
+    let mut children = vec![];
+    for i in 0..a.workers {
+        let id = format!("local-{i}");
+        let (device, threads) = if gpus > 0 {
+            (format!("cuda:{}", i % gpus), 2)
+        } else {
+            ("cpu".to_string(), (cores / a.workers).max(1))
+        };
+        let log = logs.join(format!("{id}.log"));
+        let f =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = tokio::process::Command::new(&worker_bin);
+        cmd.arg("--connect")
+            .arg(format!("http://{addr}"))
+            .args(["--worker-id", &id, "--model", &a.model, "--device", &device])
+            .args(["--threads", &threads.to_string()])
+            .arg("--data")
+            .arg(&dir)
+            .args(["--concurrency", &a.concurrency.to_string()])
+            .args(["--prefix-cache-mb", &a.prefix_cache_mb.to_string()])
+            .env_remove("DRLLM_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(f))
+            .kill_on_drop(true);
+        if let Some(t) = &a.token {
+            cmd.env("DRLLM_TOKEN", t);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", worker_bin.display()))?;
+        children.push((id, child));
+    }
+
+    // Progress until every sample has an outcome, Ctrl-C, or a fatal dataset error.
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let multi = indicatif::MultiProgress::new();
+    let bar = multi.add(
+        indicatif::ProgressBar::new(total as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} samples [{elapsed} < {eta}] {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        ),
+    );
+    if !interactive {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut worker_lines: HashMap<String, indicatif::ProgressBar> = HashMap::new();
+    let mut progress = handle.progress();
+    let started = Instant::now();
+    let base = already.committed + already.failed;
+    let mut last_log = Instant::now();
+    let mut interrupted = false;
+    let mut exited: Vec<bool> = vec![false; children.len()];
+    loop {
+        let p = progress.borrow_and_update().clone();
+        if let Some(e) = &p.fatal {
+            bar.abandon();
+            let _ = stop_tx.send(());
+            drop(handle);
+            let _ = actor.await;
+            bail!("the run stopped: {e} (everything committed before is kept)");
+        }
+        let c = p.counts.lease;
+        let done = c.committed + c.failed;
+        bar.set_position(done as u64);
+        let secs = started.elapsed().as_secs_f64();
+        let rate = (done - base.min(done)) as f64 / secs.max(1e-9);
+        let found_rate = p.counts.found as f64 / (c.committed - already.committed).max(1) as f64;
+        bar.set_message(format!(
+            "{rate:.2} samples/s, found {:.0}%, failed {}, leased {}, refused {}",
+            100.0 * found_rate,
+            c.failed,
+            c.leased,
+            p.counts.refused
+        ));
+        for (w, n) in &p.per_worker {
+            let line = worker_lines.entry(w.clone()).or_insert_with(|| {
+                let pb = multi.add(indicatif::ProgressBar::new_spinner());
+                if !interactive {
+                    pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+                }
+                pb
+            });
+            line.set_message(format!("{w}: {n} samples"));
+        }
+        if !interactive && last_log.elapsed() >= Duration::from_secs(10) {
+            last_log = Instant::now();
+            tracing::info!(
+                done,
+                total,
+                failed = c.failed,
+                rate = format!("{rate:.2}"),
+                workers = p.workers,
+                "progress"
+            );
+        }
+        if handle.is_done().await {
+            break;
+        }
+        for (k, (id, child)) in children.iter_mut().enumerate() {
+            if !exited[k] {
+                if let Ok(Some(status)) = child.try_wait() {
+                    exited[k] = true;
+                    tracing::warn!(worker = %id, %status, log = %logs.join(format!("{id}.log")).display(), "local worker exited");
+                    handle.worker_gone(id).await;
+                }
+            }
+        }
+        if a.workers > 0 && exited.iter().all(|&e| e) && a.listen.ip().is_loopback() {
+            bar.abandon();
+            let _ = stop_tx.send(());
+            drop(handle);
+            let _ = actor.await;
+            bail!(
+                "every local worker exited before the run finished; see the logs in {}",
+                logs.display()
+            );
+        }
+        tokio::select! {
+            _ = progress.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::signal::ctrl_c() => {
+                interrupted = true;
+                break;
+            }
+        }
+    }
+    bar.finish();
+    if !interrupted {
+        // Let local workers hear that the run is over, then stop serving.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (_, child) in children.iter_mut() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = tokio::time::timeout(left, child.wait()).await;
+        }
+    }
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    drop(handle);
+    drop(children);
+    let manifest = actor.await.context("the coordinator task panicked")??;
+    let c = manifest.rows;
+    eprintln!(
+        "{} in {:.1}s: {c} rows committed, {} samples failed; dataset in {}",
+        if interrupted {
+            "interrupted (committed rows kept; run again to resume)"
+        } else if manifest.complete {
+            "done"
+        } else {
+            "stopped"
+        },
+        started.elapsed().as_secs_f64(),
+        manifest.failed.len(),
+        a.out.join("data").display()
+    );
+    Ok(())
+}

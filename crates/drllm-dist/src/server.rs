@@ -1,0 +1,400 @@
+//! The coordinator's gRPC service. One task (the actor) owns the [`CoordinatorCore`]; RPC
+//! handlers send it messages and await its replies, so the queue, leases and dataset are never
+//! shared. The actor also expires leases and flushes buffered rows on a timer, and publishes
+//! progress on a watch channel.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::{CoordinatorCore, CoordinatorCounts, Outcome, ReportError};
+use crate::dataset::{DatasetError, Manifest};
+use crate::lease::{Accept, Lease};
+use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
+use crate::proto::{
+    sample_result, LeaseReply, LeaseRequest, RegisterReply, RegisterRequest, ReportReply,
+    ReportRequest, WorkItem, PROTOCOL_VERSION,
+};
+
+/// What the service checks and hands out.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Shared secret (`authorization: Bearer <token>`); `None` accepts any caller.
+    pub token: Option<String>,
+    /// Fingerprint every worker's model must have.
+    pub model_fingerprint: String,
+    /// Run configuration sent to workers at registration (JSON).
+    pub run_config_json: String,
+    /// How often busy workers heartbeat; leases expire after `lease_timeout`.
+    pub heartbeat: Duration,
+    /// Rows buffered longer than this are written even if a part is not full.
+    pub flush_every: Duration,
+}
+
+/// Progress published by the actor.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Counters.
+    pub counts: CoordinatorCounts,
+    /// Per worker: samples accepted.
+    pub per_worker: HashMap<String, usize>,
+    /// Workers registered.
+    pub workers: usize,
+    /// Set when the run cannot go on (e.g. the disk is full).
+    pub fatal: Option<String>,
+}
+
+enum Msg {
+    Register(String, oneshot::Sender<()>),
+    Lease(String, usize, oneshot::Sender<Option<Lease>>),
+    Report(
+        String,
+        u64,
+        Vec<(usize, Outcome)>,
+        oneshot::Sender<Result<ReportReply, String>>,
+    ),
+    WorkerGone(String),
+    Done(oneshot::Sender<bool>),
+}
+
+/// Handle to the actor.
+#[derive(Clone)]
+pub struct CoordinatorHandle {
+    tx: mpsc::Sender<Msg>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl CoordinatorHandle {
+    /// Progress updates.
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
+    }
+
+    /// A local worker process exited: its leases are reissued now.
+    pub async fn worker_gone(&self, worker: &str) {
+        let _ = self.tx.send(Msg::WorkerGone(worker.to_string())).await;
+    }
+
+    /// Whether every sample has an outcome.
+    pub async fn is_done(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Done(tx)).await.is_err() {
+            return true;
+        }
+        rx.await.unwrap_or(true)
+    }
+}
+
+/// Starts the actor owning `core`. The returned task ends when every handle is dropped (or
+/// the dataset fails) and yields the final manifest.
+pub fn spawn_actor(
+    mut core: CoordinatorCore,
+    cfg: &ServiceConfig,
+) -> (
+    CoordinatorHandle,
+    tokio::task::JoinHandle<Result<Manifest, DatasetError>>,
+) {
+    let (tx, mut rx) = mpsc::channel::<Msg>(256);
+    let (ptx, prx) = watch::channel(Progress {
+        counts: core.counts(),
+        ..Progress::default()
+    });
+    let flush_every = cfg.flush_every;
+    let task = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut progress = Progress {
+            counts: core.counts(),
+            ..Progress::default()
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut last_flush = Instant::now();
+        loop {
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    let now = start.elapsed();
+                    match msg {
+                        Msg::Register(w, reply) => {
+                            progress.workers += 1;
+                            progress.per_worker.entry(w).or_insert(0);
+                            let _ = reply.send(());
+                        }
+                        Msg::Lease(w, max, reply) => {
+                            let lease = if max == 0 {
+                                core.heartbeat(&w, now);
+                                None
+                            } else {
+                                core.lease(&w, max, now)
+                            };
+                            let _ = reply.send(lease);
+                        }
+                        Msg::Report(w, lease, results, reply) => {
+                            let mut r = ReportReply::default();
+                            let mut fatal = None;
+                            for (index, outcome) in results {
+                                match core.report(&w, lease, index, outcome) {
+                                    Ok(Accept::Commit) => {
+                                        r.accepted += 1;
+                                        *progress.per_worker.entry(w.clone()).or_insert(0) += 1;
+                                    }
+                                    Ok(Accept::Duplicate) => r.duplicates += 1,
+                                    Err(ReportError::Dataset(e)) => {
+                                        fatal = Some(e.to_string());
+                                        break;
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(worker = %w, lease, error = %e, "result refused");
+                                        r.refused.push(e.to_string());
+                                    }
+                                }
+                            }
+                            if let Some(e) = fatal {
+                                let _ = reply.send(Err(e.clone()));
+                                progress.fatal = Some(e);
+                                progress.counts = core.counts();
+                                let _ = ptx.send(progress.clone());
+                                break;
+                            }
+                            let _ = reply.send(Ok(r));
+                        }
+                        Msg::WorkerGone(w) => {
+                            let ids = core.worker_gone(&w);
+                            if !ids.is_empty() {
+                                tracing::warn!(worker = %w, leases = ?ids, "worker gone; its leases are reissued");
+                            }
+                        }
+                        Msg::Done(reply) => {
+                            let _ = reply.send(core.is_done());
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    let expired = core.tick(start.elapsed());
+                    if !expired.is_empty() {
+                        tracing::warn!(leases = ?expired, "leases expired; their samples are queued again");
+                    }
+                    if last_flush.elapsed() >= flush_every || core.is_done() {
+                        last_flush = Instant::now();
+                        if let Err(e) = core.flush() {
+                            progress.fatal = Some(e.to_string());
+                            progress.counts = core.counts();
+                            let _ = ptx.send(progress.clone());
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            progress.counts = core.counts();
+            let _ = ptx.send(progress.clone());
+        }
+        core.finish()
+    });
+    (CoordinatorHandle { tx, progress: prx }, task)
+}
+
+/// The tonic service in front of the actor.
+pub struct Service {
+    handle: CoordinatorHandle,
+    cfg: ServiceConfig,
+    samples: std::sync::Arc<Vec<crate::coordinator::WorkSample>>,
+    registered: std::sync::Mutex<HashMap<String, String>>,
+}
+
+impl Service {
+    /// A service for the actor behind `handle`, over the task list `samples`.
+    pub fn new(
+        handle: CoordinatorHandle,
+        cfg: ServiceConfig,
+        samples: Vec<crate::coordinator::WorkSample>,
+    ) -> Self {
+        Service {
+            handle,
+            cfg,
+            samples: std::sync::Arc::new(samples),
+            registered: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn auth<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.cfg.token else {
+            return Ok(());
+        };
+        let got = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if got == Some(format!("Bearer {token}").as_str()) {
+            return Ok(());
+        }
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::warn!(%peer, "refused a caller without the run's token");
+        Err(Status::unauthenticated(
+            "missing or wrong token (authorization: Bearer <token>)",
+        ))
+    }
+
+    fn check_registered(&self, worker: &str) -> Result<(), Status> {
+        let ok = self
+            .registered
+            .lock()
+            .map(|m| m.contains_key(worker))
+            .unwrap_or(false);
+        if ok {
+            Ok(())
+        } else {
+            tracing::warn!(worker, "refused a call from an unregistered worker");
+            Err(Status::failed_precondition(format!(
+                "worker {worker:?} is not registered"
+            )))
+        }
+    }
+}
+
+fn gone() -> Status {
+    Status::unavailable("the coordinator is shutting down")
+}
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
+        self.auth(&req)?;
+        let r = req.into_inner();
+        if r.protocol_version != PROTOCOL_VERSION {
+            tracing::warn!(worker = %r.worker_id, version = r.protocol_version, "refused a worker speaking another protocol version");
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} (coordinator speaks {PROTOCOL_VERSION})",
+                r.protocol_version
+            )));
+        }
+        if r.model_fingerprint != self.cfg.model_fingerprint {
+            tracing::warn!(worker = %r.worker_id, theirs = %r.model_fingerprint, ours = %self.cfg.model_fingerprint, "refused a worker with a different model");
+            return Err(Status::failed_precondition(format!(
+                "model fingerprint {} differs from the run's {}: start the worker with the same --model",
+                r.model_fingerprint, self.cfg.model_fingerprint
+            )));
+        }
+        if r.worker_id.is_empty() {
+            return Err(Status::invalid_argument("empty worker_id"));
+        }
+        if let Ok(mut m) = self.registered.lock() {
+            m.insert(r.worker_id.clone(), r.device.clone());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.handle
+            .tx
+            .send(Msg::Register(r.worker_id.clone(), tx))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?;
+        tracing::info!(worker = %r.worker_id, device = %r.device, "worker registered");
+        Ok(Response::new(RegisterReply {
+            run_config_json: self.cfg.run_config_json.clone(),
+            heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
+        }))
+    }
+
+    async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseReply>, Status> {
+        self.auth(&req)?;
+        let r = req.into_inner();
+        self.check_registered(&r.worker_id)?;
+        let (tx, rx) = oneshot::channel();
+        self.handle
+            .tx
+            .send(Msg::Lease(r.worker_id, r.max_samples as usize, tx))
+            .await
+            .map_err(|_| gone())?;
+        let lease = rx.await.map_err(|_| gone())?;
+        let Some(l) = lease else {
+            let done = r.max_samples > 0 && self.handle.is_done().await;
+            return Ok(Response::new(LeaseReply {
+                done,
+                retry_after_ms: 1000,
+                ..LeaseReply::default()
+            }));
+        };
+        let items = l
+            .samples
+            .iter()
+            .filter_map(|&i| {
+                self.samples.get(i).map(|s| WorkItem {
+                    index: i as u64,
+                    task: s.task.clone(),
+                    split: s.split.clone(),
+                    sample_id: s.sample_id.clone(),
+                })
+            })
+            .collect();
+        Ok(Response::new(LeaseReply {
+            lease_id: l.id,
+            attempt: l.attempt,
+            valid_ms: l.deadline.as_millis() as u64,
+            items,
+            done: false,
+            retry_after_ms: 0,
+        }))
+    }
+
+    async fn report(&self, req: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
+        self.auth(&req)?;
+        let r = req.into_inner();
+        self.check_registered(&r.worker_id)?;
+        let mut results = vec![];
+        let mut refused = vec![];
+        for s in r.results {
+            let outcome = match s.outcome {
+                Some(sample_result::Outcome::Record(rec)) => match rec.into_row(&r.worker_id) {
+                    Ok(row) => Outcome::Record(Box::new(row)),
+                    Err(e) => {
+                        tracing::warn!(worker = %r.worker_id, index = s.index, error = %e, "malformed result refused");
+                        refused.push(format!("sample index {}: {e}", s.index));
+                        continue;
+                    }
+                },
+                Some(sample_result::Outcome::Error(e)) => Outcome::Failed(e),
+                None => {
+                    refused.push(format!("sample index {}: no outcome", s.index));
+                    continue;
+                }
+            };
+            results.push((s.index as usize, outcome));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.handle
+            .tx
+            .send(Msg::Report(r.worker_id, r.lease_id, results, tx))
+            .await
+            .map_err(|_| gone())?;
+        let mut reply = rx
+            .await
+            .map_err(|_| gone())?
+            .map_err(|e| Status::internal(format!("the coordinator stopped: {e}")))?;
+        reply.refused.extend(refused);
+        Ok(Response::new(reply))
+    }
+}
+
+/// Serves `service` on `addr` until `shutdown` resolves.
+pub async fn serve(
+    service: Service,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tonic::transport::Server::builder()
+        .add_service(CoordinatorServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// Binds `addr` (port 0 = any free port) and returns the listener and its real address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let l = tokio::net::TcpListener::bind(addr).await?;
+    let a = l.local_addr()?;
+    Ok((l, a))
+}

@@ -1,0 +1,73 @@
+//! A finished search as a row of the paths dataset.
+use drllm_dist::PathRecord;
+use drllm_runtime::LoadedModel;
+use drllm_search::SearchResult;
+use drllm_tasks::{Question, Sample, Split};
+
+use crate::eval::{decision_point, evaluate_alone, EvalError, EvalOptions, PreparedPrompt};
+
+/// The question as text: the stem, then one `(X) text` line per choice.
+pub fn question_text(q: &Question) -> String {
+    match q {
+        Question::Problem(p) => p.clone(),
+        Question::MultipleChoice { stem, choices } => {
+            let mut s = stem.clone();
+            for c in choices {
+                s.push_str(&format!("\n({}) {}", c.label, c.text));
+            }
+            s
+        }
+    }
+}
+
+/// The row of `sample`'s search. The best path's response is regenerated alone (one extra
+/// evaluation) and cut where its reward was decided.
+#[allow(clippy::too_many_arguments)]
+pub fn path_record(
+    lm: &LoadedModel,
+    sample: &Sample,
+    split: Split,
+    prompt: &PreparedPrompt,
+    r: &SearchResult,
+    eval: &EvalOptions,
+    worker: &str,
+    seed: u64,
+) -> Result<PathRecord, EvalError> {
+    let best_response = match &r.best_path {
+        Some(p) if !prompt.by_logits => {
+            let e = evaluate_alone(lm, prompt, p, eval)?;
+            let cut = decision_point(lm, prompt, &e.tokens, eval.mode);
+            Some(lm.tokenizer.decode(&e.tokens[..cut])?)
+        }
+        _ => None,
+    };
+    let best_path = r.best_path.as_ref().map(|p| p.counts().to_vec());
+    Ok(PathRecord {
+        sample_id: sample.id.clone(),
+        task: sample.task.to_string(),
+        split: split.to_string(),
+        question: question_text(&sample.question),
+        answer: sample.gold.to_string(),
+        prompt: prompt.text.clone(),
+        model: lm.source.name(),
+        num_layers: lm.model.num_layers() as u16,
+        default_correct: r.default_reward >= 1.0,
+        found: r.found,
+        improved: r.improved,
+        best_cost: best_path
+            .as_ref()
+            .map(|p| p.iter().map(|&c| c as u32).sum()),
+        best_layers: r
+            .best_path
+            .as_ref()
+            .map(|p| p.layer_list().iter().map(|&l| l as u16).collect()),
+        best_path,
+        good_paths: r.good_paths.iter().map(|p| p.counts().to_vec()).collect(),
+        simulations: r.simulations as u32,
+        evaluations: r.evaluations as u32,
+        search_ms: r.wall_ms,
+        worker: worker.to_string(),
+        seed,
+        best_response,
+    })
+}

@@ -1,0 +1,124 @@
+//! The distributed search with real processes: `drllm-coordinator` spawning `drllm-worker`s on
+//! real ARC prompts with the embedded model, writing the Parquet dataset.
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use drllm::dist::{read_rows, PathRecord};
+
+fn coordinator(out: &Path, workers: usize, limit: usize, extra: &[&str]) -> (bool, String) {
+    let o = Command::new(bin("drllm-coordinator"))
+        .args([
+            "--model",
+            "embedded",
+            "--dataset",
+            "arc_easy",
+            "--split",
+            "train",
+        ])
+        .args([
+            "--limit",
+            &limit.to_string(),
+            "--workers",
+            &workers.to_string(),
+        ])
+        .args([
+            "--num-simulations",
+            "8",
+            "--seed",
+            "7",
+            "--concurrency",
+            "3",
+        ])
+        .args(["--max-new-tokens", "6", "--part-rows", "4"])
+        .arg("--data")
+        .arg(data_dir())
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .env("DRLLM_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Rows by sample id without the fields that depend on who ran them and when.
+fn comparable(out: &Path) -> Vec<PathRecord> {
+    let mut rows = read_rows(out).unwrap();
+    for r in &mut rows {
+        r.worker.clear();
+        r.search_ms = 0;
+    }
+    rows.sort_by(|a, b| a.sample_id.cmp(&b.sample_id));
+    rows
+}
+
+#[test]
+fn two_workers_equal_one_and_runs_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let (ok, err) = coordinator(&one, 1, 6, &[]);
+    assert!(ok, "{err}");
+    let (ok, err) = coordinator(&two, 2, 6, &[]);
+    assert!(ok, "{err}");
+    let (a, b) = (comparable(&one), comparable(&two));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "two workers must find exactly what one worker finds");
+    let workers: std::collections::HashSet<String> = read_rows(&two)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.worker)
+        .collect();
+    assert_eq!(workers.len(), 2, "both workers got work: {workers:?}");
+    for r in &a {
+        r.validate(30).unwrap();
+        assert!(r.prompt.contains("<|im_start|>user"), "{}", r.prompt);
+    }
+    assert!(one.join("_SUCCESS").exists());
+
+    // Resume with a larger limit: only the new samples are searched, nothing is duplicated.
+    let (ok, err) = coordinator(&one, 1, 9, &[]);
+    assert!(ok, "{err}");
+    assert!(err.contains("6 already committed"), "{err}");
+    let rows = comparable(&one);
+    assert_eq!(rows.len(), 9);
+    let ids: std::collections::HashSet<&str> = rows.iter().map(|r| r.sample_id.as_str()).collect();
+    assert_eq!(ids.len(), 9);
+    // The resumed run's first six rows are the first run's, untouched.
+    assert_eq!(
+        rows.iter().filter(|r| a.contains(r)).count(),
+        6,
+        "committed rows changed on resume"
+    );
+
+    // Another configuration on the same OUT is refused, naming --force.
+    let (ok, err) = coordinator(&one, 1, 9, &["--stop-on-saving", "3"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--force") && err.contains("stop_on_saving"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_settings_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x");
+    // Remote workers without a token.
+    let (ok, err) = coordinator(&out, 0, 2, &["--listen", "0.0.0.0:0"]);
+    assert!(!ok);
+    assert!(err.contains("--token"), "{err}");
+    // An unknown task.
+    let o = Command::new(bin("drllm-coordinator"))
+        .args(["--dataset", "arc_medium", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("arc_medium"));
+}
