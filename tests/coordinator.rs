@@ -122,3 +122,135 @@ fn bad_settings_are_refused_before_any_work() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("arc_medium"));
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Remote workers without the token or with another model are refused with a clear message
+/// (and a log line on the coordinator); a killed local worker's leases are reissued; the run
+/// completes with the rows an undisturbed run gives.
+#[test]
+fn intruders_are_refused_and_a_killed_worker_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let port = free_port();
+    let mut coord = Command::new(bin("drllm-coordinator"))
+        .args([
+            "--model",
+            "embedded",
+            "--dataset",
+            "arc_easy",
+            "--split",
+            "train",
+        ])
+        .args([
+            "--limit",
+            "6",
+            "--workers",
+            "2",
+            "--num-simulations",
+            "8",
+            "--seed",
+            "7",
+        ])
+        .args([
+            "--concurrency",
+            "1",
+            "--max-new-tokens",
+            "6",
+            "--lease-timeout-s",
+            "8",
+        ])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--token",
+            "s3cret",
+        ])
+        .arg("--data")
+        .arg(data_dir())
+        .arg("--out")
+        .arg(&out)
+        .env("DRLLM_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let worker = |token: &str, model: &Path| {
+        Command::new(bin("drllm-worker"))
+            .args([
+                "--connect",
+                &format!("http://127.0.0.1:{port}"),
+                "--token",
+                token,
+            ])
+            .arg("--model")
+            .arg(model)
+            .args(["--device", "cpu", "--threads", "1"])
+            .output()
+            .unwrap()
+    };
+    let o = worker("wrong", &embedded_gguf());
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("refused") && err.contains("token"), "{err}");
+    // Same architecture and size, one byte different: another model.
+    let other = dir.path().join("other.gguf");
+    let mut bytes = std::fs::read(embedded_gguf()).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&other, bytes).unwrap();
+    let o = worker("s3cret", &other);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("fingerprint"), "{err}");
+    // Kill one local worker once it has registered (it takes a lease right away).
+    let stderr = coord.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let registered = rx
+        .iter()
+        .any(|l| l.contains("worker registered") && l.contains("local-1"));
+    assert!(registered, "local-1 never registered");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let killed = Command::new("pkill")
+        .args(["-9", "-f", &format!("127.0.0.1:{port} --worker-id local-1")])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "local-1 not found to kill");
+    let status = coord.wait().unwrap();
+    let log = reader.join().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("refused a caller without the run's token"),
+        "{log}"
+    );
+    assert!(
+        log.contains("refused a worker with a different model"),
+        "{log}"
+    );
+    assert!(log.contains("local worker exited"), "{log}");
+    let rows = comparable(&out);
+    assert_eq!(rows.len(), 6, "nothing lost, nothing duplicated");
+    // Undisturbed reference: the same search by one worker.
+    let reference = dir.path().join("reference");
+    let (ok, err) = coordinator(&reference, 1, 6, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(rows, comparable(&reference));
+}
