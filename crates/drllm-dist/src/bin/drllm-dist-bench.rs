@@ -34,6 +34,130 @@ struct Cli {
     repeats: usize,
 }
 
+/// The same run through the real gRPC service on loopback: every simulated worker is a client
+/// task that registers, leases, and reports its rows in one RPC per lease.
+fn run_grpc(a: &Cli, workers: usize) -> Result<f64> {
+    use drllm_dist::proto::coordinator_client::CoordinatorClient;
+    use drllm_dist::proto::{
+        sample_result, LeaseRequest, RegisterRequest, ReportRequest, SampleResult, SearchRecord,
+        PROTOCOL_VERSION,
+    };
+    use drllm_dist::server::{bind, serve, spawn_actor, Service, ServiceConfig};
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let dir = tempfile::tempdir()?;
+        let ds = Dataset::open(dir.path(), "bench", serde_json::json!({}), false)?;
+        let samples = work(a.samples);
+        let rows: Vec<SearchRecord> = samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SearchRecord::from(&record(s, i)))
+            .collect();
+        let rows = std::sync::Arc::new(rows);
+        let cfg = LeaseConfig {
+            samples_per_lease: a.lease_samples,
+            timeout: Duration::from_secs(60),
+            max_attempts: 3,
+        };
+        let core = CoordinatorCore::new(samples.clone(), ds, 30, cfg, a.part_rows);
+        let scfg = ServiceConfig {
+            token: None,
+            model_fingerprint: "bench".into(),
+            run_config_json: "{}".into(),
+            heartbeat: Duration::from_secs(30),
+            flush_every: Duration::from_secs(30),
+        };
+        let (handle, actor) = spawn_actor(core, &scfg);
+        let (listener, addr) = bind("127.0.0.1:0".parse()?).await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            Service::new(handle.clone(), scfg, samples),
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let start = Instant::now();
+        let mut tasks = vec![];
+        for w in 0..workers {
+            let rows = rows.clone();
+            let per = a.lease_samples as u32;
+            tasks.push(tokio::spawn(async move {
+                let mut c = CoordinatorClient::connect(format!("http://{addr}")).await?;
+                let id = format!("w{w}");
+                c.register(RegisterRequest {
+                    worker_id: id.clone(),
+                    device: "sim".into(),
+                    model_fingerprint: "bench".into(),
+                    code_version: String::new(),
+                    protocol_version: PROTOCOL_VERSION,
+                })
+                .await?;
+                loop {
+                    let l = c
+                        .lease(LeaseRequest {
+                            worker_id: id.clone(),
+                            max_samples: per,
+                        })
+                        .await?
+                        .into_inner();
+                    if l.done {
+                        return anyhow::Ok(());
+                    }
+                    if l.items.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                    let results = l
+                        .items
+                        .iter()
+                        .map(|it| SampleResult {
+                            index: it.index,
+                            outcome: Some(sample_result::Outcome::Record(
+                                rows[it.index as usize].clone(),
+                            )),
+                        })
+                        .collect();
+                    c.report(ReportRequest {
+                        worker_id: id.clone(),
+                        lease_id: l.lease_id,
+                        results,
+                    })
+                    .await?;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let _ = stop.send(());
+        let _ = server.await;
+        drop(handle);
+        let m = actor.await??;
+        anyhow::ensure!(
+            m.rows == a.samples && m.complete,
+            "not every sample committed"
+        );
+        Ok(a.samples as f64 / secs)
+    })
+}
+
+fn work(n: usize) -> Vec<WorkSample> {
+    (0..n)
+        .map(|i| WorkSample {
+            task: if i.is_multiple_of(2) {
+                "arc_easy"
+            } else {
+                "dart-1"
+            }
+            .into(),
+            split: "train".into(),
+            sample_id: format!("s{i:07}"),
+        })
+        .collect()
+}
+
 /// A row shaped like a real ARC search outcome on a 30-block model.
 fn record(s: &WorkSample, i: usize) -> PathRecord {
     let found = !i.is_multiple_of(3);
@@ -73,18 +197,7 @@ fn record(s: &WorkSample, i: usize) -> PathRecord {
 fn run(a: &Cli, workers: usize) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let ds = Dataset::open(dir.path(), "bench", serde_json::json!({}), false)?;
-    let samples: Vec<WorkSample> = (0..a.samples)
-        .map(|i| WorkSample {
-            task: if i.is_multiple_of(2) {
-                "arc_easy"
-            } else {
-                "dart-1"
-            }
-            .into(),
-            split: "train".into(),
-            sample_id: format!("s{i:07}"),
-        })
-        .collect();
+    let samples = work(a.samples);
     let rows: Vec<PathRecord> = samples
         .iter()
         .enumerate()
@@ -127,17 +240,17 @@ fn main() -> Result<()> {
         "{} samples, {} per lease, {} rows per part (zstd, fsync'd, manifest rewritten per part)",
         a.samples, a.lease_samples, a.part_rows
     );
-    println!(
-        "| simulated workers | committed samples/s (median of {}) |",
-        a.repeats
-    );
-    println!("| ---: | ---: |");
+    println!("| simulated workers | core only: samples/s | through gRPC on loopback: samples/s |");
+    println!("| ---: | ---: | ---: |");
+    let median = |f: &dyn Fn() -> Result<f64>| -> Result<f64> {
+        let mut r: Vec<f64> = (0..a.repeats.max(1)).map(|_| f()).collect::<Result<_>>()?;
+        r.sort_by(|x, y| x.total_cmp(y));
+        Ok(r[r.len() / 2])
+    };
     for &w in &a.workers {
-        let mut rates: Vec<f64> = (0..a.repeats.max(1))
-            .map(|_| run(&a, w))
-            .collect::<Result<_>>()?;
-        rates.sort_by(|x, y| x.total_cmp(y));
-        println!("| {w} | {:.0} |", rates[rates.len() / 2]);
+        let core = median(&|| run(&a, w))?;
+        let grpc = median(&|| run_grpc(&a, w))?;
+        println!("| {w} | {core:.0} | {grpc:.0} |");
     }
     Ok(())
 }
