@@ -171,13 +171,11 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("binding {}", a.listen))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(
-        Service::new(handle.clone(), svc_cfg, samples),
-        listener,
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let service = Service::new(handle.clone(), svc_cfg, samples);
+    let farewell = service.farewell();
+    let server = tokio::spawn(serve(service, listener, async {
+        let _ = stop_rx.await;
+    }));
     tracing::info!(%addr, "serving");
 
     // Local workers: one per GPU, else the CPU cores split between them.
@@ -326,11 +324,15 @@ async fn main() -> Result<()> {
     }
     bar.finish();
     if !interrupted {
-        // Let local workers hear that the run is over, then stop serving.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Keep serving until every registered worker has heard that the run is over (a worker
+        // busy on a lease whose samples others finished asks once it is done), then stop.
+        let deadline = Instant::now() + Duration::from_secs(a.lease_timeout_s.clamp(10, 120));
+        while !farewell.all_told() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         for (_, child) in children.iter_mut() {
             let left = deadline.saturating_duration_since(Instant::now());
-            let _ = tokio::time::timeout(left, child.wait()).await;
+            let _ = tokio::time::timeout(left.max(Duration::from_secs(2)), child.wait()).await;
         }
     }
     let _ = stop_tx.send(());

@@ -195,12 +195,30 @@ pub fn spawn_actor(
     (CoordinatorHandle { tx, progress: prx }, task)
 }
 
+/// Which registered workers have been told that the run is over, so the coordinator can
+/// keep serving until they know (a remote worker would otherwise find the port closed).
+#[derive(Clone, Default)]
+pub struct Farewell {
+    registered: std::sync::Arc<std::sync::Mutex<HashMap<String, String>>>,
+    told: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl Farewell {
+    /// Whether every registered worker has been answered `done`.
+    pub fn all_told(&self) -> bool {
+        match (self.registered.lock(), self.told.lock()) {
+            (Ok(r), Ok(t)) => r.keys().all(|w| t.contains(w)),
+            _ => true,
+        }
+    }
+}
+
 /// The tonic service in front of the actor.
 pub struct Service {
     handle: CoordinatorHandle,
     cfg: ServiceConfig,
     samples: std::sync::Arc<Vec<crate::coordinator::WorkSample>>,
-    registered: std::sync::Mutex<HashMap<String, String>>,
+    farewell: Farewell,
 }
 
 impl Service {
@@ -214,8 +232,13 @@ impl Service {
             handle,
             cfg,
             samples: std::sync::Arc::new(samples),
-            registered: std::sync::Mutex::new(HashMap::new()),
+            farewell: Farewell::default(),
         }
+    }
+
+    /// Tracks which workers know the run is over.
+    pub fn farewell(&self) -> Farewell {
+        self.farewell.clone()
     }
 
     fn auth<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -238,6 +261,7 @@ impl Service {
 
     fn check_registered(&self, worker: &str) -> Result<(), Status> {
         let ok = self
+            .farewell
             .registered
             .lock()
             .map(|m| m.contains_key(worker))
@@ -282,7 +306,7 @@ impl Coordinator for Service {
         if r.worker_id.is_empty() {
             return Err(Status::invalid_argument("empty worker_id"));
         }
-        if let Ok(mut m) = self.registered.lock() {
+        if let Ok(mut m) = self.farewell.registered.lock() {
             m.insert(r.worker_id.clone(), r.device.clone());
         }
         let (tx, rx) = oneshot::channel();
@@ -306,12 +330,17 @@ impl Coordinator for Service {
         let (tx, rx) = oneshot::channel();
         self.handle
             .tx
-            .send(Msg::Lease(r.worker_id, r.max_samples as usize, tx))
+            .send(Msg::Lease(r.worker_id.clone(), r.max_samples as usize, tx))
             .await
             .map_err(|_| gone())?;
         let lease = rx.await.map_err(|_| gone())?;
         let Some(l) = lease else {
             let done = r.max_samples > 0 && self.handle.is_done().await;
+            if done {
+                if let Ok(mut t) = self.farewell.told.lock() {
+                    t.insert(r.worker_id.clone());
+                }
+            }
             return Ok(Response::new(LeaseReply {
                 done,
                 retry_after_ms: 1000,
