@@ -8,35 +8,42 @@ use std::process::Command;
 use common::*;
 use drllm::dist::{read_rows, PathRecord};
 
+/// The coordinator on the first `limit` ARC-Easy train prompts (8 simulations, seed 7).
+fn coordinator_cmd(out: &Path, workers: usize, limit: usize, concurrency: usize) -> Command {
+    let mut c = Command::new(bin("drllm-coordinator"));
+    c.args([
+        "--model",
+        "embedded",
+        "--dataset",
+        "arc_easy",
+        "--split",
+        "train",
+    ])
+    .args([
+        "--limit",
+        &limit.to_string(),
+        "--workers",
+        &workers.to_string(),
+    ])
+    .args([
+        "--num-simulations",
+        "8",
+        "--seed",
+        "7",
+        "--max-new-tokens",
+        "6",
+    ])
+    .args(["--concurrency", &concurrency.to_string()])
+    .arg("--data")
+    .arg(data_dir())
+    .arg("--out")
+    .arg(out);
+    c
+}
+
 fn coordinator(out: &Path, workers: usize, limit: usize, extra: &[&str]) -> (bool, String) {
-    let o = Command::new(bin("drllm-coordinator"))
-        .args([
-            "--model",
-            "embedded",
-            "--dataset",
-            "arc_easy",
-            "--split",
-            "train",
-        ])
-        .args([
-            "--limit",
-            &limit.to_string(),
-            "--workers",
-            &workers.to_string(),
-        ])
-        .args([
-            "--num-simulations",
-            "8",
-            "--seed",
-            "7",
-            "--concurrency",
-            "3",
-        ])
-        .args(["--max-new-tokens", "6", "--part-rows", "4"])
-        .arg("--data")
-        .arg(data_dir())
-        .arg("--out")
-        .arg(out)
+    let o = coordinator_cmd(out, workers, limit, 3)
+        .args(["--part-rows", "4"])
         .args(extra)
         .env("DRLLM_LOG", "warn")
         .output()
@@ -139,43 +146,9 @@ fn intruders_are_refused_and_a_killed_worker_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let port = free_port();
-    let mut coord = Command::new(bin("drllm-coordinator"))
-        .args([
-            "--model",
-            "embedded",
-            "--dataset",
-            "arc_easy",
-            "--split",
-            "train",
-        ])
-        .args([
-            "--limit",
-            "6",
-            "--workers",
-            "2",
-            "--num-simulations",
-            "8",
-            "--seed",
-            "7",
-        ])
-        .args([
-            "--concurrency",
-            "1",
-            "--max-new-tokens",
-            "6",
-            "--lease-timeout-s",
-            "8",
-        ])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--token",
-            "s3cret",
-        ])
-        .arg("--data")
-        .arg(data_dir())
-        .arg("--out")
-        .arg(&out)
+    let mut coord = coordinator_cmd(&out, 2, 6, 1)
+        .args(["--lease-timeout-s", "8", "--token", "s3cret"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("DRLLM_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -262,37 +235,8 @@ fn intruders_are_refused_and_a_killed_worker_loses_nothing() {
 fn a_killed_coordinator_resumes_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let mut coord = Command::new(bin("drllm-coordinator"))
-        .args([
-            "--model",
-            "embedded",
-            "--dataset",
-            "arc_easy",
-            "--split",
-            "train",
-        ])
-        .args([
-            "--limit",
-            "6",
-            "--workers",
-            "1",
-            "--num-simulations",
-            "8",
-            "--seed",
-            "7",
-        ])
-        .args([
-            "--concurrency",
-            "3",
-            "--max-new-tokens",
-            "6",
-            "--part-rows",
-            "1",
-        ])
-        .arg("--data")
-        .arg(data_dir())
-        .arg("--out")
-        .arg(&out)
+    let mut coord = coordinator_cmd(&out, 1, 6, 3)
+        .args(["--part-rows", "1"])
         .env("DRLLM_LOG", "warn")
         .stderr(std::process::Stdio::null())
         .spawn()
