@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The README's main command. Until the coordinator lands, the main job is: ARC questions from
-# the data directory answered by the embedded model along the default path and along a shorter
-# path, side by side; then a standalone path search (MCTS) over a few ARC-Easy train prompts,
-# written as JSON lines to $OUT (default .cache/run/paths.jsonl).
+# The README's main command: ARC questions from the data directory answered by the embedded
+# model along the default path and along a shorter path, side by side; then the distributed path
+# search (drllm-coordinator with 2 local workers) over a few ARC-Easy train prompts, written as
+# the Parquet paths dataset to $OUT (default .cache/run/paths; run again to resume).
 #   scripts/run.sh [--data DIR] [--limit N]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,7 +18,7 @@ done
 arc="$data/arc/ARC-Challenge-Dev.jsonl"
 [ -f "$arc" ] || { echo "run.sh: $arc not found (pass --data DIR holding arc/ARC-Challenge-Dev.jsonl)" >&2; exit 1; }
 bash scripts/setup.sh
-cargo build --release --locked -p drllm-infer -p drllm-worker
+cargo build --release --locked --workspace
 args=()
 while IFS= read -r q; do args+=(--prompt "$q"); done < <(.venv/bin/python - "$arc" "$limit" <<'PY'
 import json, sys
@@ -39,9 +39,19 @@ echo "== default path (all 30 blocks once)"
 path="1,1,1,1,2,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,0,1,1,0,1"
 echo "== shorter path $path"
 "$bin" generate --model embedded --chat --max-new-tokens 24 --path "$path" "${args[@]}"
-out="${OUT:-.cache/run}"
-mkdir -p "$out"
-echo "== path search: $limit ARC-Easy train prompts, 20 simulations each"
-target/release/drllm-worker --standalone --data "$data" --dataset arc_easy --split train --limit "$limit" \
-  --num-simulations 20 --seed 7 --out "$out/paths.jsonl"
-cat "$out/paths.jsonl"
+out="${OUT:-.cache/run/paths}"
+echo "== path search: $limit ARC-Easy train prompts, 20 simulations each, 2 workers -> $out"
+target/release/drllm-coordinator --workers 2 --data "$data" --dataset arc_easy --split train \
+  --limit "$limit" --num-simulations 20 --seed 7 --out "$out"
+find "$out/data" -name '*.parquet' | sort
+.venv/bin/python - "$out" <<'PY'
+import json, sys
+m = json.load(open(f"{sys.argv[1]}/_manifest.json"))
+print(f"{m['rows']} rows in {len(m['parts'])} part(s), {len(m['failed'])} failed, complete: {m['complete']}")
+try:
+    import polars as pl
+    df = pl.scan_parquet(f"{sys.argv[1]}/data/**/*.parquet", hive_partitioning=True).collect()
+    print(df.select(["sample_id", "task", "default_correct", "found", "best_cost", "evaluations"]))
+except ImportError:
+    pass
+PY

@@ -120,6 +120,10 @@ fn bad_settings_are_refused_before_any_work() {
     let (ok, err) = coordinator(&out, 0, 2, &["--listen", "0.0.0.0:0"]);
     assert!(!ok);
     assert!(err.contains("--token"), "{err}");
+    // No local workers and no reachable address.
+    let (ok, err) = coordinator(&out, 0, 2, &[]);
+    assert!(!ok);
+    assert!(err.contains("no workers"), "{err}");
     // An unknown task.
     let o = Command::new(bin("drllm-coordinator"))
         .args(["--dataset", "arc_medium", "--out"])

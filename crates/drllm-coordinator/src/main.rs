@@ -104,6 +104,9 @@ async fn main() -> Result<()> {
         .init();
     let a = Cli::parse();
     let run = a.search.run_config()?;
+    if a.workers == 0 && a.listen.ip().is_loopback() {
+        bail!("no workers could ever connect: use --workers N, or --listen on a reachable address for remote workers");
+    }
     if !a.listen.ip().is_loopback() && a.token.is_none() {
         bail!(
             "--listen {} accepts remote workers: set --token (or DRLLM_TOKEN)",

@@ -400,7 +400,10 @@ impl<'m> PathBatch<'m> {
             ));
         }
         if parts.len() == 1 {
-            return Ok(parts.into_iter().next().expect("one part"));
+            let mut parts = parts;
+            return parts
+                .pop()
+                .ok_or_else(|| Error::Request("concat of no batches".into()));
         }
         let dev = model.device();
         let t = parts
