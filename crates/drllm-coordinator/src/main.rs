@@ -303,6 +303,7 @@ async fn main() -> Result<()> {
                     exited[k] = true;
                     tracing::warn!(worker = %id, %status, log = %logs.join(format!("{id}.log")).display(), "local worker exited");
                     handle.worker_gone(id).await;
+                    farewell.gone(id);
                 }
             }
         }

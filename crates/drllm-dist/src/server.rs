@@ -204,6 +204,13 @@ pub struct Farewell {
 }
 
 impl Farewell {
+    /// A worker known gone (its process exited): nobody needs to tell it anything.
+    pub fn gone(&self, worker: &str) {
+        if let Ok(mut r) = self.registered.lock() {
+            r.remove(worker);
+        }
+    }
+
     /// Whether every registered worker has been answered `done`.
     pub fn all_told(&self) -> bool {
         match (self.registered.lock(), self.told.lock()) {
