@@ -167,6 +167,7 @@ async fn main() -> Result<()> {
         model_fingerprint: fingerprint,
         run_config_json: serde_json::to_string(&run)?,
         heartbeat: Duration::from_secs((a.lease_timeout_s / 4).max(1)),
+        lease_timeout: Duration::from_secs(a.lease_timeout_s.max(1)),
         flush_every: Duration::from_secs(30),
     };
     let (handle, actor) = spawn_actor(core, &svc_cfg);

@@ -30,6 +30,8 @@ pub struct ServiceConfig {
     pub run_config_json: String,
     /// How often busy workers heartbeat; leases expire after `lease_timeout`.
     pub heartbeat: Duration,
+    /// How long a lease stays valid without hearing from its holder (told to workers).
+    pub lease_timeout: Duration,
     /// Rows buffered longer than this are written even if a part is not full.
     pub flush_every: Duration,
 }
@@ -369,7 +371,7 @@ impl Coordinator for Service {
         Ok(Response::new(LeaseReply {
             lease_id: l.id,
             attempt: l.attempt,
-            valid_ms: l.deadline.as_millis() as u64,
+            valid_ms: self.cfg.lease_timeout.as_millis() as u64,
             items,
             done: false,
             retry_after_ms: 0,

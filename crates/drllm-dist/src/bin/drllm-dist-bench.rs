@@ -65,6 +65,7 @@ fn run_grpc(a: &Cli, workers: usize) -> Result<f64> {
             model_fingerprint: "bench".into(),
             run_config_json: "{}".into(),
             heartbeat: Duration::from_secs(30),
+            lease_timeout: Duration::from_secs(60),
             flush_every: Duration::from_secs(30),
         };
         let (handle, actor) = spawn_actor(core, &scfg);
