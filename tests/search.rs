@@ -35,6 +35,24 @@ fn random_paths(n: usize, count: usize, seed: u64) -> Vec<LayerPath> {
         .collect()
 }
 
+/// The embedded model (f32, CPU) and the first `n` ARC-Easy train samples.
+fn model_and_arc_easy(n: usize) -> (LoadedModel, Vec<drllm::tasks::Sample>) {
+    let lm =
+        LoadedModel::load(ModelSource::Gguf(embedded_gguf()), Device::Cpu, Kind::Float).unwrap();
+    let samples = data::load(
+        &data_dir(),
+        TaskName::ArcEasy,
+        Split::Train,
+        &LoadOptions {
+            limit: Some(n),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .samples;
+    (lm, samples)
+}
+
 /// `path` with one block's count changed at a seeded position (as a search edit would).
 fn edited(path: &LayerPath, seed: u64) -> LayerPath {
     let mut counts = path.counts().to_vec();
@@ -44,19 +62,7 @@ fn edited(path: &LayerPath, seed: u64) -> LayerPath {
 }
 
 fn check_equivalence(n_prompts: usize, n_paths: usize, mode: RewardMode) {
-    let lm =
-        LoadedModel::load(ModelSource::Gguf(embedded_gguf()), Device::Cpu, Kind::Float).unwrap();
-    let samples = data::load(
-        &data_dir(),
-        TaskName::ArcEasy,
-        Split::Train,
-        &LoadOptions {
-            limit: Some(n_prompts),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .samples;
+    let (lm, samples) = model_and_arc_easy(n_prompts);
     let opts = EvalOptions {
         mode,
         max_new_tokens: 6,
@@ -87,7 +93,7 @@ fn check_equivalence(n_prompts: usize, n_paths: usize, mode: RewardMode) {
     for chunk in items.chunks(16) {
         let refs: Vec<(&PreparedPrompt, &LayerPath)> =
             chunk.iter().map(|(p, path)| (*p, path)).collect();
-        let batched = evaluate_batch(&lm, &refs, &opts, Some(&mut cache)).unwrap();
+        let batched = evaluate_batch(&lm, &refs, &opts, &mut cache).unwrap();
         for ((p, path), b) in chunk.iter().zip(&batched) {
             let alone = evaluate_alone(&lm, p, path, &opts).unwrap();
             assert_eq!(b.reward, alone.reward, "{} along {path}", p.sample_id);
@@ -119,19 +125,7 @@ fn check_equivalence(n_prompts: usize, n_paths: usize, mode: RewardMode) {
 /// joined decoding generates the same tokens as the plain runtime.
 #[test]
 fn prefix_sharing_matches_plain_prefill() {
-    let lm =
-        LoadedModel::load(ModelSource::Gguf(embedded_gguf()), Device::Cpu, Kind::Float).unwrap();
-    let samples = data::load(
-        &data_dir(),
-        TaskName::ArcEasy,
-        Split::Train,
-        &LoadOptions {
-            limit: Some(4),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .samples;
+    let (lm, samples) = model_and_arc_easy(4);
     let opts = EvalOptions {
         mode: RewardMode::Lenient,
         max_new_tokens: 5,

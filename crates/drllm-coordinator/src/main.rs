@@ -188,7 +188,7 @@ async fn main() -> Result<()> {
         .parent()
         .map(|d| d.join("drllm-worker"))
         .context("locating drllm-worker")?;
-    let gpus = if a.worker_device == "cpu" {
+    let gpus = if a.workers == 0 || a.worker_device == "cpu" {
         0
     } else {
         cuda_devices()

@@ -159,19 +159,15 @@ impl<'m> PathBatch<'m> {
                 let (computed, cached): (Vec<usize>, Vec<usize>) =
                     (0..slot_rows.len()).partition(|&i| start(slot_rows[i]) <= l);
                 if cached.is_empty() {
-                    h = match slot.rows.as_ref().map(|(_, t)| t) {
-                        None => block.forward(cfg, &h, &rope, &mask, &mut slot.kv),
-                        Some(idx) => {
-                            let out = block.forward(
-                                cfg,
-                                &h.index_select(0, idx),
-                                &rope.rows(idx),
-                                &mask.rows(idx),
-                                &mut slot.kv,
-                            );
-                            h.index_copy(0, idx, &out)
-                        }
-                    };
+                    h = forward_rows(
+                        block,
+                        cfg,
+                        &h,
+                        &rope,
+                        &mask,
+                        slot.rows.as_ref().map(|(_, t)| t),
+                        &mut slot.kv,
+                    );
                     continue;
                 }
                 let rs = resume.unwrap_or_default();
@@ -194,14 +190,7 @@ impl<'m> PathBatch<'m> {
                     let global: Vec<usize> = computed.iter().map(|&i| slot_rows[i]).collect();
                     let idx = index_tensor(&global, dev);
                     let mut kv: Kv = None;
-                    let out = block.forward(
-                        cfg,
-                        &h.index_select(0, &idx),
-                        &rope.rows(&idx),
-                        &mask.rows(&idx),
-                        &mut kv,
-                    );
-                    h = h.index_copy(0, &idx, &out);
+                    h = forward_rows(block, cfg, &h, &rope, &mask, Some(&idx), &mut kv);
                     let (kc, vc) = kv.expect("a block's forward always fills its KV");
                     let n = slot_rows.len() as i64;
                     let mut shape = kc.size();
@@ -339,6 +328,32 @@ impl<'m> PathBatch<'m> {
         let valid = Tensor::ones([self.batch as i64, 1], (Kind::Bool, dev));
         let (h, _) = self.step(&ids, &valid, false, None, false);
         Ok(self.model.logits(&h.select(1, 0)))
+    }
+}
+
+/// One application of `block` to the rows `idx` of `h` (all rows when `None`), extending `kv`;
+/// returns `h` with those rows replaced.
+fn forward_rows(
+    block: &crate::model::Block,
+    cfg: &crate::config::ModelConfig,
+    h: &Tensor,
+    rope: &crate::model::Rope,
+    mask: &Attn,
+    idx: Option<&Tensor>,
+    kv: &mut Kv,
+) -> Tensor {
+    match idx {
+        None => block.forward(cfg, h, rope, mask, kv),
+        Some(idx) => {
+            let out = block.forward(
+                cfg,
+                &h.index_select(0, idx),
+                &rope.rows(idx),
+                &mask.rows(idx),
+                kv,
+            );
+            h.index_copy(0, idx, &out)
+        }
     }
 }
 
@@ -649,12 +664,11 @@ impl Model {
     ) -> Result<(Tensor, Vec<usize>)> {
         let _g = tch::no_grad_guard();
         let (batch, logits, order) = self.prefill_grouped(prompts, paths, cache)?;
+        // Back from the batch's row order to the caller's.
         let mut reused = vec![0; prompts.len()];
-        for (row, &i) in order.iter().enumerate() {
-            reused[i] = batch.reused[row];
-        }
         let mut inverse = vec![0i64; order.len()];
         for (row, &i) in order.iter().enumerate() {
+            reused[i] = batch.reused[row];
             inverse[i] = row as i64;
         }
         let idx = Tensor::from_slice(&inverse).to_device(logits.device());

@@ -119,7 +119,7 @@ pub fn run_searches(
         }
         let items: Vec<(&PreparedPrompt, &LayerPath)> =
             active.iter().map(|a| &a.prompt).zip(&requests).collect();
-        let result = evaluate_batch(lm, &items, &opts.eval, Some(&mut cache));
+        let result = evaluate_batch(lm, &items, &opts.eval, &mut cache);
         stats.prefix_peak_bytes = stats.prefix_peak_bytes.max(cache.used_bytes());
         match result {
             Ok(evals) => {
@@ -142,7 +142,7 @@ pub fn run_searches(
                 let mut k = 0;
                 while k < active.len() {
                     let one = [(&active[k].prompt, &requests[k])];
-                    match evaluate_batch(lm, &one, &opts.eval, Some(&mut cache)) {
+                    match evaluate_batch(lm, &one, &opts.eval, &mut cache) {
                         Ok(e) => {
                             active[k].search.provide(e[0].reward);
                             k += 1;

@@ -4,7 +4,7 @@
 //! already run on its prompt) and early decision (a candidate leaves the batch as soon as its
 //! reward is decided). In `choice-logits` mode an evaluation is one prefill and no decoding.
 use drllm_path::LayerPath;
-use drllm_runtime::{GenerateOptions, LoadedModel, Message, PathBatch, PrefixCache};
+use drllm_runtime::{GenerateOptions, LoadedModel, Message, PrefixCache};
 use drllm_tasks::{decide, Family, Gold, Question, RewardMode, Sample, Style, Template, Verdict};
 
 /// Errors of preparing or evaluating a prompt; recorded per sample, never fatal for the run.
@@ -176,14 +176,14 @@ fn score_choice(p: &PreparedPrompt, logits: &tch::Tensor) -> f64 {
     drllm_tasks::choice_logits_correct(&letter_logits, g) as u8 as f64
 }
 
-/// Evaluates `(prompt, path)` candidates in one batch, sharing prefixes through `cache` when
-/// given. A libtorch failure inside (tch turns C++ exceptions such as out-of-memory into panics)
+/// Evaluates `(prompt, path)` candidates in one batch, sharing prefixes through `cache` (a
+/// zero budget turns sharing off). A libtorch failure inside (tch turns C++ exceptions such as out-of-memory into panics)
 /// comes back as [`EvalError::Aborted`].
 pub fn evaluate_batch(
     lm: &LoadedModel,
     items: &[(&PreparedPrompt, &LayerPath)],
     opts: &EvalOptions,
-    cache: Option<&mut PrefixCache>,
+    cache: &mut PrefixCache,
 ) -> Result<Vec<Evaluation>, EvalError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         evaluate_batch_unguarded(lm, items, opts, cache)
@@ -204,7 +204,7 @@ fn evaluate_batch_unguarded(
     lm: &LoadedModel,
     items: &[(&PreparedPrompt, &LayerPath)],
     opts: &EvalOptions,
-    mut cache: Option<&mut PrefixCache>,
+    cache: &mut PrefixCache,
 ) -> Result<Vec<Evaluation>, EvalError> {
     let mut out = vec![
         Evaluation {
@@ -221,15 +221,7 @@ fn evaluate_batch_unguarded(
         let _g = tch::no_grad_guard();
         let prompts: Vec<Vec<u32>> = logit_idx.iter().map(|&i| items[i].0.ids.clone()).collect();
         let paths: Vec<LayerPath> = logit_idx.iter().map(|&i| items[i].1.clone()).collect();
-        let (logits, reused) = match cache.as_deref_mut() {
-            Some(c) => lm.model.last_logits_cached(&prompts, &paths, c)?,
-            None => {
-                let mut batch = PathBatch::new(&lm.model, &paths)?;
-                let h = batch.prefill(&prompts)?;
-                let t = h.size()[1];
-                (lm.model.logits(&h.select(1, t - 1)), vec![0; prompts.len()])
-            }
-        };
+        let (logits, reused) = lm.model.last_logits_cached(&prompts, &paths, cache)?;
         let logits = logits.to_device(tch::Device::Cpu);
         for (row, &i) in logit_idx.iter().enumerate() {
             out[i].reward = score_choice(items[i].0, &logits.get(row as i64));
@@ -247,12 +239,9 @@ fn evaluate_batch_unguarded(
         let decided = |row: usize, toks: &[u32]| {
             verdict(lm, items[gen_idx[row]].0, toks, opts.mode, false) != Verdict::Undecided
         };
-        let gens = match cache {
-            Some(c) => lm
-                .model
-                .generate_until_cached(&prompts, &paths, c, &gopts, decided)?,
-            None => lm.model.generate_until(&prompts, &paths, &gopts, decided)?,
-        };
+        let gens = lm
+            .model
+            .generate_until_cached(&prompts, &paths, cache, &gopts, decided)?;
         for (row, g) in gens.into_iter().enumerate() {
             let i = gen_idx[row];
             let v = verdict(lm, items[i].0, &g.tokens, opts.mode, true);

@@ -54,9 +54,7 @@ pub fn path_record(
         default_correct: r.default_reward >= 1.0,
         found: r.found,
         improved: r.improved,
-        best_cost: best_path
-            .as_ref()
-            .map(|p| p.iter().map(|&c| c as u32).sum()),
+        best_cost: r.best_cost.map(|c| c as u32),
         best_layers: r
             .best_path
             .as_ref()

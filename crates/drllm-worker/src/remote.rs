@@ -6,8 +6,6 @@
 //! heartbeat task, so a long lease never looks like a dead worker.
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -148,6 +146,8 @@ pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> 
     let heartbeat = Duration::from_millis(reg.heartbeat_ms.max(100));
     tracing::info!(worker = %o.worker_id, addr = %o.addr, "registered");
     let mut index = SampleIndex::new();
+    // Each task family's template, read and parsed once.
+    let mut templates: Vec<(drllm_tasks::Family, drllm_tasks::Template)> = vec![];
     let mut summary = RemoteSummary::default();
     loop {
         let lease = rt
@@ -169,17 +169,11 @@ pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> 
             continue;
         }
         summary.leases += 1;
-        // Heartbeats while the model works on this thread.
-        let busy = Arc::new(AtomicBool::new(true));
+        // Heartbeats while the model works on this thread; aborted once the lease is searched.
         let hb = {
-            let (busy, mut c, token, id) = (
-                busy.clone(),
-                client.clone(),
-                o.token.clone(),
-                o.worker_id.clone(),
-            );
+            let (mut c, token, id) = (client.clone(), o.token.clone(), o.worker_id.clone());
             rt.spawn(async move {
-                while busy.load(Ordering::Relaxed) {
+                loop {
                     tokio::time::sleep(heartbeat).await;
                     if let Ok(r) = request(
                         LeaseRequest {
@@ -198,13 +192,18 @@ pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> 
             samples
                 .push(lookup(&mut index, &o.data_dir, &it.task, &it.split, &it.sample_id)?.clone());
         }
-        let prompts = samples
-            .iter()
-            .map(|s| {
-                let t = cfg.template(s.task.family())?;
-                Ok(prepare(lm, s, &t, &eval))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut prompts = Vec::with_capacity(samples.len());
+        for s in &samples {
+            let family = s.task.family();
+            let t = match templates.iter().find(|(f, _)| *f == family) {
+                Some((_, t)) => t,
+                None => {
+                    templates.push((family, cfg.template(family)?));
+                    &templates[templates.len() - 1].1
+                }
+            };
+            prompts.push(prepare(lm, s, t, &eval));
+        }
         let prepared: HashMap<String, _> = prompts
             .iter()
             .filter_map(|p| p.as_ref().ok().map(|p| (p.sample_id.clone(), p.clone())))
@@ -252,7 +251,6 @@ pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> 
                 outcome: Some(outcome),
             });
         }
-        busy.store(false, Ordering::Relaxed);
         hb.abort();
         let reply = rt
             .block_on(client.report(request(
