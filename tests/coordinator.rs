@@ -287,3 +287,133 @@ fn a_killed_coordinator_resumes_without_loss_or_duplicates() {
     assert!(ok, "{err}");
     assert_eq!(rows, comparable(&reference));
 }
+
+fn parts(out: &Path) -> Vec<std::path::PathBuf> {
+    let mut p: Vec<_> = std::fs::read_dir(out.join("data/task=arc_easy"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    p.sort();
+    p
+}
+
+/// Ctrl-C (SIGINT) mid-run commits the rows accepted so far (none were due to be written: parts
+/// of 100 rows), exits 130, and a rerun completes to the undisturbed rows. Then the disk fills up
+/// mid-run (a small tmpfs in a private mount namespace): the coordinator stops with an error that
+/// names the file and the cause, every part committed before stays readable, and a rerun after
+/// space is freed completes to the same rows.
+#[test]
+fn interrupted_and_disk_full_runs_keep_what_was_committed_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("reference");
+    let (ok, err) = coordinator(&reference, 1, 6, &[]);
+    assert!(ok, "{err}");
+    let want = comparable(&reference);
+
+    // SIGINT once two samples are accepted.
+    let out = dir.path().join("interrupted");
+    let coord = coordinator_cmd(&out, 1, 6, 3)
+        .args(["--part-rows", "100", "--flush-s", "3600"])
+        .env("DRLLM_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = out.join("_logs/local-0.log");
+    let mut reported = 0;
+    for _ in 0..1200 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Each result the coordinator accepted is a "reported" line in the worker's log.
+        reported = std::fs::read_to_string(&log)
+            .map(|s| s.matches("reported").count())
+            .unwrap_or(0);
+        if reported >= 2 {
+            break;
+        }
+    }
+    assert!(reported >= 2, "the worker never reported twice");
+    assert!(
+        parts(&out).is_empty(),
+        "rows were written before the interrupt"
+    );
+    let pid = coord.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let o = coord.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    let kept = read_rows(&out).unwrap();
+    assert!(kept.len() >= 2, "only {} rows were committed", kept.len());
+    assert!(!out.join("_SUCCESS").exists());
+    let (ok, err) = coordinator(&out, 1, 6, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(comparable(&out), want);
+
+    // Disk full: the run happens in a private mount namespace on a 4 MiB tmpfs, filled up once
+    // the first part is committed; what is left there is copied out for the checks.
+    let full = dir.path().join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    let cmd = coordinator_cmd(Path::new("$MNT/run"), 1, 6, 3);
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let script = format!(
+        r#"set -u
+MNT=$(mktemp -d)
+mount -t tmpfs -o size=4m tmpfs "$MNT" || exit 97
+"{bin}" {args} --part-rows 1 2> "{full}/stderr" &
+c=$!
+for _ in $(seq 1200); do
+  ls "$MNT"/run/data/task=arc_easy/*.parquet >/dev/null 2>&1 && break
+  sleep 0.1
+done
+dd if=/dev/zero of="$MNT/filler" bs=4k 2>/dev/null
+wait $c
+echo $? > "{full}/rc"
+cp -a "$MNT/run" "{full}/run"
+"#,
+        bin = bin("drllm-coordinator").display(),
+        args = args
+            .iter()
+            .map(|a| if a == "$MNT/run" {
+                "\"$MNT/run\"".to_string()
+            } else {
+                format!("'{a}'")
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        full = full.display(),
+    );
+    let st = Command::new("unshare")
+        .args(["--map-root-user", "--mount", "bash", "-c", &script])
+        .env("DRLLM_LOG", "warn")
+        .status()
+        .expect("running unshare (util-linux)");
+    assert!(
+        st.success(),
+        "could not mount a tmpfs in a private mount namespace (unshare: {st}); this test needs \
+         user namespaces or root"
+    );
+    let rc = std::fs::read_to_string(full.join("rc")).unwrap();
+    let err = std::fs::read_to_string(full.join("stderr")).unwrap();
+    assert_eq!(rc.trim(), "1", "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains("run/"),
+        "the error names neither the cause nor the file: {err}"
+    );
+    assert!(err.contains("everything committed before is kept"), "{err}");
+    let out = full.join("run");
+    let kept = read_rows(&out).unwrap();
+    assert!(
+        !kept.is_empty() && kept.len() < 6,
+        "{} rows kept",
+        kept.len()
+    );
+    assert!(!out.join("_SUCCESS").exists());
+    let (ok, err) = coordinator(&out, 1, 6, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(comparable(&out), want);
+}

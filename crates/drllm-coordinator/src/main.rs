@@ -28,7 +28,9 @@ use drllm_worker::SearchArgs;
       # remote workers: drllm-worker --connect http://<host>:50051 --token $DRLLM_TOKEN
 
 Output: OUT/data/task=<task>/part-*.parquet, OUT/_manifest.json, OUT/_SUCCESS (docs/dataset.md).
-Running again with the same OUT resumes; another configuration is refused unless --force."
+Running again with the same OUT resumes; another configuration is refused unless --force.
+Exit status: 0 when every sample has an outcome; 130 when stopped by SIGINT/SIGTERM (accepted
+rows are committed first; run again to resume); 1 on an error (disk full, bad input, ...)."
 )]
 struct Cli {
     /// Model: HF directory, .gguf file, `embedded`, or a cached repo id (workers load the same).
@@ -78,9 +80,12 @@ struct Cli {
     /// A lease expires after this many seconds without a heartbeat.
     #[arg(long, default_value_t = 120)]
     lease_timeout_s: u64,
-    /// Rows per Parquet part (buffered rows are also written every 30 s).
+    /// Rows per Parquet part (buffered rows are also written every --flush-s seconds).
     #[arg(long, default_value_t = 256)]
     part_rows: usize,
+    /// Accepted rows wait at most this many seconds before they are written as a part.
+    #[arg(long, default_value_t = 30)]
+    flush_s: u64,
 }
 
 fn cuda_devices() -> usize {
@@ -168,7 +173,7 @@ async fn main() -> Result<()> {
         run_config_json: serde_json::to_string(&run)?,
         heartbeat: Duration::from_secs((a.lease_timeout_s / 4).max(1)),
         lease_timeout: Duration::from_secs(a.lease_timeout_s.max(1)),
-        flush_every: Duration::from_secs(30),
+        flush_every: Duration::from_secs(a.flush_s.max(1)),
     };
     let (handle, actor) = spawn_actor(core, &svc_cfg);
     let (listener, addr) = bind(a.listen)
@@ -252,6 +257,12 @@ async fn main() -> Result<()> {
     let mut last_log = Instant::now();
     let mut interrupted = false;
     let mut exited: Vec<bool> = vec![false; children.len()];
+    // Ctrl-C, `kill`, and SLURM's warning before preemption or the time limit all stop the run
+    // the same way: accepted rows are committed, and running again resumes.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     loop {
         let p = progress.borrow_and_update().clone();
         if let Some(e) = &p.fatal {
@@ -321,7 +332,11 @@ async fn main() -> Result<()> {
         tokio::select! {
             _ = progress.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = tokio::signal::ctrl_c() => {
+            _ = sigint.recv() => {
+                interrupted = true;
+                break;
+            }
+            _ = sigterm.recv() => {
                 interrupted = true;
                 break;
             }
@@ -359,5 +374,9 @@ async fn main() -> Result<()> {
         manifest.failed.len(),
         a.out.join("data").display()
     );
+    if interrupted {
+        // Scripts (and SLURM requeue logic) can tell an interrupted run from a finished one.
+        std::process::exit(130);
+    }
     Ok(())
 }

@@ -256,7 +256,7 @@ impl CoordinatorCore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dataset::tests::row;
 
@@ -264,7 +264,7 @@ mod tests {
         Duration::from_secs(s)
     }
 
-    fn work(n: usize) -> Vec<WorkSample> {
+    pub(crate) fn work(n: usize) -> Vec<WorkSample> {
         (0..n)
             .map(|i| WorkSample {
                 task: "arc_easy".into(),
@@ -274,7 +274,8 @@ mod tests {
             .collect()
     }
 
-    fn core(out: &std::path::Path, n: usize) -> CoordinatorCore {
+    /// A core over `n` samples: 3 samples per lease, 10 s lease timeout, parts of 4 rows.
+    pub(crate) fn core(out: &std::path::Path, n: usize) -> CoordinatorCore {
         let ds = Dataset::open(out, "fp", serde_json::json!({"n": n}), false).unwrap();
         let cfg = LeaseConfig {
             samples_per_lease: 3,

@@ -37,7 +37,7 @@ pub struct ServiceConfig {
 }
 
 /// Progress published by the actor.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Progress {
     /// Counters.
     pub counts: CoordinatorCounts,
@@ -190,7 +190,15 @@ pub fn spawn_actor(
                 }
             }
             progress.counts = core.counts();
-            let _ = ptx.send(progress.clone());
+            // Only real changes wake watchers: a watcher that asks `is_done` on every wake-up
+            // would otherwise spin.
+            ptx.send_if_modified(|p| {
+                let changed = *p != progress;
+                if changed {
+                    p.clone_from(&progress);
+                }
+                changed
+            });
         }
         core.finish()
     });
@@ -436,4 +444,142 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener,
     let l = tokio::net::TcpListener::bind(addr).await?;
     let a = l.local_addr()?;
     Ok((l, a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::tests::{core, work};
+    use crate::dataset::tests::row;
+    use crate::proto::SampleResult;
+
+    fn with_token<T>(msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut()
+            .insert("authorization", "Bearer s3cret".parse().unwrap());
+        r
+    }
+
+    fn register(id: &str) -> Request<RegisterRequest> {
+        with_token(RegisterRequest {
+            worker_id: id.into(),
+            device: "cpu".into(),
+            model_fingerprint: "fp".into(),
+            code_version: "test".into(),
+            protocol_version: PROTOCOL_VERSION,
+        })
+    }
+
+    async fn lease(svc: &Service, id: &str, max: u32) -> LeaseReply {
+        svc.lease(with_token(LeaseRequest {
+            worker_id: id.into(),
+            max_samples: max,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+    }
+
+    async fn report(svc: &Service, id: &str, lease_id: u64, index: u64) -> ReportReply {
+        let rec = row("arc_easy", &format!("s{index}"), true);
+        svc.report(with_token(ReportRequest {
+            worker_id: id.into(),
+            lease_id,
+            results: vec![SampleResult {
+                index,
+                outcome: Some(sample_result::Outcome::Record((&rec).into())),
+            }],
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+    }
+
+    /// The actor's timers under paused time: a silent worker's lease expires and is reissued with
+    /// a new fencing token, a heartbeating worker's lease survives far past the timeout, buffered
+    /// rows are written after `flush_every`, and `done` is told once every sample is committed.
+    #[tokio::test(start_paused = true)]
+    async fn leases_expire_unless_heartbeats_arrive_and_rows_flush_on_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ServiceConfig {
+            token: Some("s3cret".into()),
+            model_fingerprint: "fp".into(),
+            run_config_json: "{}".into(),
+            heartbeat: Duration::from_secs(2),
+            lease_timeout: Duration::from_secs(10),
+            flush_every: Duration::from_secs(30),
+        };
+        let (handle, task) = spawn_actor(core(dir.path(), 6), &cfg);
+        let progress = handle.progress();
+        let svc = Service::new(handle.clone(), cfg, work(6));
+
+        // No token, another model, or not registered: refused.
+        let e = svc
+            .register(Request::new(register("a").into_inner()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let mut other = register("x");
+        other.get_mut().model_fingerprint = "other".into();
+        let e = svc.register(other).await.unwrap_err();
+        assert!(e.message().contains("differs from the run's fp"), "{e}");
+        let e = svc
+            .lease(with_token(LeaseRequest {
+                worker_id: "x".into(),
+                max_samples: 1,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+
+        svc.register(register("a")).await.unwrap();
+        svc.register(register("b")).await.unwrap();
+        // Asking whether the run is done changes nothing, so it wakes no progress watcher (the
+        // coordinator's main loop asks on every wake-up).
+        let mut watcher = handle.progress();
+        watcher.borrow_and_update();
+        assert!(!handle.is_done().await);
+        assert!(!watcher.has_changed().unwrap());
+        let la = lease(&svc, "a", 8).await;
+        let lb = lease(&svc, "b", 8).await;
+        let idx = |l: &LeaseReply| l.items.iter().map(|i| i.index).collect::<Vec<_>>();
+        assert_eq!((idx(&la), idx(&lb)), (vec![0, 1, 2], vec![3, 4, 5]));
+        assert_eq!(la.valid_ms, 10_000);
+
+        // 20 s pass: a heartbeats every 2 s, b says nothing.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert!(!lease(&svc, "a", 0).await.done);
+        }
+        assert_eq!(report(&svc, "a", la.lease_id, 0).await.accepted, 1);
+        let again = lease(&svc, "a", 8).await;
+        assert_eq!(idx(&again), [3, 4, 5]);
+        assert_eq!(again.attempt, 2);
+        assert!(again.lease_id > lb.lease_id);
+        // b's late result under its expired lease is refused, not committed.
+        let late = report(&svc, "b", lb.lease_id, 3).await;
+        assert_eq!(late.accepted, 0);
+        assert_eq!(late.refused.len(), 1, "{:?}", late.refused);
+
+        for i in [1, 2] {
+            assert_eq!(report(&svc, "a", la.lease_id, i).await.accepted, 1);
+        }
+        for i in [3, 4, 5] {
+            assert_eq!(report(&svc, "a", again.lease_id, i).await.accepted, 1);
+        }
+        // 6 rows, parts of 4: 2 wait in the buffer until the flush timer (or the end).
+        assert_eq!(progress.borrow().counts.buffered, 2);
+        let done = lease(&svc, "a", 8).await;
+        assert!(done.done);
+        assert!(!svc.farewell().all_told(), "b has not been told yet");
+        assert!(lease(&svc, "b", 8).await.done);
+        assert!(svc.farewell().all_told());
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert_eq!(progress.borrow().counts.buffered, 0);
+
+        drop((svc, handle));
+        let m = task.await.unwrap().unwrap();
+        assert!(m.complete);
+        assert_eq!(m.rows, 6);
+    }
 }

@@ -1,7 +1,9 @@
 //! Runs many searches at once so the evaluator's batches stay full. Each search still runs one
 //! simulation at a time (it asks for one path, gets its reward, continues), so its result is
-//! identical to running it alone.
+//! identical to running it alone. Samples come from a [`Feed`], asked for more whenever searches
+//! finish, so a worker never waits for its slowest search before taking new work.
 use std::collections::VecDeque;
+use std::convert::Infallible;
 
 use drllm_path::LayerPath;
 use drllm_runtime::{LoadedModel, PrefixCache, PrefixStats};
@@ -12,6 +14,8 @@ use crate::eval::{evaluate_batch, EvalError, EvalOptions, PreparedPrompt};
 /// The outcome of one sample: its search result, or why it could not be searched.
 #[derive(Debug, Clone)]
 pub struct SampleOutcome {
+    /// Position of the sample in the order the feed gave samples (0-based over the whole run).
+    pub index: usize,
     /// Sample id.
     pub sample_id: String,
     /// Search result, or the error recorded for this sample.
@@ -52,8 +56,51 @@ pub struct RunStats {
 }
 
 struct Active {
+    index: usize,
     prompt: PreparedPrompt,
     search: Search,
+}
+
+/// Where a run's samples come from and where their outcomes go.
+pub trait Feed {
+    /// Why the feed cannot go on (the run stops with it).
+    type Error;
+
+    /// Up to `free` more samples (more are accepted), or `None` once no more will ever come.
+    /// `idle` says no search is in flight: an empty answer then should wait a little (e.g. for
+    /// work the coordinator has not handed out yet) rather than return at once.
+    #[allow(clippy::type_complexity)]
+    fn more(
+        &mut self,
+        free: usize,
+        idle: bool,
+    ) -> Result<Option<Vec<Result<PreparedPrompt, EvalError>>>, Self::Error>;
+
+    /// A sample finished (in completion order).
+    fn done(&mut self, outcome: SampleOutcome) -> Result<(), Self::Error>;
+}
+
+/// A fixed list of samples, outcomes handed to a closure.
+struct ListFeed<F> {
+    prompts: Option<Vec<Result<PreparedPrompt, EvalError>>>,
+    on_done: F,
+}
+
+impl<F: FnMut(SampleOutcome)> Feed for ListFeed<F> {
+    type Error = Infallible;
+
+    fn more(
+        &mut self,
+        _free: usize,
+        _idle: bool,
+    ) -> Result<Option<Vec<Result<PreparedPrompt, EvalError>>>, Infallible> {
+        Ok(self.prompts.take())
+    }
+
+    fn done(&mut self, outcome: SampleOutcome) -> Result<(), Infallible> {
+        (self.on_done)(outcome);
+        Ok(())
+    }
 }
 
 /// Searches every prompt (errors from preparation are reported as they are), calling `on_done`
@@ -62,37 +109,77 @@ pub fn run_searches(
     lm: &LoadedModel,
     prompts: Vec<Result<PreparedPrompt, EvalError>>,
     opts: &DriverOptions,
-    mut on_done: impl FnMut(SampleOutcome),
+    on_done: impl FnMut(SampleOutcome),
 ) -> RunStats {
+    let mut feed = ListFeed {
+        prompts: Some(prompts),
+        on_done,
+    };
+    match run_feed(lm, &mut feed, opts) {
+        Ok(stats) => stats,
+        Err(never) => match never {},
+    }
+}
+
+/// Searches the samples of `feed` until it has no more and every search has finished, keeping
+/// up to `opts.concurrency` searches in flight.
+pub fn run_feed<F: Feed>(
+    lm: &LoadedModel,
+    feed: &mut F,
+    opts: &DriverOptions,
+) -> Result<RunStats, F::Error> {
     let mut stats = RunStats::default();
     let mut cache = PrefixCache::new(opts.prefix_cache_bytes);
     let n_layers = lm.model.num_layers();
-    let mut queue: VecDeque<Result<PreparedPrompt, EvalError>> = prompts.into();
+    let concurrency = opts.concurrency.max(1);
+    let mut queue: VecDeque<(usize, Result<PreparedPrompt, EvalError>)> = VecDeque::new();
+    let mut received = 0usize;
+    let mut exhausted = false;
     let mut active: Vec<Active> = vec![];
     loop {
-        while active.len() < opts.concurrency.max(1) {
+        if !exhausted && active.len() + queue.len() < concurrency {
+            let free = concurrency - active.len() - queue.len();
+            match feed.more(free, active.is_empty() && queue.is_empty())? {
+                None => exhausted = true,
+                Some(more) => {
+                    for p in more {
+                        queue.push_back((received, p));
+                        received += 1;
+                    }
+                }
+            }
+        }
+        while active.len() < concurrency {
             match queue.pop_front() {
                 None => break,
-                Some(Err(e)) => {
+                Some((index, Err(e))) => {
                     let sample_id = match &e {
                         EvalError::Prompt { sample_id, .. } => sample_id.clone(),
                         _ => String::new(),
                     };
-                    on_done(SampleOutcome {
+                    feed.done(SampleOutcome {
+                        index,
                         sample_id,
                         result: Err(e.to_string()),
-                    });
+                    })?;
                 }
-                Some(Ok(prompt)) => {
+                Some((index, Ok(prompt))) => {
                     let seed = sample_seed(opts.seed, &prompt.sample_id);
                     let search = Search::new(n_layers, opts.search.clone(), seed);
-                    active.push(Active { prompt, search });
+                    active.push(Active {
+                        index,
+                        prompt,
+                        search,
+                    });
                 }
             }
         }
         if active.is_empty() {
-            stats.prefix = cache.stats();
-            return stats;
+            if exhausted && queue.is_empty() {
+                stats.prefix = cache.stats();
+                return Ok(stats);
+            }
+            continue;
         }
         // Advance every search to its next request (`requests[i]` is `active[i]`'s); finished
         // ones leave.
@@ -107,10 +194,11 @@ pub fn run_searches(
                 Step::Done(r) => {
                     let a = active.swap_remove(i);
                     cache.forget(&a.prompt.ids);
-                    on_done(SampleOutcome {
+                    feed.done(SampleOutcome {
+                        index: a.index,
                         sample_id: a.prompt.sample_id,
                         result: Ok(r),
-                    });
+                    })?;
                 }
             }
         }
@@ -151,10 +239,11 @@ pub fn run_searches(
                             requests.swap_remove(k);
                             let a = active.swap_remove(k);
                             cache.forget(&a.prompt.ids);
-                            on_done(SampleOutcome {
+                            feed.done(SampleOutcome {
+                                index: a.index,
                                 sample_id: a.prompt.sample_id,
                                 result: Err(e.to_string()),
-                            });
+                            })?;
                         }
                     }
                 }

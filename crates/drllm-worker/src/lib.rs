@@ -10,7 +10,7 @@ pub mod record;
 pub mod remote;
 
 pub use config::{RunConfig, SearchArgs};
-pub use driver::{run_searches, DriverOptions, RunStats, SampleOutcome};
+pub use driver::{run_feed, run_searches, DriverOptions, Feed, RunStats, SampleOutcome};
 pub use eval::{
     decision_point, evaluate_alone, evaluate_batch, prepare, EvalError, EvalOptions, Evaluation,
     PreparedPrompt,

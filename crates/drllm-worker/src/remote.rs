@@ -1,6 +1,7 @@
 //! A worker driven by `drllm-coordinator` over gRPC: connect (with backoff), register (the model
-//! fingerprint must match the coordinator's), then ask for leases, search their samples with the
-//! batched engine, report the rows, and heartbeat while busy; exit when the run has no work left.
+//! fingerprint must match the coordinator's), then keep its searches in flight by leasing samples
+//! as searches finish, report each row as its search ends, and heartbeat while busy; exit when the
+//! run has no work left.
 //!
 //! The model runs on the calling thread; a one-thread tokio runtime carries the RPCs and the
 //! heartbeat task, so a long lease never looks like a dead worker.
@@ -22,8 +23,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 
 use crate::config::RunConfig;
-use crate::driver::{run_searches, DriverOptions};
-use crate::eval::prepare;
+use crate::driver::{run_feed, DriverOptions, Feed, SampleOutcome};
+use crate::eval::{prepare, EvalError, EvalOptions, PreparedPrompt};
 use crate::record::path_record;
 
 /// How to reach the coordinator and how hard to work.
@@ -119,6 +120,177 @@ fn lookup<'a>(
         .with_context(|| format!("sample {id} is not in {task}/{split} of {}", dir.display()))
 }
 
+/// A leased sample waiting for its search to finish.
+struct Pending {
+    lease_id: u64,
+    item_index: u64,
+    sample: Sample,
+    split: Split,
+    prepared: Option<PreparedPrompt>,
+}
+
+/// The coordinator as the driver's [`Feed`]: leases are taken as searches finish (so a worker
+/// always has work in flight) and each result is reported as soon as its search ends.
+struct RemoteFeed<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    client: CoordinatorClient<Channel>,
+    lm: &'a LoadedModel,
+    o: &'a RemoteOptions,
+    cfg: RunConfig,
+    eval: EvalOptions,
+    index: SampleIndex,
+    /// Each task family's template, read and parsed once.
+    templates: Vec<(drllm_tasks::Family, drllm_tasks::Template)>,
+    /// By the driver's sample index (the order this feed handed samples out).
+    pending: HashMap<usize, Pending>,
+    handed: usize,
+    finished: bool,
+    summary: RemoteSummary,
+}
+
+impl RemoteFeed<'_> {
+    /// Position of `family`'s template in `self.templates` (read on first use).
+    fn template(&mut self, family: drllm_tasks::Family) -> Result<usize> {
+        Ok(
+            match self.templates.iter().position(|(f, _)| *f == family) {
+                Some(k) => k,
+                None => {
+                    self.templates.push((family, self.cfg.template(family)?));
+                    self.templates.len() - 1
+                }
+            },
+        )
+    }
+}
+
+impl Feed for RemoteFeed<'_> {
+    type Error = anyhow::Error;
+
+    fn more(
+        &mut self,
+        free: usize,
+        idle: bool,
+    ) -> Result<Option<Vec<Result<PreparedPrompt, EvalError>>>> {
+        if self.finished {
+            return Ok(None);
+        }
+        loop {
+            let lease = self
+                .rt
+                .block_on(self.client.lease(request(
+                    LeaseRequest {
+                        worker_id: self.o.worker_id.clone(),
+                        max_samples: free.max(1) as u32,
+                    },
+                    &self.o.token,
+                )?))
+                .map_err(|s| anyhow::anyhow!("lease refused: {}", s.message()))?
+                .into_inner();
+            if lease.done {
+                tracing::info!(worker = %self.o.worker_id, leases = self.summary.leases, "no work left");
+                self.finished = true;
+                return Ok(None);
+            }
+            if lease.items.is_empty() {
+                if !idle {
+                    return Ok(Some(vec![]));
+                }
+                std::thread::sleep(Duration::from_millis(lease.retry_after_ms.clamp(50, 5000)));
+                continue;
+            }
+            self.summary.leases += 1;
+            let mut prompts = Vec::with_capacity(lease.items.len());
+            for it in &lease.items {
+                let sample = lookup(
+                    &mut self.index,
+                    &self.o.data_dir,
+                    &it.task,
+                    &it.split,
+                    &it.sample_id,
+                )?
+                .clone();
+                let split: Split = it.split.parse()?;
+                let t = self.template(sample.task.family())?;
+                let prepared = prepare(self.lm, &sample, &self.templates[t].1, &self.eval);
+                self.pending.insert(
+                    self.handed,
+                    Pending {
+                        lease_id: lease.lease_id,
+                        item_index: it.index,
+                        sample,
+                        split,
+                        prepared: prepared.as_ref().ok().cloned(),
+                    },
+                );
+                self.handed += 1;
+                prompts.push(prepared);
+            }
+            return Ok(Some(prompts));
+        }
+    }
+
+    fn done(&mut self, out: SampleOutcome) -> Result<()> {
+        let Some(p) = self.pending.remove(&out.index) else {
+            bail!(
+                "the search of an unknown sample ({}) finished",
+                out.sample_id
+            );
+        };
+        let record = out.result.and_then(|r| {
+            let prepared = p
+                .prepared
+                .as_ref()
+                .ok_or_else(|| "the prepared prompt went missing".to_string())?;
+            let seed = sample_seed(self.cfg.seed, &p.sample.id);
+            path_record(
+                self.lm,
+                &p.sample,
+                p.split,
+                prepared,
+                &r,
+                &self.eval,
+                &self.o.worker_id,
+                seed,
+            )
+            .map_err(|e| e.to_string())
+        });
+        let outcome = match record {
+            Ok(rec) => {
+                self.summary.searched += 1;
+                sample_result::Outcome::Record(SearchRecord::from(&rec))
+            }
+            Err(e) => {
+                self.summary.failed += 1;
+                sample_result::Outcome::Error(e)
+            }
+        };
+        let reply = self
+            .rt
+            .block_on(self.client.report(request(
+                ReportRequest {
+                    worker_id: self.o.worker_id.clone(),
+                    lease_id: p.lease_id,
+                    results: vec![SampleResult {
+                        index: p.item_index,
+                        outcome: Some(outcome),
+                    }],
+                },
+                &self.o.token,
+            )?))
+            .map_err(|s| anyhow::anyhow!("report refused: {}", s.message()))?
+            .into_inner();
+        if reply.accepted > 0 {
+            tracing::info!(worker = %self.o.worker_id, sample = %p.sample.id, "reported");
+        }
+        for r in &reply.refused {
+            // E.g. the lease expired while this worker was slow and the sample went elsewhere;
+            // the run goes on either way.
+            tracing::warn!(worker = %self.o.worker_id, lease = p.lease_id, reason = %r, "result refused");
+        }
+        Ok(())
+    }
+}
+
 /// Runs as a coordinator's worker until the run has no work left.
 pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -145,132 +317,49 @@ pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> 
     let eval = cfg.eval()?;
     let heartbeat = Duration::from_millis(reg.heartbeat_ms.max(100));
     tracing::info!(worker = %o.worker_id, addr = %o.addr, "registered");
-    let mut index = SampleIndex::new();
-    // Each task family's template, read and parsed once.
-    let mut templates: Vec<(drllm_tasks::Family, drllm_tasks::Template)> = vec![];
-    let mut summary = RemoteSummary::default();
-    loop {
-        let lease = rt
-            .block_on(client.lease(request(
-                LeaseRequest {
-                    worker_id: o.worker_id.clone(),
-                    max_samples: o.concurrency.max(1) as u32,
-                },
-                &o.token,
-            )?))
-            .map_err(|s| anyhow::anyhow!("lease refused: {}", s.message()))?
-            .into_inner();
-        if lease.done {
-            tracing::info!(worker = %o.worker_id, leases = summary.leases, "no work left; exiting");
-            return Ok(summary);
-        }
-        if lease.items.is_empty() {
-            std::thread::sleep(Duration::from_millis(lease.retry_after_ms.clamp(50, 5000)));
-            continue;
-        }
-        summary.leases += 1;
-        // Heartbeats while the model works on this thread; aborted once the lease is searched.
-        let hb = {
-            let (mut c, token, id) = (client.clone(), o.token.clone(), o.worker_id.clone());
-            rt.spawn(async move {
-                loop {
-                    tokio::time::sleep(heartbeat).await;
-                    if let Ok(r) = request(
-                        LeaseRequest {
-                            worker_id: id.clone(),
-                            max_samples: 0,
-                        },
-                        &token,
-                    ) {
-                        let _ = c.lease(r).await;
-                    }
+    // Heartbeats while the model works on this thread (a batch, or regenerating a best
+    // response, can outlast the lease timeout's fraction between lease requests).
+    let hb = {
+        let (mut c, token, id) = (client.clone(), o.token.clone(), o.worker_id.clone());
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(heartbeat).await;
+                if let Ok(r) = request(
+                    LeaseRequest {
+                        worker_id: id.clone(),
+                        max_samples: 0,
+                    },
+                    &token,
+                ) {
+                    let _ = c.lease(r).await;
                 }
-            })
-        };
-        let mut samples = Vec::with_capacity(lease.items.len());
-        for it in &lease.items {
-            samples
-                .push(lookup(&mut index, &o.data_dir, &it.task, &it.split, &it.sample_id)?.clone());
-        }
-        let mut prompts = Vec::with_capacity(samples.len());
-        for s in &samples {
-            let family = s.task.family();
-            let t = match templates.iter().find(|(f, _)| *f == family) {
-                Some((_, t)) => t,
-                None => {
-                    templates.push((family, cfg.template(family)?));
-                    &templates[templates.len() - 1].1
-                }
-            };
-            prompts.push(prepare(lm, s, t, &eval));
-        }
-        let prepared: HashMap<String, _> = prompts
-            .iter()
-            .filter_map(|p| p.as_ref().ok().map(|p| (p.sample_id.clone(), p.clone())))
-            .collect();
-        let opts = DriverOptions {
-            search: cfg.search.clone(),
-            seed: cfg.seed,
-            concurrency: o.concurrency.max(1),
-            eval: eval.clone(),
-            prefix_cache_bytes: o.prefix_cache_bytes,
-        };
-        let mut results = vec![];
-        let mut outcomes = vec![];
-        run_searches(lm, prompts, &opts, |out| outcomes.push(out));
-        for out in outcomes {
-            let Some((k, it)) = lease
-                .items
-                .iter()
-                .enumerate()
-                .find(|(_, it)| it.sample_id == out.sample_id)
-            else {
-                continue;
-            };
-            let record = out.result.and_then(|r| {
-                let p = prepared
-                    .get(&it.sample_id)
-                    .ok_or_else(|| "the prepared prompt went missing".to_string())?;
-                let split: Split = it.split.parse().map_err(|e| format!("{e}"))?;
-                let seed = sample_seed(cfg.seed, &it.sample_id);
-                path_record(lm, &samples[k], split, p, &r, &eval, &o.worker_id, seed)
-                    .map_err(|e| e.to_string())
-            });
-            let outcome = match record {
-                Ok(rec) => {
-                    summary.searched += 1;
-                    sample_result::Outcome::Record(SearchRecord::from(&rec))
-                }
-                Err(e) => {
-                    summary.failed += 1;
-                    sample_result::Outcome::Error(e)
-                }
-            };
-            results.push(SampleResult {
-                index: it.index,
-                outcome: Some(outcome),
-            });
-        }
-        hb.abort();
-        let reply = rt
-            .block_on(client.report(request(
-                ReportRequest {
-                    worker_id: o.worker_id.clone(),
-                    lease_id: lease.lease_id,
-                    results,
-                },
-                &o.token,
-            )?))
-            .map_err(|s| anyhow::anyhow!("report refused: {}", s.message()))?
-            .into_inner();
-        for r in &reply.refused {
-            tracing::warn!(worker = %o.worker_id, reason = %r, "result refused");
-        }
-        if !reply.refused.is_empty() && reply.accepted == 0 && reply.duplicates == 0 {
-            bail!(
-                "the coordinator refused every result of lease {}",
-                lease.lease_id
-            );
-        }
-    }
+            }
+        })
+    };
+    let opts = DriverOptions {
+        search: cfg.search.clone(),
+        seed: cfg.seed,
+        concurrency: o.concurrency.max(1),
+        eval: eval.clone(),
+        prefix_cache_bytes: o.prefix_cache_bytes,
+    };
+    let mut feed = RemoteFeed {
+        rt: &rt,
+        client,
+        lm,
+        o,
+        cfg,
+        eval,
+        index: SampleIndex::new(),
+        templates: vec![],
+        pending: HashMap::new(),
+        handed: 0,
+        finished: false,
+        summary: RemoteSummary::default(),
+    };
+    let result = run_feed(lm, &mut feed, &opts);
+    hb.abort();
+    result?;
+    tracing::info!(worker = %o.worker_id, leases = feed.summary.leases, "no work left; exiting");
+    Ok(feed.summary)
 }
