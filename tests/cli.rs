@@ -74,6 +74,27 @@ fn help_has_examples() {
         o.status.success() && out.contains("Examples:") && out.contains("--path"),
         "{out}"
     );
+    // Every binary's --help shows examples.
+    for b in [
+        "drllm-infer",
+        "drllm-data",
+        "drllm-worker",
+        "drllm-coordinator",
+        "drllm-bench",
+        "drllm-dist-bench",
+        "drllm-train",
+        "drllm-train-bench",
+    ] {
+        let o = std::process::Command::new(bin(b))
+            .arg("--help")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && out.contains("Examples:"),
+            "{b}: {out}"
+        );
+    }
 }
 
 #[test]

@@ -129,6 +129,9 @@ impl<'m> PathBatch<'m> {
         let mut rec: Vec<Option<Tensor>> = (0..if record { n_layers + 1 } else { 0 })
             .map(|_| None)
             .collect();
+        if record && resume.is_none() {
+            rec[0] = Some(h.shallow_clone());
+        }
         let mut next_slot = 0;
         for l in 0..=n_layers {
             // Rows resuming at block `l` take their cached hidden state.
@@ -253,6 +256,28 @@ impl<'m> PathBatch<'m> {
     pub fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<Tensor> {
         let (ids, valid, padded) = self.layout(prompts)?;
         Ok(self.step(&ids, &valid, padded, None, false).0)
+    }
+
+    /// Prefills left-padded prompts and returns, for every block `l`, the hidden state entering
+    /// it along each row's path (`[B, T, H]`, before any of block `l`'s applications; a row that
+    /// skips block `l` enters `l + 1` with the same state). These are the routers' inputs under
+    /// teacher forcing.
+    pub fn prefill_block_inputs(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<Tensor>> {
+        let (ids, valid, padded) = self.layout(prompts)?;
+        let (_, rec) = self.step(&ids, &valid, padded, None, true);
+        let mut out: Vec<Tensor> = Vec::with_capacity(rec.len().saturating_sub(1));
+        for r in rec.into_iter().take(self.model.num_layers()) {
+            let t = match r {
+                Some(t) => t,
+                // No row applied the block before: the state is the one entering that block.
+                None => out
+                    .last()
+                    .map(Tensor::shallow_clone)
+                    .ok_or_else(|| Error::Request("no embedding state recorded".into()))?,
+            };
+            out.push(t);
+        }
+        Ok(out)
     }
 
     /// [`PathBatch::prefill`] with prefix sharing: each row resumes from the longest prefix of

@@ -1,0 +1,455 @@
+//! The router package: a directory with `routers.safetensors` (PyTorch-style per-block tensor
+//! names, see [`Routers::named_tensors`]) and `manifest.json` (what model it belongs to, how its
+//! inputs are pooled, how it was trained and how it scored). Written to a temporary directory
+//! and renamed into place, so a half-written package is never presented as one.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::router::{RouterShape, Routers};
+
+/// Version of the package layout; a newer one is refused.
+pub const FORMAT_VERSION: u32 = 1;
+const KIND: &str = "drllm-routers";
+const TENSORS: &str = "routers.safetensors";
+const MANIFEST: &str = "manifest.json";
+
+/// Why a package cannot be written, read or used.
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    /// A filesystem operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The manifest is unreadable, of another kind, or from a newer format.
+    #[error("{path}: {msg}")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The tensor file is unreadable or does not hold the routers the manifest describes.
+    #[error("{path}: {msg}")]
+    Tensors {
+        /// The tensor file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The package does not fit the model or settings it is used with.
+    #[error("router package {path}: {msg}")]
+    Mismatch {
+        /// The package directory.
+        path: PathBuf,
+        /// What differs.
+        msg: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, PackageError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PackageError + '_ {
+    move |source| PackageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Metrics of one training epoch (validation metrics are teacher-forced on held-out prompts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// Epoch number (1-based).
+    pub epoch: usize,
+    /// Mean training loss over the epoch's batches.
+    pub train_loss: f64,
+    /// Macro-F1 over the classes present in the validation labels.
+    pub val_macro_f1: f64,
+    /// F1 per class (skip, execute, repeat).
+    pub val_f1: [f64; 3],
+    /// Recall per class (skip, execute, repeat).
+    pub val_recall: [f64; 3],
+    /// Mean block applications per validation prompt of the routers' choices.
+    pub val_avg_cost: f64,
+    /// Mean block applications per validation prompt of the gold paths.
+    pub val_gold_cost: f64,
+    /// Learning rate at the end of the epoch.
+    pub lr: f64,
+    /// Wall time of the epoch in seconds.
+    pub secs: f64,
+}
+
+/// What a package is and how it was made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PackageManifest {
+    /// Layout version.
+    pub format_version: u32,
+    /// Always `drllm-routers`.
+    pub kind: String,
+    /// drllm version that wrote it.
+    pub code_version: String,
+    /// Fingerprint of the model the routers were trained on (see `ModelSource::fingerprint`).
+    pub model_fingerprint: String,
+    /// Name of that model.
+    pub model_name: String,
+    /// Router sizes.
+    pub shape: RouterShape,
+    /// Pooling windows per prompt.
+    pub windows: usize,
+    /// Training labels per class (skip, execute, repeat).
+    pub label_counts: [u64; 3],
+    /// The training configuration (flags).
+    pub training: serde_json::Value,
+    /// Where the examples came from and how many were used.
+    pub data: serde_json::Value,
+    /// Metrics per epoch.
+    pub epochs: Vec<EpochMetrics>,
+    /// The epoch whose weights are in the package (best validation macro-F1).
+    pub best_epoch: usize,
+}
+
+impl PackageManifest {
+    /// A manifest of the current format for routers of `shape` on a model.
+    pub fn new(
+        model_fingerprint: String,
+        model_name: String,
+        shape: RouterShape,
+        windows: usize,
+    ) -> Self {
+        PackageManifest {
+            format_version: FORMAT_VERSION,
+            kind: KIND.into(),
+            code_version: env!("CARGO_PKG_VERSION").into(),
+            model_fingerprint,
+            model_name,
+            shape,
+            windows,
+            label_counts: [0; 3],
+            training: serde_json::Value::Null,
+            data: serde_json::Value::Null,
+            epochs: vec![],
+            best_epoch: 0,
+        }
+    }
+}
+
+/// Trained routers with their manifest.
+#[derive(Debug)]
+pub struct Package {
+    /// What the routers are.
+    pub manifest: PackageManifest,
+    /// The weights.
+    pub routers: Routers,
+}
+
+impl Package {
+    /// Writes the package to `dir` (replacing a package already there; anything else there is
+    /// refused). Nothing is visible at `dir` until both files are complete.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        if dir.exists() && !dir.join(MANIFEST).is_file() {
+            return Err(PackageError::Mismatch {
+                path: dir.to_path_buf(),
+                msg: "exists and is not a router package; choose another --out".into(),
+            });
+        }
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent).map_err(io(&parent))?;
+        let name = dir
+            .file_name()
+            .map_or("routers".into(), |n| n.to_string_lossy().into_owned());
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}.tmp-"))
+            .tempdir_in(&parent)
+            .map_err(io(&parent))?;
+        let tensors = tmp.path().join(TENSORS);
+        let named = self.routers.named_tensors();
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, &tensors).map_err(|e| PackageError::Tensors {
+            path: tensors.clone(),
+            msg: e.to_string(),
+        })?;
+        let mpath = tmp.path().join(MANIFEST);
+        let text =
+            serde_json::to_string_pretty(&self.manifest).map_err(|e| PackageError::Manifest {
+                path: mpath.clone(),
+                msg: e.to_string(),
+            })?;
+        fs::write(&mpath, text).map_err(io(&mpath))?;
+        for f in [&tensors, &mpath] {
+            fs::File::open(f)
+                .and_then(|f| f.sync_all())
+                .map_err(io(f))?;
+        }
+        let staged = tmp.keep();
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        let had_old = dir.exists();
+        if had_old {
+            fs::rename(dir, &old).map_err(io(dir))?;
+        }
+        if let Err(e) = fs::rename(&staged, dir) {
+            if had_old {
+                let _ = fs::rename(&old, dir);
+            }
+            let _ = fs::remove_dir_all(&staged);
+            return Err(io(dir)(e));
+        }
+        if had_old {
+            let _ = fs::remove_dir_all(&old);
+        }
+        Ok(())
+    }
+
+    /// Reads a package, checking that its tensors are exactly the routers its manifest describes.
+    pub fn load(dir: &Path) -> Result<Package> {
+        let manifest = Self::read_manifest(dir)?;
+        let tpath = dir.join(TENSORS);
+        if !tpath.is_file() {
+            return Err(PackageError::Tensors {
+                path: tpath,
+                msg: "missing (a router package holds routers.safetensors and manifest.json)"
+                    .into(),
+            });
+        }
+        let terr = |msg: String| PackageError::Tensors {
+            path: tpath.clone(),
+            msg,
+        };
+        let named = Tensor::read_safetensors(&tpath)
+            .map_err(|e| terr(format!("not a safetensors file: {e}")))?;
+        let mut by_name: HashMap<String, Tensor> = named.into_iter().collect();
+        let s = manifest.shape;
+        let (h, d) = (s.hidden_size as i64, s.router_hidden as i64);
+        let mut parts: [Vec<Tensor>; 4] = Default::default();
+        for l in 0..s.num_layers {
+            let want: [(String, Vec<i64>); 4] = [
+                (format!("routers.{l}.fc1.weight"), vec![d, h]),
+                (format!("routers.{l}.fc1.bias"), vec![d]),
+                (format!("routers.{l}.fc2.weight"), vec![3, d]),
+                (format!("routers.{l}.fc2.bias"), vec![3]),
+            ];
+            for (k, (name, shape)) in want.into_iter().enumerate() {
+                let t = by_name.remove(&name).ok_or_else(|| {
+                    terr(format!(
+                        "tensor {name} is missing (the manifest describes {} routers of {h} -> {d} -> 3)",
+                        s.num_layers
+                    ))
+                })?;
+                if t.size() != shape {
+                    return Err(terr(format!(
+                        "tensor {name} has shape {:?}, expected {shape:?}",
+                        t.size()
+                    )));
+                }
+                let t = t.to_kind(tch::Kind::Float);
+                parts[k].push(if k % 2 == 0 { t.tr() } else { t });
+            }
+        }
+        if let Some(extra) = by_name.keys().min() {
+            return Err(terr(format!(
+                "unexpected tensor {extra} ({} tensors beyond the {} routers of the manifest)",
+                by_name.len(),
+                s.num_layers
+            )));
+        }
+        let [w1, b1, w2, b2] = parts.map(|v| Tensor::stack(&v, 0));
+        Ok(Package {
+            manifest,
+            routers: Routers {
+                shape: s,
+                w1,
+                b1,
+                w2,
+                b2,
+            },
+        })
+    }
+
+    /// Reads and checks only the manifest.
+    pub fn read_manifest(dir: &Path) -> Result<PackageManifest> {
+        let mpath = dir.join(MANIFEST);
+        if !dir.is_dir() {
+            return Err(PackageError::Manifest {
+                path: dir.to_path_buf(),
+                msg: "no such router package directory".into(),
+            });
+        }
+        let text = fs::read_to_string(&mpath).map_err(io(&mpath))?;
+        let merr = |msg: String| PackageError::Manifest {
+            path: mpath.clone(),
+            msg,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| merr(format!("not JSON: {e}")))?;
+        if v.get("kind").and_then(|k| k.as_str()) != Some(KIND) {
+            return Err(merr(format!(
+                "not a router package manifest (kind is not {KIND:?})"
+            )));
+        }
+        let version = v
+            .get("format_version")
+            .and_then(|k| k.as_u64())
+            .unwrap_or(0);
+        if version > FORMAT_VERSION as u64 {
+            return Err(merr(format!(
+                "format version {version} is newer than this drllm reads ({FORMAT_VERSION}); upgrade drllm"
+            )));
+        }
+        let m: PackageManifest =
+            serde_json::from_value(v).map_err(|e| merr(format!("malformed manifest: {e}")))?;
+        if m.shape.num_layers == 0
+            || m.shape.hidden_size == 0
+            || m.shape.router_hidden == 0
+            || m.windows == 0
+        {
+            return Err(merr("router sizes and windows must be positive".into()));
+        }
+        Ok(m)
+    }
+
+    /// Checks that the package fits a model (fingerprint, blocks, hidden size).
+    pub fn check_model(
+        &self,
+        dir: &Path,
+        fingerprint: &str,
+        num_layers: usize,
+        hidden_size: usize,
+    ) -> Result<()> {
+        let m = &self.manifest;
+        let mis = |msg: String| PackageError::Mismatch {
+            path: dir.to_path_buf(),
+            msg,
+        };
+        if m.model_fingerprint != fingerprint {
+            return Err(mis(format!(
+                "trained for model {} (fingerprint {}), not this model (fingerprint {fingerprint})",
+                m.model_name, m.model_fingerprint
+            )));
+        }
+        if m.shape.num_layers != num_layers || m.shape.hidden_size != hidden_size {
+            return Err(mis(format!(
+                "routers for {} blocks of width {}, the model has {num_layers} of width {hidden_size}",
+                m.shape.num_layers, m.shape.hidden_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn package() -> Package {
+        tch::manual_seed(1);
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let shape = RouterShape {
+            num_layers: 4,
+            hidden_size: 6,
+            router_hidden: 5,
+        };
+        let routers = Routers::new(&vs.root(), shape).snapshot();
+        let mut manifest = PackageManifest::new("fp".into(), "tiny".into(), shape, 8);
+        manifest.label_counts = [3, 10, 1];
+        Package { manifest, routers }
+    }
+
+    #[test]
+    fn round_trip_reproduces_logits_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkg = package();
+        let out = dir.path().join("pkg");
+        pkg.save(&out).unwrap();
+        // Saving again replaces the package.
+        pkg.save(&out).unwrap();
+        let back = Package::load(&out).unwrap();
+        assert_eq!(back.manifest, pkg.manifest);
+        let x = Tensor::randn([3, 4, 8, 6], (tch::Kind::Float, tch::Device::Cpu));
+        assert!(back.routers.forward(&x).equal(&pkg.routers.forward(&x)));
+        back.check_model(&out, "fp", 4, 6).unwrap();
+        let e = back
+            .check_model(&out, "other", 4, 6)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("trained for model tiny (fingerprint fp)"), "{e}");
+        let e = back.check_model(&out, "fp", 5, 6).unwrap_err().to_string();
+        assert!(e.contains("4 blocks of width 6"), "{e}");
+        // Nothing but the package is left in the parent.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["pkg"]);
+    }
+
+    #[test]
+    fn damaged_packages_are_named_and_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkg = package();
+        let out = dir.path().join("pkg");
+        pkg.save(&out).unwrap();
+        let tensors = out.join(TENSORS);
+        // A renamed tensor.
+        let mut named = pkg.routers.named_tensors();
+        named[5].0 = "routers.1.fc1.bias_renamed".into();
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, &tensors).unwrap();
+        let e = Package::load(&out).unwrap_err().to_string();
+        assert!(
+            e.contains("routers.1.fc1.bias is missing") && e.contains("routers.safetensors"),
+            "{e}"
+        );
+        // An extra tensor.
+        let mut named = pkg.routers.named_tensors();
+        named.push((
+            "extra".into(),
+            Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
+        ));
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, &tensors).unwrap();
+        let e = Package::load(&out).unwrap_err().to_string();
+        assert!(e.contains("unexpected tensor extra"), "{e}");
+        // Garbage, and missing.
+        fs::write(&tensors, b"not safetensors").unwrap();
+        let e = Package::load(&out).unwrap_err().to_string();
+        assert!(e.contains("not a safetensors file"), "{e}");
+        fs::remove_file(&tensors).unwrap();
+        let e = Package::load(&out).unwrap_err().to_string();
+        assert!(e.contains("routers.safetensors: missing"), "{e}");
+        // A newer format, another kind, no manifest, no directory.
+        let mpath = out.join(MANIFEST);
+        let mut v = serde_json::to_value(&pkg.manifest).unwrap();
+        v["format_version"] = 99.into();
+        fs::write(&mpath, v.to_string()).unwrap();
+        let e = Package::load(&out).unwrap_err().to_string();
+        assert!(e.contains("format version 99 is newer"), "{e}");
+        v["kind"] = "something".into();
+        fs::write(&mpath, v.to_string()).unwrap();
+        let e = Package::load(&out).unwrap_err().to_string();
+        assert!(e.contains("not a router package manifest"), "{e}");
+        fs::remove_file(&mpath).unwrap();
+        let e = Package::load(&out).unwrap_err().to_string();
+        assert!(e.contains("manifest.json"), "{e}");
+        let e = Package::load(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no such router package directory"), "{e}");
+        // A directory that is not a package is never overwritten.
+        let other = dir.path().join("data");
+        fs::create_dir_all(&other).unwrap();
+        fs::write(other.join("keep.txt"), b"x").unwrap();
+        let e = pkg.save(&other).unwrap_err().to_string();
+        assert!(e.contains("is not a router package"), "{e}");
+        assert!(other.join("keep.txt").exists());
+    }
+}

@@ -1,0 +1,157 @@
+//! The routers of all blocks as one batched module: for block `l`, `Linear(hidden -> D)`,
+//! tanh-approximated GELU, `Linear(D -> 3)`, applied to each pooled window, logits averaged over
+//! windows. Batched over blocks (one `bmm` per linear layer for all blocks), which is what makes
+//! training on cached features fast.
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{Init, Path};
+use tch::{Kind, Tensor};
+
+/// Decision names, by class index (a path count).
+pub const CLASSES: [&str; 3] = ["skip", "execute", "repeat"];
+
+/// Sizes of a set of routers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterShape {
+    /// Blocks of the model (one router each).
+    pub num_layers: usize,
+    /// Hidden size of the model (router input).
+    pub hidden_size: usize,
+    /// Width of the router's hidden layer (128 in the paper).
+    pub router_hidden: usize,
+}
+
+/// The routers of every block. Weights are stored batched: `w1 [L, H, D]`, `b1 [L, D]`,
+/// `w2 [L, D, 3]`, `b2 [L, 3]` (each `w` is the transpose of a PyTorch `Linear.weight`).
+#[derive(Debug)]
+pub struct Routers {
+    /// Sizes.
+    pub shape: RouterShape,
+    /// First layer weights `[L, H, D]`.
+    pub w1: Tensor,
+    /// First layer biases `[L, D]`.
+    pub b1: Tensor,
+    /// Second layer weights `[L, D, 3]`.
+    pub w2: Tensor,
+    /// Second layer biases `[L, 3]`.
+    pub b2: Tensor,
+}
+
+impl Routers {
+    /// New trainable routers in `vs`, Xavier-uniform weights and zero biases (the initialisation
+    /// follows `tch::manual_seed`).
+    pub fn new(vs: &Path, shape: RouterShape) -> Self {
+        let (l, h, d) = (
+            shape.num_layers as i64,
+            shape.hidden_size as i64,
+            shape.router_hidden as i64,
+        );
+        let xavier = |fan_in: i64, fan_out: i64| {
+            let b = (6.0 / (fan_in + fan_out) as f64).sqrt();
+            Init::Uniform { lo: -b, up: b }
+        };
+        Routers {
+            shape,
+            w1: vs.var("w1", &[l, h, d], xavier(h, d)),
+            b1: vs.var("b1", &[l, d], Init::Const(0.0)),
+            w2: vs.var("w2", &[l, d, 3], xavier(d, 3)),
+            b2: vs.var("b2", &[l, 3], Init::Const(0.0)),
+        }
+    }
+
+    /// Logits `[N, L, 3]` (f32) for pooled features `x` `[N, L, W, H]` (any float kind).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let s = x.size();
+        let (n, l, w, h) = (s[0], s[1], s[2], s[3]);
+        // [L, N*W, H]: every block's windows as one matrix.
+        let xs = x
+            .to_kind(Kind::Float)
+            .permute([1, 0, 2, 3])
+            .reshape([l, n * w, h]);
+        let z = (xs.bmm(&self.w1) + self.b1.unsqueeze(1)).gelu("tanh");
+        let logits = z.bmm(&self.w2) + self.b2.unsqueeze(1);
+        logits
+            .view([l, n, w, 3])
+            .mean_dim(2, false, Kind::Float)
+            .permute([1, 0, 2])
+    }
+
+    /// Per-block decisions `[N, L]` (argmax of the logits, with `bias` added to each class's
+    /// logit first: the budget knob of inference).
+    pub fn decide(&self, x: &Tensor, bias: [f32; 3]) -> Tensor {
+        let b = Tensor::from_slice(&bias).to_device(x.device());
+        (self.forward(x) + b).argmax(-1, false)
+    }
+
+    /// The weights as PyTorch-style per-block tensors: `routers.{l}.fc1.weight [D, H]`,
+    /// `routers.{l}.fc1.bias [D]`, `routers.{l}.fc2.weight [3, D]`, `routers.{l}.fc2.bias [3]`.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(4 * self.shape.num_layers);
+        for l in 0..self.shape.num_layers as i64 {
+            let t = |x: &Tensor| x.get(l).detach().to_device(tch::Device::Cpu).contiguous();
+            out.push((
+                format!("routers.{l}.fc1.weight"),
+                t(&self.w1).tr().contiguous(),
+            ));
+            out.push((format!("routers.{l}.fc1.bias"), t(&self.b1)));
+            out.push((
+                format!("routers.{l}.fc2.weight"),
+                t(&self.w2).tr().contiguous(),
+            ));
+            out.push((format!("routers.{l}.fc2.bias"), t(&self.b2)));
+        }
+        out
+    }
+
+    /// Copies of the weights without gradient tracking (e.g. to keep the best epoch).
+    pub fn snapshot(&self) -> Routers {
+        let c = |t: &Tensor| t.detach().copy();
+        Routers {
+            shape: self.shape,
+            w1: c(&self.w1),
+            b1: c(&self.b1),
+            w2: c(&self.w2),
+            b2: c(&self.b2),
+        }
+    }
+
+    /// The routers on `device`.
+    pub fn to_device(&self, device: tch::Device) -> Routers {
+        Routers {
+            shape: self.shape,
+            w1: self.w1.to_device(device),
+            b1: self.b1.to_device(device),
+            w2: self.w2.to_device(device),
+            b2: self.b2.to_device(device),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batched_forward_equals_each_router_alone() {
+        tch::manual_seed(3);
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let shape = RouterShape {
+            num_layers: 3,
+            hidden_size: 5,
+            router_hidden: 4,
+        };
+        let r = Routers::new(&vs.root(), shape);
+        let _ = r.b1.detach().f_uniform_(-1.0, 1.0);
+        let x = Tensor::randn([2, 3, 4, 5], (Kind::Float, tch::Device::Cpu));
+        let got = r.forward(&x);
+        assert_eq!(got.size(), [2, 3, 3]);
+        for l in 0..3i64 {
+            // One router: Linear, GELU(tanh), Linear per window, then the mean over windows.
+            let xl = x.select(1, l); // [N, W, H]
+            let z = (xl.matmul(&r.w1.get(l)) + r.b1.get(l)).gelu("tanh");
+            let want = (z.matmul(&r.w2.get(l)) + r.b2.get(l)).mean_dim(1, false, Kind::Float);
+            let diff = (got.select(1, l) - want).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "block {l}: {diff}");
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Router training (stage 2 of drllm): the paths datasets written by `drllm-coordinator` become
+//! teacher-forced examples; the frozen model runs once per example to pool the hidden state
+//! entering every block (cached on disk); the routers are then fitted on those cached features
+//! alone, and written as a router package (`drllm-router`).
+#![warn(missing_docs)]
+
+pub mod examples;
+pub mod features;
+pub mod metrics;
+pub mod trainer;
+
+pub use examples::{load_examples, split_of, Example, ExampleSet, TrainDataError};
+pub use features::{extract_features, FeatureCache, Features};
+pub use metrics::Confusion;
+pub use trainer::{train, TrainConfig, TrainError, Trained};

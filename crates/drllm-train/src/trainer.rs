@@ -1,0 +1,427 @@
+//! Fitting the routers on cached features: focal loss with effective-number class weights,
+//! AdamW with a cosine schedule after a linear warm-up, the best epoch by validation macro-F1.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use drllm_router::{EpochMetrics, RouterShape, Routers};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use tch::nn::OptimizerConfig;
+use tch::{Device, Kind, Tensor};
+
+use crate::features::Features;
+use crate::metrics::Confusion;
+
+/// Why training cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A file could not be read or written.
+    #[error("{path}: {msg}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        msg: String,
+    },
+    /// One example cannot be used.
+    #[error("sample {sample_id}: {msg}")]
+    Example {
+        /// Its sample id.
+        sample_id: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The model failed.
+    #[error("model: {0}")]
+    Model(String),
+    /// Features or labels are unusable (wrong shape, labels outside 0..3, NaN).
+    #[error("{0}")]
+    Data(String),
+    /// A torch operation failed.
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+impl TrainError {
+    pub(crate) fn io(path: &Path, e: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// Hyper-parameters (each a `drllm-train` flag; defaults are the paper's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Passes over the training examples.
+    pub epochs: usize,
+    /// Examples per optimizer step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Fraction of the steps spent warming the learning rate up linearly.
+    pub warmup: f64,
+    /// Focal loss gamma.
+    pub focal_gamma: f64,
+    /// Effective-number beta of the class weights.
+    pub class_beta: f64,
+    /// Width of each router's hidden layer.
+    pub router_hidden: usize,
+    /// Seed of initialisation and shuffling.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 25,
+            batch_size: 16,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            warmup: 0.05,
+            focal_gamma: 2.0,
+            class_beta: 0.999,
+            router_hidden: 128,
+            seed: 0,
+        }
+    }
+}
+
+/// The outcome of training.
+#[derive(Debug)]
+pub struct Trained {
+    /// Routers of the best epoch.
+    pub routers: Routers,
+    /// Metrics of every epoch.
+    pub epochs: Vec<EpochMetrics>,
+    /// The best epoch (1-based).
+    pub best_epoch: usize,
+    /// Training labels per class.
+    pub label_counts: [u64; 3],
+    /// Class weights used by the loss.
+    pub class_weights: [f64; 3],
+}
+
+/// Effective-number class weights (Cui et al. 2019): `(1 - beta) / (1 - beta^n_c)`, normalised
+/// to sum to the number of classes present; absent classes weigh 0.
+pub fn class_weights(counts: [u64; 3], beta: f64) -> [f64; 3] {
+    let mut w = [0.0; 3];
+    for c in 0..3 {
+        if counts[c] > 0 {
+            w[c] = (1.0 - beta) / (1.0 - beta.powf(counts[c] as f64));
+        }
+    }
+    let present = counts.iter().filter(|&&n| n > 0).count() as f64;
+    let sum: f64 = w.iter().sum();
+    if sum > 0.0 {
+        for x in &mut w {
+            *x *= present / sum;
+        }
+    }
+    w
+}
+
+/// Focal loss of `logits [M, 3]` against `labels [M]`: mean of `-w_y (1 - p_y)^gamma log p_y`.
+pub fn focal_loss(logits: &Tensor, labels: &Tensor, weights: &Tensor, gamma: f64) -> Tensor {
+    let logp = logits.log_softmax(-1, Kind::Float);
+    let logp_y = logp.gather(1, &labels.unsqueeze(1), false).squeeze_dim(1);
+    let p_y = logp_y.exp();
+    let w = weights.index_select(0, labels);
+    let focus = (p_y.neg() + 1.0).pow_tensor_scalar(gamma);
+    (-(w * focus * logp_y)).mean(Kind::Float)
+}
+
+/// Learning rate at `step` (0-based) of `total`: linear warm-up over `warmup` steps, then cosine
+/// decay to 0.
+pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64) -> f64 {
+    if step < warmup {
+        peak * (step + 1) as f64 / warmup as f64
+    } else {
+        let span = total.saturating_sub(warmup).max(1) as f64;
+        let t = ((step - warmup) as f64 / span).min(1.0);
+        peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+}
+
+fn label_counts(labels: &Tensor) -> [u64; 3] {
+    let v: Vec<i64> = Vec::try_from(labels.flatten(0, -1)).unwrap_or_default();
+    let mut c = [0u64; 3];
+    for x in v {
+        if (0..3).contains(&x) {
+            c[x as usize] += 1;
+        }
+    }
+    c
+}
+
+fn check(f: &Features, what: &str, num_layers: i64) -> Result<(), TrainError> {
+    let s = f.x.size();
+    if s.len() != 4 || s[1] != num_layers || f.labels.size() != [s[0], num_layers] {
+        return Err(TrainError::Data(format!(
+            "{what}: features {:?} and labels {:?} do not match ([N, L, W, H] and [N, L], L = {num_layers})",
+            s,
+            f.labels.size()
+        )));
+    }
+    if f.labels.numel() > 0 {
+        let (lo, hi) = (
+            f.labels.min().int64_value(&[]),
+            f.labels.max().int64_value(&[]),
+        );
+        if lo < 0 || hi > 2 {
+            return Err(TrainError::Data(format!(
+                "{what}: labels must be 0 (skip), 1 (execute) or 2 (repeat); found {}",
+                if lo < 0 { lo } else { hi }
+            )));
+        }
+    }
+    let bad = f.x.isfinite().logical_not().any().int64_value(&[]) != 0;
+    if bad {
+        return Err(TrainError::Data(format!(
+            "{what}: the features hold NaN or infinite values"
+        )));
+    }
+    Ok(())
+}
+
+/// Routers' predictions `[N, L]` for `f`, in chunks.
+fn predict(r: &Routers, f: &Features) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let n = f.len() as i64;
+    let chunks: Vec<Tensor> = (0..n)
+        .step_by(256)
+        .map(|s| {
+            let x = f.x.narrow(0, s, (n - s).min(256));
+            r.forward(&x).argmax(-1, false)
+        })
+        .collect();
+    if chunks.is_empty() {
+        Tensor::zeros([0, r.shape.num_layers as i64], (Kind::Int64, Device::Cpu))
+    } else {
+        Tensor::cat(&chunks, 0)
+    }
+}
+
+/// Validation metrics of `r` on `f` (teacher-forced): confusion, and mean predicted and gold
+/// cost per prompt.
+pub fn evaluate(r: &Routers, f: &Features) -> (Confusion, f64, f64) {
+    let pred = predict(r, f);
+    let g: Vec<i64> = Vec::try_from(f.labels.flatten(0, -1)).unwrap_or_default();
+    let p: Vec<i64> = Vec::try_from(pred.flatten(0, -1)).unwrap_or_default();
+    let n = f.len().max(1) as f64;
+    (
+        Confusion::from_pairs(&g, &p),
+        p.iter().sum::<i64>() as f64 / n,
+        g.iter().sum::<i64>() as f64 / n,
+    )
+}
+
+/// Trains routers of width `cfg.router_hidden` on `train`, scoring every epoch on `val` (on
+/// `train` when `val` is empty). `on_step(step, total)` and `on_epoch` report progress.
+pub fn train(
+    train: &Features,
+    val: &Features,
+    cfg: &TrainConfig,
+    mut on_step: impl FnMut(usize, usize),
+    mut on_epoch: impl FnMut(&EpochMetrics),
+) -> Result<Trained, TrainError> {
+    if train.is_empty() {
+        return Err(TrainError::Data("no training examples".into()));
+    }
+    let s = train.x.size();
+    let shape = RouterShape {
+        num_layers: s[1] as usize,
+        hidden_size: s[3] as usize,
+        router_hidden: cfg.router_hidden.max(1),
+    };
+    check(train, "training set", s[1])?;
+    if !val.is_empty() {
+        check(val, "validation set", s[1])?;
+        if val.x.size()[2..] != s[2..] {
+            return Err(TrainError::Data(format!(
+                "validation features {:?} differ from training features {:?}",
+                val.x.size(),
+                s
+            )));
+        }
+    }
+    let scored = if val.is_empty() { train } else { val };
+    let counts = label_counts(&train.labels);
+    let weights = class_weights(counts, cfg.class_beta);
+    let wt = Tensor::from_slice(&weights.map(|w| w as f32));
+    tch::manual_seed(cfg.seed as i64);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let routers = Routers::new(&vs.root(), shape);
+    let mut opt = tch::nn::AdamW {
+        wd: cfg.weight_decay,
+        ..Default::default()
+    }
+    .build(&vs, cfg.lr)?;
+    let n = train.len();
+    let bs = cfg.batch_size.max(1);
+    let per_epoch = n.div_ceil(bs);
+    let total = per_epoch * cfg.epochs;
+    let warmup = ((cfg.warmup * total as f64).round() as usize).max(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut epochs = vec![];
+    let mut best: Option<(f64, usize, Routers)> = None;
+    let mut step = 0;
+    for epoch in 1..=cfg.epochs {
+        let t0 = Instant::now();
+        order.shuffle(&mut rng);
+        let mut loss_sum = 0.0;
+        let mut lr = cfg.lr;
+        for chunk in order.chunks(bs) {
+            lr = lr_at(step, total, warmup, cfg.lr);
+            opt.set_lr(lr);
+            let b = train.select(chunk);
+            let logits = routers.forward(&b.x).reshape([-1, 3]);
+            let loss = focal_loss(&logits, &b.labels.view([-1]), &wt, cfg.focal_gamma);
+            opt.backward_step(&loss);
+            loss_sum += loss.double_value(&[]);
+            step += 1;
+            on_step(step, total);
+        }
+        let (conf, avg_cost, gold_cost) = evaluate(&routers, scored);
+        let m = EpochMetrics {
+            epoch,
+            train_loss: loss_sum / per_epoch as f64,
+            val_macro_f1: conf.macro_f1(),
+            val_f1: [conf.f1(0), conf.f1(1), conf.f1(2)],
+            val_recall: [conf.recall(0), conf.recall(1), conf.recall(2)],
+            val_avg_cost: avg_cost,
+            val_gold_cost: gold_cost,
+            lr,
+            secs: t0.elapsed().as_secs_f64(),
+        };
+        if !m.train_loss.is_finite() {
+            return Err(TrainError::Data(format!(
+                "the training loss became {} in epoch {epoch}; lower --lr",
+                m.train_loss
+            )));
+        }
+        on_epoch(&m);
+        if best.as_ref().is_none_or(|(f, _, _)| m.val_macro_f1 > *f) {
+            best = Some((m.val_macro_f1, epoch, routers.snapshot()));
+        }
+        epochs.push(m);
+    }
+    let (_, best_epoch, routers) = match best {
+        Some(b) => b,
+        None => (0.0, 0, routers.snapshot()),
+    };
+    Ok(Trained {
+        routers,
+        epochs,
+        best_epoch,
+        label_counts: counts,
+        class_weights: weights,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_weights_favour_rare_classes_and_sum_to_the_classes_present() {
+        let w = class_weights([100, 1000, 10], 0.999);
+        assert!(w[2] > w[0] && w[0] > w[1]);
+        assert!((w.iter().sum::<f64>() - 3.0).abs() < 1e-9);
+        let w = class_weights([0, 50, 5], 0.999);
+        assert_eq!(w[0], 0.0);
+        assert!((w[1] + w[2] - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn focal_loss_with_gamma_zero_is_weighted_cross_entropy() {
+        let logits = Tensor::from_slice(&[1.0f32, 2.0, 0.5, -1.0, 0.0, 3.0]).view([2, 3]);
+        let labels = Tensor::from_slice(&[1i64, 0]);
+        let w = Tensor::from_slice(&[2.0f32, 1.0, 1.0]);
+        let got = focal_loss(&logits, &labels, &w, 0.0).double_value(&[]);
+        let lse = |v: &[f64]| v.iter().map(|x| x.exp()).sum::<f64>().ln();
+        let want =
+            ((lse(&[1.0, 2.0, 0.5]) - 2.0) * 1.0 + (lse(&[-1.0, 0.0, 3.0]) + 1.0) * 2.0) / 2.0;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        // gamma > 0 down-weights the confident example.
+        let g2 = focal_loss(&logits, &labels, &w, 2.0).double_value(&[]);
+        assert!(g2 < got);
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        let lrs: Vec<f64> = (0..100).map(|s| lr_at(s, 100, 10, 1e-3)).collect();
+        assert!((lrs[9] - 1e-3).abs() < 1e-12);
+        assert!(lrs[..10].windows(2).all(|w| w[0] < w[1]));
+        assert!(lrs[10..].windows(2).all(|w| w[0] >= w[1]));
+        assert!(lrs[99] < 1e-5);
+    }
+
+    /// Labels that are a known function of the pooled features: the routers must learn it.
+    fn synthetic(n: usize, seed: i64) -> Features {
+        tch::manual_seed(seed);
+        let (l, w, h) = (6, 4, 16);
+        let x = Tensor::randn([n as i64, l, w, h], (Kind::Float, Device::Cpu));
+        // Block l's label is decided by the window-mean of feature l (0: low, 1: mid, 2: high).
+        let m = x.mean_dim(2, false, Kind::Float); // [N, L, H]
+        let idx = Tensor::arange(l, (Kind::Int64, Device::Cpu))
+            .view([1, l, 1])
+            .expand([n as i64, l, 1], false);
+        let v = m.gather(2, &idx, false).squeeze_dim(2); // [N, L]
+        let labels = v.gt(0.25).to_kind(Kind::Int64) + v.gt(-0.25).to_kind(Kind::Int64);
+        Features { x, labels }
+    }
+
+    #[test]
+    fn learns_a_known_function_of_the_features() {
+        let tr = synthetic(4000, 1);
+        let va = synthetic(300, 2);
+        let cfg = TrainConfig {
+            epochs: 30,
+            batch_size: 32,
+            lr: 3e-3,
+            router_hidden: 32,
+            seed: 5,
+            ..TrainConfig::default()
+        };
+        let t = train(&tr, &va, &cfg, |_, _| {}, |_| {}).unwrap();
+        let best = &t.epochs[t.best_epoch - 1];
+        assert!(best.val_macro_f1 >= 0.95, "{:?}", t.epochs.last());
+        // The kept routers are the best epoch's.
+        let (conf, _, _) = evaluate(&t.routers, &va);
+        assert_eq!(conf.macro_f1(), best.val_macro_f1);
+        // Deterministic with the seed.
+        let again = train(&tr, &va, &cfg, |_, _| {}, |_| {}).unwrap();
+        assert!(again.routers.w1.equal(&t.routers.w1));
+        assert_eq!(again.epochs.len(), t.epochs.len());
+    }
+
+    #[test]
+    fn bad_features_and_labels_are_refused() {
+        let ok = synthetic(10, 1);
+        let bad = synthetic(10, 1);
+        let _ = bad.labels.get(0).get(0).fill_(3);
+        let e = train(&bad, &ok, &TrainConfig::default(), |_, _| {}, |_| {}).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("labels must be 0 (skip), 1 (execute) or 2 (repeat); found 3"),
+            "{e}"
+        );
+        let nan = synthetic(10, 1);
+        let _ = nan.x.get(3).get(1).get(0).get(2).fill_(f64::NAN);
+        let e = train(&nan, &ok, &TrainConfig::default(), |_, _| {}, |_| {}).unwrap_err();
+        assert!(e.to_string().contains("NaN"), "{e}");
+        let short = Features {
+            x: ok.x.shallow_clone(),
+            labels: ok.labels.narrow(1, 0, 5),
+        };
+        let e = train(&short, &ok, &TrainConfig::default(), |_, _| {}, |_| {}).unwrap_err();
+        assert!(e.to_string().contains("do not match"), "{e}");
+    }
+}

@@ -1,0 +1,231 @@
+//! Router training with real processes: the coordinator searches real ARC prompts with the
+//! embedded model, `drllm-train` fits routers on its output, and the package reads back. Also
+//! the teacher-forced router inputs of the runtime, and the training inputs users get wrong.
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use drllm::dist::{read_rows, Dataset};
+use drllm::runtime::tch::{Device, Kind, Tensor};
+use drllm::runtime::{LayerPath, LoadedModel, ModelSource, PathBatch};
+use drllm_router::Package;
+
+/// The hidden state entering block `l` along a path is what the model computes before block `l`:
+/// equal alone and in a padded batch, carried over a skipped block, and equal to the state that
+/// a path stopping just before `l` (all zeros from `l` on) hands to its last block.
+#[test]
+fn block_inputs_are_the_teacher_forced_states() {
+    let lm =
+        LoadedModel::load(ModelSource::Gguf(embedded_gguf()), Device::Cpu, Kind::Float).unwrap();
+    let n = lm.model.num_layers();
+    let prompts: Vec<Vec<u32>> = [
+        "Which gas do plants take in from the air?",
+        "A student pushes a cart. What makes it speed up? Answer with a letter.",
+    ]
+    .iter()
+    .map(|t| lm.tokenizer.encode(t, true).unwrap())
+    .collect();
+    let mut counts = vec![1u8; n];
+    counts[3] = 0;
+    counts[5] = 2;
+    counts[6] = 0;
+    let paths = vec![
+        LayerPath::from_counts(vec![1; n]).unwrap(),
+        LayerPath::from_counts(counts.clone()).unwrap(),
+    ];
+    let _g = drllm::runtime::tch::no_grad_guard();
+    let batched = PathBatch::new(&lm.model, &paths)
+        .unwrap()
+        .prefill_block_inputs(&prompts)
+        .unwrap();
+    assert_eq!(batched.len(), n);
+    let t = batched[0].size()[1];
+    let row = |x: &Tensor, r: i64, len: usize| x.get(r).narrow(0, t - len as i64, len as i64);
+    for r in 0..2 {
+        let alone = PathBatch::new(&lm.model, &paths[r..=r])
+            .unwrap()
+            .prefill_block_inputs(&prompts[r..=r])
+            .unwrap();
+        for l in 0..n {
+            let d = max_abs_diff(
+                &row(&batched[l], r as i64, prompts[r].len()),
+                &alone[l].get(0),
+            );
+            assert!(d < 1e-3, "row {r} block {l}: batched vs alone {d}");
+        }
+    }
+    // Skipped blocks 3 and 6 hand their input on unchanged.
+    for l in [3, 6] {
+        assert!(batched[l].get(1).equal(&batched[l + 1].get(1)));
+    }
+    assert!(!batched[5].get(1).equal(&batched[6].get(1)));
+    // Along the second path, block l's input = the last block's input of counts[..l] + zeros.
+    for l in [1, 5, 6, 12, n - 1] {
+        let mut cut = counts.clone();
+        for c in cut.iter_mut().skip(l) {
+            *c = 0;
+        }
+        let inputs = PathBatch::new(&lm.model, &[LayerPath::from_counts(cut).unwrap()])
+            .unwrap()
+            .prefill_block_inputs(&prompts[1..2])
+            .unwrap();
+        let d = max_abs_diff(
+            &inputs[n - 1].get(0),
+            &row(&batched[l], 1, prompts[1].len()),
+        );
+        assert!(d < 1e-3, "block {l}: {d}");
+    }
+}
+
+fn search(out: &Path, limit: usize) {
+    let o = Command::new(bin("drllm-coordinator"))
+        .args([
+            "--model",
+            "embedded",
+            "--dataset",
+            "arc_easy",
+            "--split",
+            "train",
+        ])
+        .args(["--limit", &limit.to_string(), "--workers", "1"])
+        .args([
+            "--num-simulations",
+            "8",
+            "--seed",
+            "7",
+            "--max-new-tokens",
+            "6",
+        ])
+        .arg("--data")
+        .arg(data_dir())
+        .arg("--out")
+        .arg(out)
+        .env("DRLLM_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn train(args: &[&str], data: &[&Path], out: &Path, cache: &Path) -> (bool, String, String) {
+    let mut c = Command::new(bin("drllm-train"));
+    for d in data {
+        c.arg("--data").arg(d);
+    }
+    let o = c
+        .arg("--out")
+        .arg(out)
+        .arg("--feature-cache")
+        .arg(cache)
+        .args(args)
+        .env("DRLLM_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A copy of the dataset at `from` with its rows changed by `edit` (same model fingerprint).
+fn rewritten(from: &Path, to: &Path, edit: impl Fn(&mut drllm::dist::PathRecord)) {
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(from.join("_manifest.json")).unwrap())
+            .unwrap();
+    let fp = m["model_fingerprint"].as_str().unwrap();
+    let mut ds = Dataset::open(to, fp, m["config"].clone(), false).unwrap();
+    let mut rows = read_rows(from).unwrap();
+    rows.iter_mut().for_each(edit);
+    ds.commit("arc_easy", &rows).unwrap();
+}
+
+#[test]
+fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    search(&run, 10);
+    let cache = dir.path().join("features");
+    let pkg = dir.path().join("pkg");
+    let (ok, stdout, stderr) = train(
+        &["--epochs", "4", "--val-fraction", "0.3", "--seed", "3"],
+        &[&run],
+        &pkg,
+        &cache,
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("validation macro-F1"), "{stdout}");
+    assert!(stderr.contains("examples/s"), "{stderr}");
+    let p = Package::load(&pkg).unwrap();
+    let m = &p.manifest;
+    assert_eq!((m.shape.num_layers, m.shape.hidden_size), (30, 576));
+    assert_eq!((m.shape.router_hidden, m.windows), (128, 8));
+    assert_eq!(m.epochs.len(), 4);
+    assert!((1..=4).contains(&m.best_epoch));
+    let rows = read_rows(&run).unwrap();
+    let found = rows.iter().filter(|r| r.found).count() as u64;
+    assert_eq!(m.label_counts.iter().sum::<u64>() % 30, 0);
+    let used = m.data["train"].as_u64().unwrap() + m.data["val"].as_u64().unwrap();
+    assert!(used <= found && used > 0);
+    // inspect prints it; a second run with other flags takes the features from the cache.
+    let o = Command::new(bin("drllm-train"))
+        .arg("inspect")
+        .arg(&pkg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && text.contains("30 blocks, 576 -> 128 -> 3, 8 windows"),
+        "{text}"
+    );
+    let (ok, _, stderr) = train(&["--epochs", "2", "--lr", "5e-4"], &[&run], &pkg, &cache);
+    assert!(ok && stderr.contains("from the cache"), "{stderr}");
+    assert_eq!(Package::load(&pkg).unwrap().manifest.epochs.len(), 2);
+
+    // Bad input: no dataset there.
+    let (ok, _, e) = train(&[], &[&dir.path().join("nope")], &pkg, &cache);
+    assert!(!ok && e.contains("nope/_manifest.json"), "{e}");
+    // A dataset of another model.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let text = std::fs::read_to_string(run.join("_manifest.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["model_fingerprint"] = "0123456789abcdef01234567".into();
+    std::fs::write(other.join("_manifest.json"), v.to_string()).unwrap();
+    let (ok, _, e) = train(&[], &[&run, &other], &pkg, &cache);
+    assert!(
+        !ok && e.contains("other: made with model fingerprint 0123456789abcdef01234567"),
+        "{e}"
+    );
+    // Only default paths (nothing found).
+    let none = dir.path().join("none");
+    rewritten(&run, &none, |r| {
+        r.found = false;
+        r.improved = false;
+        r.best_path = None;
+        r.best_cost = None;
+        r.best_layers = None;
+    });
+    let (ok, _, e) = train(&[], &[&none], &pkg, &cache);
+    assert!(!ok && e.contains("has a found path"), "{e}");
+    // A label vector of the wrong length.
+    let short = dir.path().join("short");
+    rewritten(&run, &short, |r| {
+        if r.found {
+            r.best_path = Some(vec![1; 12]);
+        }
+    });
+    let (ok, _, e) = train(&[], &[&short], &pkg, &cache);
+    assert!(
+        !ok && e.contains("best_path has 12 entries, expected one per block (30)"),
+        "{e}"
+    );
+    // An output that is not a package is never overwritten; the package is still intact.
+    let (ok, _, e) = train(&[], &[&run], &run, &cache);
+    assert!(!ok && e.contains("is not a router package"), "{e}");
+    assert!(Package::load(&pkg).is_ok());
+    // A bad fraction.
+    let (ok, _, e) = train(&["--val-fraction", "1.5"], &[&run], &pkg, &cache);
+    assert!(!ok && e.contains("--val-fraction"), "{e}");
+}
