@@ -12,7 +12,12 @@ use drllm_tasks::{
 #[command(
     name = "drllm-data",
     version,
-    about = "Inspect the datasets, prompts and answer checking drllm uses."
+    about = "Inspect the datasets, prompts and answer checking drllm uses.",
+    after_help = "Examples:
+  drllm-data stats
+  drllm-data show --task arc_challenge --split dev --limit 3 --model embedded
+  drllm-data grade --task dart-3 --response 'so \\boxed{0.5}' --gold '\\frac{1}{2}'
+Run `drllm-data <command> --help` for each command's flags."
 )]
 struct Cli {
     #[command(subcommand)]

@@ -14,7 +14,12 @@ use drllm_runtime::{
 #[command(
     name = "drllm-infer",
     version,
-    about = "Run a frozen LLM along a layer path (skip / execute / repeat per block)."
+    about = "Run a frozen LLM along a layer path (skip / execute / repeat per block).",
+    after_help = "Examples:
+  drllm-infer generate --prompt \"What is the capital of France?\" --chat
+  drllm-infer generate --prompt Hello --path 1,1,0,2,...     # one count per block
+  drllm-infer bench --batch 1,8 --python none
+Run `drllm-infer <command> --help` for each command's flags."
 )]
 struct Cli {
     /// Log as JSON lines (for SLURM log scraping).
