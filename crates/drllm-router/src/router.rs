@@ -61,13 +61,16 @@ impl Routers {
 
     /// Logits `[N, L, 3]` (f32) for pooled features `x` `[N, L, W, H]` (any float kind).
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_layer_major(&x.permute([1, 0, 2, 3]))
+    }
+
+    /// Logits `[N, L, 3]` (f32) for pooled features stored block-major, `x` `[L, N, W, H]`: the
+    /// layout training keeps, where a batch's features are already one matrix per block.
+    pub fn forward_layer_major(&self, x: &Tensor) -> Tensor {
         let s = x.size();
-        let (n, l, w, h) = (s[0], s[1], s[2], s[3]);
-        // [L, N*W, H]: every block's windows as one matrix.
-        let xs = x
-            .to_kind(Kind::Float)
-            .permute([1, 0, 2, 3])
-            .reshape([l, n * w, h]);
+        let (l, n, w, h) = (s[0], s[1], s[2], s[3]);
+        // [L, N*W, H]: every block's windows as one matrix (a view when `x` is contiguous).
+        let xs = x.to_kind(Kind::Float).reshape([l, n * w, h]);
         let z = (xs.bmm(&self.w1) + self.b1.unsqueeze(1)).gelu("tanh");
         let logits = z.bmm(&self.w2) + self.b2.unsqueeze(1);
         logits

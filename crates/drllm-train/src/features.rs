@@ -17,7 +17,8 @@ use crate::trainer::TrainError;
 /// Router inputs and labels of a set of examples.
 #[derive(Debug)]
 pub struct Features {
-    /// `[N, L, W, H]` pooled hidden states entering each block (f32, CPU).
+    /// `[L, N, W, H]` pooled hidden states entering each block, block-major (a batch of examples
+    /// is then one matrix per block without a copy); f32 or bf16, CPU.
     pub x: Tensor,
     /// `[N, L]` gold counts (int64).
     pub labels: Tensor,
@@ -26,7 +27,7 @@ pub struct Features {
 impl Features {
     /// Examples held.
     pub fn len(&self) -> usize {
-        self.x.size()[0] as usize
+        self.x.size()[1] as usize
     }
 
     /// Whether there are none.
@@ -38,7 +39,7 @@ impl Features {
     pub fn select(&self, idx: &[usize]) -> Features {
         let i = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
         Features {
-            x: self.x.index_select(0, &i),
+            x: self.x.index_select(1, &i),
             labels: self.labels.index_select(0, &i),
         }
     }
@@ -55,7 +56,7 @@ impl FeatureCache {
     /// The cache key: model fingerprint, window count and every example (id, prompt, path).
     pub fn key(fingerprint: &str, windows: usize, examples: &[Example]) -> String {
         let mut h = Sha256::new();
-        h.update(b"drllm-features-v1\0");
+        h.update(b"drllm-features-v2\0");
         h.update(fingerprint.as_bytes());
         h.update((windows as u64).to_le_bytes());
         for e in examples {
@@ -76,13 +77,21 @@ impl FeatureCache {
             .collect()
     }
 
-    fn file(&self, key: &str) -> PathBuf {
+    /// The file of `key`.
+    pub fn file(&self, key: &str) -> PathBuf {
         self.dir.join(format!("{key}.safetensors"))
     }
 
     /// Cached features of `key`, if present and readable (a damaged file is ignored and
     /// recomputed).
-    pub fn get(&self, key: &str, n: usize, num_layers: usize, windows: usize) -> Option<Features> {
+    pub fn get(
+        &self,
+        key: &str,
+        n: usize,
+        num_layers: usize,
+        windows: usize,
+        hidden: usize,
+    ) -> Option<Features> {
         let path = self.file(key);
         if !path.is_file() {
             return None;
@@ -106,9 +115,10 @@ impl FeatureCache {
         let (x, labels) = (x?, labels?);
         let s = x.size();
         let ok = s.len() == 4
-            && s[0] as usize == n
-            && s[1] as usize == num_layers
+            && s[0] as usize == num_layers
+            && s[1] as usize == n
             && s[2] as usize == windows
+            && s[3] as usize == hidden
             && labels.size() == [n as i64, num_layers as i64];
         if !ok {
             tracing::warn!(path = %path.display(), "feature cache of another shape; recomputing");
@@ -136,29 +146,16 @@ impl FeatureCache {
 }
 
 /// Pools the router inputs of every example (`batch_size` prompts per forward pass, grouped by
-/// length), using `cache` when it already holds them. `on_batch(done)` reports progress.
+/// length). `on_batch(done)` reports progress. Callers cache the result with [`FeatureCache`].
 pub fn extract_features(
     lm: &LoadedModel,
     examples: &[Example],
     windows: usize,
     batch_size: usize,
-    cache: Option<&FeatureCache>,
     mut on_batch: impl FnMut(usize),
-) -> Result<(Features, bool), TrainError> {
+) -> Result<Features, TrainError> {
     let n_layers = lm.model.num_layers();
     let hidden = lm.model.cfg.hidden_size;
-    let fingerprint = lm
-        .source
-        .fingerprint()
-        .map_err(|e| TrainError::Model(e.to_string()))?;
-    let key = FeatureCache::key(&fingerprint, windows, examples);
-    if let Some(c) = cache {
-        if let Some(f) = c.get(&key, examples.len(), n_layers, windows) {
-            tracing::info!(path = %c.file(&key).display(), "features from the cache");
-            on_batch(examples.len());
-            return Ok((f, true));
-        }
-    }
     let ctx = lm.model.cfg.max_position_embeddings as usize;
     let mut ids = Vec::with_capacity(examples.len());
     for e in examples {
@@ -181,8 +178,8 @@ pub fn extract_features(
     order.sort_by_key(|&i| ids[i].len());
     let mut x = Tensor::zeros(
         [
-            examples.len() as i64,
             n_layers as i64,
+            examples.len() as i64,
             windows as i64,
             hidden,
         ],
@@ -207,14 +204,18 @@ pub fn extract_features(
             .iter()
             .map(|h| pool_windows(h, &lens, windows))
             .collect();
-        // [B, L, W, H] into the rows of this chunk.
-        let stacked = Tensor::stack(&pooled, 1).to_device(Device::Cpu);
+        // [L, B, W, H] into the columns of this chunk.
+        let stacked = Tensor::stack(&pooled, 0).to_device(Device::Cpu);
         let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        let _ = x.index_copy_(0, &idx, &stacked);
+        let _ = x.index_copy_(1, &idx, &stacked);
         done += chunk.len();
         on_batch(done);
     }
-    let finite = x.isfinite().flatten(1, -1).all_dim(1, false);
+    let finite = x
+        .isfinite()
+        .transpose(0, 1)
+        .flatten(1, -1)
+        .all_dim(1, false);
     let finite: Vec<bool> = Vec::try_from(&finite).unwrap_or_default();
     if let Some(i) = finite.iter().position(|&f| !f) {
         return Err(TrainError::Example {
@@ -227,11 +228,7 @@ pub fn extract_features(
         .flat_map(|e| e.path.iter().map(|&c| c as i64))
         .collect();
     let labels = Tensor::from_slice(&labels).view([examples.len() as i64, n_layers as i64]);
-    let f = Features { x, labels };
-    if let Some(c) = cache {
-        c.put(&key, &f)?;
-    }
-    Ok((f, false))
+    Ok(Features { x, labels })
 }
 
 /// The default feature cache: `$DRLLM_CACHE/features` (see `drllm_runtime::cache_dir`).

@@ -117,6 +117,7 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    drllm_runtime::keep_freed_memory();
     match cli.cmd {
         Some(Cmd::Inspect { package, json }) => inspect(&package, json),
         None => run(cli.train),
@@ -204,11 +205,10 @@ fn run(a: TrainArgs) -> Result<()> {
     let device = resolve_device(&a.device)?;
     let kind = parse_dtype(&a.dtype, device)?;
     let source = ModelSource::resolve(&a.model)?;
-    let lm = LoadedModel::load(source, device, kind)
-        .with_context(|| format!("loading model {}", a.model))?;
-    let fingerprint = lm.source.fingerprint()?;
-    let name = lm.source.name();
-    let n_layers = lm.model.num_layers();
+    let fingerprint = source.fingerprint()?;
+    let name = source.name();
+    let model_cfg = source.config()?;
+    let n_layers = model_cfg.num_layers;
     let set = load_examples(&a.data, &fingerprint, &name, n_layers)?;
     for (dir, rows, found) in &set.sources {
         eprintln!("{}: {rows} rows, {found} with a found path", dir.display());
@@ -231,31 +231,47 @@ fn run(a: TrainArgs) -> Result<()> {
         tracing::warn!("no validation examples: metrics are computed on the training set");
     }
 
-    // Feature pass.
+    // Feature pass (skipped, with the model, when the cache has it).
     let cache = (!a.no_feature_cache).then(|| FeatureCache {
         dir: a.feature_cache.clone().unwrap_or_else(default_cache_dir),
     });
-    let fbar = bar(n as u64, "features");
+    let key = FeatureCache::key(&fingerprint, a.windows, &set.examples);
+    let hidden = model_cfg.hidden_size as usize;
     let t0 = std::time::Instant::now();
-    let (features, cached) = extract_features(
-        &lm,
-        &set.examples,
-        a.windows,
-        a.feature_batch,
-        cache.as_ref(),
-        |d| fbar.set_position(d as u64),
-    )?;
-    fbar.finish_and_clear();
-    let feat_secs = t0.elapsed().as_secs_f64();
-    eprintln!(
-        "features: {n} examples in {feat_secs:.1}s{}",
-        if cached {
-            " (from the cache)".to_string()
-        } else {
-            format!(" ({:.2} examples/s)", n as f64 / feat_secs.max(1e-9))
+    let cached = cache
+        .as_ref()
+        .and_then(|c| c.get(&key, n, n_layers, a.windows, hidden));
+    let features = match cached {
+        Some(f) => {
+            eprintln!(
+                "features: {n} examples from the cache ({}); the model is not loaded",
+                cache
+                    .as_ref()
+                    .map(|c| c.file(&key).display().to_string())
+                    .unwrap_or_default()
+            );
+            f
         }
-    );
-    drop(lm);
+        None => {
+            let lm = LoadedModel::load(source, device, kind)
+                .with_context(|| format!("loading model {}", a.model))?;
+            let fbar = bar(n as u64, "features");
+            let f = extract_features(&lm, &set.examples, a.windows, a.feature_batch, |d| {
+                fbar.set_position(d as u64)
+            })?;
+            fbar.finish_and_clear();
+            let secs = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "features: {n} examples in {secs:.1}s ({:.2} examples/s)",
+                n as f64 / secs.max(1e-9)
+            );
+            if let Some(c) = &cache {
+                c.put(&key, &f)?;
+            }
+            f
+        }
+    };
+    let feat_secs = t0.elapsed().as_secs_f64();
     let tr = features.select(&train_idx);
     let va = features.select(&val_idx);
 

@@ -161,9 +161,9 @@ fn label_counts(labels: &Tensor) -> [u64; 3] {
 
 fn check(f: &Features, what: &str, num_layers: i64) -> Result<(), TrainError> {
     let s = f.x.size();
-    if s.len() != 4 || s[1] != num_layers || f.labels.size() != [s[0], num_layers] {
+    if s.len() != 4 || s[0] != num_layers || f.labels.size() != [s[1], num_layers] {
         return Err(TrainError::Data(format!(
-            "{what}: features {:?} and labels {:?} do not match ([N, L, W, H] and [N, L], L = {num_layers})",
+            "{what}: features {:?} and labels {:?} do not match ([L, N, W, H] and [N, L], L = {num_layers})",
             s,
             f.labels.size()
         )));
@@ -196,8 +196,8 @@ fn predict(r: &Routers, f: &Features) -> Tensor {
     let chunks: Vec<Tensor> = (0..n)
         .step_by(256)
         .map(|s| {
-            let x = f.x.narrow(0, s, (n - s).min(256));
-            r.forward(&x).argmax(-1, false)
+            let x = f.x.narrow(1, s, (n - s).min(256));
+            r.forward_layer_major(&x).argmax(-1, false)
         })
         .collect();
     if chunks.is_empty() {
@@ -234,14 +234,19 @@ pub fn train(
         return Err(TrainError::Data("no training examples".into()));
     }
     let s = train.x.size();
+    if s.len() != 4 {
+        return Err(TrainError::Data(format!(
+            "training features have shape {s:?}, expected [L, N, W, H]"
+        )));
+    }
     let shape = RouterShape {
-        num_layers: s[1] as usize,
+        num_layers: s[0] as usize,
         hidden_size: s[3] as usize,
         router_hidden: cfg.router_hidden.max(1),
     };
-    check(train, "training set", s[1])?;
+    check(train, "training set", s[0])?;
     if !val.is_empty() {
-        check(val, "validation set", s[1])?;
+        check(val, "validation set", s[0])?;
         if val.x.size()[2..] != s[2..] {
             return Err(TrainError::Data(format!(
                 "validation features {:?} differ from training features {:?}",
@@ -281,7 +286,7 @@ pub fn train(
             lr = lr_at(step, total, warmup, cfg.lr);
             opt.set_lr(lr);
             let b = train.select(chunk);
-            let logits = routers.forward(&b.x).reshape([-1, 3]);
+            let logits = routers.forward_layer_major(&b.x).reshape([-1, 3]);
             let loss = focal_loss(&logits, &b.labels.view([-1]), &wt, cfg.focal_gamma);
             opt.backward_step(&loss);
             loss_sum += loss.double_value(&[]);
@@ -375,7 +380,10 @@ mod tests {
             .expand([n as i64, l, 1], false);
         let v = m.gather(2, &idx, false).squeeze_dim(2); // [N, L]
         let labels = v.gt(0.25).to_kind(Kind::Int64) + v.gt(-0.25).to_kind(Kind::Int64);
-        Features { x, labels }
+        Features {
+            x: x.permute([1, 0, 2, 3]).contiguous(),
+            labels,
+        }
     }
 
     #[test]
@@ -414,7 +422,7 @@ mod tests {
             "{e}"
         );
         let nan = synthetic(10, 1);
-        let _ = nan.x.get(3).get(1).get(0).get(2).fill_(f64::NAN);
+        let _ = nan.x.get(1).get(3).get(0).get(2).fill_(f64::NAN);
         let e = train(&nan, &ok, &TrainConfig::default(), |_, _| {}, |_| {}).unwrap_err();
         assert!(e.to_string().contains("NaN"), "{e}");
         let short = Features {
