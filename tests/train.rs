@@ -79,6 +79,60 @@ fn block_inputs_are_the_teacher_forced_states() {
     }
 }
 
+/// The block inputs match transformers' hidden states on the same weights, along the default
+/// path and along a path with skips and repeats (the last block executed, so no state is the
+/// final-normed one transformers reports last).
+#[test]
+fn block_inputs_match_transformers() {
+    let lm =
+        LoadedModel::load(ModelSource::Gguf(embedded_gguf()), Device::Cpu, Kind::Float).unwrap();
+    let n = lm.model.num_layers();
+    let prompts: Vec<Vec<u32>> = [
+        "The sun is a star. Which planet is closest to it?",
+        "2 + 2 =",
+    ]
+    .iter()
+    .map(|t| lm.tokenizer.encode(t, true).unwrap())
+    .collect();
+    let mut counts = vec![1u8; n];
+    for (l, c) in [(2, 0), (3, 2), (9, 0), (10, 0), (17, 2), (28, 0)] {
+        counts[l] = c;
+    }
+    let paths = [vec![1u8; n], counts];
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, want) = reference(
+        serde_json::json!({"job": "hidden", "gguf": embedded_gguf(), "prompts": prompts, "paths": paths}),
+        tmp.path(),
+    );
+    // Every (prompt, path) pair in one left-padded batch.
+    let rows: Vec<(usize, usize)> = (0..2).flat_map(|i| (0..2).map(move |j| (i, j))).collect();
+    let lp: Vec<LayerPath> = rows
+        .iter()
+        .map(|&(_, j)| LayerPath::from_counts(paths[j].clone()).unwrap())
+        .collect();
+    let rp: Vec<Vec<u32>> = rows.iter().map(|&(i, _)| prompts[i].clone()).collect();
+    let _g = drllm::runtime::tch::no_grad_guard();
+    let got = PathBatch::new(&lm.model, &lp)
+        .unwrap()
+        .prefill_block_inputs(&rp)
+        .unwrap();
+    let t = got[0].size()[1];
+    let mut worst = 0f64;
+    for (r, &(i, j)) in rows.iter().enumerate() {
+        let len = prompts[i].len() as i64;
+        for l in 0..n {
+            let ours = got[l].get(r as i64).narrow(0, t - len, len);
+            let theirs = &want[&format!("p{i}_path{j}_in{l}")];
+            // Relative to the state's scale: the residual stream grows through the blocks.
+            let scale = theirs.abs().max().double_value(&[]).max(1.0);
+            let d = max_abs_diff(&ours, theirs) / scale;
+            worst = worst.max(d);
+            assert!(d < 1e-4, "prompt {i} path {j} block {l}: relative diff {d}");
+        }
+    }
+    eprintln!("largest relative difference to transformers: {worst:.2e}");
+}
+
 fn search(out: &Path, limit: usize) {
     let o = Command::new(bin("drllm-coordinator"))
         .args([
@@ -209,6 +263,25 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
     });
     let (ok, _, e) = train(&[], &[&none], &pkg, &cache);
     assert!(!ok && e.contains("has a found path"), "{e}");
+    // No rows at all.
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("_manifest.json")).unwrap())
+            .unwrap();
+    let fresh = dir.path().join("fresh");
+    drop(
+        Dataset::open(
+            &fresh,
+            m["model_fingerprint"].as_str().unwrap(),
+            m["config"].clone(),
+            false,
+        )
+        .unwrap(),
+    );
+    let (ok, _, e) = train(&[], &[&fresh], &pkg, &cache);
+    assert!(
+        !ok && e.contains("no rows in") && e.contains("run the search first"),
+        "{e}"
+    );
     // A label vector of the wrong length.
     let short = dir.path().join("short");
     rewritten(&run, &short, |r| {

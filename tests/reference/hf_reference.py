@@ -97,6 +97,22 @@ def job_gguf(job, tensors):
     return {"rendered": rendered, "ids": prompts, "generated": gens}
 
 
+def job_hidden(job, tensors):
+    """The hidden state entering every block along each path: hidden_states[k] is the input of
+    the k-th applied block, so block l's input is hidden_states[sum(counts[:l])]."""
+    d, f = os.path.split(job["gguf"])
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    for i, ids in enumerate(job["prompts"]):
+        for j, counts in enumerate(job["paths"]):
+            with with_path(model, counts):
+                hs = model(torch.tensor([ids]), use_cache=False, output_hidden_states=True).hidden_states
+            before = 0
+            for l, c in enumerate(counts):
+                tensors[f"p{i}_path{j}_in{l}"] = hs[before][0].float().clone()
+                before += c
+    return {}
+
+
 def job_tokens(job, tensors):
     d, f = os.path.split(job["gguf"])
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
@@ -158,7 +174,7 @@ def main():
     job = json.load(sys.stdin)
     tensors = {}
     kind = job["job"]
-    res = {"gguf": job_gguf, "tokens": job_tokens, "tiny": job_tiny}[kind](job, tensors)
+    res = {"gguf": job_gguf, "tokens": job_tokens, "tiny": job_tiny, "hidden": job_hidden}[kind](job, tensors)
     if tensors:
         save_file(tensors, job["out"])
     json.dump(res, sys.stdout)
