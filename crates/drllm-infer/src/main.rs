@@ -1,11 +1,12 @@
-//! `drllm-infer`: generation along a layer path, logits dumps and throughput benchmarks (routed
-//! validation runs come with the router package).
+//! `drllm-infer`: generation along a layer path or routed by a router package, logits dumps and
+//! throughput benchmarks.
 use std::time::Instant;
 
 mod bench;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use drllm_router::{Package, Policy};
 use drllm_runtime::{
     parse_dtype, resolve_device, GenerateOptions, LayerPath, LoadedModel, Message, ModelSource,
 };
@@ -36,7 +37,8 @@ enum Cmd {
   drllm-infer generate --prompt 'What is 2+3?' --chat
   drllm-infer generate --model path/to/Llama-3.2-3B-Instruct --device cuda --prompt 'Hi' --chat
   drllm-infer generate --prompt 'The capital of France is' --path 1,1,0,1,2,1,...  # one entry per block
-  drllm-infer generate --prompt A --prompt B --max-new-tokens 32 --json")]
+  drllm-infer generate --prompt A --prompt B --max-new-tokens 32 --json
+  drllm-infer generate --routers PKG --chat --prompt 'Which gas do plants take in?' --budget -0.3")]
     Generate(GenerateArgs),
     /// Writes the logits at every prompt position (f32) to a safetensors file, for parity checks.
     #[command(after_help = "Examples:
@@ -111,8 +113,24 @@ struct GenerateArgs {
     system: Option<String>,
     /// Layer path: one count per block, each 0 (skip), 1 (execute) or 2 (repeat), comma
     /// separated. Default: every block once.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "routers")]
     path: Option<String>,
+    /// Router package (drllm-train --out): each prompt's path is chosen by the routers during
+    /// prefill, then decoding follows it.
+    #[arg(long, env = "DRLLM_ROUTERS")]
+    routers: Option<std::path::PathBuf>,
+    /// Bias of the routers toward skip (< 0) or repeat (> 0), in [-1, 1]; 0 = the plain routers.
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        allow_hyphen_values = true,
+        requires = "routers"
+    )]
+    budget: f64,
+    /// With --routers: ignore them and run every block once (the baseline), after checking the
+    /// package.
+    #[arg(long, requires = "routers")]
+    no_routing: bool,
     /// Most new tokens per prompt.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -150,9 +168,34 @@ fn init_logging(json: bool) {
     }
 }
 
+/// Loads a router package for `lm` (same model, same sizes) as a routing policy.
+fn load_policy(lm: &LoadedModel, dir: &std::path::Path, budget: f64) -> Result<Policy> {
+    let pkg = Package::load(dir)?;
+    let fingerprint = lm.source.fingerprint()?;
+    pkg.check_model(
+        dir,
+        &fingerprint,
+        lm.model.num_layers(),
+        lm.model.cfg.hidden_size as usize,
+    )?;
+    let windows = pkg.manifest.windows;
+    Ok(Policy::new(
+        pkg.routers.to_device(lm.model.device()),
+        windows,
+        budget,
+    )?)
+}
+
 fn generate(a: GenerateArgs) -> Result<()> {
     let lm = a.m.load()?;
     let n_layers = lm.model.num_layers();
+    let policy = match &a.routers {
+        Some(dir) => Some(
+            load_policy(&lm, dir, a.budget)
+                .with_context(|| format!("--routers {}", dir.display()))?,
+        ),
+        None => None,
+    };
     let path = parse_path(a.path.as_deref(), n_layers)?;
     let mut prompts = Vec::with_capacity(a.prompt.len());
     for text in &a.prompt {
@@ -169,13 +212,22 @@ fn generate(a: GenerateArgs) -> Result<()> {
         };
         prompts.push(ids);
     }
-    let paths = vec![path.clone(); prompts.len()];
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         stop_ids: lm.stop_ids(),
     };
     let t1 = Instant::now();
-    let out = lm.model.generate(&prompts, &paths, &opts)?;
+    let (out, paths) = match policy.filter(|_| !a.no_routing) {
+        Some(p) => {
+            let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+            let mut route = |l: usize, h: &tch::Tensor| p.decide(l, h, &lens);
+            lm.model.generate_routed(&prompts, &mut route, &opts)?
+        }
+        None => {
+            let paths = vec![path.clone(); prompts.len()];
+            (lm.model.generate(&prompts, &paths, &opts)?, paths)
+        }
+    };
     let secs = t1.elapsed().as_secs_f64();
     let new_tokens: usize = out.iter().map(|g| g.tokens.len()).sum();
     for (i, g) in out.iter().enumerate() {
@@ -183,21 +235,30 @@ fn generate(a: GenerateArgs) -> Result<()> {
         if a.json {
             let v = serde_json::json!({
                 "prompt": a.prompt[i], "text": text, "tokens": g.tokens, "stopped": g.stopped,
-                "path": path.to_string(), "cost": path.cost(), "layers": n_layers,
+                "path": paths[i].to_string(), "cost": paths[i].cost(), "layers": n_layers,
             });
             println!("{v}");
         } else {
             if out.len() > 1 {
                 println!("--- [{i}] {}", a.prompt[i]);
             }
+            if a.routers.is_some() {
+                println!("[path {} | cost {}/{n_layers}]", paths[i], paths[i].cost());
+            }
             println!("{text}");
         }
     }
+    let mean_cost =
+        paths.iter().map(|p| p.cost()).sum::<usize>() as f64 / paths.len().max(1) as f64;
     eprintln!(
-        "{new_tokens} new tokens in {secs:.2}s ({:.1} tokens/s, batch {}); path cost {}/{n_layers} blocks",
+        "{new_tokens} new tokens in {secs:.2}s ({:.1} tokens/s, batch {}); mean path cost {mean_cost:.1}/{n_layers} blocks{}",
         new_tokens as f64 / secs.max(1e-9),
         prompts.len(),
-        path.cost()
+        match (&a.routers, a.no_routing) {
+            (Some(_), false) => format!(" (routed, budget {})", a.budget),
+            (Some(_), true) => " (routing off)".to_string(),
+            _ => String::new(),
+        }
     );
     Ok(())
 }

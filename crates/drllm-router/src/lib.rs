@@ -11,4 +11,4 @@ pub mod router;
 
 pub use package::{EpochMetrics, Package, PackageError, PackageManifest, FORMAT_VERSION};
 pub use pool::{pool_windows, window_bounds};
-pub use router::{RouterShape, Routers, CLASSES};
+pub use router::{budget_shift, BudgetError, Policy, RouterShape, Routers, CLASSES};

@@ -79,11 +79,11 @@ impl Routers {
             .permute([1, 0, 2])
     }
 
-    /// Per-block decisions `[N, L]` (argmax of the logits, with `bias` added to each class's
-    /// logit first: the budget knob of inference).
-    pub fn decide(&self, x: &Tensor, bias: [f32; 3]) -> Tensor {
-        let b = Tensor::from_slice(&bias).to_device(x.device());
-        (self.forward(x) + b).argmax(-1, false)
+    /// Logits `[B, 3]` (f32) of block `l`'s router for pooled windows `x` `[B, W, H]`.
+    pub fn forward_block(&self, l: usize, x: &Tensor) -> Tensor {
+        let l = l as i64;
+        let z = (x.to_kind(Kind::Float).matmul(&self.w1.get(l)) + self.b1.get(l)).gelu("tanh");
+        (z.matmul(&self.w2.get(l)) + self.b2.get(l)).mean_dim(1, false, Kind::Float)
     }
 
     /// The weights as PyTorch-style per-block tensors: `routers.{l}.fc1.weight [D, H]`,
@@ -135,6 +135,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn budget_moves_decisions_toward_skip_or_repeat() {
+        tch::manual_seed(4);
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let shape = RouterShape {
+            num_layers: 2,
+            hidden_size: 6,
+            router_hidden: 4,
+        };
+        let h = Tensor::randn([16, 5, 6], (Kind::Float, tch::Device::Cpu));
+        let lens = vec![5; 16];
+        let base = Routers::new(&vs.root(), shape);
+        let mut last_cost = None;
+        for b in [-1.0, -0.5, -0.1, 0.0, 0.1, 0.5, 1.0] {
+            let p = Policy::new(base.snapshot(), 2, b).unwrap();
+            let cost: u32 = p.decide(0, &h, &lens).iter().map(|&c| c as u32).sum();
+            if let Some(c) = last_cost {
+                assert!(cost >= c, "budget {b}: cost {cost} < {c}");
+            }
+            last_cost = Some(cost);
+            if b == -1.0 {
+                assert_eq!(cost, 0);
+            }
+            if b == 1.0 {
+                assert_eq!(cost, 32);
+            }
+        }
+        for b in [1.5, -2.0, f64::NAN] {
+            let e = Policy::new(base.snapshot(), 2, b).unwrap_err().to_string();
+            assert!(e.contains("outside [-1, 1]"), "{e}");
+        }
+    }
+
+    #[test]
     fn batched_forward_equals_each_router_alone() {
         tch::manual_seed(3);
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
@@ -153,8 +186,68 @@ mod tests {
             let xl = x.select(1, l); // [N, W, H]
             let z = (xl.matmul(&r.w1.get(l)) + r.b1.get(l)).gelu("tanh");
             let want = (z.matmul(&r.w2.get(l)) + r.b2.get(l)).mean_dim(1, false, Kind::Float);
-            let diff = (got.select(1, l) - want).abs().max().double_value(&[]);
+            let diff = (got.select(1, l) - &want).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "block {l}: {diff}");
+            let one = r.forward_block(l as usize, &xl);
+            assert!((one - want).abs().max().double_value(&[]) < 1e-5);
         }
+    }
+}
+
+/// The shift of the log-probabilities at `budget` (in [-1, 1]): `tan(pi/2 * budget)` nats are
+/// added to repeat and taken from skip. Smooth and monotone: +-0.5 shifts by 1 nat, +-0.8 by 3.1,
+/// +-0.95 by 12.7, and +-1 forces skip (or repeat) on every block.
+pub fn budget_shift(budget: f64) -> f64 {
+    (std::f64::consts::FRAC_PI_2 * budget).tan()
+}
+
+/// Why a budget cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("budget {0} is outside [-1, 1] (-1 = skip every block, 0 = the plain routers, 1 = repeat every block)")]
+pub struct BudgetError(pub f64);
+
+/// Routed inference's decisions: the hidden state entering a block is pooled exactly as in
+/// training, its router scores skip / execute / repeat, and the budget shifts the
+/// log-probabilities toward skip (budget < 0) or repeat (budget > 0) before the argmax.
+#[derive(Debug)]
+pub struct Policy {
+    /// The routers (on the model's device).
+    pub routers: Routers,
+    /// Pooling windows (from the package manifest).
+    pub windows: usize,
+    bias: Tensor,
+}
+
+impl Policy {
+    /// A policy with `budget` in [-1, 1].
+    pub fn new(routers: Routers, windows: usize, budget: f64) -> Result<Self, BudgetError> {
+        if !(-1.0..=1.0).contains(&budget) || budget.is_nan() {
+            return Err(BudgetError(budget));
+        }
+        let b = budget_shift(budget) as f32;
+        let bias = Tensor::from_slice(&[-b, 0.0, b]).to_device(routers.w1.device());
+        Ok(Policy {
+            routers,
+            windows,
+            bias,
+        })
+    }
+
+    /// Counts for block `l` of each row of `h` `[B, T, H]` (row `r` holds `lens[r]` real tokens
+    /// at its end).
+    pub fn decide(&self, l: usize, h: &Tensor, lens: &[usize]) -> Vec<u8> {
+        let pooled = crate::pool::pool_windows(h, lens, self.windows);
+        let logp = self
+            .routers
+            .forward_block(l, &pooled)
+            .log_softmax(-1, Kind::Float);
+        let choice = (logp + &self.bias)
+            .argmax(-1, false)
+            .to_device(tch::Device::Cpu);
+        Vec::<i64>::try_from(&choice)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.clamp(0, 2) as u8)
+            .collect()
     }
 }

@@ -12,6 +12,10 @@ use crate::model::{Attn, Kv, Model};
 use crate::prefix::{PrefixCache, Resume};
 use drllm_path::LayerPath;
 
+/// A router as the executor sees it: given block `l` and the hidden state entering it
+/// (`[B, T, H]`, left-padded), each row's count for that block (0, 1 or 2).
+pub type RouteFn<'a> = dyn FnMut(usize, &Tensor) -> Vec<u8> + 'a;
+
 struct Slot {
     layer: usize,
     /// Rows of the batch that use this slot (ascending, and as an index tensor); `None` = all.
@@ -34,6 +38,8 @@ pub struct PathBatch<'m> {
     padded: bool,
     /// Per row: block applications its prefill resumed from a prefix cache.
     reused: Vec<usize>,
+    /// Per row: the counts chosen so far by a routed prefill.
+    routed: Vec<Vec<u8>>,
 }
 
 impl<'m> PathBatch<'m> {
@@ -75,14 +81,39 @@ impl<'m> PathBatch<'m> {
             batch: b,
             padded: false,
             reused: vec![0; b],
+            routed: vec![],
         })
+    }
+
+    /// A batch of `batch` rows whose paths are chosen during [`PathBatch::prefill_routed`].
+    pub fn new_routed(model: &'m Model, batch: usize) -> Self {
+        let n = model.num_layers();
+        let dev = model.device();
+        PathBatch {
+            model,
+            paths: vec![],
+            slots: vec![],
+            key_valid: Tensor::zeros([batch as i64, 0], (Kind::Bool, dev)),
+            next_pos: Tensor::zeros([batch as i64], (Kind::Int64, dev)),
+            batch,
+            padded: false,
+            reused: vec![0; batch],
+            routed: vec![vec![0; n]; batch],
+        }
+    }
+
+    /// Each row's path (for a routed batch: the one chosen by its prefill).
+    pub fn paths(&self) -> &[LayerPath] {
+        &self.paths
     }
 
     /// Runs new tokens `[B, T]` through the paths. `valid[B, T]` marks real tokens (false = left
     /// padding, allowed only in the first call). With `resume` (prefill only), row `r` starts at
     /// block `resume[r].start` from its cached state. With `record`, also returns the hidden
     /// state entering each block `l` (`rec[l]`, for blocks after a block some row applies).
-    /// Returns final-normed hidden states `[B, T, H]`.
+    /// With `route` (prefill of a batch made by [`PathBatch::new_routed`]), each row's count
+    /// for block `l` is chosen from the hidden state entering it, and the block's slots are made
+    /// then. Returns final-normed hidden states `[B, T, H]`.
     fn step(
         &mut self,
         ids: &Tensor,
@@ -90,6 +121,7 @@ impl<'m> PathBatch<'m> {
         padded: bool,
         resume: Option<&[Resume]>,
         record: bool,
+        mut route: Option<&mut RouteFn<'_>>,
     ) -> (Tensor, Vec<Option<Tensor>>) {
         let model = self.model;
         let dev = model.device();
@@ -148,6 +180,26 @@ impl<'m> PathBatch<'m> {
             }
             if l == n_layers {
                 break;
+            }
+            if let Some(route) = route.as_mut() {
+                let counts = route(l, &h);
+                let max = counts.iter().copied().max().unwrap_or(0);
+                for rep in 0..max {
+                    let rows: Vec<usize> = (0..b as usize).filter(|&r| counts[r] > rep).collect();
+                    let rows = (rows.len() != b as usize).then(|| {
+                        let t = index_tensor(&rows, dev);
+                        (rows, t)
+                    });
+                    let slot = Slot {
+                        layer: l,
+                        rows,
+                        kv: None,
+                    };
+                    self.slots.insert(next_slot + rep as usize, slot);
+                }
+                for (r, &c) in counts.iter().enumerate() {
+                    self.routed[r][l] = c;
+                }
             }
             let first = next_slot;
             while next_slot < self.slots.len() && self.slots[next_slot].layer == l {
@@ -255,7 +307,7 @@ impl<'m> PathBatch<'m> {
     /// Prefills left-padded prompts; returns final-normed hidden states `[B, T, H]`.
     pub fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<Tensor> {
         let (ids, valid, padded) = self.layout(prompts)?;
-        Ok(self.step(&ids, &valid, padded, None, false).0)
+        Ok(self.step(&ids, &valid, padded, None, false, None).0)
     }
 
     /// Prefills left-padded prompts and returns, for every block `l`, the hidden state entering
@@ -264,7 +316,7 @@ impl<'m> PathBatch<'m> {
     /// teacher forcing.
     pub fn prefill_block_inputs(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<Tensor>> {
         let (ids, valid, padded) = self.layout(prompts)?;
-        let (_, rec) = self.step(&ids, &valid, padded, None, true);
+        let (_, rec) = self.step(&ids, &valid, padded, None, true, None);
         let mut out: Vec<Tensor> = Vec::with_capacity(rec.len().saturating_sub(1));
         for r in rec.into_iter().take(self.model.num_layers()) {
             let t = match r {
@@ -280,6 +332,45 @@ impl<'m> PathBatch<'m> {
         Ok(out)
     }
 
+    /// Prefills a batch made by [`PathBatch::new_routed`], routing once per prompt:
+    /// `route(l, h)` gets the hidden state entering block `l` (`[B, T, H]`, left-padded like the
+    /// prompts) along the counts chosen for blocks `0..l`, and returns each row's count for
+    /// block `l` (0, 1 or 2). Decoding then follows the chosen paths, each (block, repetition)
+    /// slot with its own KV cache. Returns final-normed hidden states `[B, T, H]`.
+    pub fn prefill_routed(
+        &mut self,
+        prompts: &[Vec<u32>],
+        route: &mut RouteFn<'_>,
+    ) -> Result<Tensor> {
+        if self.routed.len() != self.batch || !self.slots.is_empty() {
+            return Err(Error::Request(
+                "prefill_routed needs a fresh batch from PathBatch::new_routed".into(),
+            ));
+        }
+        let (ids, valid, padded) = self.layout(prompts)?;
+        let b = self.batch;
+        let mut bad: Option<String> = None;
+        let mut checked = |l: usize, h: &Tensor| -> Vec<u8> {
+            let counts = route(l, h);
+            if counts.len() != b || counts.iter().any(|&c| c > 2) {
+                bad.get_or_insert_with(|| {
+                    format!("the router of block {l} returned {counts:?} for {b} rows (counts 0, 1 or 2)")
+                });
+                return vec![1; b];
+            }
+            counts
+        };
+        let (h, _) = self.step(&ids, &valid, padded, None, false, Some(&mut checked));
+        if let Some(msg) = bad {
+            return Err(Error::Request(msg));
+        }
+        self.paths = std::mem::take(&mut self.routed)
+            .into_iter()
+            .map(LayerPath::from_counts)
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(h)
+    }
+
     /// [`PathBatch::prefill`] with prefix sharing: each row resumes from the longest prefix of
     /// its path cached for its prompt, and the states of its new prefixes are stored for later
     /// candidates.
@@ -290,12 +381,12 @@ impl<'m> PathBatch<'m> {
     ) -> Result<Tensor> {
         let (ids, valid, padded) = self.layout(prompts)?;
         if cache.budget_bytes() == 0 {
-            return Ok(self.step(&ids, &valid, padded, None, false).0);
+            return Ok(self.step(&ids, &valid, padded, None, false, None).0);
         }
         let resume: Vec<Resume> = (0..self.batch)
             .map(|r| cache.lookup(&prompts[r], self.paths[r].counts()))
             .collect();
-        let (h, rec) = self.step(&ids, &valid, padded, Some(&resume), true);
+        let (h, rec) = self.step(&ids, &valid, padded, Some(&resume), true, None);
         self.reused = (0..self.batch)
             .map(|r| {
                 self.paths[r].counts()[..resume[r].start]
@@ -351,7 +442,7 @@ impl<'m> PathBatch<'m> {
             .view([self.batch as i64, 1])
             .to_device(dev);
         let valid = Tensor::ones([self.batch as i64, 1], (Kind::Bool, dev));
-        let (h, _) = self.step(&ids, &valid, false, None, false);
+        let (h, _) = self.step(&ids, &valid, false, None, false, None);
         Ok(self.model.logits(&h.select(1, 0)))
     }
 }
@@ -518,6 +609,7 @@ impl<'m> PathBatch<'m> {
                 .iter()
                 .flat_map(|p| p.reused.iter().copied())
                 .collect(),
+            routed: vec![],
         })
     }
 
@@ -660,6 +752,27 @@ impl Model {
         let t = h.size()[1];
         let first = argmax_tokens(&self.logits(&h.select(1, t - 1)))?;
         self.decode_prefilled(batch, first, (0..prompts.len()).collect(), opts, decided)
+    }
+
+    /// Greedy generation routed once per prompt during prefill (see
+    /// [`PathBatch::prefill_routed`]); returns the generations and the chosen paths.
+    pub fn generate_routed(
+        &self,
+        prompts: &[Vec<u32>],
+        route: &mut RouteFn<'_>,
+        opts: &GenerateOptions,
+    ) -> Result<(Vec<Generated>, Vec<LayerPath>)> {
+        let _g = tch::no_grad_guard();
+        let mut batch = PathBatch::new_routed(self, prompts.len());
+        let h = batch.prefill_routed(prompts, route)?;
+        let paths = batch.paths().to_vec();
+        let t = h.size()[1];
+        let first = argmax_tokens(&self.logits(&h.select(1, t - 1)))?;
+        let out =
+            self.decode_prefilled(batch, first, (0..prompts.len()).collect(), opts, |_, _| {
+                false
+            })?;
+        Ok((out, paths))
     }
 
     /// [`Model::generate_until`] for many candidates: the prefill runs in groups of similar
