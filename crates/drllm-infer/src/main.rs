@@ -248,10 +248,18 @@ fn generate(a: GenerateArgs) -> Result<()> {
             println!("{text}");
         }
     }
-    let mean_cost =
-        paths.iter().map(|p| p.cost()).sum::<usize>() as f64 / paths.len().max(1) as f64;
+    let costs: Vec<usize> = paths.iter().map(|p| p.cost()).collect();
+    let cost = if costs.windows(2).all(|w| w[0] == w[1]) {
+        format!(
+            "path cost {}/{n_layers} blocks",
+            costs.first().copied().unwrap_or(0)
+        )
+    } else {
+        let mean = costs.iter().sum::<usize>() as f64 / costs.len().max(1) as f64;
+        format!("mean path cost {mean:.1}/{n_layers} blocks")
+    };
     eprintln!(
-        "{new_tokens} new tokens in {secs:.2}s ({:.1} tokens/s, batch {}); mean path cost {mean_cost:.1}/{n_layers} blocks{}",
+        "{new_tokens} new tokens in {secs:.2}s ({:.1} tokens/s, batch {}); {cost}{}",
         new_tokens as f64 / secs.max(1e-9),
         prompts.len(),
         match (&a.routers, a.no_routing) {
