@@ -211,3 +211,78 @@ fn drllm_infer_routes_with_a_package_and_refuses_bad_ones() {
     ]);
     assert!(!ok && e.contains("cannot be used with"), "{e}");
 }
+
+/// `drllm-infer eval` with routers that always execute: routed answers equal the baseline's on
+/// real ARC dev prompts; the JSON summary and the per-sample Parquet file (read by pandas) say
+/// so. Bad task names and reward modes are refused.
+#[test]
+fn eval_compares_routed_and_baseline_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let fp = ModelSource::Gguf(embedded_gguf()).fingerprint().unwrap();
+    let exec = dir.path().join("exec");
+    save(&exec, routers(1, Some(1)), &fp);
+    let (json, parquet) = (dir.path().join("s.json"), dir.path().join("s.parquet"));
+    let data = data_dir().display().to_string();
+    let exec_s = exec.display().to_string();
+    let common = [
+        "eval",
+        "--routers",
+        &exec_s,
+        "--data",
+        &data,
+        "--dataset",
+        "arc_easy",
+        "--split",
+        "dev",
+        "--limit",
+        "6",
+        "--max-new-tokens",
+        "6",
+        "--batch",
+        "4",
+    ];
+    let (j, p) = (json.display().to_string(), parquet.display().to_string());
+    let (ok, out, e) = infer(&[&common[..], &["--json", &j, "--out", &p]].concat());
+    assert!(ok, "{e}");
+    assert!(out.contains("baseline") && out.contains("routed"), "{out}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(s["prompts"], 6);
+    assert_eq!(s["routed"]["cost"], 30.0);
+    assert_eq!(s["routed"]["accuracy"], s["baseline"]["accuracy"]);
+    let freq = s["decision_frequencies"].as_array().unwrap();
+    assert_eq!(freq.len(), 30);
+    assert!(freq.iter().all(|f| f["execute"] == 1.0));
+    let code = format!(
+        "import pandas as pd, json; d = pd.read_parquet({p:?}); \
+         print(json.dumps({{'n': len(d), 'same': bool((d.baseline_response == d.routed_response).all()), \
+         'cols': list(d.columns), 'acc': float(d.routed_correct.mean())}}))"
+    );
+    let o = Command::new(python()).args(["-c", &code]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["n"], 6);
+    assert_eq!(v["same"], true);
+    assert_eq!(
+        v["acc"].as_f64().unwrap(),
+        s["routed"]["accuracy"].as_f64().unwrap()
+    );
+    assert!(v["cols"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c == "routed_path"));
+
+    let (ok, _, e) = infer(&[
+        "eval",
+        "--routers",
+        &exec_s,
+        "--dataset",
+        "arc_hard",
+        "--limit",
+        "2",
+    ]);
+    assert!(!ok && e.contains("arc_hard"), "{e}");
+    let (ok, _, e) = infer(&[&common[..], &["--reward", "choice-logits"]].concat());
+    assert!(!ok && e.contains("use strict or lenient"), "{e}");
+}

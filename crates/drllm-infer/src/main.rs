@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 mod bench;
+mod eval;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -51,6 +52,11 @@ enum Cmd {
   drllm-infer bench --batch 1,4,16 --new-tokens 64 --python none
   drllm-infer bench --model path/to/Llama-3.2-3B --device cuda --dtype bf16")]
     Bench(bench::BenchArgs),
+    /// Validation run: routed vs all-execute baseline on the same task prompts.
+    #[command(after_help = "Examples:
+  drllm-infer eval --routers PKG --dataset arc_easy --split dev --limit 50
+  drllm-infer eval --routers PKG --dataset arc_challenge --split dev --budget -0.3 --json s.json --out samples.parquet")]
+    Eval(eval::EvalArgs),
 }
 
 /// Which model to load, where, and in which dtype.
@@ -169,7 +175,7 @@ fn init_logging(json: bool) {
 }
 
 /// Loads a router package for `lm` (same model, same sizes) as a routing policy.
-fn load_policy(lm: &LoadedModel, dir: &std::path::Path, budget: f64) -> Result<Policy> {
+pub(crate) fn load_policy(lm: &LoadedModel, dir: &std::path::Path, budget: f64) -> Result<Policy> {
     let pkg = Package::load(dir)?;
     let fingerprint = lm.source.fingerprint()?;
     pkg.check_model(
@@ -307,5 +313,6 @@ fn main() -> Result<()> {
         Cmd::Generate(a) => generate(a),
         Cmd::Logits(a) => logits(a),
         Cmd::Bench(a) => bench::bench(a),
+        Cmd::Eval(a) => eval::eval(a),
     }
 }

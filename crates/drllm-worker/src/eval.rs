@@ -293,6 +293,17 @@ pub fn evaluate_alone(
     })
 }
 
+/// Whether a complete generation (`tokens`, the whole budget or up to a stop token) answers `p`
+/// correctly under `mode` (validation runs grade this way).
+pub fn grade_generation(
+    lm: &LoadedModel,
+    p: &PreparedPrompt,
+    tokens: &[u32],
+    mode: RewardMode,
+) -> bool {
+    verdict(lm, p, tokens, mode, true) == Verdict::Correct
+}
+
 /// The shortest prefix of `tokens` on which the reward is already decided (the decision point).
 pub fn decision_point(
     lm: &LoadedModel,

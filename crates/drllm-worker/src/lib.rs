@@ -12,7 +12,7 @@ pub mod remote;
 pub use config::{RunConfig, SearchArgs};
 pub use driver::{run_feed, run_searches, DriverOptions, Feed, RunStats, SampleOutcome};
 pub use eval::{
-    decision_point, evaluate_alone, evaluate_batch, prepare, EvalError, EvalOptions, Evaluation,
-    PreparedPrompt,
+    decision_point, evaluate_alone, evaluate_batch, grade_generation, prepare, EvalError,
+    EvalOptions, Evaluation, PreparedPrompt,
 };
 pub use record::{path_record, question_text};
