@@ -391,12 +391,7 @@ fn read_ids(path: &Path, task: &str) -> Result<Vec<(String, String)>> {
 /// Reads every committed row of the dataset in `out` (parts listed in its manifest, in commit
 /// order), e.g. for training or for comparing runs.
 pub fn read_rows(out: &Path) -> Result<Vec<PathRecord>> {
-    let mpath = out.join("_manifest.json");
-    let text = fs::read_to_string(&mpath).map_err(io(&mpath))?;
-    let m: Manifest = serde_json::from_str(&text).map_err(|e| DatasetError::Manifest {
-        path: mpath.clone(),
-        msg: format!("not a drllm manifest: {e}"),
-    })?;
+    let m = read_manifest(out)?;
     let mut rows = vec![];
     for p in &m.parts {
         let path = out.join(&p.path);
@@ -414,6 +409,16 @@ pub fn read_rows(out: &Path) -> Result<Vec<PathRecord>> {
         }
     }
     Ok(rows)
+}
+
+/// The manifest of the dataset at `out` (`OUT/_manifest.json`).
+pub fn read_manifest(out: &Path) -> Result<Manifest> {
+    let mpath = out.join("_manifest.json");
+    let text = fs::read_to_string(&mpath).map_err(io(&mpath))?;
+    serde_json::from_str(&text).map_err(|e| DatasetError::Manifest {
+        path: mpath.clone(),
+        msg: format!("not a drllm manifest: {e}"),
+    })
 }
 
 /// Rows of a record batch of [`schema`] (task from the partition).

@@ -12,5 +12,7 @@ pub mod proto;
 pub mod server;
 
 pub use coordinator::{CoordinatorCore, CoordinatorCounts, Outcome, ReportError, WorkSample};
-pub use dataset::{read_rows, Dataset, DatasetError, FailedSample, Manifest, PathRecord};
+pub use dataset::{
+    read_manifest, read_rows, Dataset, DatasetError, FailedSample, Manifest, PathRecord,
+};
 pub use lease::{Accept, Counts, Lease, LeaseConfig, LeaseError, LeaseTable};

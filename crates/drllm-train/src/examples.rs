@@ -2,9 +2,9 @@
 //! on the prompt as rendered during the search.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use drllm_dist::{read_rows, DatasetError, Manifest};
+use drllm_dist::{read_manifest, read_rows, DatasetError};
 
 /// Why the datasets cannot be used for training.
 #[derive(Debug, thiserror::Error)]
@@ -168,20 +168,6 @@ pub fn load_examples(
         num_layers,
         model_fingerprint: model_fingerprint.to_string(),
         sources,
-    })
-}
-
-fn read_manifest(dir: &Path) -> Result<Manifest, TrainDataError> {
-    let path = dir.join("_manifest.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| DatasetError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| {
-        TrainDataError::Dataset(DatasetError::Manifest {
-            path,
-            msg: format!("not a drllm paths dataset manifest: {e}"),
-        })
     })
 }
 

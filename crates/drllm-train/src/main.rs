@@ -214,10 +214,8 @@ fn run(a: TrainArgs) -> Result<()> {
         eprintln!("{}: {rows} rows, {found} with a found path", dir.display());
     }
     let n = set.examples.len();
-    let val_idx: Vec<usize> = (0..n)
-        .filter(|&i| split_of(&set.examples[i].sample_id, a.seed, a.val_fraction))
-        .collect();
-    let train_idx: Vec<usize> = (0..n).filter(|i| !val_idx.contains(i)).collect();
+    let (val_idx, train_idx): (Vec<usize>, Vec<usize>) =
+        (0..n).partition(|&i| split_of(&set.examples[i].sample_id, a.seed, a.val_fraction));
     if train_idx.is_empty() {
         bail!("all {n} examples fell into the validation split; lower --val-fraction");
     }
