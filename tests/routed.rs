@@ -116,16 +116,11 @@ fn save(pkg_dir: &Path, r: Routers, fingerprint: &str) {
 }
 
 fn infer(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(bin("drllm-infer"))
-        .args(args)
-        .env("DRLLM_LOG", "warn")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
+    outcome(
+        Command::new(bin("drllm-infer"))
+            .args(args)
+            .env("DRLLM_LOG", "warn")
+            .env("RUST_BACKTRACE", "0"),
     )
 }
 
@@ -213,8 +208,9 @@ fn drllm_infer_routes_with_a_package_and_refuses_bad_ones() {
 }
 
 /// `drllm-infer eval` with routers that always execute: routed answers equal the baseline's on
-/// real ARC dev prompts; the JSON summary and the per-sample Parquet file (read by pandas) say
-/// so. Bad task names and reward modes are refused.
+/// real ARC dev prompts at budget 0 (and cost 0 at budget -1); the JSON summary, the per-sample
+/// Parquet file (read by pandas) and the plot say so. Bad task names, reward modes and plot
+/// formats are refused.
 #[test]
 fn eval_compares_routed_and_baseline_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -222,6 +218,7 @@ fn eval_compares_routed_and_baseline_runs() {
     let exec = dir.path().join("exec");
     save(&exec, routers(1, Some(1)), &fp);
     let (json, parquet) = (dir.path().join("s.json"), dir.path().join("s.parquet"));
+    let plot = dir.path().join("routing.png");
     let data = data_dir().display().to_string();
     let exec_s = exec.display().to_string();
     let common = [
@@ -241,37 +238,67 @@ fn eval_compares_routed_and_baseline_runs() {
         "--batch",
         "4",
     ];
-    let (j, p) = (json.display().to_string(), parquet.display().to_string());
-    let (ok, out, e) = infer(&[&common[..], &["--json", &j, "--out", &p]].concat());
+    let (j, p, g) = (
+        json.display().to_string(),
+        parquet.display().to_string(),
+        plot.display().to_string(),
+    );
+    let (ok, out, e) = infer(
+        &[
+            &common[..],
+            &["--budget", "0,-1", "--json", &j, "--out", &p, "--plot", &g],
+        ]
+        .concat(),
+    );
     assert!(ok, "{e}");
-    assert!(out.contains("baseline") && out.contains("routed"), "{out}");
+    assert!(
+        out.contains("baseline") && out.contains("routed +0.00"),
+        "{out}"
+    );
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(s["prompts"], 6);
-    assert_eq!(s["routed"]["cost"], 30.0);
-    assert_eq!(s["routed"]["accuracy"], s["baseline"]["accuracy"]);
-    let freq = s["decision_frequencies"].as_array().unwrap();
+    let t = &s["tasks"][0];
+    assert_eq!(t["prompts"], 6);
+    let (r0, r1) = (&t["routed"][0], &t["routed"][1]);
+    assert_eq!(r0["budget"], 0.0);
+    assert_eq!(r0["cost"], 30.0);
+    assert_eq!(r0["accuracy"], t["baseline"]["accuracy"]);
+    assert_eq!(r1["cost"], 0.0);
+    let freq = r0["decision_frequencies"].as_array().unwrap();
     assert_eq!(freq.len(), 30);
     assert!(freq.iter().all(|f| f["execute"] == 1.0));
+    assert!(r1["decision_frequencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["skip"] == 1.0));
+    let png = std::fs::read(&plot).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
     let code = format!(
         "import pandas as pd, json; d = pd.read_parquet({p:?}); \
-         print(json.dumps({{'n': len(d), 'same': bool((d.baseline_response == d.routed_response).all()), \
-         'cols': list(d.columns), 'acc': float(d.routed_correct.mean())}}))"
+         b = d[d['mode'] == 'baseline'].reset_index(); r = d[d.budget == 0.0].reset_index(); \
+         print(json.dumps({{'n': len(d), 'same': bool((b.response == r.response).all()), \
+         'cols': list(d.columns), 'acc': float(r.correct.mean()), \
+         'skip_cost': int(d[d.budget == -1.0].cost.max())}}))"
     );
     let o = Command::new(python()).args(["-c", &code]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["n"], 6);
+    assert_eq!(v["n"], 18);
     assert_eq!(v["same"], true);
-    assert_eq!(
-        v["acc"].as_f64().unwrap(),
-        s["routed"]["accuracy"].as_f64().unwrap()
-    );
-    assert!(v["cols"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|c| c == "routed_path"));
+    assert_eq!(v["skip_cost"], 0);
+    assert_eq!(v["acc"].as_f64().unwrap(), r0["accuracy"].as_f64().unwrap());
+    for c in [
+        "task",
+        "sample_id",
+        "mode",
+        "budget",
+        "path",
+        "cost",
+        "correct",
+    ] {
+        assert!(v["cols"].as_array().unwrap().iter().any(|x| x == c), "{c}");
+    }
 
     let (ok, _, e) = infer(&[
         "eval",
@@ -285,4 +312,59 @@ fn eval_compares_routed_and_baseline_runs() {
     assert!(!ok && e.contains("arc_hard"), "{e}");
     let (ok, _, e) = infer(&[&common[..], &["--reward", "choice-logits"]].concat());
     assert!(!ok && e.contains("use strict or lenient"), "{e}");
+    let (ok, _, e) = infer(&[&common[..], &["--plot", "r.pdf"]].concat());
+    assert!(
+        !ok && e.contains("expected a file name ending in .png or .svg"),
+        "{e}"
+    );
+    let (ok, _, e) = infer(&[&common[..], &["--budget", "0,-2"]].concat());
+    assert!(!ok && e.contains("budget -2 is outside [-1, 1]"), "{e}");
+}
+
+/// The budget knob: on 20 real ARC dev prompts, the average cost of the chosen paths never rises
+/// as the budget moves toward skip, from every block repeated (+1) to every block skipped (-1).
+#[test]
+fn cost_falls_monotonically_as_the_budget_moves_toward_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let fp = ModelSource::Gguf(embedded_gguf()).fingerprint().unwrap();
+    let pkg = dir.path().join("random");
+    save(&pkg, routers(3, None), &fp);
+    let json = dir.path().join("s.json");
+    let budgets = [1.0, 0.6, 0.3, 0.1, 0.0, -0.1, -0.3, -0.6, -1.0];
+    let list: Vec<String> = budgets.iter().map(|b| b.to_string()).collect();
+    let (ok, out, e) = infer(&[
+        "eval",
+        "--routers",
+        &pkg.display().to_string(),
+        "--data",
+        &data_dir().display().to_string(),
+        "--dataset",
+        "arc_easy",
+        "--limit",
+        "20",
+        "--max-new-tokens",
+        "1",
+        "--budget",
+        &list.join(","),
+        "--json",
+        &json.display().to_string(),
+    ]);
+    assert!(ok, "{e}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(s["tasks"][0]["prompts"], 20);
+    let costs: Vec<f64> = s["tasks"][0]["routed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["cost"].as_f64().unwrap())
+        .collect();
+    assert_eq!(costs.len(), budgets.len());
+    assert_eq!(costs[0], 60.0, "{out}");
+    assert_eq!(costs[budgets.len() - 1], 0.0, "{out}");
+    for w in costs.windows(2) {
+        assert!(w[1] <= w[0], "cost rose toward skip: {costs:?}\n{out}");
+    }
+    // The plain routers sit strictly between the extremes.
+    assert!(costs[4] > 0.0 && costs[4] < 60.0, "{costs:?}");
 }

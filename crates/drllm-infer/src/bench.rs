@@ -1,6 +1,10 @@
 //! `drllm-infer bench`: prefill and decode throughput of our runtime, side by side with
 //! transformers on the same model, dtype, prompts and greedy KV-cached loop. Repeats alternate
 //! between the two so machine noise hits both alike; medians and ratios are reported.
+//!
+//! With `--routers PKG`, it measures routing instead: the prefill with routers deciding each
+//! block against the plain prefill along the very paths they chose (the router overhead), and
+//! decode tokens/s along the routed paths against the all-execute baseline.
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -30,6 +34,12 @@ pub struct BenchArgs {
     /// `none` measures our runtime alone.
     #[arg(long, env = "DRLLM_PYTHON")]
     python: Option<String>,
+    /// Router package: measure routed against unrouted generation instead of transformers.
+    #[arg(long)]
+    routers: Option<PathBuf>,
+    /// Router budget in [-1, 1] for --routers (< 0 toward skip).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    budget: f64,
 }
 
 struct Timing {
@@ -125,23 +135,136 @@ impl Drop for HfSide {
 }
 
 /// Our side: prefill, first token, then `new_tokens` decode steps, greedy.
-fn run_ours(lm: &LoadedModel, prompts: &[Vec<u32>], new_tokens: usize) -> Result<Timing> {
-    let _g = tch::no_grad_guard();
-    let paths = vec![LayerPath::all_ones(lm.model.num_layers()); prompts.len()];
-    let t0 = Instant::now();
-    let mut b = PathBatch::new(&lm.model, &paths)?;
-    let h = b.prefill(prompts)?;
+/// From a prefill's output `h` (the prefill started at `t0`): the first token, then
+/// `new_tokens` greedy decode steps, timed.
+fn decode_timed(
+    lm: &LoadedModel,
+    b: &mut PathBatch,
+    h: &tch::Tensor,
+    t0: Instant,
+    new_tokens: usize,
+) -> Result<Timing> {
     let t = h.size()[1];
     let mut next = argmax_tokens(&lm.model.logits(&h.select(1, t - 1)))?;
     let t1 = Instant::now();
     for _ in 0..new_tokens {
         next = argmax_tokens(&b.decode_step(&next)?)?;
     }
-    let t2 = Instant::now();
     Ok(Timing {
         prefill_s: (t1 - t0).as_secs_f64(),
-        decode_s: (t2 - t1).as_secs_f64(),
+        decode_s: t1.elapsed().as_secs_f64(),
     })
+}
+
+/// Prefill and decode along fixed paths (all blocks once when `paths` is None), timed.
+fn run_ours(
+    lm: &LoadedModel,
+    prompts: &[Vec<u32>],
+    paths: Option<&[LayerPath]>,
+    new_tokens: usize,
+) -> Result<Timing> {
+    let _g = tch::no_grad_guard();
+    let default = vec![LayerPath::all_ones(lm.model.num_layers()); prompts.len()];
+    let t0 = Instant::now();
+    let mut b = PathBatch::new(&lm.model, paths.unwrap_or(&default))?;
+    let h = b.prefill(prompts)?;
+    decode_timed(lm, &mut b, &h, t0, new_tokens)
+}
+
+/// Routed prefill then decode; returns the timing, the seconds spent in the routers (pooling,
+/// router MLP, decision) and the chosen paths.
+fn run_routed(
+    lm: &LoadedModel,
+    policy: &drllm_router::Policy,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+) -> Result<(Timing, f64, Vec<LayerPath>)> {
+    let _g = tch::no_grad_guard();
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let t0 = Instant::now();
+    let mut b = PathBatch::new_routed(&lm.model, prompts.len());
+    let mut router_s = 0.0;
+    let h = b.prefill_routed(prompts, &mut |l, h| {
+        let t = Instant::now();
+        let d = policy.decide(l, h, &lens);
+        router_s += t.elapsed().as_secs_f64();
+        d
+    })?;
+    let timing = decode_timed(lm, &mut b, &h, t0, new_tokens)?;
+    Ok((timing, router_s, b.paths().to_vec()))
+}
+
+/// `--routers`: router overhead in prefill and routed vs baseline decode, side by side.
+fn bench_routed(a: &BenchArgs, lm: &LoadedModel, dir: &std::path::Path) -> Result<()> {
+    let policy = crate::load_policy(lm, dir, a.budget)
+        .with_context(|| format!("--routers {}", dir.display()))?;
+    let n_layers = lm.model.num_layers();
+    println!(
+        "model {} | routers {} | budget {} | {} threads | prompt {} tokens | {} decode steps | {} repeats (medians)",
+        a.m.model,
+        dir.display(),
+        a.budget,
+        tch::get_num_threads(),
+        a.prompt_tokens,
+        a.new_tokens,
+        a.repeats
+    );
+    println!(
+        "{:>5} {:>7} | {:>10} {:>12} {:>9} {:>10} | {:>14} {:>14} {:>8} {:>9}",
+        "batch",
+        "cost",
+        "routed ms",
+        "same path ms",
+        "overhead",
+        "routers ms",
+        "base decode/s",
+        "routed dec/s",
+        "speed-up",
+        "cost gain"
+    );
+    for &bsz in &a.batch {
+        let prompts = make_prompts(lm, bsz, a.prompt_tokens)?;
+        // Warm-up (also fixes the paths the routers choose for these prompts).
+        let (_, _, paths) = run_routed(lm, &policy, &prompts, 2)?;
+        run_ours(lm, &prompts, Some(&paths), 0)?;
+        run_ours(lm, &prompts, None, 2)?;
+        let (mut routed, mut fixed, mut base, mut router) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..a.repeats {
+            // Interleaved so machine noise hits all three alike.
+            let (t, r, p) = run_routed(lm, &policy, &prompts, a.new_tokens)?;
+            router.push(r);
+            if p != paths {
+                bail!("the routers chose other paths for the same prompts");
+            }
+            routed.push(t);
+            fixed.push(run_ours(lm, &prompts, Some(&paths), 0)?.prefill_s);
+            base.push(run_ours(lm, &prompts, None, a.new_tokens)?);
+        }
+        let cost = paths.iter().map(|p| p.cost()).sum::<usize>() as f64 / bsz as f64;
+        let routed_pre = median(routed.iter().map(|t| t.prefill_s).collect());
+        let fixed_pre = median(fixed);
+        let tok = (bsz * a.new_tokens) as f64;
+        let dec = |ts: &[Timing]| median(ts.iter().map(|t| tok / t.decode_s).collect());
+        let (rd, bd) = (dec(&routed), dec(&base));
+        let gain = if cost > 0.0 {
+            format!("{:.2}x", n_layers as f64 / cost)
+        } else {
+            "all skip".to_string()
+        };
+        println!(
+            "{bsz:>5} {cost:>7.2} | {:>10.1} {:>12.1} {:>8.1}% {:>10.2} | {bd:>14.1} {rd:>14.1} {:>7.2}x {gain:>9}",
+            1e3 * routed_pre,
+            1e3 * fixed_pre,
+            100.0 * (routed_pre / fixed_pre - 1.0),
+            1e3 * median(router),
+            rd / bd,
+        );
+    }
+    println!(
+        "overhead: routed prefill (routers decide each block) vs plain prefill along the same paths; \
+         routers ms: time inside the routers (pooling, MLP, decision); cost gain: {n_layers} / average cost"
+    );
+    Ok(())
 }
 
 /// Equal-length prompts cut from real text (different offsets per row).
@@ -165,6 +288,9 @@ fn make_prompts(lm: &LoadedModel, batch: usize, len: usize) -> Result<Vec<Vec<u3
 /// Runs the benchmark and prints a table.
 pub fn bench(a: BenchArgs) -> Result<()> {
     let lm = a.m.load()?;
+    if let Some(dir) = &a.routers {
+        return bench_routed(&a, &lm, dir);
+    }
     // transformers runs with as many threads as we do.
     let threads = tch::get_num_threads();
     let device = lm.model.device();
@@ -212,13 +338,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for &b in &a.batch {
         let prompts = make_prompts(&lm, b, a.prompt_tokens)?;
         // Warm-up of both sides.
-        run_ours(&lm, &prompts, 2)?;
+        run_ours(&lm, &prompts, None, 2)?;
         if let Some(h) = hf.as_mut() {
             h.run(&prompts, 2)?;
         }
         let (mut ours, mut theirs) = (vec![], vec![]);
         for _ in 0..a.repeats {
-            ours.push(run_ours(&lm, &prompts, a.new_tokens)?);
+            ours.push(run_ours(&lm, &prompts, None, a.new_tokens)?);
             if let Some(h) = hf.as_mut() {
                 theirs.push(h.run(&prompts, a.new_tokens)?);
             }

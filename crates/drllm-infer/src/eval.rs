@@ -1,14 +1,15 @@
 //! `drllm-infer eval`: a validation run. The same prompts are answered by the all-execute
-//! baseline and by the routed model (each in batches), graded with the task's answer check, and
-//! compared: accuracy with 95% bootstrap intervals, average cost and blocks saved, tokens/s and
-//! wall time, and how often each block is skipped, executed or repeated.
+//! baseline and by the routed model at each requested budget (each in batches), graded with the
+//! task's answer check, and compared: accuracy with 95% bootstrap intervals, average cost and
+//! blocks saved, tokens/s and wall time, and how often each block is skipped, executed or
+//! repeated; optionally drawn (`--plot`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use arrow_array::{ArrayRef, BooleanArray, RecordBatch, StringArray, UInt32Array};
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt32Array};
 use drllm_runtime::{GenerateOptions, LayerPath, LoadedModel};
 use drllm_tasks::{data, LoadOptions, RewardMode, Split, Style, TaskName, Template};
 use drllm_worker::{grade_generation, prepare, EvalOptions, PreparedPrompt};
@@ -23,9 +24,10 @@ pub(crate) struct EvalArgs {
     /// Router package (drllm-train --out).
     #[arg(long, env = "DRLLM_ROUTERS")]
     routers: PathBuf,
-    /// Task: arc_easy, arc_challenge, dart-1..dart-5, gsm8k (out-of-domain is just another task).
-    #[arg(long)]
-    dataset: String,
+    /// Tasks, comma separated: arc_easy, arc_challenge, dart-1..dart-5, gsm8k (out-of-domain
+    /// evaluation is just another task name).
+    #[arg(long, value_delimiter = ',', required = true)]
+    dataset: Vec<String>,
     /// Split.
     #[arg(long, default_value = "dev")]
     split: String,
@@ -38,9 +40,15 @@ pub(crate) struct EvalArgs {
     /// Data directory (default $DRLLM_DATA, else ../shared/data).
     #[arg(long, env = "DRLLM_DATA")]
     data: Option<PathBuf>,
-    /// Router budget in [-1, 1] (< 0 toward skip, > 0 toward repeat).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-    budget: f64,
+    /// Router budgets in [-1, 1], comma separated (< 0 toward skip, > 0 toward repeat); the
+    /// baseline runs once and each budget is compared with it (a cost-vs-accuracy sweep).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0",
+        allow_hyphen_values = true
+    )]
+    budget: Vec<f64>,
     /// Answer check for multiple choice: strict (the paper's letter-only rule) or lenient.
     #[arg(long, default_value = "lenient")]
     reward: String,
@@ -59,13 +67,19 @@ pub(crate) struct EvalArgs {
     /// Write the summary as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Write one row per sample (both modes) to this Parquet file.
+    /// Write one row per sample and mode (baseline, and routed at each budget) to this Parquet file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Draw the routing pattern (per block and task), the cost histogram (at the first budget)
+    /// and accuracy vs cost (every budget) to this .png or .svg file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 /// One mode's answers.
 struct Run {
+    /// None for the baseline.
+    budget: Option<f64>,
     paths: Vec<LayerPath>,
     responses: Vec<String>,
     correct: Vec<bool>,
@@ -84,6 +98,7 @@ fn run_mode(
 ) -> Result<Run> {
     let n_layers = lm.model.num_layers();
     let mut run = Run {
+        budget: policy.map(|p| p.budget()),
         paths: vec![],
         responses: vec![],
         correct: vec![],
@@ -132,160 +147,271 @@ fn accuracy_ci(correct: &[bool], resamples: usize) -> (f64, f64, f64) {
     (acc, q(0.025), q(0.975))
 }
 
+/// One task's prompts and runs.
+struct TaskRuns {
+    task: String,
+    prompts: Vec<PreparedPrompt>,
+    base: Run,
+    routed: Vec<Run>,
+}
+
+impl Run {
+    fn accuracy(&self) -> f64 {
+        self.correct.iter().filter(|&&c| c).count() as f64 / self.correct.len().max(1) as f64
+    }
+    fn cost(&self) -> f64 {
+        self.paths.iter().map(|p| p.cost()).sum::<usize>() as f64 / self.paths.len().max(1) as f64
+    }
+    fn tokens_per_s(&self) -> f64 {
+        self.new_tokens as f64 / self.secs.max(1e-9)
+    }
+    /// Per block: fraction of prompts that skip, execute, repeat it.
+    fn frequencies(&self, n_layers: usize) -> Vec<[f64; 3]> {
+        let mut freq = vec![[0f64; 3]; n_layers];
+        let n = self.paths.len().max(1) as f64;
+        for p in &self.paths {
+            for (l, &c) in p.counts().iter().enumerate() {
+                freq[l][(c as usize).min(2)] += 1.0 / n;
+            }
+        }
+        freq
+    }
+    fn summary(&self, n_layers: usize, resamples: usize) -> serde_json::Value {
+        let (acc, lo, hi) = accuracy_ci(&self.correct, resamples);
+        let mut v = serde_json::json!({
+            "accuracy": acc, "ci95": [lo, hi], "cost": self.cost(),
+            "blocks_saved": n_layers as f64 - self.cost(),
+            "new_tokens": self.new_tokens, "tokens_per_s": self.tokens_per_s(), "wall_s": self.secs,
+        });
+        if let Some(b) = self.budget {
+            v["budget"] = b.into();
+            v["decision_frequencies"] = self
+                .frequencies(n_layers)
+                .iter()
+                .map(|f| serde_json::json!({"skip": f[0], "execute": f[1], "repeat": f[2]}))
+                .collect();
+        }
+        v
+    }
+}
+
 pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     let mode: RewardMode = a.reward.parse()?;
     if mode == RewardMode::ChoiceLogits {
         bail!("--reward choice-logits scores without decoding; eval compares generated answers: use strict or lenient");
     }
-    let task: TaskName = a.dataset.parse()?;
+    let tasks: Vec<TaskName> = a
+        .dataset
+        .iter()
+        .map(|d| d.parse::<TaskName>())
+        .collect::<Result<_, _>>()?;
     let split: Split = a.split.parse()?;
     let style: Style = a.style.parse()?;
+    if let Some(p) = &a.plot {
+        let ext = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        if !matches!(ext.as_deref(), Some("png" | "svg")) {
+            bail!(
+                "--plot {}: expected a file name ending in .png or .svg",
+                p.display()
+            );
+        }
+    }
     let dir = data::resolve_data_dir(a.data.as_deref())?;
-    let loaded = data::load(
-        &dir,
-        task,
-        split,
-        &LoadOptions {
-            offset: a.offset,
-            limit: a.limit,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("loading {}/{}", a.dataset, a.split))?;
-    if loaded.samples.is_empty() {
-        bail!(
-            "{}/{} has no samples in {}",
-            a.dataset,
-            a.split,
-            dir.display()
-        );
+    let mut loaded = vec![];
+    for (name, &task) in a.dataset.iter().zip(&tasks) {
+        let l = data::load(
+            &dir,
+            task,
+            split,
+            &LoadOptions {
+                offset: a.offset,
+                limit: a.limit,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("loading {name}/{}", a.split))?;
+        if l.samples.is_empty() {
+            bail!("{name}/{} has no samples in {}", a.split, dir.display());
+        }
+        loaded.push(l);
     }
     let lm = a.m.load()?;
-    let policy = crate::load_policy(&lm, &a.routers, a.budget)
+    // Every budget is checked (and the package with it) before any answer is generated.
+    let policies = a
+        .budget
+        .iter()
+        .map(|&b| crate::load_policy(&lm, &a.routers, b))
+        .collect::<Result<Vec<_>>>()
         .with_context(|| format!("--routers {}", a.routers.display()))?;
-    let template = Template::builtin(task.family(), style);
     let opts = EvalOptions {
         mode,
         max_new_tokens: a.max_new_tokens,
     };
-    let mut prompts = vec![];
-    for s in &loaded.samples {
-        match prepare(&lm, s, &template, &opts) {
-            Ok(p) => prompts.push(p),
-            Err(e) => tracing::warn!(sample = %s.id, error = %e, "sample skipped"),
-        }
-    }
-    let n = prompts.len();
     let gopts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         stop_ids: lm.stop_ids(),
     };
-    let bar = indicatif::ProgressBar::new(2 * n as u64).with_style(
+    let mut prepared = vec![];
+    for ((name, &task), l) in a.dataset.iter().zip(&tasks).zip(&loaded) {
+        let template = Template::builtin(task.family(), style);
+        let mut prompts = vec![];
+        for s in &l.samples {
+            match prepare(&lm, s, &template, &opts) {
+                Ok(p) => prompts.push(p),
+                Err(e) => {
+                    tracing::warn!(task = %name, sample = %s.id, error = %e, "sample skipped")
+                }
+            }
+        }
+        prepared.push((name.clone(), prompts));
+    }
+    let answers: usize =
+        prepared.iter().map(|(_, p)| p.len()).sum::<usize>() * (1 + policies.len());
+    let bar = indicatif::ProgressBar::new(answers as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} answers [{elapsed} < {eta}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let base = run_mode(&lm, &prompts, a.batch, &gopts, mode, None, &bar)?;
-    let routed = run_mode(&lm, &prompts, a.batch, &gopts, mode, Some(&policy), &bar)?;
+    let mut runs = vec![];
+    for (task, prompts) in prepared {
+        let base = run_mode(&lm, &prompts, a.batch, &gopts, mode, None, &bar)?;
+        let routed = policies
+            .iter()
+            .map(|p| run_mode(&lm, &prompts, a.batch, &gopts, mode, Some(p), &bar))
+            .collect::<Result<Vec<_>>>()?;
+        runs.push(TaskRuns {
+            task,
+            prompts,
+            base,
+            routed,
+        });
+    }
     bar.finish_and_clear();
 
     let n_layers = lm.model.num_layers();
-    let (acc_b, lo_b, hi_b) = accuracy_ci(&base.correct, a.bootstrap);
-    let (acc_r, lo_r, hi_r) = accuracy_ci(&routed.correct, a.bootstrap);
-    let cost_r = routed.paths.iter().map(|p| p.cost()).sum::<usize>() as f64 / n as f64;
-    let mut freq = vec![[0f64; 3]; n_layers];
-    for p in &routed.paths {
-        for (l, &c) in p.counts().iter().enumerate() {
-            freq[l][c as usize] += 1.0 / n as f64;
+    println!(
+        "{} split, reward {}, batch {}, {} new tokens at most, routers {}",
+        a.split,
+        a.reward,
+        a.batch,
+        a.max_new_tokens,
+        a.routers.display()
+    );
+    println!(
+        "{:<14} {:>7} {:<16} {:<24} {:>8} {:>7} {:>9} {:>8}",
+        "task", "prompts", "mode", "accuracy [95% CI]", "cost", "saved", "tokens/s", "wall"
+    );
+    for t in &runs {
+        for r in std::iter::once(&t.base).chain(&t.routed) {
+            let (acc, lo, hi) = accuracy_ci(&r.correct, a.bootstrap);
+            let mode = match r.budget {
+                None => "baseline".to_string(),
+                Some(b) => format!("routed {b:+.2}"),
+            };
+            println!(
+                "{:<14} {:>7} {:<16} {:.3} [{:.3}, {:.3}]    {:>8.2} {:>6.1}% {:>9.1} {:>7.1}s",
+                t.task,
+                t.prompts.len(),
+                mode,
+                acc,
+                lo,
+                hi,
+                r.cost(),
+                100.0 * (1.0 - r.cost() / n_layers as f64),
+                r.tokens_per_s(),
+                r.secs
+            );
         }
     }
-    let tps = |r: &Run| r.new_tokens as f64 / r.secs.max(1e-9);
-    println!(
-        "{} {} ({n} prompts, reward {}, budget {}, batch {})",
-        a.dataset, a.split, a.reward, a.budget, a.batch
-    );
-    println!("mode      accuracy [95% CI]         cost/{n_layers}  tokens/s   wall");
-    println!(
-        "baseline  {:.3} [{:.3}, {:.3}]     {:>7.2}  {:>8.1}  {:>6.1}s",
-        acc_b,
-        lo_b,
-        hi_b,
-        n_layers as f64,
-        tps(&base),
-        base.secs
-    );
-    println!(
-        "routed    {:.3} [{:.3}, {:.3}]     {:>7.2}  {:>8.1}  {:>6.1}s",
-        acc_r,
-        lo_r,
-        hi_r,
-        cost_r,
-        tps(&routed),
-        routed.secs
-    );
-    println!(
-        "blocks saved per prompt: {:.2} ({:.1}%); accuracy change {:+.3}",
-        n_layers as f64 - cost_r,
-        100.0 * (1.0 - cost_r / n_layers as f64),
-        acc_r - acc_b
-    );
+    println!("cost = block applications per token (the baseline runs each of the {n_layers} blocks once)");
     let summary = serde_json::json!({
-        "task": a.dataset, "split": a.split, "prompts": n, "reward": a.reward,
-        "budget": a.budget, "batch": a.batch, "max_new_tokens": a.max_new_tokens,
+        "split": a.split, "reward": a.reward, "batch": a.batch,
+        "max_new_tokens": a.max_new_tokens, "budgets": a.budget, "num_layers": n_layers,
         "model": lm.source.name(), "routers": a.routers.display().to_string(),
-        "baseline": {"accuracy": acc_b, "ci95": [lo_b, hi_b], "cost": n_layers,
-                     "tokens_per_s": tps(&base), "wall_s": base.secs},
-        "routed": {"accuracy": acc_r, "ci95": [lo_r, hi_r], "cost": cost_r,
-                   "blocks_saved": n_layers as f64 - cost_r,
-                   "tokens_per_s": tps(&routed), "wall_s": routed.secs},
-        "decision_frequencies": freq.iter().map(|f| serde_json::json!({
-            "skip": f[0], "execute": f[1], "repeat": f[2]})).collect::<Vec<_>>(),
+        "tasks": runs.iter().map(|t| serde_json::json!({
+            "task": t.task, "prompts": t.prompts.len(),
+            "baseline": t.base.summary(n_layers, a.bootstrap),
+            "routed": t.routed.iter().map(|r| r.summary(n_layers, a.bootstrap)).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
     });
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &a.out {
-        write_parquet(path, &prompts, &base, &routed)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_parquet(path, &runs).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &a.plot {
+        let data = crate::plot::PlotData {
+            title: format!(
+                "{} routers on {} ({} split, reward {})",
+                lm.source.name(),
+                a.dataset.join(", "),
+                a.split,
+                a.reward
+            ),
+            num_layers: n_layers,
+            budget: a.budget[0],
+            tasks: runs
+                .iter()
+                .map(|t| crate::plot::TaskPlot {
+                    name: t.task.clone(),
+                    freq: t.routed[0].frequencies(n_layers),
+                    costs: t.routed[0].paths.iter().map(|p| p.cost()).collect(),
+                    baseline_accuracy: t.base.accuracy(),
+                    sweep: t
+                        .routed
+                        .iter()
+                        .map(|r| (r.budget.unwrap_or(0.0), r.cost(), r.accuracy()))
+                        .collect(),
+                })
+                .collect(),
+        };
+        crate::plot::draw(path, &data)?;
+        println!("plot: {}", path.display());
     }
     Ok(())
 }
 
-fn write_parquet(
-    path: &std::path::Path,
-    prompts: &[PreparedPrompt],
-    base: &Run,
-    routed: &Run,
-) -> Result<()> {
+fn write_parquet(path: &std::path::Path, runs: &[TaskRuns]) -> Result<()> {
+    let (mut task, mut id, mut prompt, mut mode, mut budget) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut rpath, mut cost, mut response, mut correct) = (vec![], vec![], vec![], vec![]);
+    for t in runs {
+        for r in std::iter::once(&t.base).chain(&t.routed) {
+            for (i, p) in t.prompts.iter().enumerate() {
+                task.push(t.task.clone());
+                id.push(p.sample_id.clone());
+                prompt.push(p.text.clone());
+                mode.push(if r.budget.is_some() {
+                    "routed"
+                } else {
+                    "baseline"
+                });
+                budget.push(r.budget);
+                rpath.push(r.paths[i].to_string());
+                cost.push(r.paths[i].cost() as u32);
+                response.push(r.responses[i].clone());
+                correct.push(r.correct[i]);
+            }
+        }
+    }
     let s = |v: Vec<String>| Arc::new(StringArray::from(v)) as ArrayRef;
-    let b = |v: &[bool]| Arc::new(BooleanArray::from(v.to_vec())) as ArrayRef;
-    let cost = |r: &Run| {
-        Arc::new(UInt32Array::from(
-            r.paths.iter().map(|p| p.cost() as u32).collect::<Vec<_>>(),
-        )) as ArrayRef
-    };
     let batch = RecordBatch::try_from_iter([
-        (
-            "sample_id",
-            s(prompts.iter().map(|p| p.sample_id.clone()).collect()),
-        ),
-        (
-            "prompt",
-            s(prompts.iter().map(|p| p.text.clone()).collect()),
-        ),
-        ("baseline_cost", cost(base)),
-        ("baseline_response", s(base.responses.clone())),
-        ("baseline_correct", b(&base.correct)),
-        (
-            "routed_path",
-            s(routed.paths.iter().map(|p| p.to_string()).collect()),
-        ),
-        ("routed_cost", cost(routed)),
-        ("routed_response", s(routed.responses.clone())),
-        ("routed_correct", b(&routed.correct)),
+        ("task", s(task)),
+        ("sample_id", s(id)),
+        ("prompt", s(prompt)),
+        ("mode", Arc::new(StringArray::from(mode)) as ArrayRef),
+        ("budget", Arc::new(Float64Array::from(budget)) as ArrayRef),
+        ("path", s(rpath)),
+        ("cost", Arc::new(UInt32Array::from(cost)) as ArrayRef),
+        ("response", s(response)),
+        ("correct", Arc::new(BooleanArray::from(correct)) as ArrayRef),
     ])?;
     // Written beside the target and renamed: an interrupted run leaves no half file behind.
     let tmp = path.with_extension("parquet.tmp");

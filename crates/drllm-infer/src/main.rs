@@ -4,6 +4,7 @@ use std::time::Instant;
 
 mod bench;
 mod eval;
+mod plot;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -46,16 +47,19 @@ enum Cmd {
   drllm-infer logits --ids-file prompts.json --out logits.safetensors     # prompts.json: [[1, 2, 3], [4, 5]]
   drllm-infer logits --model dir --device cuda --dtype bf16 --ids-file p.json --path 1,0,2,... --out l.safetensors")]
     Logits(LogitsArgs),
-    /// Prefill and decode tokens/s at several batch sizes, side by side with transformers.
+    /// Prefill and decode tokens/s at several batch sizes, side by side with transformers (or,
+    /// with --routers, routed against unrouted generation).
     #[command(after_help = "Examples:
   drllm-infer bench                                   # embedded model, batch 1 and 8, vs transformers
   drllm-infer bench --batch 1,4,16 --new-tokens 64 --python none
-  drllm-infer bench --model path/to/Llama-3.2-3B --device cuda --dtype bf16")]
+  drllm-infer bench --model path/to/Llama-3.2-3B --device cuda --dtype bf16
+  drllm-infer bench --routers PKG --budget -0.5      # router overhead; routed vs baseline decode")]
     Bench(bench::BenchArgs),
     /// Validation run: routed vs all-execute baseline on the same task prompts.
     #[command(after_help = "Examples:
   drllm-infer eval --routers PKG --dataset arc_easy --split dev --limit 50
-  drllm-infer eval --routers PKG --dataset arc_challenge --split dev --budget -0.3 --json s.json --out samples.parquet")]
+  drllm-infer eval --routers PKG --dataset arc_challenge --split dev --budget -0.3 --json s.json --out samples.parquet
+  drllm-infer eval --routers PKG --dataset arc_easy,arc_challenge --budget 0,-0.2,-0.4 --plot routing.png   # budget sweep")]
     Eval(eval::EvalArgs),
 }
 

@@ -10,5 +10,5 @@ pub mod pool;
 pub mod router;
 
 pub use package::{EpochMetrics, Package, PackageError, PackageManifest, FORMAT_VERSION};
-pub use pool::{pool_windows, window_bounds};
+pub use pool::{pool_weights, pool_windows, window_bounds};
 pub use router::{budget_shift, BudgetError, Policy, RouterShape, Routers, CLASSES};

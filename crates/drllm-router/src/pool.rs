@@ -25,9 +25,15 @@ pub fn window_bounds(n: usize, windows: usize) -> Vec<(usize, usize)> {
 /// Mean-pools hidden states `h` `[B, T, H]` into `[B, windows, H]` (f32). Row `r` holds
 /// `lens[r]` real tokens at its end (left padding before them is ignored).
 pub fn pool_windows(h: &Tensor, lens: &[usize], windows: usize) -> Tensor {
-    let size = h.size();
-    let (b, t) = (size[0] as usize, size[1] as usize);
-    debug_assert_eq!(b, lens.len());
+    let t = h.size()[1] as usize;
+    debug_assert_eq!(h.size()[0] as usize, lens.len());
+    pool_weights(lens, t, windows, h.device()).bmm(&h.to_kind(Kind::Float))
+}
+
+/// The pooling as a matrix: `[B, windows, T]` (f32) weights such that `weights.bmm(h)` is
+/// [`pool_windows`] of `h` `[B, T, H]`.
+pub fn pool_weights(lens: &[usize], t: usize, windows: usize, device: tch::Device) -> Tensor {
+    let b = lens.len();
     let w = windows.max(1);
     let mut weights = vec![0f32; b * w * t];
     for (r, &len) in lens.iter().enumerate() {
@@ -40,10 +46,9 @@ pub fn pool_windows(h: &Tensor, lens: &[usize], windows: usize) -> Tensor {
             }
         }
     }
-    let p = Tensor::from_slice(&weights)
+    Tensor::from_slice(&weights)
         .view([b as i64, w as i64, t as i64])
-        .to_device(h.device());
-    p.bmm(&h.to_kind(Kind::Float))
+        .to_device(device)
 }
 
 #[cfg(test)]

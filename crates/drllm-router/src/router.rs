@@ -168,6 +168,37 @@ mod tests {
     }
 
     #[test]
+    fn decisions_are_the_argmax_of_the_shifted_log_probabilities() {
+        tch::manual_seed(5);
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let shape = RouterShape {
+            num_layers: 3,
+            hidden_size: 8,
+            router_hidden: 6,
+        };
+        let base = Routers::new(&vs.root(), shape);
+        let _ = base.b2.detach().f_uniform_(-1.0, 1.0);
+        // Rows of different lengths (left padding) and two prefills of different widths.
+        for t in [7i64, 4] {
+            let h = Tensor::randn([5, t, 8], (Kind::Float, tch::Device::Cpu));
+            let lens: Vec<usize> = (0..5).map(|r| 1 + (r * 3) % t as usize).collect();
+            for budget in [-0.9, -0.3, 0.0, 0.2, 0.7] {
+                let p = Policy::new(base.snapshot(), 3, budget).unwrap();
+                let shift = budget_shift(budget) as f32;
+                let bias = Tensor::from_slice(&[-shift, 0.0, shift]);
+                for l in 0..3 {
+                    let pooled = crate::pool::pool_windows(&h, &lens, 3);
+                    let logp = base.forward_block(l, &pooled).log_softmax(-1, Kind::Float);
+                    let want: Vec<i64> = Vec::try_from(&(logp + &bias).argmax(-1, false)).unwrap();
+                    let got = p.decide(l, &h, &lens);
+                    let want: Vec<u8> = want.into_iter().map(|c| c as u8).collect();
+                    assert_eq!(got, want, "t {t} budget {budget} block {l}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn batched_forward_equals_each_router_alone() {
         tch::manual_seed(3);
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
@@ -209,13 +240,27 @@ pub struct BudgetError(pub f64);
 /// Routed inference's decisions: the hidden state entering a block is pooled exactly as in
 /// training, its router scores skip / execute / repeat, and the budget shifts the
 /// log-probabilities toward skip (budget < 0) or repeat (budget > 0) before the argmax.
-#[derive(Debug)]
 pub struct Policy {
     /// The routers (on the model's device).
     pub routers: Routers,
     /// Pooling windows (from the package manifest).
     pub windows: usize,
-    bias: Tensor,
+    budget: f64,
+    /// Per block `(w1 [H, D], b1 [D], w2 [D, 3], b2 + shift [3])`, split once: `decide` runs
+    /// inside prefill, block by block, where every tensor op's dispatch cost counts.
+    blocks: Vec<[Tensor; 4]>,
+    /// Pooling weights `[B, W, T]` of the last (lens, T): the same for every block of a prefill.
+    pool: std::sync::Mutex<Option<(Vec<usize>, i64, Tensor)>>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("shape", &self.routers.shape)
+            .field("windows", &self.windows)
+            .field("budget", &self.budget)
+            .finish()
+    }
 }
 
 impl Policy {
@@ -225,23 +270,65 @@ impl Policy {
             return Err(BudgetError(budget));
         }
         let b = budget_shift(budget) as f32;
-        let bias = Tensor::from_slice(&[-b, 0.0, b]).to_device(routers.w1.device());
+        // log_softmax only subtracts a per-row constant, so the argmax of the shifted
+        // log-probabilities is the argmax of the logits plus the shift: the shift is folded
+        // into the second bias.
+        let shift = Tensor::from_slice(&[-b, 0.0, b]).to_device(routers.w1.device());
+        let _g = tch::no_grad_guard();
+        let blocks = (0..routers.shape.num_layers as i64)
+            .map(|l| {
+                [
+                    routers.w1.get(l).detach(),
+                    routers.b1.get(l).detach(),
+                    routers.w2.get(l).detach(),
+                    (routers.b2.get(l).detach().to_kind(Kind::Float) + &shift),
+                ]
+            })
+            .collect();
         Ok(Policy {
             routers,
             windows,
-            bias,
+            budget,
+            blocks,
+            pool: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The budget this policy was made with.
+    pub fn budget(&self) -> f64 {
+        self.budget
     }
 
     /// Counts for block `l` of each row of `h` `[B, T, H]` (row `r` holds `lens[r]` real tokens
     /// at its end).
     pub fn decide(&self, l: usize, h: &Tensor, lens: &[usize]) -> Vec<u8> {
-        let pooled = crate::pool::pool_windows(h, lens, self.windows);
-        let logp = self
-            .routers
-            .forward_block(l, &pooled)
-            .log_softmax(-1, Kind::Float);
-        let choice = (logp + &self.bias)
+        let _g = tch::no_grad_guard();
+        let s = h.size();
+        let (b, t, hid) = (s[0], s[1], s[2]);
+        let w = self.windows.max(1) as i64;
+        let pooled = {
+            let mut cache = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            let fresh = matches!(&*cache, Some((ls, tt, _)) if ls.as_slice() == lens && *tt == t);
+            if !fresh {
+                let p = crate::pool::pool_weights(lens, t as usize, self.windows, h.device());
+                *cache = Some((lens.to_vec(), t, p));
+            }
+            let (_, _, p) = cache.as_ref().expect("just filled");
+            let x = if h.kind() == Kind::Float {
+                h.shallow_clone()
+            } else {
+                h.to_kind(Kind::Float)
+            };
+            p.bmm(&x)
+        };
+        let Some([w1, b1, w2, b2]) = self.blocks.get(l) else {
+            return vec![1; b as usize];
+        };
+        let z = b1.addmm(&pooled.view([b * w, hid]), w1).gelu("tanh");
+        let choice = b2
+            .addmm(&z, w2)
+            .view([b, w, 3])
+            .mean_dim(1, false, Kind::Float)
             .argmax(-1, false)
             .to_device(tch::Device::Cpu);
         Vec::<i64>::try_from(&choice)
