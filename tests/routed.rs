@@ -102,6 +102,28 @@ fn routed_generation_equals_generation_along_the_chosen_paths() {
             .unwrap();
         assert_eq!(alone[0], paths[i], "prompt {i}");
     }
+    // Grouped by path for decoding (routed in batches of 2, decoded in batches of 2 regrouped by
+    // path): the same paths and tokens, in prompt order.
+    let mut many = prompts.clone();
+    many.extend(prompts.iter().map(|p| p[..p.len() - 3].to_vec()));
+    let many_lens: Vec<usize> = many.iter().map(Vec::len).collect();
+    let (grouped, gpaths) = lm
+        .model
+        .generate_routed_grouped(
+            &many,
+            &mut |rows, l, h| {
+                let lens: Vec<usize> = rows.iter().map(|&r| many_lens[r]).collect();
+                p.decide(l, h, &lens)
+            },
+            2,
+            &opts,
+        )
+        .unwrap();
+    assert_eq!(&gpaths[..3], &paths[..]);
+    let fixed = lm.model.generate(&many, &gpaths, &opts).unwrap();
+    for (i, (a, b)) in grouped.iter().zip(&fixed).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "prompt {i} along {}", gpaths[i]);
+    }
 }
 
 fn save(pkg_dir: &Path, r: Routers, fingerprint: &str) {

@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Router budget in [-1, 1] for --routers (< 0 toward skip).
     #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     budget: f64,
+    /// With --routers: also generate for this many prompts in batches of the largest --batch,
+    /// routed batches decoded as prefilled (mixed paths) and regrouped by path (0: skip).
+    #[arg(long, default_value_t = 32)]
+    pool: usize,
 }
 
 struct Timing {
@@ -210,9 +214,10 @@ fn bench_routed(a: &BenchArgs, lm: &LoadedModel, dir: &std::path::Path) -> Resul
         a.repeats
     );
     println!(
-        "{:>5} {:>7} | {:>10} {:>12} {:>9} {:>10} | {:>14} {:>14} {:>8} {:>9}",
+        "{:>5} {:>7} {:>6} | {:>10} {:>12} {:>9} {:>10} | {:>14} {:>14} {:>8} {:>9}",
         "batch",
         "cost",
+        "union",
         "routed ms",
         "same path ms",
         "overhead",
@@ -241,6 +246,17 @@ fn bench_routed(a: &BenchArgs, lm: &LoadedModel, dir: &std::path::Path) -> Resul
             base.push(run_ours(lm, &prompts, None, a.new_tokens)?);
         }
         let cost = paths.iter().map(|p| p.cost()).sum::<usize>() as f64 / bsz as f64;
+        // Block applications the batch runs per decode step: a block is applied (to the rows
+        // that use it) as often as its most demanding row asks.
+        let union: usize = (0..n_layers)
+            .map(|l| {
+                paths
+                    .iter()
+                    .map(|p| p.counts()[l] as usize)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .sum();
         let routed_pre = median(routed.iter().map(|t| t.prefill_s).collect());
         let fixed_pre = median(fixed);
         let tok = (bsz * a.new_tokens) as f64;
@@ -252,7 +268,7 @@ fn bench_routed(a: &BenchArgs, lm: &LoadedModel, dir: &std::path::Path) -> Resul
             "all skip".to_string()
         };
         println!(
-            "{bsz:>5} {cost:>7.2} | {:>10.1} {:>12.1} {:>8.1}% {:>10.2} | {bd:>14.1} {rd:>14.1} {:>7.2}x {gain:>9}",
+            "{bsz:>5} {cost:>7.2} {union:>6} | {:>10.1} {:>12.1} {:>8.1}% {:>10.2} | {bd:>14.1} {rd:>14.1} {:>7.2}x {gain:>9}",
             1e3 * routed_pre,
             1e3 * fixed_pre,
             100.0 * (routed_pre / fixed_pre - 1.0),
@@ -260,10 +276,120 @@ fn bench_routed(a: &BenchArgs, lm: &LoadedModel, dir: &std::path::Path) -> Resul
             rd / bd,
         );
     }
+    if a.pool > 0 {
+        pool_generation(a, lm, &policy)?;
+    }
     println!(
         "overhead: routed prefill (routers decide each block) vs plain prefill along the same paths; \
-         routers ms: time inside the routers (pooling, MLP, decision); cost gain: {n_layers} / average cost"
+         routers ms: time inside the routers (pooling, MLP, decision); union: block applications \
+         of the batch per decode step (a block runs when any row uses it); cost gain: {n_layers} / average cost"
     );
+    Ok(())
+}
+
+/// Block applications per decode step of each batch of `rows` (a block runs as often as its
+/// most demanding row asks), averaged over the batches.
+fn mean_union(paths: &[LayerPath], rows: &[usize], batch: usize) -> f64 {
+    let n_layers = paths.first().map_or(0, |p| p.counts().len());
+    let unions: Vec<usize> = rows
+        .chunks(batch)
+        .map(|g| {
+            (0..n_layers)
+                .map(|l| {
+                    g.iter()
+                        .map(|&r| paths[r].counts()[l] as usize)
+                        .max()
+                        .unwrap_or(0)
+                })
+                .sum()
+        })
+        .collect();
+    unions.iter().sum::<usize>() as f64 / unions.len().max(1) as f64
+}
+
+/// `--pool`: end-to-end generation for many prompts in batches: the baseline, routed batches
+/// decoded as they were prefilled (mixed paths), and routed prompts regrouped by path.
+fn pool_generation(a: &BenchArgs, lm: &LoadedModel, policy: &drllm_router::Policy) -> Result<()> {
+    let batch = a.batch.iter().copied().max().unwrap_or(8).max(1);
+    let prompts = make_prompts(lm, a.pool, a.prompt_tokens)?;
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    // No stop ids: every prompt generates exactly --new-tokens tokens.
+    let opts = drllm_runtime::GenerateOptions {
+        max_new_tokens: a.new_tokens,
+        stop_ids: vec![],
+    };
+    let all_ones = vec![LayerPath::all_ones(lm.model.num_layers()); batch];
+    let mut route = |rows: &[usize], l: usize, h: &tch::Tensor| {
+        let ls: Vec<usize> = rows.iter().map(|&r| lens[r]).collect();
+        policy.decide(l, h, &ls)
+    };
+    let (mut base, mut mixed, mut grouped) = (vec![], vec![], vec![]);
+    let mut paths = vec![];
+    for rep in 0..=a.repeats {
+        let t = Instant::now();
+        for c in prompts.chunks(batch) {
+            lm.model.generate(c, &all_ones[..c.len()], &opts)?;
+        }
+        let tb = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for (i, c) in prompts.chunks(batch).enumerate() {
+            let mut r = |rows: &[usize], l: usize, h: &tch::Tensor| {
+                let rows: Vec<usize> = rows.iter().map(|&r| i * batch + r).collect();
+                route(&rows, l, h)
+            };
+            // One chunk as one group: decoded exactly as prefilled.
+            lm.model
+                .generate_routed_grouped(c, &mut r, c.len(), &opts)?;
+        }
+        let tm = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let (_, p) = lm
+            .model
+            .generate_routed_grouped(&prompts, &mut route, batch, &opts)?;
+        let tg = t.elapsed().as_secs_f64();
+        paths = p;
+        // The first round warms up.
+        if rep > 0 {
+            base.push(tb);
+            mixed.push(tm);
+            grouped.push(tg);
+        }
+    }
+    let tokens = (a.pool * a.new_tokens) as f64;
+    let cost = paths.iter().map(|p| p.cost()).sum::<usize>() as f64 / paths.len().max(1) as f64;
+    let in_order: Vec<usize> = (0..paths.len()).collect();
+    let mut by_path = in_order.clone();
+    by_path.sort_by(|&x, &y| paths[x].counts().cmp(paths[y].counts()).then(x.cmp(&y)));
+    let (b, m, g) = (median(base), median(mixed), median(grouped));
+    println!(
+        "\n{} prompts, batches of {batch}, {} new tokens each, prefill included (medians of {}); average cost {cost:.2}",
+        a.pool, a.new_tokens, a.repeats
+    );
+    println!(
+        "{:<26} {:>10} {:>9} {:>14}",
+        "mode", "tokens/s", "speed-up", "union/step"
+    );
+    let n_layers = lm.model.num_layers() as f64;
+    for (name, secs, union) in [
+        ("baseline", b, n_layers),
+        (
+            "routed, batches as routed",
+            m,
+            mean_union(&paths, &in_order, batch),
+        ),
+        (
+            "routed, grouped by path",
+            g,
+            mean_union(&paths, &by_path, batch),
+        ),
+    ] {
+        println!(
+            "{name:<26} {:>10.1} {:>8.2}x {:>14.2}",
+            tokens / secs,
+            b / secs,
+            union
+        );
+    }
     Ok(())
 }
 

@@ -61,6 +61,11 @@ pub(crate) struct EvalArgs {
     /// Prompts per batch (prompts of a routed batch may take different paths).
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Routed prompts are prefilled in batches, then decoded in batches of similar paths chosen
+    /// among this many prompts (a decode step costs the blocks any row of its batch uses);
+    /// the KV caches of the whole pool are held at once.
+    #[arg(long, default_value_t = 64)]
+    route_pool: usize,
     /// Bootstrap resamples for the accuracy intervals.
     #[arg(long, default_value_t = 2000)]
     bootstrap: usize,
@@ -90,7 +95,7 @@ struct Run {
 fn run_mode(
     lm: &LoadedModel,
     prompts: &[PreparedPrompt],
-    batch: usize,
+    a: &EvalArgs,
     opts: &GenerateOptions,
     mode: RewardMode,
     policy: Option<&drllm_router::Policy>,
@@ -106,13 +111,22 @@ fn run_mode(
         secs: 0.0,
     };
     let t0 = Instant::now();
-    for chunk in prompts.chunks(batch.max(1)) {
+    // Routed prompts decode in batches of similar paths, chosen from a pool of prompts.
+    let batch = a.batch.max(1);
+    let step = match policy {
+        Some(_) => a.route_pool.max(batch),
+        None => batch,
+    };
+    for chunk in prompts.chunks(step) {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids.clone()).collect();
         let (gens, paths) = match policy {
             Some(p) => {
-                let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+                let mut route = |rows: &[usize], l: usize, h: &tch::Tensor| {
+                    let lens: Vec<usize> = rows.iter().map(|&r| ids[r].len()).collect();
+                    p.decide(l, h, &lens)
+                };
                 lm.model
-                    .generate_routed(&ids, &mut |l, h| p.decide(l, h, &lens), opts)?
+                    .generate_routed_grouped(&ids, &mut route, batch, opts)?
             }
             None => {
                 let paths = vec![LayerPath::all_ones(n_layers); ids.len()];
@@ -279,10 +293,10 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     }
     let mut runs = vec![];
     for (task, prompts) in prepared {
-        let base = run_mode(&lm, &prompts, a.batch, &gopts, mode, None, &bar)?;
+        let base = run_mode(&lm, &prompts, &a, &gopts, mode, None, &bar)?;
         let routed = policies
             .iter()
-            .map(|p| run_mode(&lm, &prompts, a.batch, &gopts, mode, Some(p), &bar))
+            .map(|p| run_mode(&lm, &prompts, &a, &gopts, mode, Some(p), &bar))
             .collect::<Result<Vec<_>>>()?;
         runs.push(TaskRuns {
             task,

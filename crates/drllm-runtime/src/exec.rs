@@ -16,6 +16,10 @@ use drllm_path::LayerPath;
 /// (`[B, T, H]`, left-padded), each row's count for that block (0, 1 or 2).
 pub type RouteFn<'a> = dyn FnMut(usize, &Tensor) -> Vec<u8> + 'a;
 
+/// A router for [`Model::generate_routed_grouped`]: also told which prompts (indices into the
+/// caller's list) the rows of `h` are.
+pub type GroupRouteFn<'a> = dyn FnMut(&[usize], usize, &Tensor) -> Vec<u8> + 'a;
+
 struct Slot {
     layer: usize,
     /// Rows of the batch that use this slot (ascending, and as an index tensor); `None` = all.
@@ -628,6 +632,36 @@ impl<'m> PathBatch<'m> {
         self.batch == 0
     }
 
+    /// A new batch of the rows `keep` (ascending indices), leaving this one as it is: lets rows
+    /// prefilled in different batches decode in other groupings.
+    pub fn select_rows(&self, keep: &[usize]) -> Result<PathBatch<'m>> {
+        let mut b = PathBatch {
+            model: self.model,
+            paths: self.paths.clone(),
+            slots: self
+                .slots
+                .iter()
+                .map(|s| Slot {
+                    layer: s.layer,
+                    rows: s.rows.as_ref().map(|(r, t)| (r.clone(), t.shallow_clone())),
+                    // Caches only ever grow by concatenation, so sharing them is safe.
+                    kv: s
+                        .kv
+                        .as_ref()
+                        .map(|(k, v)| (k.shallow_clone(), v.shallow_clone())),
+                })
+                .collect(),
+            key_valid: self.key_valid.shallow_clone(),
+            next_pos: self.next_pos.shallow_clone(),
+            batch: self.batch,
+            padded: self.padded,
+            reused: self.reused.clone(),
+            routed: vec![],
+        };
+        b.retain(keep)?;
+        Ok(b)
+    }
+
     /// Keeps only the rows `keep` (ascending indices into the current batch), dropping the
     /// others from every cache: rows whose reward is decided stop costing compute.
     pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
@@ -772,6 +806,55 @@ impl Model {
             self.decode_prefilled(batch, first, (0..prompts.len()).collect(), opts, |_, _| {
                 false
             })?;
+        Ok((out, paths))
+    }
+
+    /// [`Model::generate_routed`] for many prompts: they are routed and prefilled in batches of
+    /// `batch`, then decoded in batches of `batch` rows with similar paths (sorted by their
+    /// counts). A decode step applies a block when any row of the batch uses it, so mixing paths
+    /// spends the blocks one prompt skips on another; grouping them lets the saved blocks save
+    /// time. Generations and paths come back in prompt order, the same as ungrouped.
+    pub fn generate_routed_grouped(
+        &self,
+        prompts: &[Vec<u32>],
+        route: &mut GroupRouteFn<'_>,
+        batch: usize,
+        opts: &GenerateOptions,
+    ) -> Result<(Vec<Generated>, Vec<LayerPath>)> {
+        let _g = tch::no_grad_guard();
+        let batch = batch.max(1);
+        let (mut parts, mut first) = (vec![], vec![]);
+        for (c, chunk) in prompts.chunks(batch).enumerate() {
+            let rows: Vec<usize> = (c * batch..c * batch + chunk.len()).collect();
+            let mut b = PathBatch::new_routed(self, chunk.len());
+            let h = b.prefill_routed(chunk, &mut |l, h| route(&rows, l, h))?;
+            let t = h.size()[1];
+            first.extend(argmax_tokens(&self.logits(&h.select(1, t - 1)))?);
+            parts.push(b);
+        }
+        if parts.is_empty() {
+            return Ok((vec![], vec![]));
+        }
+        let pool = PathBatch::concat(parts)?;
+        let paths = pool.paths().to_vec();
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by(|&a, &b| paths[a].counts().cmp(paths[b].counts()).then(a.cmp(&b)));
+        let mut out: Vec<Option<Generated>> = vec![None; prompts.len()];
+        for group in order.chunks(batch) {
+            let mut rows = group.to_vec();
+            rows.sort_unstable();
+            let b = pool.select_rows(&rows)?;
+            let firsts = rows.iter().map(|&r| first[r]).collect();
+            let gens =
+                self.decode_prefilled(b, firsts, (0..rows.len()).collect(), opts, |_, _| false)?;
+            for (&r, g) in rows.iter().zip(gens) {
+                out[r] = Some(g);
+            }
+        }
+        let out = out
+            .into_iter()
+            .map(|g| g.ok_or_else(|| Error::Request("a prompt was left undecoded".into())))
+            .collect::<Result<_>>()?;
         Ok((out, paths))
     }
 
