@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main command: the whole drllm pipeline on the embedded model (SmolLM2-135M) and
-# the data in ../shared/data, in about 10 minutes on 2 CPU cores.
+# the data in ../shared/data, in about 7 minutes on 2 CPU cores (after the first build).
 #   1. path search: drllm-coordinator with 2 local workers over ARC-Easy and DART level-1 train
 #      prompts (Parquet paths datasets);
 #   2. router training: drllm-train on both datasets (router package);
