@@ -138,7 +138,6 @@ impl Drop for HfSide {
     }
 }
 
-/// Our side: prefill, first token, then `new_tokens` decode steps, greedy.
 /// From a prefill's output `h` (the prefill started at `t0`): the first token, then
 /// `new_tokens` greedy decode steps, timed.
 fn decode_timed(
