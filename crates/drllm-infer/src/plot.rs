@@ -187,7 +187,8 @@ where
         .y_label_area_size(50)
         .build_cartesian_2d(
             lo as f64 - 0.5..hi as f64 + 0.5,
-            0f64..top_count as f64 * 1.1,
+            // Headroom above the tallest bar for the key (one line per task).
+            0f64..top_count as f64 * (1.2 + 0.08 * data.tasks.len() as f64),
         )
         .map_err(e)?;
     chart
