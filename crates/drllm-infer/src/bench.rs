@@ -245,17 +245,7 @@ fn bench_routed(a: &BenchArgs, lm: &LoadedModel, dir: &std::path::Path) -> Resul
             base.push(run_ours(lm, &prompts, None, a.new_tokens)?);
         }
         let cost = paths.iter().map(|p| p.cost()).sum::<usize>() as f64 / bsz as f64;
-        // Block applications the batch runs per decode step: a block is applied (to the rows
-        // that use it) as often as its most demanding row asks.
-        let union: usize = (0..n_layers)
-            .map(|l| {
-                paths
-                    .iter()
-                    .map(|p| p.counts()[l] as usize)
-                    .max()
-                    .unwrap_or(0)
-            })
-            .sum();
+        let union = mean_union(&paths, &(0..bsz).collect::<Vec<_>>(), bsz);
         let routed_pre = median(routed.iter().map(|t| t.prefill_s).collect());
         let fixed_pre = median(fixed);
         let tok = (bsz * a.new_tokens) as f64;
@@ -267,7 +257,7 @@ fn bench_routed(a: &BenchArgs, lm: &LoadedModel, dir: &std::path::Path) -> Resul
             "all skip".to_string()
         };
         println!(
-            "{bsz:>5} {cost:>7.2} {union:>6} | {:>10.1} {:>12.1} {:>8.1}% {:>10.2} | {bd:>14.1} {rd:>14.1} {:>7.2}x {gain:>9}",
+            "{bsz:>5} {cost:>7.2} {union:>6.0} | {:>10.1} {:>12.1} {:>8.1}% {:>10.2} | {bd:>14.1} {rd:>14.1} {:>7.2}x {gain:>9}",
             1e3 * routed_pre,
             1e3 * fixed_pre,
             100.0 * (routed_pre / fixed_pre - 1.0),
@@ -357,8 +347,7 @@ fn pool_generation(a: &BenchArgs, lm: &LoadedModel, policy: &drllm_router::Polic
     let tokens = (a.pool * a.new_tokens) as f64;
     let cost = paths.iter().map(|p| p.cost()).sum::<usize>() as f64 / paths.len().max(1) as f64;
     let in_order: Vec<usize> = (0..paths.len()).collect();
-    let mut by_path = in_order.clone();
-    by_path.sort_by(|&x, &y| paths[x].counts().cmp(paths[y].counts()).then(x.cmp(&y)));
+    let by_path = drllm_runtime::path_order(&paths);
     let (b, m, g) = (median(base), median(mixed), median(grouped));
     println!(
         "\n{} prompts, batches of {batch}, {} new tokens each, prefill included (medians of {}); average cost {cost:.2}",

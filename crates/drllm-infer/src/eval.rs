@@ -88,6 +88,8 @@ struct Run {
     paths: Vec<LayerPath>,
     responses: Vec<String>,
     correct: Vec<bool>,
+    /// Accuracy and its 95% bootstrap interval.
+    ci: (f64, f64, f64),
     new_tokens: usize,
     secs: f64,
 }
@@ -107,6 +109,7 @@ fn run_mode(
         paths: vec![],
         responses: vec![],
         correct: vec![],
+        ci: (0.0, 0.0, 0.0),
         new_tokens: 0,
         secs: 0.0,
     };
@@ -142,6 +145,7 @@ fn run_mode(
         bar.inc(chunk.len() as u64);
     }
     run.secs = t0.elapsed().as_secs_f64();
+    run.ci = accuracy_ci(&run.correct, a.bootstrap);
     Ok(run)
 }
 
@@ -170,9 +174,6 @@ struct TaskRuns {
 }
 
 impl Run {
-    fn accuracy(&self) -> f64 {
-        self.correct.iter().filter(|&&c| c).count() as f64 / self.correct.len().max(1) as f64
-    }
     fn cost(&self) -> f64 {
         self.paths.iter().map(|p| p.cost()).sum::<usize>() as f64 / self.paths.len().max(1) as f64
     }
@@ -190,8 +191,8 @@ impl Run {
         }
         freq
     }
-    fn summary(&self, n_layers: usize, resamples: usize) -> serde_json::Value {
-        let (acc, lo, hi) = accuracy_ci(&self.correct, resamples);
+    fn summary(&self, n_layers: usize) -> serde_json::Value {
+        let (acc, lo, hi) = self.ci;
         let mut v = serde_json::json!({
             "accuracy": acc, "ci95": [lo, hi], "cost": self.cost(),
             "blocks_saved": n_layers as f64 - self.cost(),
@@ -222,16 +223,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     let split: Split = a.split.parse()?;
     let style: Style = a.style.parse()?;
     if let Some(p) = &a.plot {
-        let ext = p
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
-        if !matches!(ext.as_deref(), Some("png" | "svg")) {
-            bail!(
-                "--plot {}: expected a file name ending in .png or .svg",
-                p.display()
-            );
-        }
+        crate::plot::Format::of(p)?;
     }
     let dir = data::resolve_data_dir(a.data.as_deref())?;
     let mut loaded = vec![];
@@ -254,11 +246,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     }
     let lm = a.m.load()?;
     // Every budget is checked (and the package with it) before any answer is generated.
-    let policies = a
-        .budget
-        .iter()
-        .map(|&b| crate::load_policy(&lm, &a.routers, b))
-        .collect::<Result<Vec<_>>>()
+    let policies = crate::load_policies(&lm, &a.routers, &a.budget)
         .with_context(|| format!("--routers {}", a.routers.display()))?;
     let opts = EvalOptions {
         mode,
@@ -322,7 +310,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     );
     for t in &runs {
         for r in std::iter::once(&t.base).chain(&t.routed) {
-            let (acc, lo, hi) = accuracy_ci(&r.correct, a.bootstrap);
+            let (acc, lo, hi) = r.ci;
             let mode = match r.budget {
                 None => "baseline".to_string(),
                 Some(b) => format!("routed {b:+.2}"),
@@ -349,8 +337,8 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         "model": lm.source.name(), "routers": a.routers.display().to_string(),
         "tasks": runs.iter().map(|t| serde_json::json!({
             "task": t.task, "prompts": t.prompts.len(),
-            "baseline": t.base.summary(n_layers, a.bootstrap),
-            "routed": t.routed.iter().map(|r| r.summary(n_layers, a.bootstrap)).collect::<Vec<_>>(),
+            "baseline": t.base.summary(n_layers),
+            "routed": t.routed.iter().map(|r| r.summary(n_layers)).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     });
     if let Some(path) = &a.json {
@@ -377,11 +365,11 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
                     name: t.task.clone(),
                     freq: t.routed[0].frequencies(n_layers),
                     costs: t.routed[0].paths.iter().map(|p| p.cost()).collect(),
-                    baseline_accuracy: t.base.accuracy(),
+                    baseline_accuracy: t.base.ci.0,
                     sweep: t
                         .routed
                         .iter()
-                        .map(|r| (r.budget.unwrap_or(0.0), r.cost(), r.accuracy()))
+                        .map(|r| (r.budget.unwrap_or(0.0), r.cost(), r.ci.0))
                         .collect(),
                 })
                 .collect(),

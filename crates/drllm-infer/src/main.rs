@@ -180,6 +180,16 @@ fn init_logging(json: bool) {
 
 /// Loads a router package for `lm` (same model, same sizes) as a routing policy.
 pub(crate) fn load_policy(lm: &LoadedModel, dir: &std::path::Path, budget: f64) -> Result<Policy> {
+    let mut v = load_policies(lm, dir, &[budget])?;
+    v.pop().context("no policy")
+}
+
+/// [`load_policy`] for several budgets: the package is read and checked once.
+pub(crate) fn load_policies(
+    lm: &LoadedModel,
+    dir: &std::path::Path,
+    budgets: &[f64],
+) -> Result<Vec<Policy>> {
     let pkg = Package::load(dir)?;
     let fingerprint = lm.source.fingerprint()?;
     pkg.check_model(
@@ -188,12 +198,11 @@ pub(crate) fn load_policy(lm: &LoadedModel, dir: &std::path::Path, budget: f64) 
         lm.model.num_layers(),
         lm.model.cfg.hidden_size as usize,
     )?;
-    let windows = pkg.manifest.windows;
-    Ok(Policy::new(
-        pkg.routers.to_device(lm.model.device()),
-        windows,
-        budget,
-    )?)
+    let routers = pkg.routers.to_device(lm.model.device());
+    budgets
+        .iter()
+        .map(|&b| Ok(Policy::new(routers.snapshot(), pkg.manifest.windows, b)?))
+        .collect()
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

@@ -60,35 +60,50 @@ fn register_font() -> Result<()> {
     Ok(())
 }
 
+/// The image format a plot path asks for, by its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    Png,
+    Svg,
+}
+
+impl Format {
+    /// The format of `path`, or an error naming it (checked before any model work).
+    pub(crate) fn of(path: &Path) -> Result<Format> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("png") => Ok(Format::Png),
+            Some("svg") => Ok(Format::Svg),
+            _ => bail!(
+                "--plot {}: expected a file name ending in .png or .svg",
+                path.display()
+            ),
+        }
+    }
+}
+
 /// Draws `data` to `path`; the extension (.png or .svg) picks the format.
 pub(crate) fn draw(path: &Path, data: &PlotData) -> Result<()> {
+    let format = Format::of(path)?;
     register_font()?;
     let rows = data.tasks.len().max(1) as u32;
     let size = (1200u32, 300 * rows + 420);
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    match ext.as_deref() {
-        Some("png") => {
+    let written = match format {
+        Format::Png => {
             let root = BitMapBackend::new(path, size).into_drawing_area();
             draw_on(&root, data)?;
-            root.present()
-                .map_err(|e| anyhow!("{e}"))
-                .with_context(|| format!("writing {}", path.display()))
+            root.present().map_err(|e| anyhow!("{e}"))
         }
-        Some("svg") => {
+        Format::Svg => {
             let root = SVGBackend::new(path, size).into_drawing_area();
             draw_on(&root, data)?;
-            root.present()
-                .map_err(|e| anyhow!("{e}"))
-                .with_context(|| format!("writing {}", path.display()))
+            root.present().map_err(|e| anyhow!("{e}"))
         }
-        _ => bail!(
-            "--plot {}: expected a file name ending in .png or .svg",
-            path.display()
-        ),
-    }
+    };
+    written.with_context(|| format!("writing {}", path.display()))
 }
 
 fn draw_on<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, data: &PlotData) -> Result<()>
@@ -225,16 +240,13 @@ where
         .map_err(e)?;
 
     // Accuracy against average cost: the baseline and each budget, per task.
-    let xmin = data
+    let (xmin, xmax) = data
         .tasks
         .iter()
         .flat_map(|t| t.sweep.iter().map(|s| s.1))
-        .fold(n_layers as f64, f64::min);
-    let xmax = data
-        .tasks
-        .iter()
-        .flat_map(|t| t.sweep.iter().map(|s| s.1))
-        .fold(n_layers as f64, f64::max);
+        .fold((n_layers as f64, n_layers as f64), |(lo, hi), c| {
+            (lo.min(c), hi.max(c))
+        });
     let mut chart = ChartBuilder::on(&right)
         .caption("accuracy vs average cost", ("sans-serif", 17))
         .margin(10)

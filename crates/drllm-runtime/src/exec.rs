@@ -734,6 +734,15 @@ pub struct Generated {
     pub reused_blocks: usize,
 }
 
+/// Row indices ordered so that rows with similar paths sit together (by their counts, block 0
+/// first; ties in row order): consecutive chunks of it are the decode batches of
+/// [`Model::generate_routed_grouped`].
+pub fn path_order(paths: &[LayerPath]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..paths.len()).collect();
+    order.sort_by(|&a, &b| paths[a].counts().cmp(paths[b].counts()));
+    order
+}
+
 /// Greedy choice per row of `[B, V]` logits.
 pub fn argmax_tokens(logits: &Tensor) -> Result<Vec<u32>> {
     let ids = logits.argmax(-1, false).to_device(Device::Cpu);
@@ -837,8 +846,7 @@ impl Model {
         }
         let pool = PathBatch::concat(parts)?;
         let paths = pool.paths().to_vec();
-        let mut order: Vec<usize> = (0..prompts.len()).collect();
-        order.sort_by(|&a, &b| paths[a].counts().cmp(paths[b].counts()).then(a.cmp(&b)));
+        let order = path_order(&paths);
         let mut out: Vec<Option<Generated>> = vec![None; prompts.len()];
         for group in order.chunks(batch) {
             let mut rows = group.to_vec();

@@ -18,7 +18,9 @@ pub use chat::Message;
 pub use config::{Arch, ModelConfig};
 pub use drllm_path::{LayerPath, PathError};
 pub use error::{Error, Result};
-pub use exec::{argmax_tokens, GenerateOptions, Generated, GroupRouteFn, PathBatch, RouteFn};
+pub use exec::{
+    argmax_tokens, path_order, GenerateOptions, Generated, GroupRouteFn, PathBatch, RouteFn,
+};
 pub use loader::{parse_dtype, resolve_device, DeviceSpec, LoadedModel, ModelSource};
 pub use model::Model;
 pub use prefix::{PrefixCache, PrefixStats};
