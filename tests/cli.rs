@@ -84,6 +84,7 @@ fn help_has_examples() {
         "drllm-dist-bench",
         "drllm-train",
         "drllm-train-bench",
+        "drllm-search-bench",
     ] {
         let o = std::process::Command::new(bin(b))
             .arg("--help")

@@ -84,7 +84,12 @@ fn two_workers_equal_one_and_runs_resume() {
     assert_eq!(workers.len(), 2, "both workers got work: {workers:?}");
     for r in &a {
         r.validate(30).unwrap();
-        assert!(r.prompt.contains("<|im_start|>user"), "{}", r.prompt);
+        // Cloze (the default): the question alone, as plain text.
+        assert!(
+            r.prompt.starts_with("Question: ") && r.prompt.ends_with("\nAnswer:"),
+            "{}",
+            r.prompt
+        );
     }
     assert!(one.join("_SUCCESS").exists());
 

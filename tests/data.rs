@@ -146,11 +146,31 @@ fn show_and_grade() {
         "embedded",
     ]);
     assert!(ok, "{err}");
-    assert_eq!(out.matches("<|im_start|>assistant").count(), 2, "{out}");
+    // Cloze prompts (the default): the question alone, then each choice's continuation.
+    assert_eq!(
+        out.matches("\nAnswer:\n--- continuation A: ").count(),
+        2,
+        "{out}"
+    );
     assert!(
         out.contains("=== Mercury_SC_407695") && out.contains("--- gold: D"),
         "{out}"
     );
+    let (ok, out, err) = drllm_data(&[
+        "show",
+        "--task",
+        "arc_challenge",
+        "--split",
+        "dev",
+        "--limit",
+        "2",
+        "--model",
+        "embedded",
+        "--reward",
+        "lenient",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.matches("<|im_start|>assistant").count(), 2, "{out}");
     let cases: [(&[&str], &str); 5] = [
         (
             &[

@@ -1,6 +1,7 @@
 //! The README's main command, `scripts/quickstart.sh`, end to end with small limits: path search
-//! (coordinator + 2 workers) on ARC-Easy and DART, router training, and the validation run on
-//! held-out ARC-Easy dev prompts with its JSON summary, Parquet file and plot.
+//! (coordinator + 2 workers) on ARC-Easy, router training, and the validation run on held-out
+//! ARC-Easy dev prompts (baseline, static paths, routers, the reference routers) with its JSON
+//! summary, Parquet file and plot.
 mod common;
 
 use std::process::Command;
@@ -34,9 +35,7 @@ fn quickstart_runs_the_whole_pipeline() {
         "--out",
         &o,
         "--arc",
-        "10",
-        "--dart",
-        "1",
+        "12",
         "--dev",
         "8",
         "--sims",
@@ -47,13 +46,17 @@ fn quickstart_runs_the_whole_pipeline() {
     let (ok, stdout, stderr) = quickstart(&args, &cache);
     assert!(ok, "{stdout}\n{stderr}");
     for want in [
-        "reward: lenient",
-        "10 prompts searched",
-        "1 prompts searched",
-        "validation macro-F1",
+        "reward: cloze",
+        "12 prompts searched",
+        "labels: skip",
+        "epoch",
         "baseline",
+        "static -3",
+        "static -6",
         "routed +0.0",
         "routed -0.5",
+        "the reference routers",
+        "reference run (docs/benchmarks.md)",
         "plot: ",
     ] {
         assert!(stdout.contains(want), "{want:?} missing from\n{stdout}");
@@ -64,6 +67,11 @@ fn quickstart_runs_the_whole_pipeline() {
     assert_eq!(e["split"], "dev");
     assert_eq!(e["tasks"][0]["prompts"], 8);
     assert_eq!(e["tasks"][0]["routed"].as_array().unwrap().len(), 2);
+    assert_eq!(e["tasks"][0]["static"].as_array().unwrap().len(), 2);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval-reference.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["tasks"][0]["prompts"], 8);
     assert_eq!(
         &std::fs::read(out.join("routing.png")).unwrap()[1..4],
         b"PNG"
@@ -73,7 +81,7 @@ fn quickstart_runs_the_whole_pipeline() {
     // A rerun with the same flags reuses the searches (nothing left to search).
     let (ok, stdout, stderr) = quickstart(&args, &cache);
     assert!(ok, "{stdout}\n{stderr}");
-    assert!(stderr.contains("10 already committed"), "{stderr}");
+    assert!(stderr.contains("12 already committed"), "{stderr}");
 
     // A data directory without the files is named.
     let (ok, _, stderr) = quickstart(&["--data", "/nonexistent", "--out", &o], &cache);

@@ -10,6 +10,9 @@ use drllm::runtime::tch::{self, Device, Kind, Tensor};
 use drllm::runtime::{GenerateOptions, LoadedModel, ModelSource};
 use drllm_router::{Package, PackageManifest, Policy, RouterShape, Routers};
 
+/// A static path skipping blocks 3, 11 and 17 of the embedded model.
+const STATIC_3: &str = "1,1,1,0,1,1,1,1,1,1,1,0,1,1,1,1,1,0,1,1,1,1,1,1,1,1,1,1,1,1";
+
 fn model() -> LoadedModel {
     LoadedModel::load(ModelSource::Gguf(embedded_gguf()), Device::Cpu, Kind::Float).unwrap()
 }
@@ -127,8 +130,17 @@ fn routed_generation_equals_generation_along_the_chosen_paths() {
 }
 
 fn save(pkg_dir: &Path, r: Routers, fingerprint: &str) {
+    save_for(pkg_dir, r, fingerprint, None)
+}
+
+/// A package that records the prompts it was trained on (reward, style).
+fn save_for(pkg_dir: &Path, r: Routers, fingerprint: &str, prompts: Option<(&str, &str)>) {
     let shape = r.shape;
-    let m = PackageManifest::new(fingerprint.into(), "SmolLM2".into(), shape, 8);
+    let mut m = PackageManifest::new(fingerprint.into(), "SmolLM2".into(), shape, 8);
+    m.prompts = prompts.map(|(reward, style)| drllm_router::PromptSpec {
+        reward: reward.into(),
+        style: style.into(),
+    });
     Package {
         manifest: m,
         routers: r,
@@ -230,9 +242,10 @@ fn drllm_infer_routes_with_a_package_and_refuses_bad_ones() {
 }
 
 /// `drllm-infer eval` with routers that always execute: routed answers equal the baseline's on
-/// real ARC dev prompts at budget 0 (and cost 0 at budget -1); the JSON summary, the per-sample
-/// Parquet file (read by pandas) and the plot say so. Bad task names, reward modes and plot
-/// formats are refused.
+/// real ARC dev prompts at budget 0 (and cost 0 at budget -1), paired difference exactly 0; a
+/// static path is evaluated beside them; the JSON summary, the per-sample Parquet file (read by
+/// pandas, with each choice's log-likelihood) and the plot say so. Bad task names, routers
+/// trained on other prompts and plot formats are refused.
 #[test]
 fn eval_compares_routed_and_baseline_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -268,13 +281,15 @@ fn eval_compares_routed_and_baseline_runs() {
     let (ok, out, e) = infer(
         &[
             &common[..],
-            &["--budget", "0,-1", "--json", &j, "--out", &p, "--plot", &g],
+            &[
+                "--budget", "0,-1", "--path", STATIC_3, "--json", &j, "--out", &p, "--plot", &g,
+            ],
         ]
         .concat(),
     );
     assert!(ok, "{e}");
     assert!(
-        out.contains("baseline") && out.contains("routed +0.00"),
+        out.contains("baseline") && out.contains("routed +0.00") && out.contains("path -3"),
         "{out}"
     );
     let s: serde_json::Value =
@@ -285,7 +300,16 @@ fn eval_compares_routed_and_baseline_runs() {
     assert_eq!(r0["budget"], 0.0);
     assert_eq!(r0["cost"], 30.0);
     assert_eq!(r0["accuracy"], t["baseline"]["accuracy"]);
+    assert_eq!(r0["minus_baseline"]["accuracy"], 0.0);
+    assert_eq!(
+        r0["minus_baseline"]["paired_ci95"],
+        serde_json::json!([0.0, 0.0])
+    );
     assert_eq!(r1["cost"], 0.0);
+    let st = &t["static"][0];
+    assert_eq!(st["cost"], 27.0);
+    assert_eq!(st["path"], STATIC_3);
+    assert!(st["minus_baseline"]["paired_ci95"].is_array());
     let freq = r0["decision_frequencies"].as_array().unwrap();
     assert_eq!(freq.len(), 30);
     assert!(freq.iter().all(|f| f["execute"] == 1.0));
@@ -301,12 +325,16 @@ fn eval_compares_routed_and_baseline_runs() {
          b = d[d['mode'] == 'baseline'].reset_index(); r = d[d.budget == 0.0].reset_index(); \
          print(json.dumps({{'n': len(d), 'same': bool((b.response == r.response).all()), \
          'cols': list(d.columns), 'acc': float(r.correct.mean()), \
-         'skip_cost': int(d[d.budget == -1.0].cost.max())}}))"
+         'skip_cost': int(d[d.budget == -1.0].cost.max()), \
+         'static': int((d['mode'] == 'static').sum()), \
+         'choices': int(d.choice_logliks.map(len).min())}}))"
     );
     let o = Command::new(python()).args(["-c", &code]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["n"], 18);
+    assert_eq!(v["n"], 24);
+    assert_eq!(v["static"], 6);
+    assert!(v["choices"].as_u64().unwrap() >= 3, "{v}");
     assert_eq!(v["same"], true);
     assert_eq!(v["skip_cost"], 0);
     assert_eq!(v["acc"].as_f64().unwrap(), r0["accuracy"].as_f64().unwrap());
@@ -318,6 +346,7 @@ fn eval_compares_routed_and_baseline_runs() {
         "path",
         "cost",
         "correct",
+        "choice_logliks",
     ] {
         assert!(v["cols"].as_array().unwrap().iter().any(|x| x == c), "{c}");
     }
@@ -332,8 +361,27 @@ fn eval_compares_routed_and_baseline_runs() {
         "2",
     ]);
     assert!(!ok && e.contains("arc_hard"), "{e}");
-    let (ok, _, e) = infer(&[&common[..], &["--reward", "choice-logits"]].concat());
-    assert!(!ok && e.contains("use strict or lenient"), "{e}");
+    // Routers trained on lenient (instruct) prompts are not used on cloze prompts, and are
+    // with the reward they were trained on.
+    let lenient = dir.path().join("lenient");
+    save_for(
+        &lenient,
+        routers(1, Some(1)),
+        &fp,
+        Some(("lenient", "instruct")),
+    );
+    let l = lenient.display().to_string();
+    let mut other = common.to_vec();
+    other[2] = &l;
+    let (ok, _, e) = infer(&other);
+    assert!(
+        !ok && e.contains("trained on prompts of reward lenient and style instruct"),
+        "{e}"
+    );
+    let (ok, _, e) = infer(&[&other[..], &["--reward", "lenient"]].concat());
+    assert!(ok, "{e}");
+    let (ok, _, e) = infer(&[&common[..], &["--path", "1,1"]].concat());
+    assert!(!ok && e.contains("--path 1,1"), "{e}");
     let (ok, _, e) = infer(&[&common[..], &["--plot", "r.pdf"]].concat());
     assert!(
         !ok && e.contains("expected a file name ending in .png or .svg"),
@@ -343,16 +391,17 @@ fn eval_compares_routed_and_baseline_runs() {
     assert!(!ok && e.contains("budget -2 is outside [-1, 1]"), "{e}");
 }
 
-/// The budget knob: on 20 real ARC dev prompts, the average cost of the chosen paths never rises
-/// as the budget moves toward skip, from every block repeated (+1) to every block skipped (-1).
+/// The budget knob on 20 real ARC dev prompts: the average cost of the chosen paths never rises
+/// as the budget moves toward skip (0 to -1, where every block is skipped); toward execute (0 to
+/// 1) fewer blocks leave execute, and at 1 every path is the baseline's, with its accuracy.
 #[test]
-fn cost_falls_monotonically_as_the_budget_moves_toward_skip() {
+fn budget_runs_from_all_skip_through_the_routers_to_the_baseline() {
     let dir = tempfile::tempdir().unwrap();
     let fp = ModelSource::Gguf(embedded_gguf()).fingerprint().unwrap();
     let pkg = dir.path().join("random");
     save(&pkg, routers(3, None), &fp);
     let json = dir.path().join("s.json");
-    let budgets = [1.0, 0.6, 0.3, 0.1, 0.0, -0.1, -0.3, -0.6, -1.0];
+    let budgets = [1.0, 0.9, 0.6, 0.3, 0.0, -0.1, -0.3, -0.6, -1.0];
     let list: Vec<String> = budgets.iter().map(|b| b.to_string()).collect();
     let (ok, out, e) = infer(&[
         "eval",
@@ -364,8 +413,6 @@ fn cost_falls_monotonically_as_the_budget_moves_toward_skip() {
         "arc_easy",
         "--limit",
         "20",
-        "--max-new-tokens",
-        "1",
         "--budget",
         &list.join(","),
         "--json",
@@ -374,19 +421,36 @@ fn cost_falls_monotonically_as_the_budget_moves_toward_skip() {
     assert!(ok, "{e}");
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(s["tasks"][0]["prompts"], 20);
-    let costs: Vec<f64> = s["tasks"][0]["routed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["cost"].as_f64().unwrap())
-        .collect();
-    assert_eq!(costs.len(), budgets.len());
-    assert_eq!(costs[0], 60.0, "{out}");
+    let t = &s["tasks"][0];
+    assert_eq!(t["prompts"], 20);
+    let routed = t["routed"].as_array().unwrap();
+    assert_eq!(routed.len(), budgets.len());
+    let costs: Vec<f64> = routed.iter().map(|r| r["cost"].as_f64().unwrap()).collect();
+    // Toward skip: the cost falls to 0.
     assert_eq!(costs[budgets.len() - 1], 0.0, "{out}");
-    for w in costs.windows(2) {
+    for w in costs[4..].windows(2) {
         assert!(w[1] <= w[0], "cost rose toward skip: {costs:?}\n{out}");
     }
-    // The plain routers sit strictly between the extremes.
-    assert!(costs[4] > 0.0 && costs[4] < 60.0, "{costs:?}");
+    // Toward execute: the share of decisions other than execute falls to 0 at budget 1,
+    // where routed accuracy is the baseline's.
+    let off: Vec<f64> = routed[..5]
+        .iter()
+        .map(|r| {
+            r["decision_frequencies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| 1.0 - f["execute"].as_f64().unwrap())
+                .sum::<f64>()
+        })
+        .collect();
+    for w in off.windows(2) {
+        assert!(w[0] <= w[1] + 1e-9, "toward execute: {off:?}\n{out}");
+    }
+    assert!(off[0].abs() < 1e-9, "{off:?}");
+    assert_eq!(costs[0], 30.0);
+    assert_eq!(routed[0]["accuracy"], t["baseline"]["accuracy"]);
+    assert_eq!(routed[0]["minus_baseline"]["accuracy"], 0.0);
+    // The plain routers skip and repeat.
+    assert!(off[4] > 0.0, "{off:?}");
 }

@@ -67,7 +67,11 @@ fn check_equivalence(n_prompts: usize, n_paths: usize, mode: RewardMode) {
         mode,
         max_new_tokens: 6,
     };
-    let template = Template::builtin(drllm::tasks::Family::MultipleChoice, Style::Instruct);
+    let template = Template::builtin_for(
+        drllm::tasks::Family::MultipleChoice,
+        Style::default_for(mode),
+        mode,
+    );
     let prompts: Vec<PreparedPrompt> = samples
         .iter()
         .map(|s| prepare(&lm, s, &template, &opts).unwrap())
@@ -97,6 +101,13 @@ fn check_equivalence(n_prompts: usize, n_paths: usize, mode: RewardMode) {
         for ((p, path), b) in chunk.iter().zip(&batched) {
             let alone = evaluate_alone(&lm, p, path, &opts).unwrap();
             assert_eq!(b.reward, alone.reward, "{} along {path}", p.sample_id);
+            for (x, y) in b.logliks.iter().zip(&alone.logliks) {
+                assert!(
+                    (x - y).abs() < 1e-3,
+                    "{} along {path}: {x} vs {y}",
+                    p.sample_id
+                );
+            }
             // Same text up to the decision point (after which the batched run stopped).
             let cut = decision_point(&lm, p, &alone.tokens, mode);
             assert_eq!(
@@ -191,6 +202,7 @@ fn prefix_sharing_matches_plain_prefill() {
 fn batched_evaluation_equals_one_at_a_time() {
     check_equivalence(6, 8, RewardMode::Lenient);
     check_equivalence(6, 8, RewardMode::ChoiceLogits);
+    check_equivalence(6, 8, RewardMode::Cloze);
 }
 
 /// The full check: 20 real ARC-Easy prompts x 30 random paths (several minutes on 2
@@ -201,6 +213,7 @@ fn batched_evaluation_equals_one_at_a_time_full() {
     check_equivalence(20, 30, RewardMode::Lenient);
     check_equivalence(20, 30, RewardMode::Strict);
     check_equivalence(20, 30, RewardMode::ChoiceLogits);
+    check_equivalence(20, 30, RewardMode::Cloze);
 }
 
 fn worker(args: &[&str]) -> (bool, String) {

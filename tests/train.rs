@@ -167,6 +167,9 @@ fn train(args: &[&str], data: &[&Path], out: &Path, cache: &Path) -> (bool, Stri
     for d in data {
         c.arg("--data").arg(d);
     }
+    if !args.contains(&"--task-data") {
+        c.arg("--task-data").arg(data_dir());
+    }
     let o = c
         .arg("--out")
         .arg(out)
@@ -210,7 +213,11 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
     );
     assert!(ok, "{stderr}");
     assert!(stdout.contains("validation macro-F1"), "{stdout}");
-    assert!(stderr.contains("examples/s"), "{stderr}");
+    assert!(stdout.contains("routed validation ("), "{stdout}");
+    assert!(
+        stderr.contains("examples/s") && stderr.contains("labels: skip"),
+        "{stderr}"
+    );
     let p = Package::load(&pkg).unwrap();
     let m = &p.manifest;
     assert_eq!((m.shape.num_layers, m.shape.hidden_size), (30, 576));
@@ -218,10 +225,30 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
     assert_eq!(m.epochs.len(), 4);
     assert!((1..=4).contains(&m.best_epoch));
     let rows = read_rows(&run).unwrap();
-    let found = rows.iter().filter(|r| r.found).count() as u64;
+    let labelled = rows.iter().filter(|r| r.best_path.is_some()).count() as u64;
     assert_eq!(m.label_counts.iter().sum::<u64>() % 30, 0);
     let used = m.data["train"].as_u64().unwrap() + m.data["val"].as_u64().unwrap();
-    assert!(used <= found && used > 0);
+    assert!(used <= labelled && used > 0);
+    // Every epoch was measured routing the held-out prompts; the kept one is the most accurate.
+    let best = m.epochs[m.best_epoch - 1].val_routed_accuracy.unwrap();
+    assert!(m
+        .epochs
+        .iter()
+        .all(|e| e.val_routed_accuracy.unwrap() <= best));
+    assert_eq!(
+        m.prompts,
+        Some(drllm_router::PromptSpec {
+            reward: "cloze".into(),
+            style: "base".into()
+        })
+    );
+    let outcomes: u64 = m.data["rows_by_outcome"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(outcomes, rows.len() as u64);
     // inspect prints it; a second run with other flags takes the features from the cache.
     let o = Command::new(bin("drllm-train"))
         .arg("inspect")
@@ -252,17 +279,19 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
         !ok && e.contains("other: made with model fingerprint 0123456789abcdef01234567"),
         "{e}"
     );
-    // Only default paths (nothing found).
+    // No correct path anywhere.
     let none = dir.path().join("none");
     rewritten(&run, &none, |r| {
+        r.default_correct = false;
         r.found = false;
         r.improved = false;
         r.best_path = None;
         r.best_cost = None;
         r.best_layers = None;
+        r.good_paths.clear();
     });
     let (ok, _, e) = train(&[], &[&none], &pkg, &cache);
-    assert!(!ok && e.contains("has a found path"), "{e}");
+    assert!(!ok && e.contains("has a correct path"), "{e}");
     // No rows at all.
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("_manifest.json")).unwrap())
@@ -285,7 +314,7 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
     // A label vector of the wrong length.
     let short = dir.path().join("short");
     rewritten(&run, &short, |r| {
-        if r.found {
+        if r.best_path.is_some() {
             r.best_path = Some(vec![1; 12]);
         }
     });
@@ -301,4 +330,24 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
     // A bad fraction.
     let (ok, _, e) = train(&["--val-fraction", "1.5"], &[&run], &pkg, &cache);
     assert!(!ok && e.contains("--val-fraction"), "{e}");
+    let (ok, _, e) = train(&["--max-improved-share", "2"], &[&run], &pkg, &cache);
+    assert!(!ok && e.contains("--max-improved-share"), "{e}");
+    let (ok, _, e) = train(&["--select", "f1"], &[&run], &pkg, &cache);
+    assert!(
+        !ok && e.contains("expected routed-accuracy or macro-f1"),
+        "{e}"
+    );
+    // Routed validation needs the questions: a data directory without them is named.
+    let empty = dir.path().join("nodata");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (ok, _, e) = train(
+        &["--task-data", &empty.display().to_string()],
+        &[&run],
+        &pkg,
+        &cache,
+    );
+    assert!(
+        !ok && e.contains("routed validation") && e.contains("nodata"),
+        "{e}"
+    );
 }

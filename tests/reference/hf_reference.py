@@ -5,6 +5,9 @@ summary to stdout. Jobs:
   gguf   -- load a GGUF with transformers (dequantized to f32): chat-template rendering, token ids,
             all-position logits and 20 greedy tokens for each prompt, optionally along layer paths.
   tokens -- token ids of many strings with the GGUF-derived tokenizer.
+  cloze  -- lm-evaluation-harness's multiple-choice log-likelihoods (arc_easy's prompt) of real ARC
+            rows: context/continuation token ids by lm-eval's split, and the summed log-probability
+            of each choice's continuation, optionally along layer paths.
   tiny   -- create tiny random models (LLaMA + llama3 RoPE scaling, Qwen2 with biases, Qwen3 with
             q/k norm; one sharded) in a directory, and their logits along paths.
 
@@ -113,22 +116,73 @@ def job_hidden(job, tensors):
     return {}
 
 
+def correct_smollm_pretokenizer(tok):
+    """transformers builds this file's tokenizer with a plain GPT-2 ByteLevel pre-tokenizer,
+    ignoring tokenizer.ggml.pre = "smollm". llama.cpp (and SmolLM2's own tokenizer.json) split
+    every digit out first, then apply the GPT-2 regex; the two differ on runs of spaces before a
+    digit. Correct the reference to the file's stated pre-tokenizer."""
+    from tokenizers import pre_tokenizers
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+
+
 def job_tokens(job, tensors):
     d, f = os.path.split(job["gguf"])
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     raw = [tok(s, add_special_tokens=False).input_ids for s in job["strings"]]
-    pre = job.get("pre")
-    if pre == "smollm":
-        # transformers builds this file's tokenizer with a plain GPT-2 ByteLevel pre-tokenizer,
-        # ignoring tokenizer.ggml.pre = "smollm". llama.cpp (and SmolLM2's own tokenizer.json)
-        # split every digit out first, then apply the GPT-2 regex; the two differ on runs of
-        # spaces before a digit. Correct the reference to the file's stated pre-tokenizer.
-        from tokenizers import pre_tokenizers
-        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if job.get("pre") == "smollm":
+        correct_smollm_pretokenizer(tok)
     ids = [tok(s, add_special_tokens=False).input_ids for s in job["strings"]]
     return {"ids": ids, "uncorrected_differs": sum(a != b for a, b in zip(raw, ids))}
+
+
+def lm_eval_encode_pair(tok, context, continuation):
+    """lm-evaluation-harness's HFLM._encode_pair: trailing whitespace of the context moves to the
+    continuation; the continuation's tokens are those of context + continuation after the
+    context's own tokens; no special tokens (its default add_bos_token=False)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    enc = lambda s: tok(s, add_special_tokens=False).input_ids
+    whole = enc(context + continuation)
+    ctx = enc(context)
+    return ctx, whole[len(ctx):]
+
+
+def job_cloze(job, tensors):
+    """arc_easy as lm-eval defines it: doc_to_text "Question: {{question}}\nAnswer:", choices
+    the choice texts after the default target delimiter " "; loglikelihood = sum of log-softmax
+    of each continuation token given everything before it (one full forward pass per choice,
+    no cache); acc = argmax, acc_norm = argmax of loglikelihood / len(choice text)."""
+    d, f = os.path.split(job["gguf"])
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    correct_smollm_pretokenizer(tok)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    out = []
+    for row in job["rows"]:
+        context = "Question: " + row["question"] + "\nAnswer:"
+        entry = {"context": context, "paths": []}
+        pairs = [lm_eval_encode_pair(tok, context, " " + c) for c in row["choices"]]
+        entry["context_ids"] = pairs[0][0]
+        entry["continuation_ids"] = [c for _, c in pairs]
+        for counts in job["paths"]:
+            lls = []
+            with with_path(model, counts):
+                for ctx, cont in pairs:
+                    inp = torch.tensor([(ctx + cont)[:-1]])
+                    logp = model(inp, use_cache=False).logits[0].float().log_softmax(-1)
+                    tail = logp[len(ctx) - 1:]
+                    lls.append(float(tail.gather(1, torch.tensor(cont).unsqueeze(1)).sum()))
+            norm = [ll / len(c) for ll, c in zip(lls, row["choices"])]
+            entry["paths"].append({
+                "logliks": lls,
+                "acc_pick": max(range(len(lls)), key=lambda i: (lls[i], -i)),
+                "acc_norm_pick": max(range(len(norm)), key=lambda i: (norm[i], -i)),
+            })
+        out.append(entry)
+    return out
 
 
 def tiny_config(arch, vocab):
@@ -174,7 +228,8 @@ def main():
     job = json.load(sys.stdin)
     tensors = {}
     kind = job["job"]
-    res = {"gguf": job_gguf, "tokens": job_tokens, "tiny": job_tiny, "hidden": job_hidden}[kind](job, tensors)
+    res = {"gguf": job_gguf, "tokens": job_tokens, "tiny": job_tiny, "hidden": job_hidden,
+           "cloze": job_cloze}[kind](job, tensors)
     if tensors:
         save_file(tensors, job["out"])
     json.dump(res, sys.stdout)

@@ -145,6 +145,9 @@ async fn main() -> Result<()> {
     let source = ModelSource::resolve(&a.model)?;
     let fingerprint = source.fingerprint()?;
     let num_layers = source.config()?.num_layers;
+    if let Some(b) = run.search.skip_prior.iter().find(|&&b| b >= num_layers) {
+        bail!("--skip-prior names block {b}, the model has {num_layers} blocks (0..{num_layers})");
+    }
     let config = serde_json::json!({
         "datasets": a.dataset,
         "split": a.split,

@@ -107,9 +107,13 @@ struct ShowArgs {
     /// Shuffle with this seed before offset/limit.
     #[arg(long)]
     seed: Option<u64>,
-    /// Prompt style: instruct or base.
-    #[arg(long, default_value = "instruct")]
+    /// Prompt style: instruct, base, or auto (base for the cloze rewards, else instruct).
+    #[arg(long, default_value = "auto")]
     style: String,
+    /// Reward mode the prompts are rendered for: cloze and cloze-norm render the question alone
+    /// (the choices are scored as its continuations, shown after it).
+    #[arg(long, default_value = "cloze")]
+    reward: String,
     /// Own template file (minijinja; sees question, choices, id, task).
     #[arg(long)]
     template: Option<PathBuf>,
@@ -149,10 +153,14 @@ fn gold_for(task: TaskName, gold: &str) -> Result<Gold> {
 fn show(a: ShowArgs) -> Result<()> {
     let dir = data::resolve_data_dir(a.d.data.as_deref())?;
     let task: TaskName = a.task.parse()?;
-    let style: Style = a.style.parse()?;
+    let mode: RewardMode = a.reward.parse()?;
+    let style: Style = match a.style.as_str() {
+        "auto" => Style::default_for(mode),
+        s => s.parse()?,
+    };
     let template = match &a.template {
         Some(p) => Template::from_file(p, style)?,
-        None => Template::builtin(task.family(), style),
+        None => Template::builtin_for(task.family(), style, mode),
     };
     let opts = LoadOptions {
         offset: a.offset,
@@ -185,6 +193,17 @@ fn show(a: ShowArgs) -> Result<()> {
             s.level.map(|l| format!(", level {l}")).unwrap_or_default()
         );
         println!("{prompt}");
+        if let (true, drllm_tasks::Question::MultipleChoice { choices, .. }) =
+            (mode.is_cloze(), &s.question)
+        {
+            for c in choices {
+                println!(
+                    "--- continuation {}: {:?}",
+                    c.label,
+                    template.cloze_continuation(c)
+                );
+            }
+        }
         println!("--- gold: {}", s.gold);
     }
     if !loaded.bad_rows.is_empty() {

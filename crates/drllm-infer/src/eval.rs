@@ -9,10 +9,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use arrow_array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt32Array};
-use drllm_runtime::{GenerateOptions, LayerPath, LoadedModel};
+use arrow_array::types::Float64Type;
+use arrow_array::{
+    ArrayRef, BooleanArray, Float64Array, ListArray, RecordBatch, StringArray, UInt32Array,
+};
+use drllm_runtime::{LayerPath, LoadedModel};
 use drllm_tasks::{data, LoadOptions, RewardMode, Split, Style, TaskName, Template};
-use drllm_worker::{grade_generation, prepare, EvalOptions, PreparedPrompt};
+use drllm_worker::{answer_batch, prepare, EvalOptions, PathChoice, PreparedPrompt};
 use rand::{Rng, SeedableRng};
 
 use crate::ModelArgs;
@@ -21,7 +24,8 @@ use crate::ModelArgs;
 pub(crate) struct EvalArgs {
     #[command(flatten)]
     m: ModelArgs,
-    /// Router package (drllm-train --out).
+    /// Router package (drllm-train --out), or `embedded` for the reference routers of the
+    /// embedded model shipped with drllm.
     #[arg(long, env = "DRLLM_ROUTERS")]
     routers: PathBuf,
     /// Tasks, comma separated: arc_easy, arc_challenge, dart-1..dart-5, gsm8k (out-of-domain
@@ -40,8 +44,9 @@ pub(crate) struct EvalArgs {
     /// Data directory (default $DRLLM_DATA, else ../shared/data).
     #[arg(long, env = "DRLLM_DATA")]
     data: Option<PathBuf>,
-    /// Router budgets in [-1, 1], comma separated (< 0 toward skip, > 0 toward repeat); the
-    /// baseline runs once and each budget is compared with it (a cost-vs-accuracy sweep).
+    /// Router budgets in [-1, 1], comma separated (< 0 toward skip, > 0 toward execute, 1 = the
+    /// baseline); the baseline runs once and each budget is compared with it on the same
+    /// prompts (a cost-vs-accuracy sweep).
     #[arg(
         long,
         value_delimiter = ',',
@@ -49,11 +54,18 @@ pub(crate) struct EvalArgs {
         allow_hyphen_values = true
     )]
     budget: Vec<f64>,
-    /// Answer check for multiple choice: strict (the paper's letter-only rule) or lenient.
-    #[arg(long, default_value = "lenient")]
+    /// Static layer paths evaluated as extra modes on the same prompts (one count per block,
+    /// comma separated; repeat the flag for several): the fixed-path controls routers must beat.
+    #[arg(long = "path")]
+    paths: Vec<String>,
+    /// Multiple-choice scoring: cloze (the gold choice's text is the most likely continuation,
+    /// lm-eval's acc), cloze-norm (per character, acc_norm), strict (the paper's letter-only
+    /// rule on decoded text), lenient (a leading letter), choice-logits (the letter's logit).
+    /// Must be what the routers were trained on: prompts are rendered as in their search.
+    #[arg(long, default_value = "cloze")]
     reward: String,
-    /// Prompt style: instruct (chat template) or base.
-    #[arg(long, default_value = "instruct")]
+    /// Prompt style: instruct (chat template), base, or auto (base for cloze, else instruct).
+    #[arg(long, default_value = "auto")]
     style: String,
     /// Most new tokens per answer.
     #[arg(long, default_value_t = 10)]
@@ -81,15 +93,30 @@ pub(crate) struct EvalArgs {
     plot: Option<PathBuf>,
 }
 
+/// What answers the prompts in one mode of a run.
+enum Mode<'a> {
+    /// Every prompt along one fixed path (the baseline is all ones).
+    Static(LayerPath),
+    /// Each prompt along the path the routers choose for it.
+    Routed(&'a drllm_router::Policy),
+}
+
 /// One mode's answers.
 struct Run {
-    /// None for the baseline.
+    /// None for fixed paths.
     budget: Option<f64>,
+    /// The fixed path of a static mode.
+    fixed: Option<LayerPath>,
     paths: Vec<LayerPath>,
     responses: Vec<String>,
     correct: Vec<bool>,
+    /// Cloze scoring: each prompt's choice log-likelihoods (else empty rows).
+    logliks: Vec<Vec<f64>>,
     /// Accuracy and its 95% bootstrap interval.
     ci: (f64, f64, f64),
+    /// Accuracy minus the baseline's on the same prompts, with its 95% paired bootstrap interval
+    /// (None for the baseline itself).
+    diff: Option<(f64, f64, f64)>,
     new_tokens: usize,
     secs: f64,
 }
@@ -98,49 +125,51 @@ fn run_mode(
     lm: &LoadedModel,
     prompts: &[PreparedPrompt],
     a: &EvalArgs,
-    opts: &GenerateOptions,
-    mode: RewardMode,
-    policy: Option<&drllm_router::Policy>,
+    opts: &EvalOptions,
+    mode: &Mode<'_>,
     bar: &indicatif::ProgressBar,
 ) -> Result<Run> {
-    let n_layers = lm.model.num_layers();
     let mut run = Run {
-        budget: policy.map(|p| p.budget()),
+        budget: match mode {
+            Mode::Routed(p) => Some(p.budget()),
+            Mode::Static(_) => None,
+        },
+        fixed: match mode {
+            Mode::Static(p) => Some(p.clone()),
+            Mode::Routed(_) => None,
+        },
         paths: vec![],
         responses: vec![],
         correct: vec![],
+        logliks: vec![],
         ci: (0.0, 0.0, 0.0),
+        diff: None,
         new_tokens: 0,
         secs: 0.0,
     };
     let t0 = Instant::now();
-    // Routed prompts decode in batches of similar paths, chosen from a pool of prompts.
     let batch = a.batch.max(1);
-    let step = match policy {
-        Some(_) => a.route_pool.max(batch),
-        None => batch,
+    let decodes = prompts.iter().any(PreparedPrompt::decodes);
+    // Routed prompts decode in batches of similar paths, chosen from a pool of prompts.
+    let step = match mode {
+        Mode::Routed(_) if decodes => a.route_pool.max(batch),
+        _ => batch,
+    };
+    let route = |l: usize, h: &tch::Tensor, lens: &[usize]| match mode {
+        Mode::Routed(p) => p.decide(l, h, lens),
+        Mode::Static(_) => vec![1; lens.len()],
+    };
+    let choice = match mode {
+        Mode::Static(p) => PathChoice::Fixed(p.clone()),
+        Mode::Routed(_) => PathChoice::Routed(&route),
     };
     for chunk in prompts.chunks(step) {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids.clone()).collect();
-        let (gens, paths) = match policy {
-            Some(p) => {
-                let mut route = |rows: &[usize], l: usize, h: &tch::Tensor| {
-                    let lens: Vec<usize> = rows.iter().map(|&r| ids[r].len()).collect();
-                    p.decide(l, h, &lens)
-                };
-                lm.model
-                    .generate_routed_grouped(&ids, &mut route, batch, opts)?
-            }
-            None => {
-                let paths = vec![LayerPath::all_ones(n_layers); ids.len()];
-                (lm.model.generate(&ids, &paths, opts)?, paths)
-            }
-        };
-        for ((p, g), path) in chunk.iter().zip(&gens).zip(paths) {
-            run.new_tokens += g.tokens.len();
-            run.correct.push(grade_generation(lm, p, &g.tokens, mode));
-            run.responses.push(lm.tokenizer.decode(&g.tokens)?);
-            run.paths.push(path);
+        for ans in answer_batch(lm, chunk, &choice, batch, opts)? {
+            run.new_tokens += ans.new_tokens;
+            run.correct.push(ans.correct);
+            run.responses.push(ans.response);
+            run.logliks.push(ans.logliks);
+            run.paths.push(ans.path);
         }
         bar.inc(chunk.len() as u64);
     }
@@ -151,18 +180,36 @@ fn run_mode(
 
 /// Accuracy and its 95% percentile-bootstrap interval (seeded, so reruns agree).
 fn accuracy_ci(correct: &[bool], resamples: usize) -> (f64, f64, f64) {
-    let n = correct.len();
+    let x: Vec<f64> = correct.iter().map(|&c| c as u8 as f64).collect();
+    mean_ci(&x, resamples)
+}
+
+/// Mean of `x` and its 95% percentile-bootstrap interval over resampled rows (seeded). Applied to
+/// per-prompt differences of two modes on the same prompts it is the paired interval.
+fn mean_ci(x: &[f64], resamples: usize) -> (f64, f64, f64) {
+    let n = x.len();
     if n == 0 {
         return (0.0, 0.0, 0.0);
     }
-    let acc = correct.iter().filter(|&&c| c).count() as f64 / n as f64;
+    let mean = x.iter().sum::<f64>() / n as f64;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut stats: Vec<f64> = (0..resamples.max(1))
-        .map(|_| (0..n).filter(|_| correct[rng.random_range(0..n)]).count() as f64 / n as f64)
+        .map(|_| (0..n).map(|_| x[rng.random_range(0..n)]).sum::<f64>() / n as f64)
         .collect();
     stats.sort_by(f64::total_cmp);
     let q = |f: f64| stats[((stats.len() - 1) as f64 * f).round() as usize];
-    (acc, q(0.025), q(0.975))
+    (mean, q(0.025), q(0.975))
+}
+
+/// Per-prompt `a - b` of two modes' correctness on the same prompts, with its 95% paired
+/// bootstrap interval.
+fn paired_diff(a: &[bool], b: &[bool], resamples: usize) -> (f64, f64, f64) {
+    let d: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| x as u8 as f64 - y as u8 as f64)
+        .collect();
+    mean_ci(&d, resamples)
 }
 
 /// One task's prompts and runs.
@@ -170,7 +217,8 @@ struct TaskRuns {
     task: String,
     prompts: Vec<PreparedPrompt>,
     base: Run,
-    routed: Vec<Run>,
+    /// Static paths (`--path`), then routed budgets.
+    others: Vec<Run>,
 }
 
 impl Run {
@@ -179,6 +227,17 @@ impl Run {
     }
     fn tokens_per_s(&self) -> f64 {
         self.new_tokens as f64 / self.secs.max(1e-9)
+    }
+    fn prompts_per_s(&self) -> f64 {
+        self.paths.len() as f64 / self.secs.max(1e-9)
+    }
+    fn label(&self) -> String {
+        match (&self.budget, &self.fixed) {
+            (Some(b), _) => format!("routed {b:+.2}"),
+            (None, Some(p)) if p.counts().iter().all(|&c| c == 1) => "baseline".into(),
+            (None, Some(p)) => format!("path -{}", p.num_layers() as i64 - p.cost() as i64),
+            (None, None) => "?".into(),
+        }
     }
     /// Per block: fraction of prompts that skip, execute, repeat it.
     fn frequencies(&self, n_layers: usize) -> Vec<[f64; 3]> {
@@ -196,8 +255,15 @@ impl Run {
         let mut v = serde_json::json!({
             "accuracy": acc, "ci95": [lo, hi], "cost": self.cost(),
             "blocks_saved": n_layers as f64 - self.cost(),
-            "new_tokens": self.new_tokens, "tokens_per_s": self.tokens_per_s(), "wall_s": self.secs,
+            "new_tokens": self.new_tokens, "tokens_per_s": self.tokens_per_s(),
+            "prompts_per_s": self.prompts_per_s(), "wall_s": self.secs,
         });
+        if let Some((d, lo, hi)) = self.diff {
+            v["minus_baseline"] = serde_json::json!({"accuracy": d, "paired_ci95": [lo, hi]});
+        }
+        if let Some(p) = &self.fixed {
+            v["path"] = p.to_string().into();
+        }
         if let Some(b) = self.budget {
             v["budget"] = b.into();
             v["decision_frequencies"] = self
@@ -211,17 +277,17 @@ impl Run {
 }
 
 pub(crate) fn eval(a: EvalArgs) -> Result<()> {
-    let mode: RewardMode = a.reward.parse()?;
-    if mode == RewardMode::ChoiceLogits {
-        bail!("--reward choice-logits scores without decoding; eval compares generated answers: use strict or lenient");
-    }
+    let reward: RewardMode = a.reward.parse()?;
     let tasks: Vec<TaskName> = a
         .dataset
         .iter()
         .map(|d| d.parse::<TaskName>())
         .collect::<Result<_, _>>()?;
     let split: Split = a.split.parse()?;
-    let style: Style = a.style.parse()?;
+    let style: Style = match a.style.as_str() {
+        "auto" => Style::default_for(reward),
+        s => s.parse()?,
+    };
     if let Some(p) = &a.plot {
         crate::plot::Format::of(p)?;
     }
@@ -245,20 +311,26 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         loaded.push(l);
     }
     let lm = a.m.load()?;
+    let n_layers = lm.model.num_layers();
+    let statics: Vec<LayerPath> = a
+        .paths
+        .iter()
+        .map(|p| crate::parse_path(Some(p), n_layers).with_context(|| format!("--path {p}")))
+        .collect::<Result<_>>()?;
+    let routers = crate::resolve_routers(&a.routers)?;
     // Every budget is checked (and the package with it) before any answer is generated.
-    let policies = crate::load_policies(&lm, &a.routers, &a.budget)
+    let (policies, trained) = crate::load_policies(&lm, &routers, &a.budget)
         .with_context(|| format!("--routers {}", a.routers.display()))?;
+    if let Err(msg) = trained.check_prompts(reward.name(), style.name()) {
+        bail!("--routers {}: {msg}", a.routers.display());
+    }
     let opts = EvalOptions {
-        mode,
+        mode: reward,
         max_new_tokens: a.max_new_tokens,
-    };
-    let gopts = GenerateOptions {
-        max_new_tokens: a.max_new_tokens,
-        stop_ids: lm.stop_ids(),
     };
     let mut prepared = vec![];
     for ((name, &task), l) in a.dataset.iter().zip(&tasks).zip(&loaded) {
-        let template = Template::builtin(task.family(), style);
+        let template = Template::builtin_for(task.family(), style, reward);
         let mut prompts = vec![];
         for s in &l.samples {
             match prepare(&lm, s, &template, &opts) {
@@ -270,8 +342,12 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         }
         prepared.push((name.clone(), prompts));
     }
-    let answers: usize =
-        prepared.iter().map(|(_, p)| p.len()).sum::<usize>() * (1 + policies.len());
+    let modes: Vec<Mode<'_>> = statics
+        .iter()
+        .map(|p| Mode::Static(p.clone()))
+        .chain(policies.iter().map(Mode::Routed))
+        .collect();
+    let answers: usize = prepared.iter().map(|(_, p)| p.len()).sum::<usize>() * (1 + modes.len());
     let bar = indicatif::ProgressBar::new(answers as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} answers [{elapsed} < {eta}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -279,66 +355,80 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    let baseline = Mode::Static(LayerPath::all_ones(n_layers));
     let mut runs = vec![];
     for (task, prompts) in prepared {
-        let base = run_mode(&lm, &prompts, &a, &gopts, mode, None, &bar)?;
-        let routed = policies
-            .iter()
-            .map(|p| run_mode(&lm, &prompts, &a, &gopts, mode, Some(p), &bar))
-            .collect::<Result<Vec<_>>>()?;
+        let base = run_mode(&lm, &prompts, &a, &opts, &baseline, &bar)?;
+        let mut others = vec![];
+        for m in &modes {
+            let mut r = run_mode(&lm, &prompts, &a, &opts, m, &bar)?;
+            r.diff = Some(paired_diff(&r.correct, &base.correct, a.bootstrap));
+            others.push(r);
+        }
         runs.push(TaskRuns {
             task,
             prompts,
             base,
-            routed,
+            others,
         });
     }
     bar.finish_and_clear();
 
-    let n_layers = lm.model.num_layers();
     println!(
-        "{} split, reward {}, batch {}, {} new tokens at most, routers {}",
+        "{} split, reward {reward}, style {style}, batch {}, routers {}",
         a.split,
-        a.reward,
         a.batch,
-        a.max_new_tokens,
         a.routers.display()
     );
+    let decodes = runs
+        .iter()
+        .any(|t| t.prompts.iter().any(PreparedPrompt::decodes));
     println!(
-        "{:<14} {:>7} {:<16} {:<24} {:>8} {:>7} {:>9} {:>8}",
-        "task", "prompts", "mode", "accuracy [95% CI]", "cost", "saved", "tokens/s", "wall"
+        "{:<14} {:>7} {:<14} {:<22} {:<26} {:>7} {:>7} {:>9} {:>7}",
+        "task",
+        "prompts",
+        "mode",
+        "accuracy [95% CI]",
+        "- baseline [paired 95%]",
+        "cost",
+        "saved",
+        if decodes { "tokens/s" } else { "prompts/s" },
+        "wall"
     );
     for t in &runs {
-        for r in std::iter::once(&t.base).chain(&t.routed) {
+        for r in std::iter::once(&t.base).chain(&t.others) {
             let (acc, lo, hi) = r.ci;
-            let mode = match r.budget {
-                None => "baseline".to_string(),
-                Some(b) => format!("routed {b:+.2}"),
+            let diff = match r.diff {
+                Some((d, lo, hi)) => format!("{:+.3} [{:+.3}, {:+.3}]", d, lo, hi),
+                None => String::new(),
             };
             println!(
-                "{:<14} {:>7} {:<16} {:.3} [{:.3}, {:.3}]    {:>8.2} {:>6.1}% {:>9.1} {:>7.1}s",
+                "{:<14} {:>7} {:<14} {:.3} [{:.3}, {:.3}]   {:<26} {:>7.2} {:>6.1}% {:>9.1} {:>6.1}s",
                 t.task,
                 t.prompts.len(),
-                mode,
+                r.label(),
                 acc,
                 lo,
                 hi,
+                diff,
                 r.cost(),
                 100.0 * (1.0 - r.cost() / n_layers as f64),
-                r.tokens_per_s(),
+                if decodes { r.tokens_per_s() } else { r.prompts_per_s() },
                 r.secs
             );
         }
     }
     println!("cost = block applications per token (the baseline runs each of the {n_layers} blocks once)");
     let summary = serde_json::json!({
-        "split": a.split, "reward": a.reward, "batch": a.batch,
+        "split": a.split, "reward": reward.name(), "style": style.name(), "batch": a.batch,
         "max_new_tokens": a.max_new_tokens, "budgets": a.budget, "num_layers": n_layers,
         "model": lm.source.name(), "routers": a.routers.display().to_string(),
+        "bootstrap": a.bootstrap,
         "tasks": runs.iter().map(|t| serde_json::json!({
             "task": t.task, "prompts": t.prompts.len(),
             "baseline": t.base.summary(n_layers),
-            "routed": t.routed.iter().map(|r| r.summary(n_layers)).collect::<Vec<_>>(),
+            "static": t.others.iter().filter(|r| r.budget.is_none()).map(|r| r.summary(n_layers)).collect::<Vec<_>>(),
+            "routed": t.others.iter().filter(|r| r.budget.is_some()).map(|r| r.summary(n_layers)).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     });
     if let Some(path) = &a.json {
@@ -349,13 +439,15 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         write_parquet(path, &runs).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &a.plot {
+        fn routed(t: &TaskRuns) -> Vec<&Run> {
+            t.others.iter().filter(|r| r.budget.is_some()).collect()
+        }
         let data = crate::plot::PlotData {
             title: format!(
-                "{} routers on {} ({} split, reward {})",
+                "{} routers on {} ({} split, reward {reward})",
                 lm.source.name(),
                 a.dataset.join(", "),
                 a.split,
-                a.reward
             ),
             num_layers: n_layers,
             budget: a.budget[0],
@@ -363,13 +455,18 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
                 .iter()
                 .map(|t| crate::plot::TaskPlot {
                     name: t.task.clone(),
-                    freq: t.routed[0].frequencies(n_layers),
-                    costs: t.routed[0].paths.iter().map(|p| p.cost()).collect(),
+                    freq: routed(t)[0].frequencies(n_layers),
+                    costs: routed(t)[0].paths.iter().map(|p| p.cost()).collect(),
                     baseline_accuracy: t.base.ci.0,
-                    sweep: t
-                        .routed
+                    sweep: routed(t)
                         .iter()
                         .map(|r| (r.budget.unwrap_or(0.0), r.cost(), r.ci.0))
+                        .collect(),
+                    statics: t
+                        .others
+                        .iter()
+                        .filter(|r| r.budget.is_none())
+                        .map(|r| (r.cost(), r.ci.0))
                         .collect(),
                 })
                 .collect(),
@@ -384,22 +481,26 @@ fn write_parquet(path: &std::path::Path, runs: &[TaskRuns]) -> Result<()> {
     let (mut task, mut id, mut prompt, mut mode, mut budget) =
         (vec![], vec![], vec![], vec![], vec![]);
     let (mut rpath, mut cost, mut response, mut correct) = (vec![], vec![], vec![], vec![]);
+    let mut logliks: Vec<Option<Vec<Option<f64>>>> = vec![];
     for t in runs {
-        for r in std::iter::once(&t.base).chain(&t.routed) {
+        for r in std::iter::once(&t.base).chain(&t.others) {
+            let m = match (r.budget, &r.fixed) {
+                (Some(_), _) => "routed",
+                (None, Some(p)) if p.counts().iter().all(|&c| c == 1) => "baseline",
+                _ => "static",
+            };
             for (i, p) in t.prompts.iter().enumerate() {
                 task.push(t.task.clone());
                 id.push(p.sample_id.clone());
                 prompt.push(p.text.clone());
-                mode.push(if r.budget.is_some() {
-                    "routed"
-                } else {
-                    "baseline"
-                });
+                mode.push(m);
                 budget.push(r.budget);
                 rpath.push(r.paths[i].to_string());
                 cost.push(r.paths[i].cost() as u32);
                 response.push(r.responses[i].clone());
                 correct.push(r.correct[i]);
+                let ll = &r.logliks[i];
+                logliks.push((!ll.is_empty()).then(|| ll.iter().map(|&x| Some(x)).collect()));
             }
         }
     }
@@ -414,6 +515,10 @@ fn write_parquet(path: &std::path::Path, runs: &[TaskRuns]) -> Result<()> {
         ("cost", Arc::new(UInt32Array::from(cost)) as ArrayRef),
         ("response", s(response)),
         ("correct", Arc::new(BooleanArray::from(correct)) as ArrayRef),
+        (
+            "choice_logliks",
+            Arc::new(ListArray::from_iter_primitive::<Float64Type, _, _>(logliks)) as ArrayRef,
+        ),
     ])?;
     // Written beside the target and renamed: an interrupted run leaves no half file behind.
     let tmp = path.with_extension("parquet.tmp");
@@ -424,4 +529,27 @@ fn write_parquet(path: &std::path::Path, runs: &[TaskRuns]) -> Result<()> {
     w.close()?;
     std::fs::rename(&tmp, path)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_interval_is_tighter_than_unpaired_when_modes_agree() {
+        // Two modes that agree on all but 3 of 200 prompts: their accuracies' own intervals
+        // are wide, the paired interval of the difference is narrow and holds the truth.
+        let base: Vec<bool> = (0..200).map(|i| i % 2 == 0).collect();
+        let mut other = base.clone();
+        for i in [1, 3, 5] {
+            other[i] = true;
+        }
+        let (d, lo, hi) = paired_diff(&other, &base, 2000);
+        assert!((d - 0.015).abs() < 1e-12);
+        assert!(lo >= 0.0 && hi <= 0.04, "[{lo}, {hi}]");
+        let (_, alo, ahi) = accuracy_ci(&base, 2000);
+        assert!(ahi - alo > 3.0 * (hi - lo), "{alo} {ahi} vs {lo} {hi}");
+        // Identical modes: a zero-width interval at 0.
+        assert_eq!(paired_diff(&base, &base, 500), (0.0, 0.0, 0.0));
+    }
 }

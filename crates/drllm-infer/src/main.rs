@@ -129,7 +129,8 @@ struct GenerateArgs {
     /// prefill, then decoding follows it.
     #[arg(long, env = "DRLLM_ROUTERS")]
     routers: Option<std::path::PathBuf>,
-    /// Bias of the routers toward skip (< 0) or repeat (> 0), in [-1, 1]; 0 = the plain routers.
+    /// Bias of the routers toward skip (< 0) or toward execute (> 0), in [-1, 1]: -1 skips every
+    /// block, 0 = the plain routers, 1 = every block once (the baseline).
     #[arg(
         long,
         default_value_t = 0.0,
@@ -180,16 +181,22 @@ fn init_logging(json: bool) {
 
 /// Loads a router package for `lm` (same model, same sizes) as a routing policy.
 pub(crate) fn load_policy(lm: &LoadedModel, dir: &std::path::Path, budget: f64) -> Result<Policy> {
-    let mut v = load_policies(lm, dir, &[budget])?;
+    let (mut v, _) = load_policies(lm, dir, &[budget])?;
     v.pop().context("no policy")
 }
 
-/// [`load_policy`] for several budgets: the package is read and checked once.
+/// The package directory `--routers` names.
+pub(crate) fn resolve_routers(spec: &std::path::Path) -> Result<std::path::PathBuf> {
+    Ok(spec.to_path_buf())
+}
+
+/// [`load_policy`] for several budgets: the package is read and checked once; also its
+/// manifest.
 pub(crate) fn load_policies(
     lm: &LoadedModel,
     dir: &std::path::Path,
     budgets: &[f64],
-) -> Result<Vec<Policy>> {
+) -> Result<(Vec<Policy>, drllm_router::PackageManifest)> {
     let pkg = Package::load(dir)?;
     let fingerprint = lm.source.fingerprint()?;
     pkg.check_model(
@@ -199,10 +206,11 @@ pub(crate) fn load_policies(
         lm.model.cfg.hidden_size as usize,
     )?;
     let routers = pkg.routers.to_device(lm.model.device());
-    budgets
+    let policies = budgets
         .iter()
         .map(|&b| Ok(Policy::new(routers.snapshot(), pkg.manifest.windows, b)?))
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((policies, pkg.manifest))
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

@@ -19,6 +19,8 @@ pub(crate) struct TaskPlot {
     pub baseline_accuracy: f64,
     /// (budget, average cost, accuracy) of every routed run.
     pub sweep: Vec<(f64, f64, f64)>,
+    /// (cost, accuracy) of every static path evaluated (`--path`).
+    pub statics: Vec<(f64, f64)>,
 }
 
 /// Everything drawn.
@@ -243,7 +245,12 @@ where
     let (xmin, xmax) = data
         .tasks
         .iter()
-        .flat_map(|t| t.sweep.iter().map(|s| s.1))
+        .flat_map(|t| {
+            t.sweep
+                .iter()
+                .map(|s| s.1)
+                .chain(t.statics.iter().map(|s| s.0))
+        })
         .fold((n_layers as f64, n_layers as f64), |(lo, hi), c| {
             (lo.min(c), hi.max(c))
         });
@@ -278,6 +285,13 @@ where
                 EmptyElement::at((c, a))
                     + Circle::new((0, 0), 4, color.filled())
                     + Text::new(format!("{b:+.2}"), (6, -14), ("sans-serif", 12))
+            }))
+            .map_err(e)?;
+        chart
+            .draw_series(t.statics.iter().map(|&(c, a)| {
+                EmptyElement::at((c, a))
+                    + TriangleMarker::new((0, 0), 6, color.stroke_width(2))
+                    + Text::new("static", (6, 4), ("sans-serif", 11))
             }))
             .map_err(e)?;
         chart
@@ -321,6 +335,7 @@ mod tests {
                 costs: vec![28, 29, 29, 30, 31],
                 baseline_accuracy: 0.4,
                 sweep: vec![(-0.5, 25.0, 0.3), (0.0, 29.4, 0.4)],
+                statics: vec![(27.0, 0.38)],
             }],
         }
     }

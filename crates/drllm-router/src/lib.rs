@@ -9,6 +9,8 @@ pub mod package;
 pub mod pool;
 pub mod router;
 
-pub use package::{EpochMetrics, Package, PackageError, PackageManifest, FORMAT_VERSION};
+pub use package::{
+    EpochMetrics, Package, PackageError, PackageManifest, PromptSpec, FORMAT_VERSION,
+};
 pub use pool::{pool_weights, pool_windows, window_bounds};
-pub use router::{budget_shift, BudgetError, Policy, RouterShape, Routers, CLASSES};
+pub use router::{budget_bias, budget_shift, BudgetError, Policy, RouterShape, Routers, CLASSES};

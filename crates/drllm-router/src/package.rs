@@ -81,10 +81,27 @@ pub struct EpochMetrics {
     pub val_avg_cost: f64,
     /// Mean block applications per validation prompt of the gold paths.
     pub val_gold_cost: f64,
+    /// Routed validation: accuracy of the held-out prompts answered along the paths these
+    /// routers choose (not teacher-forced), when measured.
+    #[serde(default)]
+    pub val_routed_accuracy: Option<f64>,
+    /// Routed validation: mean block applications per held-out prompt, when measured.
+    #[serde(default)]
+    pub val_routed_cost: Option<f64>,
     /// Learning rate at the end of the epoch.
     pub lr: f64,
     /// Wall time of the epoch in seconds.
     pub secs: f64,
+}
+
+/// How the prompts the routers were trained on were rendered: routers read the hidden states of
+/// these very tokens, so they are used on prompts rendered the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptSpec {
+    /// Reward mode of the search (`cloze`, `lenient`, ...): it decides the prompt's form.
+    pub reward: String,
+    /// Prompt style (`base` or `instruct`).
+    pub style: String,
 }
 
 /// What a package is and how it was made.
@@ -112,8 +129,28 @@ pub struct PackageManifest {
     pub data: serde_json::Value,
     /// Metrics per epoch.
     pub epochs: Vec<EpochMetrics>,
-    /// The epoch whose weights are in the package (best validation macro-F1).
+    /// The epoch whose weights are in the package.
     pub best_epoch: usize,
+    /// How the training prompts were rendered (absent in packages of older versions).
+    #[serde(default)]
+    pub prompts: Option<PromptSpec>,
+}
+
+impl PackageManifest {
+    /// Checks that prompts rendered with `reward` and `style` are the kind the routers were
+    /// trained on (packages that do not record it are accepted).
+    pub fn check_prompts(&self, reward: &str, style: &str) -> std::result::Result<(), String> {
+        match &self.prompts {
+            None => Ok(()),
+            Some(p) if p.reward == reward && p.style == style => Ok(()),
+            Some(p) => Err(format!(
+                "trained on prompts of reward {} and style {}, asked to route prompts of reward \
+                 {reward} and style {style}: the routers would read other tokens (pass --reward {} \
+                 --style {})",
+                p.reward, p.style, p.reward, p.style
+            )),
+        }
+    }
 }
 
 impl PackageManifest {
@@ -137,6 +174,7 @@ impl PackageManifest {
             data: serde_json::Value::Null,
             epochs: vec![],
             best_epoch: 0,
+            prompts: None,
         }
     }
 }
@@ -154,6 +192,12 @@ impl Package {
     /// Writes the package to `dir` (replacing a package already there; anything else there is
     /// refused). Nothing is visible at `dir` until both files are complete.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_as(dir, tch::Kind::Float)
+    }
+
+    /// [`Package::save`] with the weights stored as `kind` (e.g. bf16 for a package shipped in a
+    /// repository: half the size; loading converts back to f32).
+    pub fn save_as(&self, dir: &Path, kind: tch::Kind) -> Result<()> {
         if dir.exists() && !dir.join(MANIFEST).is_file() {
             return Err(PackageError::Mismatch {
                 path: dir.to_path_buf(),
@@ -173,7 +217,12 @@ impl Package {
             .tempdir_in(&parent)
             .map_err(io(&parent))?;
         let tensors = tmp.path().join(TENSORS);
-        let named = self.routers.named_tensors();
+        let named: Vec<(String, Tensor)> = self
+            .routers
+            .named_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_kind(kind)))
+            .collect();
         let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
         Tensor::write_safetensors(&refs, &tensors).map_err(|e| PackageError::Tensors {
             path: tensors.clone(),
@@ -252,6 +301,9 @@ impl Package {
                     )));
                 }
                 let t = t.to_kind(tch::Kind::Float);
+                if t.isfinite().logical_not().any().int64_value(&[]) != 0 {
+                    return Err(terr(format!("tensor {name} holds NaN or infinite values")));
+                }
                 parts[k].push(if k % 2 == 0 { t.tr() } else { t });
             }
         }
@@ -376,6 +428,18 @@ mod tests {
         assert_eq!(back.manifest, pkg.manifest);
         let x = Tensor::randn([3, 4, 8, 6], (tch::Kind::Float, tch::Device::Cpu));
         assert!(back.routers.forward(&x).equal(&pkg.routers.forward(&x)));
+        // Stored in bf16: logits within bf16 rounding.
+        let half = dir.path().join("half");
+        pkg.save_as(&half, tch::Kind::BFloat16).unwrap();
+        let stored = Tensor::read_safetensors(half.join(TENSORS)).unwrap();
+        assert!(stored.iter().all(|(_, t)| t.kind() == tch::Kind::BFloat16));
+        let h = Package::load(&half).unwrap();
+        let d = (h.routers.forward(&x) - pkg.routers.forward(&x))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(d < 0.05, "{d}");
+        fs::remove_dir_all(&half).unwrap();
         back.check_model(&out, "fp", 4, 6).unwrap();
         let e = back
             .check_model(&out, "other", 4, 6)
@@ -419,6 +483,13 @@ mod tests {
         Tensor::write_safetensors(&refs, &tensors).unwrap();
         let e = Package::load(&out).unwrap_err().to_string();
         assert!(e.contains("unexpected tensor extra"), "{e}");
+        // Non-finite weights.
+        let named = pkg.routers.named_tensors();
+        let _ = named[2].1.get(0).get(0).fill_(f64::NAN);
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, &tensors).unwrap();
+        let e = Package::load(&out).unwrap_err().to_string();
+        assert!(e.contains("routers.0.fc2.weight holds NaN"), "{e}");
         // Garbage, and missing.
         fs::write(&tensors, b"not safetensors").unwrap();
         let e = Package::load(&out).unwrap_err().to_string();

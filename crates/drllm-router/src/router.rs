@@ -135,7 +135,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn budget_moves_decisions_toward_skip_or_repeat() {
+    fn budget_moves_decisions_toward_skip_or_execute_and_reaches_the_baseline() {
         tch::manual_seed(4);
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         let shape = RouterShape {
@@ -143,22 +143,53 @@ mod tests {
             hidden_size: 6,
             router_hidden: 4,
         };
-        let h = Tensor::randn([16, 5, 6], (Kind::Float, tch::Device::Cpu));
-        let lens = vec![5; 16];
+        let h = Tensor::randn([64, 5, 6], (Kind::Float, tch::Device::Cpu));
+        let lens = vec![5; 64];
         let base = Routers::new(&vs.root(), shape);
-        let mut last_cost = None;
-        for b in [-1.0, -0.5, -0.1, 0.0, 0.1, 0.5, 1.0] {
-            let p = Policy::new(base.snapshot(), 2, b).unwrap();
-            let cost: u32 = p.decide(0, &h, &lens).iter().map(|&c| c as u32).sum();
-            if let Some(c) = last_cost {
-                assert!(cost >= c, "budget {b}: cost {cost} < {c}");
+        // Spread the routers' own choices over all three classes.
+        base.b2
+            .detach()
+            .copy_(&Tensor::from_slice(&[0.3f32, -0.2, 0.1, 0.3, -0.2, 0.1]).view([2, 3]));
+        let _ = base.w2.detach().f_mul_scalar_(20.0).unwrap();
+        let decide = |b: f64, l: usize| {
+            Policy::new(base.snapshot(), 2, b)
+                .unwrap()
+                .decide(l, &h, &lens)
+        };
+        for l in 0..2 {
+            let own = decide(0.0, l);
+            assert!((0..3u8).all(|c| own.contains(&c)), "{own:?}");
+            // Toward skip: fewer applications at every step, none at -1.
+            let mut last: Option<Vec<u8>> = None;
+            for b in [-1.0, -0.9, -0.5, -0.1, 0.0] {
+                let d = decide(b, l);
+                if let Some(prev) = &last {
+                    let (now, before): (u32, u32) = (
+                        d.iter().map(|&c| c as u32).sum(),
+                        prev.iter().map(|&c| c as u32).sum(),
+                    );
+                    assert!(now >= before, "budget {b}");
+                }
+                if b == -1.0 {
+                    assert!(d.iter().all(|&c| c == 0));
+                }
+                last = Some(d);
             }
-            last_cost = Some(cost);
-            if b == -1.0 {
-                assert_eq!(cost, 0);
-            }
-            if b == 1.0 {
-                assert_eq!(cost, 32);
+            // Toward execute: a decision once execute stays execute, and 1 is the baseline.
+            let mut last = own.clone();
+            for b in [0.1, 0.3, 0.6, 0.9, 0.99, 1.0] {
+                let d = decide(b, l);
+                for (r, (&now, &before)) in d.iter().zip(&last).enumerate() {
+                    assert!(
+                        before != 1 || now == 1,
+                        "budget {b} row {r}: {before} -> {now}"
+                    );
+                    assert!(now == 1 || now == own[r], "budget {b} row {r}");
+                }
+                if b == 1.0 {
+                    assert!(d.iter().all(|&c| c == 1));
+                }
+                last = d;
             }
         }
         for b in [1.5, -2.0, f64::NAN] {
@@ -184,8 +215,7 @@ mod tests {
             let lens: Vec<usize> = (0..5).map(|r| 1 + (r * 3) % t as usize).collect();
             for budget in [-0.9, -0.3, 0.0, 0.2, 0.7] {
                 let p = Policy::new(base.snapshot(), 3, budget).unwrap();
-                let shift = budget_shift(budget) as f32;
-                let bias = Tensor::from_slice(&[-shift, 0.0, shift]);
+                let bias = Tensor::from_slice(&budget_bias(budget).map(|x| x as f32));
                 for l in 0..3 {
                     let pooled = crate::pool::pool_windows(&h, &lens, 3);
                     let logp = base.forward_block(l, &pooled).log_softmax(-1, Kind::Float);
@@ -225,21 +255,35 @@ mod tests {
     }
 }
 
-/// The shift of the log-probabilities at `budget` (in [-1, 1]): `tan(pi/2 * budget)` nats are
-/// added to repeat and taken from skip. Smooth and monotone: +-0.5 shifts by 1 nat, +-0.8 by 3.1,
-/// +-0.95 by 12.7, and +-1 forces skip (or repeat) on every block.
+/// The size of the budget's shift of the log-probabilities, `tan(pi/2 * |budget|)` nats: smooth
+/// and monotone, 0.5 shifts by 1 nat, 0.8 by 3.1, 0.95 by 12.7, and 1 overrides every router.
 pub fn budget_shift(budget: f64) -> f64 {
-    (std::f64::consts::FRAC_PI_2 * budget).tan()
+    (std::f64::consts::FRAC_PI_2 * budget.abs()).tan()
+}
+
+/// The shift added to the (skip, execute, repeat) log-probabilities at `budget`: below 0 skip
+/// gains and repeat loses [`budget_shift`] nats (-1: every block skipped); above 0 execute gains
+/// them, a confidence margin the routers must clear before leaving execute (1: every block
+/// executed once, the baseline exactly), as the paper's `router_penalty` between the routers
+/// and all-execute.
+pub fn budget_bias(budget: f64) -> [f64; 3] {
+    let s = budget_shift(budget);
+    if budget < 0.0 {
+        [s, 0.0, -s]
+    } else {
+        [0.0, s, 0.0]
+    }
 }
 
 /// Why a budget cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("budget {0} is outside [-1, 1] (-1 = skip every block, 0 = the plain routers, 1 = repeat every block)")]
+#[error("budget {0} is outside [-1, 1] (-1 = skip every block, 0 = the plain routers, 1 = execute every block once)")]
 pub struct BudgetError(pub f64);
 
 /// Routed inference's decisions: the hidden state entering a block is pooled exactly as in
 /// training, its router scores skip / execute / repeat, and the budget shifts the
-/// log-probabilities toward skip (budget < 0) or repeat (budget > 0) before the argmax.
+/// log-probabilities toward skip (budget < 0) or toward execute (budget > 0, see
+/// [`budget_bias`]) before the argmax.
 pub struct Policy {
     /// The routers (on the model's device).
     pub routers: Routers,
@@ -269,11 +313,11 @@ impl Policy {
         if !(-1.0..=1.0).contains(&budget) || budget.is_nan() {
             return Err(BudgetError(budget));
         }
-        let b = budget_shift(budget) as f32;
         // log_softmax only subtracts a per-row constant, so the argmax of the shifted
         // log-probabilities is the argmax of the logits plus the shift: the shift is folded
         // into the second bias.
-        let shift = Tensor::from_slice(&[-b, 0.0, b]).to_device(routers.w1.device());
+        let shift = Tensor::from_slice(&budget_bias(budget).map(|x| x as f32))
+            .to_device(routers.w1.device());
         let _g = tch::no_grad_guard();
         let blocks = (0..routers.shape.num_layers as i64)
             .map(|l| {

@@ -431,6 +431,52 @@ impl<'m> PathBatch<'m> {
         Ok(h)
     }
 
+    /// Feeds a few more tokens per row after a prefill (`rows[r]` for row `r`; rows may differ
+    /// in length, shorter ones are padded on the right with hidden positions, and may be empty
+    /// when another is not). Returns final-normed hidden states `[B, T, H]` for the new
+    /// positions, `T` the longest row; a row's real tokens come first. Used to score several
+    /// continuations of one prefilled prompt (see [`Model::continuation_logliks`]).
+    pub fn extend(&mut self, rows: &[Vec<u32>]) -> Result<Tensor> {
+        if rows.len() != self.batch {
+            return Err(Error::Request(format!(
+                "{} token rows for a batch of {}",
+                rows.len(),
+                self.batch
+            )));
+        }
+        if self.key_valid.size()[1] == 0 {
+            return Err(Error::Request("extend needs a prefilled batch".into()));
+        }
+        let vocab = self.model.cfg.vocab_size;
+        if let Some(id) = rows.iter().flatten().find(|&&id| id as i64 >= vocab) {
+            return Err(Error::Request(format!(
+                "token id {id} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let dev = self.model.device();
+        let hidden = self.model.cfg.hidden_size;
+        if t == 0 {
+            return Ok(Tensor::zeros(
+                [self.batch as i64, 0, hidden],
+                (self.model.kind(), dev),
+            ));
+        }
+        let mut ids = vec![0i64; self.batch * t];
+        let mut valid = vec![false; self.batch * t];
+        for (r, row) in rows.iter().enumerate() {
+            for (j, &id) in row.iter().enumerate() {
+                ids[r * t + j] = id as i64;
+                valid[r * t + j] = true;
+            }
+        }
+        let shape = [self.batch as i64, t as i64];
+        let padded = rows.iter().any(|r| r.len() < t);
+        let ids = Tensor::from_slice(&ids).view(shape).to_device(dev);
+        let valid = Tensor::from_slice(&valid).view(shape).to_device(dev);
+        Ok(self.step(&ids, &valid, padded, None, false, None).0)
+    }
+
     /// Feeds one token per row; returns logits `[B, V]` (f32) for the next token.
     pub fn decode_step(&mut self, tokens: &[u32]) -> Result<Tensor> {
         if tokens.len() != self.batch {
@@ -632,8 +678,10 @@ impl<'m> PathBatch<'m> {
         self.batch == 0
     }
 
-    /// A new batch of the rows `keep` (ascending indices), leaving this one as it is: lets rows
-    /// prefilled in different batches decode in other groupings.
+    /// A new batch of the rows `keep` (in any order; a row may be taken several times, each
+    /// copy with its own caches from then on), leaving this one as it is: lets rows prefilled in
+    /// different batches decode in other groupings, and one prefilled prompt be continued
+    /// several ways.
     pub fn select_rows(&self, keep: &[usize]) -> Result<PathBatch<'m>> {
         let mut b = PathBatch {
             model: self.model,
@@ -658,7 +706,13 @@ impl<'m> PathBatch<'m> {
             reused: self.reused.clone(),
             routed: vec![],
         };
-        b.retain(keep)?;
+        if let Some(k) = keep.iter().find(|&&k| k >= self.batch) {
+            return Err(Error::Request(format!(
+                "select_rows: row {k} is not in the batch of {}",
+                self.batch
+            )));
+        }
+        b.take_rows(keep);
         Ok(b)
     }
 
@@ -671,8 +725,14 @@ impl<'m> PathBatch<'m> {
                 self.batch
             )));
         }
-        if keep.len() == self.batch {
-            return Ok(());
+        self.take_rows(keep);
+        Ok(())
+    }
+
+    /// Keeps the rows `keep` (checked by the caller: in range), in that order.
+    fn take_rows(&mut self, keep: &[usize]) {
+        if keep.len() == self.batch && keep.iter().enumerate().all(|(i, &k)| i == k) {
+            return;
         }
         let dev = self.model.device();
         let keep_t = index_tensor(keep, dev);
@@ -710,7 +770,6 @@ impl<'m> PathBatch<'m> {
         self.paths = keep.iter().map(|&k| self.paths[k].clone()).collect();
         self.reused = keep.iter().map(|&k| self.reused[k]).collect();
         self.batch = new_b;
-        Ok(())
     }
 }
 
@@ -906,7 +965,7 @@ impl Model {
 
     /// Prefills in groups of similar prompt length and joins the groups into one batch.
     /// Returns the batch, its rows' next-token logits, and each row's index into `prompts`.
-    fn prefill_grouped(
+    pub(crate) fn prefill_grouped(
         &self,
         prompts: &[Vec<u32>],
         paths: &[LayerPath],

@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod loader;
 pub mod model;
 pub mod prefix;
+pub mod score;
 pub mod tokenizer;
 pub mod weights;
 

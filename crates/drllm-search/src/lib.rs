@@ -29,6 +29,11 @@ pub enum Selection {
     Uct,
     /// The paper code's descent: always down to a leaf, which gets one child (a chain).
     Chain,
+    /// UCT with progressive widening: a node visited `n` times holds at most
+    /// `ceil(widening * n^widening_exp)` children (one more while none of them has been correct),
+    /// so correct children are descended into long before all of a node's (on a 30-block model,
+    /// 89) edits are tried.
+    Pw,
 }
 
 impl std::str::FromStr for Selection {
@@ -37,8 +42,35 @@ impl std::str::FromStr for Selection {
         match s {
             "uct" => Ok(Selection::Uct),
             "chain" => Ok(Selection::Chain),
+            "pw" => Ok(Selection::Pw),
             other => Err(format!(
-                "unknown selection {other:?} (expected uct or chain)"
+                "unknown selection {other:?} (expected pw, uct or chain)"
+            )),
+        }
+    }
+}
+
+/// In which order a node's untried edits are expanded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Order {
+    /// A seeded shuffle (the paper's code).
+    Shuffled,
+    /// Once the default path is known correct, skips before repeats (a repeat only adds cost
+    /// to a path already correct), each group shuffled, or with a skip prior
+    /// ([`SearchConfig::skip_prior`]) skips of the blocks it ranks safest first; shuffled while
+    /// the default is wrong.
+    SkipFirst,
+}
+
+impl std::str::FromStr for Order {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "shuffled" => Ok(Order::Shuffled),
+            "skip-first" => Ok(Order::SkipFirst),
+            other => Err(format!(
+                "unknown order {other:?} (expected skip-first or shuffled)"
             )),
         }
     }
@@ -69,6 +101,31 @@ pub struct SearchConfig {
     pub stop_on_saving: Option<usize>,
     /// Descent rule.
     pub selection: Selection,
+    /// Progressive widening (with [`Selection::Pw`]): children allowed per `visits^exp`.
+    #[serde(default = "default_widening")]
+    pub widening: f64,
+    /// Progressive widening exponent (with [`Selection::Pw`]), in (0, 1].
+    #[serde(default = "default_widening_exp")]
+    pub widening_exp: f64,
+    /// Expansion order of a node's edits.
+    #[serde(default = "default_order")]
+    pub order: Order,
+    /// Blocks ranked safest-to-skip first (e.g. by how often skipping each alone keeps train
+    /// answers right, `drllm-search-bench static`): with [`Order::SkipFirst`], a skip is tried
+    /// in the order of its removed blocks' worst rank, so searches of different prompts deepen
+    /// along the same blocks and their labels agree where the prompts allow. Empty: no prior.
+    #[serde(default)]
+    pub skip_prior: Vec<usize>,
+}
+
+fn default_widening() -> f64 {
+    1.0
+}
+fn default_widening_exp() -> f64 {
+    0.5
+}
+fn default_order() -> Order {
+    Order::Shuffled
 }
 
 impl Default for SearchConfig {
@@ -85,6 +142,10 @@ impl Default for SearchConfig {
             stop_on_improvement: true,
             stop_on_saving: Some(2),
             selection: Selection::Uct,
+            widening: default_widening(),
+            widening_exp: default_widening_exp(),
+            order: default_order(),
+            skip_prior: vec![],
         }
     }
 }
@@ -106,6 +167,22 @@ impl SearchConfig {
         }
         if !(1..=2).contains(&self.max_count) {
             return Err(format!("max-count = {}: expected 1 or 2", self.max_count));
+        }
+        if !(self.widening > 0.0 && self.widening.is_finite()) {
+            return Err(format!(
+                "widening = {}: expected a number > 0",
+                self.widening
+            ));
+        }
+        if !(self.widening_exp > 0.0 && self.widening_exp <= 1.0) {
+            return Err(format!(
+                "widening-exp = {}: expected a number in (0, 1]",
+                self.widening_exp
+            ));
+        }
+        let mut seen = HashSet::new();
+        if let Some(&b) = self.skip_prior.iter().find(|&&b| !seen.insert(b)) {
+            return Err(format!("skip-prior: block {b} is listed twice"));
         }
         if self.cost_cap_factor.is_nan() || self.cost_cap_factor < 1.0 {
             return Err(format!(
@@ -294,6 +371,61 @@ impl Search {
         best.1
     }
 
+    /// Whether progressive widening lets `node` take one more child now: while none of its
+    /// children has been correct (the next edit in order is tried, as a depth-first search
+    /// would), or when its visits allow more.
+    fn may_widen(&self, node: usize) -> bool {
+        let n = &self.nodes[node];
+        if n.untried.is_empty() {
+            return false;
+        }
+        if n.children.iter().all(|&c| self.nodes[c].reward_sum <= 0.0) {
+            return true;
+        }
+        let allowed = (self.cfg.widening * (n.visits.max(1) as f64).powf(self.cfg.widening_exp))
+            .ceil()
+            .max(1.0) as usize;
+        n.children.len() < allowed
+    }
+
+    /// A node's untried edits in expansion order: `pop` takes the next one.
+    fn order_untried(&mut self, parent: &LayerPath, mut untried: Vec<LayerPath>) -> Vec<LayerPath> {
+        untried.shuffle(&mut self.rng);
+        if self.cfg.order == Order::SkipFirst && self.default_reward.is_some_and(|r| r >= 1.0) {
+            self.skip_first(parent, &mut untried);
+        }
+        untried
+    }
+
+    /// Reorders `untried` (children of `parent`) so skips pop first, by the skip prior's rank
+    /// when there is one; stable, so ties keep their shuffled order.
+    fn skip_first(&self, parent: &LayerPath, untried: &mut [LayerPath]) {
+        let n = self.n_layers;
+        let rank: Vec<usize> = (0..n)
+            .map(|b| {
+                self.cfg
+                    .skip_prior
+                    .iter()
+                    .position(|&x| x == b)
+                    .unwrap_or(n)
+            })
+            .collect();
+        let key = |p: &LayerPath| -> (bool, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>) {
+            let removed: Vec<usize> = (0..n)
+                .filter(|&l| p.counts()[l] < parent.counts()[l])
+                .collect();
+            let worst = removed.iter().map(|&l| rank[l]).max().unwrap_or(n);
+            // Sorted ascending, popped from the end: skips last, best rank last, fewer blocks
+            // removed last.
+            (
+                p.cost() < parent.cost(),
+                std::cmp::Reverse(worst),
+                std::cmp::Reverse(removed.len()),
+            )
+        };
+        untried.sort_by_cached_key(key);
+    }
+
     /// Selection and expansion: the node whose path is evaluated in this simulation.
     fn select_and_expand(&mut self) -> usize {
         let mut node = 0;
@@ -308,12 +440,16 @@ impl Search {
                     node = self.uct_child(node);
                 }
             }
+            Selection::Pw => {
+                while !self.may_widen(node) && !self.nodes[node].children.is_empty() {
+                    node = self.uct_child(node);
+                }
+            }
         }
         let Some(path) = self.nodes[node].untried.pop() else {
             return node;
         };
-        let mut untried = actions(&path, &self.cfg);
-        untried.shuffle(&mut self.rng);
+        let untried = self.order_untried(&path, actions(&path, &self.cfg));
         let id = self.nodes.len();
         self.nodes.push(Node {
             path,
@@ -398,7 +534,16 @@ impl Search {
             self.evaluated.push(path);
         }
         match p {
-            Pending::Root => self.default_reward = Some(reward),
+            Pending::Root => {
+                self.default_reward = Some(reward);
+                // The root's edits were ordered before its reward was known.
+                if self.cfg.order == Order::SkipFirst && reward >= 1.0 {
+                    let mut untried = std::mem::take(&mut self.nodes[0].untried);
+                    let root = self.nodes[0].path.clone();
+                    self.skip_first(&root, &mut untried);
+                    self.nodes[0].untried = untried;
+                }
+            }
             Pending::Leaf(n) => self.backup(n, reward),
         }
     }
@@ -615,11 +760,18 @@ mod tests {
         /// Every path a search creates is valid; no node has duplicate children; the same seed
         /// gives the same result; the best path is the minimum of the good paths.
         #[test]
-        fn search_invariants(seed in 0u64..1000, n in 3usize..14, sims in 1usize..60, chain in proptest::bool::ANY,
+        fn search_invariants(seed in 0u64..1000, n in 3usize..14, sims in 1usize..60, selection in 0usize..3,
+                             skip_first in proptest::bool::ANY, prior_seed in 0u64..100,
                              mask in proptest::collection::vec(0u8..3, 14)) {
+            let mut prior: Vec<usize> = (0..n).collect();
+            prior.shuffle(&mut ChaCha8Rng::seed_from_u64(prior_seed));
             let cfg = SearchConfig {
                 num_simulations: sims,
-                selection: if chain { Selection::Chain } else { Selection::Uct },
+                selection: [Selection::Uct, Selection::Chain, Selection::Pw][selection],
+                order: if skip_first { Order::SkipFirst } else { Order::Shuffled },
+                skip_prior: prior,
+                c: 0.5,
+                widening: 0.5,
                 ..Default::default()
             };
             // A reward that depends on the path in an arbitrary but fixed way.
@@ -645,6 +797,87 @@ mod tests {
                 prop_assert!(a.good_paths.iter().all(|g| best_first(best, g) != std::cmp::Ordering::Greater));
             }
         }
+    }
+
+    /// With the default path correct and a skip prior, the first edits tried are the prior's
+    /// skips in order, and progressive widening descends along correct children: when the
+    /// prior's first k blocks can all be skipped, a path saving k blocks costs k evaluations.
+    #[test]
+    fn skip_first_with_a_prior_descends_along_the_prior() {
+        let n = 12;
+        let prior = vec![5, 9, 2, 7, 0, 11, 3, 8, 1, 4, 6, 10];
+        let cfg = SearchConfig {
+            num_simulations: 50,
+            selection: Selection::Pw,
+            order: Order::SkipFirst,
+            skip_prior: prior.clone(),
+            c: 0.5,
+            widening: 0.5,
+            stop_on_saving: Some(4),
+            ..Default::default()
+        };
+        let skippable = [5, 9, 2, 7];
+        let mut asked = vec![];
+        let r = run(Search::new(n, cfg.clone(), 3), |p: &LayerPath| {
+            asked.push(p.clone());
+            hidden_skips(&skippable)(p)
+        })
+        .unwrap();
+        assert_eq!(r.best_cost, Some(n - 4), "{r:?}");
+        // The default, then one more prior block skipped at each step.
+        assert_eq!(asked.len(), 5, "{asked:?}");
+        for (k, p) in asked.iter().enumerate() {
+            let skipped: Vec<usize> = (0..n).filter(|&l| p.counts()[l] == 0).collect();
+            let mut want = prior[..k].to_vec();
+            want.sort_unstable();
+            assert_eq!(skipped, want, "evaluation {k}");
+        }
+        // A block the prior ranks early that cannot be skipped costs one evaluation, then the
+        // next is tried at the same depth.
+        let mut asked = vec![];
+        let r = run(Search::new(n, cfg.clone(), 3), |p: &LayerPath| {
+            asked.push(p.clone());
+            hidden_skips(&[5, 2, 7, 0])(p)
+        })
+        .unwrap();
+        assert_eq!(r.best_cost, Some(n - 4), "{r:?}");
+        assert!(asked.len() <= 10, "{} evaluations: {asked:?}", asked.len());
+        // A wrong default gets no prior order: the first edits are the shuffled ones, as UCT's.
+        let uct = SearchConfig {
+            selection: Selection::Uct,
+            ..cfg.clone()
+        };
+        let wrong = |p: &LayerPath| -> Result<f64, ()> { Ok((p.cost() == n + 1) as u8 as f64) };
+        let (mut a, mut b) = (vec![], vec![]);
+        run(Search::new(n, cfg, 9), |p: &LayerPath| {
+            a.push(p.clone());
+            wrong(p)
+        })
+        .unwrap();
+        run(Search::new(n, uct, 9), |p: &LayerPath| {
+            b.push(p.clone());
+            wrong(p)
+        })
+        .unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn bad_priors_and_widening_are_named() {
+        let bad = |f: fn(&mut SearchConfig)| {
+            let mut c = SearchConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert!(bad(|c| c.skip_prior = vec![3, 1, 3]).contains("block 3 is listed twice"));
+        assert!(bad(|c| c.widening = 0.0).contains("widening"));
+        assert!(bad(|c| c.widening_exp = 1.5).contains("widening-exp"));
+        assert_eq!("pw".parse::<Selection>(), Ok(Selection::Pw));
+        assert!("bfs"
+            .parse::<Selection>()
+            .unwrap_err()
+            .contains("pw, uct or chain"));
+        assert_eq!("skip-first".parse::<Order>(), Ok(Order::SkipFirst));
     }
 
     const PINNED: u64 = 14396215654857862097;

@@ -18,22 +18,62 @@ pub enum RewardMode {
     /// No decoding: the gold letter must have the highest logit among the choice letters after
     /// the assistant turn is pre-filled up to "Answer:" (see [`choice_logits_correct`]).
     ChoiceLogits,
+    /// No decoding: the gold choice's text must have the highest log-likelihood as the
+    /// continuation of the question (lm-evaluation-harness's `acc`; see [`cloze_pick`]).
+    Cloze,
+    /// [`RewardMode::Cloze`] with each log-likelihood divided by the choice's length in
+    /// characters (lm-evaluation-harness's `acc_norm`).
+    ClozeNorm,
+}
+
+impl RewardMode {
+    /// Every mode, by its flag name.
+    pub const ALL: [(&'static str, RewardMode); 5] = [
+        ("strict", RewardMode::Strict),
+        ("lenient", RewardMode::Lenient),
+        ("choice-logits", RewardMode::ChoiceLogits),
+        ("cloze", RewardMode::Cloze),
+        ("cloze-norm", RewardMode::ClozeNorm),
+    ];
+
+    /// The flag name of the mode.
+    pub fn name(self) -> &'static str {
+        RewardMode::ALL
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map_or("?", |(n, _)| n)
+    }
+
+    /// Whether multiple-choice prompts are scored by choice log-likelihoods.
+    pub fn is_cloze(self) -> bool {
+        matches!(self, RewardMode::Cloze | RewardMode::ClozeNorm)
+    }
+
+    /// Whether a prompt of `family` is answered by decoding text (else by one forward pass).
+    pub fn decodes(self, family: Family) -> bool {
+        family != Family::MultipleChoice || matches!(self, RewardMode::Strict | RewardMode::Lenient)
+    }
+}
+
+impl std::fmt::Display for RewardMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl FromStr for RewardMode {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
-        match s {
-            "strict" => Ok(RewardMode::Strict),
-            "lenient" => Ok(RewardMode::Lenient),
-            "choice-logits" => Ok(RewardMode::ChoiceLogits),
-            other => Err(Error::Template {
+        RewardMode::ALL
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, m)| *m)
+            .ok_or_else(|| Error::Template {
                 name: "--reward".into(),
                 msg: format!(
-                    "unknown reward mode {other:?} (expected strict, lenient or choice-logits)"
+                    "unknown reward mode {s:?} (expected strict, lenient, choice-logits, cloze or cloze-norm)"
                 ),
-            }),
-        }
+            })
     }
 }
 
@@ -161,8 +201,12 @@ pub fn decide(
     let v = match (family, gold) {
         (Family::MultipleChoice, Gold::Letter(g)) => match mode {
             RewardMode::Strict => strict(response, *g, finished),
-            // choice-logits scores without decoding; a decoded response is read leniently.
-            RewardMode::Lenient | RewardMode::ChoiceLogits => lenient(response, *g, finished),
+            // choice-logits and cloze score without decoding; a decoded response is read
+            // leniently.
+            RewardMode::Lenient
+            | RewardMode::ChoiceLogits
+            | RewardMode::Cloze
+            | RewardMode::ClozeNorm => lenient(response, *g, finished),
         },
         (Family::Math, Gold::Math(g)) | (Family::Math, Gold::Number(g)) => {
             match first_boxed(response) {
@@ -201,6 +245,30 @@ pub fn choice_logits_correct(letter_logits: &[(char, f32)], gold: char) -> bool 
         return false;
     };
     letter_logits.iter().all(|&(c, l)| c == gold || l < g)
+}
+
+/// Cloze scoring: the choice picked from each choice's summed log-likelihood `lls` (divided by
+/// its length in characters `chars` when `norm`), as lm-evaluation-harness picks it: the first
+/// index of the maximum (`np.argmax`). `None` when there are no choices or a score is NaN.
+pub fn cloze_pick(lls: &[f64], chars: &[usize], norm: bool) -> Option<usize> {
+    let score = |i: usize| {
+        if norm {
+            lls[i] / chars.get(i).copied().unwrap_or(1).max(1) as f64
+        } else {
+            lls[i]
+        }
+    };
+    let mut best: Option<(usize, f64)> = None;
+    for i in 0..lls.len() {
+        let s = score(i);
+        if s.is_nan() {
+            return None;
+        }
+        if best.is_none_or(|(_, b)| s > b) {
+            best = Some((i, s));
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 #[cfg(test)]
@@ -333,6 +401,31 @@ mod tests {
         assert!(!choice_logits_correct(&[('A', 2.0)], 'B'));
     }
 
+    #[test]
+    fn cloze_picks_like_numpy_argmax() {
+        // Raw sums favour the short choice; per-character normalisation the long one.
+        let lls = [-4.0, -6.0, -9.0];
+        let chars = [4, 12, 9];
+        assert_eq!(cloze_pick(&lls, &chars, false), Some(0));
+        assert_eq!(cloze_pick(&lls, &chars, true), Some(1));
+        // Ties go to the first index, as np.argmax.
+        assert_eq!(cloze_pick(&[-1.0, -1.0], &[3, 3], false), Some(0));
+        assert_eq!(cloze_pick(&[], &[], false), None);
+        assert_eq!(cloze_pick(&[-1.0, f64::NAN], &[1, 1], false), None);
+        for (name, m) in RewardMode::ALL {
+            assert_eq!(name.parse::<RewardMode>().unwrap(), m);
+            assert_eq!(m.to_string(), name);
+        }
+        assert!("clozed"
+            .parse::<RewardMode>()
+            .unwrap_err()
+            .to_string()
+            .contains("cloze-norm"));
+        assert!(RewardMode::Lenient.decodes(Family::MultipleChoice));
+        assert!(!RewardMode::Cloze.decodes(Family::MultipleChoice));
+        assert!(RewardMode::Cloze.decodes(Family::Math));
+    }
+
     fn piece() -> impl Strategy<Value = &'static str> {
         prop::sample::select(vec![
             "Answer:",
@@ -368,8 +461,8 @@ mod tests {
     proptest! {
         /// A decision taken on a prefix never contradicts the decision on the complete response.
         #[test]
-        fn prefix_decisions_are_final(pieces in prop::collection::vec(piece(), 0..12), mode in 0u8..3) {
-            let mode = [RewardMode::Strict, RewardMode::Lenient, RewardMode::ChoiceLogits][mode as usize];
+        fn prefix_decisions_are_final(pieces in prop::collection::vec(piece(), 0..12), mode in 0usize..5) {
+            let mode = RewardMode::ALL[mode].1;
             let full: String = pieces.concat();
             let cases = [
                 (Family::MultipleChoice, Gold::Letter('B')),

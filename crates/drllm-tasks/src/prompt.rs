@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::data::{Choice, Family, Question, Sample};
 use crate::error::{Error, Result};
+use crate::grade::RewardMode;
 
 /// Whether a template is for chat (instruct) models or plain completion (base) models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -16,6 +17,41 @@ pub enum Style {
     Instruct,
     /// Fed as it is; the model continues the text.
     Base,
+}
+
+impl Style {
+    /// The style a run uses when none is asked for: cloze scoring reads the question as plain
+    /// text (lm-evaluation-harness's formulation), every other mode asks an instruct model in its
+    /// chat template.
+    pub fn default_for(mode: RewardMode) -> Style {
+        if mode.is_cloze() {
+            Style::Base
+        } else {
+            Style::Instruct
+        }
+    }
+
+    /// The flag name of the style.
+    pub fn name(self) -> &'static str {
+        match self {
+            Style::Instruct => "instruct",
+            Style::Base => "base",
+        }
+    }
+}
+
+impl std::fmt::Display for Style {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Whether a prompt's text is tokenized with the tokenizer's special tokens (e.g. a BOS). Base
+/// prompts get them, except under cloze scoring, which follows lm-evaluation-harness (no special
+/// tokens unless asked); instruct prompts never do (the chat template already holds them). Every
+/// place that turns a rendered prompt into ids (search, training, eval) asks here.
+pub fn add_special_tokens(style: Style, mode: RewardMode, family: Family) -> bool {
+    style == Style::Base && !(mode.is_cloze() && family == Family::MultipleChoice)
 }
 
 impl std::str::FromStr for Style {
@@ -59,6 +95,21 @@ struct Ctx<'a> {
 }
 
 impl Template {
+    /// The built-in template for a task family, style and reward mode: multiple choice under
+    /// cloze scoring renders only the question (`Question: ...\nAnswer:`, lm-evaluation-harness's
+    /// ARC prompt), since the choices are scored as its continuations.
+    pub fn builtin_for(family: Family, style: Style, mode: RewardMode) -> Template {
+        if family == Family::MultipleChoice && mode.is_cloze() {
+            return Template::parse(
+                "mc_cloze".into(),
+                include_str!("../templates/mc_cloze.j2").into(),
+                style,
+            )
+            .expect("built-in templates parse (unit-tested)");
+        }
+        Template::builtin(family, style)
+    }
+
     /// The built-in template for a task family and style.
     pub fn builtin(family: Family, style: Style) -> Template {
         let (name, source) = match (family, style) {
@@ -141,6 +192,12 @@ impl Template {
             name: self.name.clone(),
             msg: format!("{e:#}"),
         })
+    }
+
+    /// The continuation scored for a choice under cloze scoring: the choice text after
+    /// lm-evaluation-harness's default target delimiter (one space).
+    pub fn cloze_continuation(&self, choice: &Choice) -> String {
+        format!(" {}", choice.text)
     }
 
     /// Text the prompt opened for the answer (base math prompts end inside `\boxed{`): prepend
@@ -251,6 +308,51 @@ mod tests {
             Template::builtin(Family::Math, Style::Instruct).response_prefix(),
             ""
         );
+    }
+
+    #[test]
+    fn cloze_template_renders_the_question_alone() {
+        let t = Template::builtin_for(Family::MultipleChoice, Style::Base, RewardMode::Cloze);
+        assert_eq!(
+            t.render(&arc()).unwrap(),
+            "Question: Which is a gas?\nAnswer:"
+        );
+        assert_eq!(
+            t.cloze_continuation(&Choice {
+                label: 'B',
+                text: "steam".into()
+            }),
+            " steam"
+        );
+        // Other modes and families keep their templates.
+        let g = Template::builtin_for(Family::MultipleChoice, Style::Base, RewardMode::Lenient);
+        assert_eq!(g.name(), "mc_base");
+        assert_eq!(
+            Template::builtin_for(Family::Math, Style::Base, RewardMode::Cloze).name(),
+            "math_base"
+        );
+        assert_eq!(Style::default_for(RewardMode::ClozeNorm), Style::Base);
+        assert_eq!(Style::default_for(RewardMode::Lenient), Style::Instruct);
+        assert!(!add_special_tokens(
+            Style::Base,
+            RewardMode::Cloze,
+            Family::MultipleChoice
+        ));
+        assert!(add_special_tokens(
+            Style::Base,
+            RewardMode::Cloze,
+            Family::Math
+        ));
+        assert!(add_special_tokens(
+            Style::Base,
+            RewardMode::Lenient,
+            Family::MultipleChoice
+        ));
+        assert!(!add_special_tokens(
+            Style::Instruct,
+            RewardMode::Lenient,
+            Family::Math
+        ));
     }
 
     #[test]

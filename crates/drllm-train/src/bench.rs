@@ -98,6 +98,8 @@ fn main() -> Result<()> {
             &tr,
             &va,
             &cfg,
+            drllm_train::Select::MacroF1,
+            |_, _| Ok(None),
             |_, _| {},
             |m| {
                 eprintln!(
@@ -170,6 +172,9 @@ fn arc_examples(lm: &LoadedModel, dir: &std::path::Path, n: usize) -> Result<Vec
         out.push(Example {
             sample_id: s.id.clone(),
             task: "arc_easy".into(),
+            split: "train".into(),
+            source: 0,
+            kind: drllm_train::RowKind::Shortened,
             prompt: chat,
             add_special: false,
             path,

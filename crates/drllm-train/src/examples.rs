@@ -1,10 +1,14 @@
-//! Training examples from paths datasets: the best path of every sample whose search found one,
-//! on the prompt as rendered during the search.
+//! Training examples from paths datasets, as the paper's data generation keeps them: every
+//! sample with any correct path, labelled with its cheapest correct path (the all-execute
+//! default when nothing cheaper was correct), on the prompt as rendered during the search. The
+//! share of improved samples (default wrong, another path right; with a weak model many are
+//! luck) is capped.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 
 use drllm_dist::{read_manifest, read_rows, DatasetError};
+use drllm_tasks::{add_special_tokens, RewardMode, Style, TaskName};
 
 /// Why the datasets cannot be used for training.
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +52,69 @@ pub struct Example {
     pub sample_id: String,
     /// Task.
     pub task: String,
+    /// Dataset split the sample came from.
+    pub split: String,
+    /// Index of the dataset (in the order given) the row came from.
+    pub source: usize,
+    /// What the search found for it.
+    pub kind: RowKind,
     /// The prompt exactly as the search rendered it.
     pub prompt: String,
     /// Whether the prompt is tokenized with the tokenizer's special tokens (base style) or
     /// without (instruct style: the chat template already holds them).
     pub add_special: bool,
-    /// The gold path: per block, 0 (skip), 1 (execute) or 2 (repeat).
+    /// The gold path: per block, 0 (skip), 1 (execute) or 2 (repeat); empty for a row with no
+    /// correct path (never trained on; kept for routed validation).
     pub path: Vec<u8>,
+}
+
+/// What a searched sample's row says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RowKind {
+    /// The default path was correct and a cheaper (or other) path too.
+    Shortened,
+    /// The default path was correct and nothing cheaper was found: labelled all-execute.
+    DefaultOnly,
+    /// The default path was wrong and another path right.
+    Improved,
+    /// No path evaluated was correct.
+    NoCorrect,
+}
+
+/// How examples are drawn from the rows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LabelMix {
+    /// Most improved examples as a share of all examples (the paper targets 0.3); 1 keeps all.
+    pub max_improved_share: f64,
+    /// Seed of the deterministic choice of which improved rows to keep (by sample id).
+    pub seed: u64,
+}
+
+impl Default for LabelMix {
+    fn default() -> Self {
+        LabelMix {
+            max_improved_share: 0.3,
+            seed: 0,
+        }
+    }
+}
+
+/// How a dataset's prompts were made (from its manifest's run configuration).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceInfo {
+    /// The dataset directory.
+    pub path: PathBuf,
+    /// Rows read.
+    pub rows: usize,
+    /// Examples kept from it.
+    pub examples: usize,
+    /// The run configuration the search recorded (`config.run` of the manifest).
+    pub run: serde_json::Value,
+    /// Reward mode of the search.
+    pub reward: RewardMode,
+    /// Prompt style of the search.
+    pub style: Style,
 }
 
 /// The examples of one or more datasets.
@@ -62,28 +122,51 @@ pub struct Example {
 pub struct ExampleSet {
     /// Examples, sorted by (task, sample id); one per distinct prompt.
     pub examples: Vec<Example>,
+    /// Rows not trained on (no correct path, or improved beyond the cap), one per distinct
+    /// prompt not among `examples`: with `examples`, every searched prompt once (routed
+    /// validation scores all held-out prompts, not only those with a label).
+    pub unlabelled: Vec<Example>,
     /// Blocks of the model.
     pub num_layers: usize,
     /// Model fingerprint shared by every dataset.
     pub model_fingerprint: String,
-    /// Per dataset: (directory, rows, rows with a found path).
-    pub sources: Vec<(PathBuf, usize, usize)>,
+    /// Per dataset, in the order given.
+    pub sources: Vec<SourceInfo>,
     /// Rows dropped because another row had the same prompt.
     pub duplicates: usize,
+    /// Rows of each kind (distinct prompts), before the improved cap.
+    pub kinds: Vec<(RowKind, usize)>,
+    /// Improved rows left out by the cap.
+    pub improved_dropped: usize,
+}
+
+impl ExampleSet {
+    /// Labels per class (skip, execute, repeat) over `examples`.
+    pub fn label_counts(&self) -> [u64; 3] {
+        let mut c = [0u64; 3];
+        for e in &self.examples {
+            for &x in &e.path {
+                c[(x as usize).min(2)] += 1;
+            }
+        }
+        c
+    }
 }
 
 /// Reads the datasets `dirs`: all must come from the model with fingerprint `model_fingerprint`
-/// and `num_layers` blocks. Keeps rows with a found path, one per prompt (the first by task and
-/// sample id).
+/// and `num_layers` blocks. Keeps one row per prompt (the first by task and sample id); rows
+/// with a correct path become examples labelled with their best (cheapest correct) path,
+/// improved ones up to `mix.max_improved_share` of the examples.
 pub fn load_examples(
     dirs: &[PathBuf],
     model_fingerprint: &str,
     model_name: &str,
     num_layers: usize,
+    mix: &LabelMix,
 ) -> Result<ExampleSet, TrainDataError> {
-    let mut examples = vec![];
+    let mut rows_all = vec![];
     let mut sources = vec![];
-    for dir in dirs {
+    for (source, dir) in dirs.iter().enumerate() {
         let manifest = read_manifest(dir)?;
         if manifest.model_fingerprint != model_fingerprint {
             return Err(TrainDataError::OtherModel {
@@ -93,15 +176,30 @@ pub fn load_examples(
                 ours: model_fingerprint.to_string(),
             });
         }
-        let style = manifest
+        let run = manifest
             .config
-            .pointer("/run/style")
-            .and_then(|s| s.as_str())
-            .unwrap_or("instruct")
-            .to_string();
+            .get("run")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        let field = |name: &str, default: &str| -> Result<String, TrainDataError> {
+            match run.get(name) {
+                None => Ok(default.to_string()),
+                Some(v) => v.as_str().map(str::to_string).ok_or_else(|| {
+                    TrainDataError::Empty(format!(
+                        "{}: _manifest.json config.run.{name} is not a string",
+                        dir.display()
+                    ))
+                }),
+            }
+        };
+        // Datasets of older versions record no reward: theirs was lenient.
+        let bad_cfg = |e: drllm_tasks::Error| {
+            TrainDataError::Empty(format!("{}: _manifest.json config.run: {e}", dir.display()))
+        };
+        let reward: RewardMode = field("reward", "lenient")?.parse().map_err(bad_cfg)?;
+        let style: Style = field("style", "instruct")?.parse().map_err(bad_cfg)?;
         let rows = read_rows(dir)?;
         let n = rows.len();
-        let mut found = 0;
         for r in rows {
             let bad = |msg: String| TrainDataError::BadRow {
                 path: dir.clone(),
@@ -115,59 +213,132 @@ pub fn load_examples(
                     r.num_layers
                 )));
             }
-            if !r.found {
-                continue;
-            }
-            let Some(path) = r.best_path.clone() else {
-                return Err(bad("found is true but best_path is null".into()));
-            };
-            if path.len() != num_layers {
-                return Err(bad(format!(
-                    "best_path has {} entries, expected one per block ({num_layers})",
-                    path.len()
-                )));
-            }
-            if let Some(c) = path.iter().find(|&&c| c > 2) {
-                return Err(bad(format!("best_path holds {c}; counts are 0, 1 or 2")));
-            }
             if r.prompt.is_empty() {
                 return Err(bad("the prompt is empty".into()));
             }
-            found += 1;
-            examples.push(Example {
+            let family = r
+                .task
+                .parse::<TaskName>()
+                .map_err(|e| bad(e.to_string()))?
+                .family();
+            let (kind, path) = match &r.best_path {
+                None if r.found || r.default_correct => {
+                    return Err(bad(
+                        "found or default_correct is true but best_path is null".into(),
+                    ))
+                }
+                None => (RowKind::NoCorrect, vec![]),
+                Some(path) => {
+                    if path.len() != num_layers {
+                        return Err(bad(format!(
+                            "best_path has {} entries, expected one per block ({num_layers})",
+                            path.len()
+                        )));
+                    }
+                    if let Some(c) = path.iter().find(|&&c| c > 2) {
+                        return Err(bad(format!("best_path holds {c}; counts are 0, 1 or 2")));
+                    }
+                    let kind = match (r.default_correct, r.found) {
+                        (false, _) => RowKind::Improved,
+                        (true, true) => RowKind::Shortened,
+                        (true, false) => RowKind::DefaultOnly,
+                    };
+                    (kind, path.clone())
+                }
+            };
+            rows_all.push(Example {
                 sample_id: r.sample_id,
                 task: r.task,
+                split: r.split,
+                source,
+                kind,
                 prompt: r.prompt,
-                add_special: style == "base",
+                add_special: add_special_tokens(style, reward, family),
                 path,
             });
         }
-        sources.push((dir.clone(), n, found));
+        sources.push(SourceInfo {
+            path: dir.clone(),
+            rows: n,
+            examples: 0,
+            run,
+            reward,
+            style,
+        });
     }
-    let total: usize = sources.iter().map(|s| s.1).sum();
+    let total = rows_all.len();
+    rows_all.sort_by(|a, b| (&a.task, &a.sample_id).cmp(&(&b.task, &b.sample_id)));
+    let mut seen = HashSet::new();
+    rows_all.retain(|e| seen.insert(e.prompt.clone()));
+    let duplicates = total - rows_all.len();
+    let count = |k: RowKind| rows_all.iter().filter(|e| e.kind == k).count();
+    let kinds: Vec<(RowKind, usize)> = [
+        RowKind::Shortened,
+        RowKind::DefaultOnly,
+        RowKind::Improved,
+        RowKind::NoCorrect,
+    ]
+    .into_iter()
+    .map(|k| (k, count(k)))
+    .collect();
+    // The improved rows kept: those first in a seeded order of their sample ids, up to the cap.
+    let kept_default = count(RowKind::Shortened) + count(RowKind::DefaultOnly);
+    let improved = count(RowKind::Improved);
+    let share = mix.max_improved_share.clamp(0.0, 1.0);
+    let cap = if share >= 1.0 {
+        improved
+    } else {
+        ((share / (1.0 - share)) * kept_default as f64).floor() as usize
+    };
+    let mut order: Vec<(u64, usize)> = rows_all
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.kind == RowKind::Improved)
+        .map(|(i, e)| {
+            (
+                drllm_search::sample_seed(mix.seed ^ 0x1a_b3e1, &e.sample_id),
+                i,
+            )
+        })
+        .collect();
+    order.sort_unstable();
+    let keep_improved: HashSet<usize> = order.iter().take(cap).map(|&(_, i)| i).collect();
+    let improved_dropped = improved - keep_improved.len();
+    let (mut examples, mut unlabelled) = (vec![], vec![]);
+    for (i, e) in rows_all.into_iter().enumerate() {
+        let train = match e.kind {
+            RowKind::NoCorrect => false,
+            RowKind::Improved => keep_improved.contains(&i),
+            RowKind::Shortened | RowKind::DefaultOnly => true,
+        };
+        if train {
+            sources[e.source].examples += 1;
+            examples.push(e);
+        } else {
+            unlabelled.push(e);
+        }
+    }
     if examples.is_empty() {
         let listed: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
         return Err(TrainDataError::Empty(if total == 0 {
             format!("no rows in {}: run the search first", listed.join(", "))
         } else {
             format!(
-                "none of the {total} rows in {} has a found path (every search kept the default \
-                 path): nothing to train on; search more prompts or use a reward under which the \
-                 model finds paths (lenient, choice-logits)",
+                "none of the {total} rows in {} has a correct path: nothing to train on; search \
+                 more prompts or use a reward the model can meet (cloze)",
                 listed.join(", ")
             )
         }));
     }
-    examples.sort_by(|a, b| (&a.task, &a.sample_id).cmp(&(&b.task, &b.sample_id)));
-    let mut seen = HashSet::new();
-    let before = examples.len();
-    examples.retain(|e| seen.insert(e.prompt.clone()));
     Ok(ExampleSet {
-        duplicates: before - examples.len(),
         examples,
+        unlabelled,
         num_layers,
         model_fingerprint: model_fingerprint.to_string(),
         sources,
+        duplicates,
+        kinds,
+        improved_dropped,
     })
 }
 
@@ -176,4 +347,131 @@ pub fn load_examples(
 pub fn split_of(sample_id: &str, seed: u64, val_fraction: f64) -> bool {
     let h = drllm_search::sample_seed(seed, sample_id);
     ((h >> 11) as f64 / (1u64 << 53) as f64) < val_fraction
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drllm_dist::{Dataset, PathRecord};
+
+    /// A row of a 4-block model: `default` = the default path's reward, `best` = the cheapest
+    /// correct path (None: nothing correct).
+    fn row(id: &str, default: bool, best: Option<Vec<u8>>) -> PathRecord {
+        let found = best.as_ref().is_some_and(|b| b != &vec![1u8; 4]);
+        PathRecord {
+            sample_id: id.into(),
+            task: "arc_easy".into(),
+            split: "train".into(),
+            question: "q".into(),
+            answer: "A".into(),
+            prompt: format!("Question: {id}\nAnswer:"),
+            model: "m".into(),
+            num_layers: 4,
+            default_correct: default,
+            found,
+            improved: !default && best.is_some(),
+            best_cost: best.as_ref().map(|b| b.iter().map(|&c| c as u32).sum()),
+            best_layers: None,
+            good_paths: best.iter().cloned().collect(),
+            best_path: best,
+            simulations: 10,
+            evaluations: 10,
+            search_ms: 1,
+            worker: "w".into(),
+            seed: 0,
+            best_response: None,
+        }
+    }
+
+    fn dataset(dir: &std::path::Path) {
+        let mut rows = vec![];
+        for i in 0..5 {
+            rows.push(row(&format!("short{i}"), true, Some(vec![1, 0, 1, 1])));
+            rows.push(row(&format!("default{i}"), true, Some(vec![1; 4])));
+        }
+        for i in 0..10 {
+            rows.push(row(&format!("improved{i}"), false, Some(vec![1, 1, 2, 0])));
+        }
+        for i in 0..5 {
+            rows.push(row(&format!("wrong{i}"), false, None));
+        }
+        let cfg = serde_json::json!({"run": {"reward": "cloze", "style": "base"}});
+        let mut ds = Dataset::open(dir, "fp", cfg, false).unwrap();
+        ds.commit("arc_easy", &rows).unwrap();
+    }
+
+    #[test]
+    fn every_row_with_a_correct_path_is_kept_and_improved_ones_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        dataset(dir.path());
+        let dirs = [dir.path().to_path_buf()];
+        let mix = LabelMix {
+            max_improved_share: 0.3,
+            seed: 1,
+        };
+        let set = load_examples(&dirs, "fp", "m", 4, &mix).unwrap();
+        // 10 default-correct rows, and improved ones up to 30% of the examples: 4 of 10.
+        let kind = |k: RowKind| set.examples.iter().filter(|e| e.kind == k).count();
+        assert_eq!(kind(RowKind::Shortened), 5);
+        assert_eq!(kind(RowKind::DefaultOnly), 5);
+        assert_eq!(kind(RowKind::Improved), 4);
+        assert_eq!(set.improved_dropped, 6);
+        assert_eq!(set.unlabelled.len(), 6 + 5);
+        assert!(set
+            .unlabelled
+            .iter()
+            .filter(|e| e.kind == RowKind::NoCorrect)
+            .all(|e| e.path.is_empty()));
+        // Default-only rows say "run every block": 5 rows x 4 execute labels among the rest.
+        assert_eq!(set.label_counts(), [5 + 4, 15 + 20 + 8, 4]);
+        assert!(
+            set.examples.iter().all(|e| !e.add_special),
+            "cloze prompts carry no BOS"
+        );
+        assert_eq!(
+            set.kinds,
+            vec![
+                (RowKind::Shortened, 5),
+                (RowKind::DefaultOnly, 5),
+                (RowKind::Improved, 10),
+                (RowKind::NoCorrect, 5)
+            ]
+        );
+        // Deterministic by sample id: the same rows again; another seed picks others.
+        let again = load_examples(&dirs, "fp", "m", 4, &mix).unwrap();
+        assert_eq!(again.examples, set.examples);
+        let ids = |s: &ExampleSet| -> Vec<String> {
+            s.examples
+                .iter()
+                .filter(|e| e.kind == RowKind::Improved)
+                .map(|e| e.sample_id.clone())
+                .collect()
+        };
+        let other = load_examples(&dirs, "fp", "m", 4, &LabelMix { seed: 2, ..mix }).unwrap();
+        assert_eq!(ids(&other).len(), 4);
+        assert_ne!(ids(&other), ids(&set));
+        // No cap keeps all of them; a zero cap none.
+        let all = LabelMix {
+            max_improved_share: 1.0,
+            seed: 1,
+        };
+        assert_eq!(
+            load_examples(&dirs, "fp", "m", 4, &all)
+                .unwrap()
+                .examples
+                .len(),
+            20
+        );
+        let none = LabelMix {
+            max_improved_share: 0.0,
+            seed: 1,
+        };
+        assert_eq!(
+            load_examples(&dirs, "fp", "m", 4, &none)
+                .unwrap()
+                .examples
+                .len(),
+            10
+        );
+    }
 }

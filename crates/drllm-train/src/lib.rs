@@ -8,8 +8,12 @@ pub mod examples;
 pub mod features;
 pub mod metrics;
 pub mod trainer;
+pub mod validate;
 
-pub use examples::{load_examples, split_of, Example, ExampleSet, TrainDataError};
+pub use examples::{
+    load_examples, split_of, Example, ExampleSet, LabelMix, RowKind, SourceInfo, TrainDataError,
+};
 pub use features::{extract_features, FeatureCache, Features};
 pub use metrics::Confusion;
-pub use trainer::{train, TrainConfig, TrainError, Trained};
+pub use trainer::{best_epoch, train, Select, TrainConfig, TrainError, Trained};
+pub use validate::RoutedValidation;

@@ -5,10 +5,14 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use drllm_router::{Package, PackageManifest, CLASSES};
-use drllm_runtime::{parse_dtype, resolve_device, LoadedModel, ModelSource};
+use drllm_runtime::LoadedModel;
+use drllm_runtime::{parse_dtype, resolve_device, ModelSource};
 use drllm_train::features::default_cache_dir;
-use drllm_train::trainer::evaluate;
-use drllm_train::{extract_features, load_examples, split_of, train, FeatureCache, TrainConfig};
+use drllm_train::trainer::{evaluate, PAPER_LABELS};
+use drllm_train::{
+    best_epoch, extract_features, load_examples, split_of, train, FeatureCache, LabelMix,
+    RoutedValidation, RowKind, Select, TrainConfig,
+};
 
 #[derive(Parser)]
 #[command(
@@ -21,9 +25,13 @@ use drllm_train::{extract_features, load_examples, split_of, train, FeatureCache
   drllm-train --data runs/arc --out routers/arc --epochs 50 --lr 5e-4 --val-fraction 0.1 --seed 1
   drllm-train inspect routers/smol
 
-The feature pass (the frozen model once per example along its gold path) is cached under
-$DRLLM_CACHE/features, keyed by model, examples and windows: a second run with other training
-flags skips the model entirely. The package (routers.safetensors + manifest.json) goes to --out."
+Examples are the rows with a correct path, labelled with the cheapest one (all-execute when
+nothing cheaper was correct); improved rows (default wrong, a path right) are capped at
+--max-improved-share. The feature pass (the frozen model once per example along its gold path) is
+cached under $DRLLM_CACHE/features, keyed by model, examples and windows. After every epoch the
+routers route the held-out prompts for real (task data from --task-data) and the epoch with the
+best routed accuracy, then the lowest cost, is kept. The package (routers.safetensors +
+manifest.json) goes to --out."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -100,6 +108,49 @@ struct TrainArgs {
     /// Effective-number beta of the class weights.
     #[arg(long, default_value_t = 0.999)]
     class_beta: f64,
+    /// Class weights come from the label proportions scaled to this many labels (the paper's
+    /// 126,812), so they stay as flat as the paper's ([0.92, 0.91, 1.18]) at any dataset size;
+    /// 0 uses the raw counts, which on a small dataset is inverse frequency (every router
+    /// learns to skip).
+    #[arg(long, default_value_t = PAPER_LABELS)]
+    class_weight_total: f64,
+    /// Most improved examples (default path wrong, another right) as a share of all examples
+    /// (the paper targets 0.3; with a weak model many are luck); 1 keeps them all. Which ones are
+    /// kept is decided by a seeded hash of the sample id.
+    #[arg(long, default_value_t = 0.3)]
+    max_improved_share: f64,
+    /// Which epoch is shipped: routed-accuracy (the routers route the held-out prompts; best
+    /// accuracy, then lowest cost) or macro-f1 (teacher-forced validation macro-F1).
+    #[arg(long, default_value = "routed-accuracy")]
+    select: String,
+    /// Measure routed accuracy every N epochs (and at the last); 0 = never (then --select
+    /// macro-f1 is used).
+    #[arg(long, default_value_t = 1)]
+    routed_every: usize,
+    /// Task data for routed validation (the held-out prompts' questions and answers): default
+    /// $DRLLM_DATA, else ../shared/data.
+    #[arg(long, env = "DRLLM_DATA")]
+    task_data: Option<PathBuf>,
+    /// Prompts per forward pass of routed validation.
+    #[arg(long, default_value_t = 16)]
+    routed_batch: usize,
+    /// Train on at most this many of the training examples (a seeded choice by sample id; the
+    /// validation split is untouched): learning curves.
+    #[arg(long)]
+    max_examples: Option<usize>,
+    /// Budgets at which the kept routers route the held-out prompts once more after training
+    /// (comma separated): the package records each one's accuracy and cost and recommends the
+    /// cheapest budget that keeps the baseline's held-out accuracy.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        default_value = "-0.2,0,0.2,0.4,0.6,0.8"
+    )]
+    val_budgets: Vec<f64>,
+    /// Dtype of the weights in the package: f32, or bf16 (half the size, e.g. to ship it).
+    #[arg(long, default_value = "f32")]
+    weights_dtype: String,
     /// Width of each router's hidden layer.
     #[arg(long, default_value_t = 128)]
     router_hidden: usize,
@@ -144,6 +195,9 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
         "labels       skip {}, execute {}, repeat {}",
         m.label_counts[0], m.label_counts[1], m.label_counts[2]
     );
+    if let Some(p) = &m.prompts {
+        println!("prompts      reward {}, style {}", p.reward, p.style);
+    }
     if let Some(d) = m.data.as_object() {
         println!(
             "examples     {} train, {} validation",
@@ -161,11 +215,15 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
 
 fn print_epochs(m: &PackageManifest) {
     println!(
-        "\nepoch  train loss  val macro-F1  F1 skip/exec/rep   recall skip/exec/rep  cost (gold)"
+        "\nepoch  train loss  val macro-F1  F1 skip/exec/rep   recall skip/exec/rep  cost (gold)   routed acc  cost"
     );
     for e in &m.epochs {
+        let routed = match (e.val_routed_accuracy, e.val_routed_cost) {
+            (Some(a), Some(c)) => format!("{a:>10.4}  {c:.2}"),
+            _ => format!("{:>10}", "-"),
+        };
         println!(
-            "{:>5}{} {:>10.4}  {:>11.4}  {:.3}/{:.3}/{:.3}  {:.3}/{:.3}/{:.3}    {:.2} ({:.2})",
+            "{:>5}{} {:>10.4}  {:>11.4}  {:.3}/{:.3}/{:.3}  {:.3}/{:.3}/{:.3}    {:.2} ({:.2})  {routed}",
             e.epoch,
             if e.epoch == m.best_epoch { "*" } else { " " },
             e.train_loss,
@@ -177,10 +235,10 @@ fn print_epochs(m: &PackageManifest) {
             e.val_recall[1],
             e.val_recall[2],
             e.val_avg_cost,
-            e.val_gold_cost
+            e.val_gold_cost,
         );
     }
-    println!("(* = best epoch by validation macro-F1, the one in the package)");
+    println!("(* = the epoch in the package; routed acc/cost: held-out prompts routed for real)");
 }
 
 fn run(a: TrainArgs) -> Result<()> {
@@ -193,6 +251,34 @@ fn run(a: TrainArgs) -> Result<()> {
     if a.windows == 0 || a.epochs == 0 || a.batch_size == 0 {
         bail!("--windows, --epochs and --batch-size must be positive");
     }
+    if !(0.0..=1.0).contains(&a.max_improved_share) {
+        bail!(
+            "--max-improved-share must be in [0, 1], got {}",
+            a.max_improved_share
+        );
+    }
+    if let Some(b) = a.val_budgets.iter().find(|b| !(-1.0..=1.0).contains(*b)) {
+        bail!("--val-budgets: {b} is outside [-1, 1]");
+    }
+    if a.class_weight_total.is_nan() || a.class_weight_total < 0.0 {
+        bail!(
+            "--class-weight-total must be >= 0, got {}",
+            a.class_weight_total
+        );
+    }
+    let weights_kind = match a.weights_dtype.as_str() {
+        "f32" => tch::Kind::Float,
+        "bf16" => tch::Kind::BFloat16,
+        other => bail!("--weights-dtype {other:?}: expected f32 or bf16"),
+    };
+    let mut select = match a.select.as_str() {
+        "routed-accuracy" => Select::RoutedAccuracy,
+        "macro-f1" => Select::MacroF1,
+        other => bail!("--select {other:?}: expected routed-accuracy or macro-f1"),
+    };
+    if a.routed_every == 0 {
+        select = Select::MacroF1;
+    }
     if out.exists() && !out.join("manifest.json").is_file() {
         bail!(
             "{} exists and is not a router package; choose another --out",
@@ -200,6 +286,9 @@ fn run(a: TrainArgs) -> Result<()> {
         );
     }
     if let Some(n) = a.threads {
+        if n < 1 {
+            bail!("--threads must be at least 1, got {n}");
+        }
         tch::set_num_threads(n);
     }
     let device = resolve_device(&a.device)?;
@@ -209,13 +298,58 @@ fn run(a: TrainArgs) -> Result<()> {
     let name = source.name();
     let model_cfg = source.config()?;
     let n_layers = model_cfg.num_layers;
-    let set = load_examples(&a.data, &fingerprint, &name, n_layers)?;
-    for (dir, rows, found) in &set.sources {
-        eprintln!("{}: {rows} rows, {found} with a found path", dir.display());
+    let mix = LabelMix {
+        max_improved_share: a.max_improved_share,
+        seed: a.seed,
+    };
+    let set = load_examples(&a.data, &fingerprint, &name, n_layers, &mix)?;
+    for s in &set.sources {
+        eprintln!(
+            "{}: {} rows, {} examples (reward {}, style {})",
+            s.path.display(),
+            s.rows,
+            s.examples,
+            s.reward,
+            s.style
+        );
     }
+    let kinds: Vec<String> = set
+        .kinds
+        .iter()
+        .map(|(k, n)| format!("{} {n}", kind_name(*k)))
+        .collect();
+    let labels = set.label_counts();
+    eprintln!(
+        "rows by outcome: {}; improved left out by --max-improved-share {}: {}",
+        kinds.join(", "),
+        a.max_improved_share,
+        set.improved_dropped
+    );
+    let total_labels = labels.iter().sum::<u64>().max(1) as f64;
+    eprintln!(
+        "labels: skip {} ({:.1}%), execute {} ({:.1}%), repeat {} ({:.1}%)",
+        labels[0],
+        100.0 * labels[0] as f64 / total_labels,
+        labels[1],
+        100.0 * labels[1] as f64 / total_labels,
+        labels[2],
+        100.0 * labels[2] as f64 / total_labels
+    );
     let n = set.examples.len();
-    let (val_idx, train_idx): (Vec<usize>, Vec<usize>) =
+    let (val_idx, mut train_idx): (Vec<usize>, Vec<usize>) =
         (0..n).partition(|&i| split_of(&set.examples[i].sample_id, a.seed, a.val_fraction));
+    if let Some(m) = a.max_examples.filter(|&m| m < train_idx.len()) {
+        if m == 0 {
+            bail!("--max-examples must be positive");
+        }
+        let dropped = train_idx.len() - m;
+        train_idx.sort_by_key(|&i| {
+            drllm_search::sample_seed(a.seed ^ 0x5eed, &set.examples[i].sample_id)
+        });
+        train_idx.truncate(m);
+        train_idx.sort_unstable();
+        eprintln!("--max-examples {m}: {dropped} training examples left out");
+    }
     if train_idx.is_empty() {
         bail!("all {n} examples fell into the validation split; lower --val-fraction");
     }
@@ -229,7 +363,18 @@ fn run(a: TrainArgs) -> Result<()> {
         tracing::warn!("no validation examples: metrics are computed on the training set");
     }
 
-    // Feature pass (skipped, with the model, when the cache has it).
+    // The model is needed for routed validation, or for the feature pass on a cache miss.
+    let needs_model = select == Select::RoutedAccuracy;
+    let mut lm = None;
+    let load_model = || -> Result<LoadedModel> {
+        LoadedModel::load(source.clone(), device, kind)
+            .with_context(|| format!("loading model {}", a.model))
+    };
+    if needs_model {
+        lm = Some(load_model()?);
+    }
+
+    // Feature pass (skipped when the cache has it).
     let cache = (!a.no_feature_cache).then(|| FeatureCache {
         dir: a.feature_cache.clone().unwrap_or_else(default_cache_dir),
     });
@@ -242,7 +387,7 @@ fn run(a: TrainArgs) -> Result<()> {
     let features = match cached {
         Some(f) => {
             eprintln!(
-                "features: {n} examples from the cache ({}); the model is not loaded",
+                "features: {n} examples from the cache ({})",
                 cache
                     .as_ref()
                     .map(|c| c.file(&key).display().to_string())
@@ -251,10 +396,12 @@ fn run(a: TrainArgs) -> Result<()> {
             f
         }
         None => {
-            let lm = LoadedModel::load(source, device, kind)
-                .with_context(|| format!("loading model {}", a.model))?;
+            if lm.is_none() {
+                lm = Some(load_model()?);
+            }
+            let lm = lm.as_ref().context("model loaded")?;
             let fbar = bar(n as u64, "features");
-            let f = extract_features(&lm, &set.examples, a.windows, a.feature_batch, |d| {
+            let f = extract_features(lm, &set.examples, a.windows, a.feature_batch, |d| {
                 fbar.set_position(d as u64)
             })?;
             fbar.finish_and_clear();
@@ -273,6 +420,33 @@ fn run(a: TrainArgs) -> Result<()> {
     let tr = features.select(&train_idx);
     let va = features.select(&val_idx);
 
+    // Routed validation: every held-out prompt (labelled or not), answered along the routers'
+    // paths.
+    let routed_val = match (&lm, select) {
+        (Some(lm), Select::RoutedAccuracy) => {
+            let held_out: Vec<&drllm_train::Example> = set
+                .examples
+                .iter()
+                .chain(&set.unlabelled)
+                .filter(|e| split_of(&e.sample_id, a.seed, a.val_fraction))
+                .collect();
+            if held_out.is_empty() {
+                bail!("no held-out prompts for routed validation: raise --val-fraction or use --select macro-f1");
+            }
+            let dir = drllm_tasks::data::resolve_data_dir(a.task_data.as_deref())?;
+            let t = std::time::Instant::now();
+            let v = RoutedValidation::new(lm, &set, &held_out, &dir, a.windows, a.routed_batch)?;
+            eprintln!(
+                "routed validation: {} held-out prompts, baseline accuracy {:.4} ({:.1}s)",
+                v.len(),
+                v.baseline_accuracy,
+                t.elapsed().as_secs_f64()
+            );
+            Some(v)
+        }
+        _ => None,
+    };
+
     // Training.
     let cfg = TrainConfig {
         epochs: a.epochs,
@@ -282,15 +456,24 @@ fn run(a: TrainArgs) -> Result<()> {
         warmup: a.warmup,
         focal_gamma: a.focal_gamma,
         class_beta: a.class_beta,
+        class_weight_total: a.class_weight_total,
         router_hidden: a.router_hidden,
         seed: a.seed,
     };
     let steps = bar(0, "steps");
     let t1 = std::time::Instant::now();
+    let every = a.routed_every.max(1);
     let trained = train(
         &tr,
         &va,
         &cfg,
+        select,
+        |epoch, routers| match (&routed_val, &lm) {
+            (Some(v), Some(lm)) if epoch % every == 0 || epoch == a.epochs => {
+                v.measure(lm, routers, 0.0).map(Some)
+            }
+            _ => Ok(None),
+        },
         |s, total| {
             steps.set_length(total as u64);
             steps.set_position(s as u64);
@@ -302,6 +485,8 @@ fn run(a: TrainArgs) -> Result<()> {
                     loss = format!("{:.4}", m.train_loss),
                     val_macro_f1 = format!("{:.4}", m.val_macro_f1),
                     val_cost = format!("{:.2}", m.val_avg_cost),
+                    routed_accuracy = m.val_routed_accuracy.map(|x| format!("{x:.4}")),
+                    routed_cost = m.val_routed_cost.map(|x| format!("{x:.2}")),
                     "epoch"
                 )
             });
@@ -317,23 +502,67 @@ fn run(a: TrainArgs) -> Result<()> {
     let gold: Vec<i64> = Vec::try_from(scored.labels.flatten(0, -1)).unwrap_or_default();
     let base = drllm_train::Confusion::from_pairs(&gold, &vec![majority; gold.len()]);
     let (best_conf, _, _) = evaluate(&trained.routers, scored);
+    let by_f1 = best_epoch(&trained.epochs, Select::MacroF1);
+
+    // The kept routers at several budgets on the held-out prompts: the operating point is chosen
+    // here, on training data, never on the evaluation split.
+    let mut sweep = vec![];
+    if let (Some(v), Some(lm)) = (&routed_val, &lm) {
+        for &b in &a.val_budgets {
+            let (acc, cost) = v.measure(lm, &trained.routers, b)?;
+            sweep.push((b, acc, cost));
+        }
+    }
+    let recommended = routed_val.as_ref().and_then(|v| {
+        sweep
+            .iter()
+            .filter(|s| s.1 >= v.baseline_accuracy)
+            .min_by(|x, y| x.2.total_cmp(&y.2))
+            .map(|s| s.0)
+    });
 
     let mut manifest = PackageManifest::new(fingerprint, name, trained.routers.shape, a.windows);
     manifest.label_counts = trained.label_counts;
+    let first = &set.sources[0];
+    manifest.prompts = Some(drllm_router::PromptSpec {
+        reward: first.reward.to_string(),
+        style: first.style.to_string(),
+    });
+    if let Some(s) = set
+        .sources
+        .iter()
+        .find(|s| s.reward != first.reward || s.style != first.style)
+    {
+        tracing::warn!(
+            "{} was searched with reward {} and style {}, {} with {} and {}: the package records the first",
+            s.path.display(), s.reward, s.style, first.path.display(), first.reward, first.style
+        );
+    }
     manifest.training = serde_json::json!({
         "config": cfg,
         "class_weights": trained.class_weights,
         "val_fraction": a.val_fraction,
+        "select": a.select,
         "feature_secs": feat_secs,
         "train_secs": train_secs,
     });
     manifest.data = serde_json::json!({
-        "sources": set.sources.iter().map(|(d, rows, found)| serde_json::json!({
-            "path": d.display().to_string(), "rows": rows, "found": found})).collect::<Vec<_>>(),
+        "sources": set.sources.iter().map(|s| serde_json::json!({
+            "path": s.path.display().to_string(), "rows": s.rows, "examples": s.examples,
+            "reward": s.reward.name(), "style": s.style.name()})).collect::<Vec<_>>(),
+        "rows_by_outcome": set.kinds.iter().map(|(k, n)| (kind_name(*k).to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
+        "max_improved_share": a.max_improved_share,
+        "improved_left_out": set.improved_dropped,
         "examples": n,
         "duplicates": set.duplicates,
         "train": tr.len(),
+        "max_examples": a.max_examples,
         "val": va.len(),
+        "routed_val_prompts": routed_val.as_ref().map(|v| v.len()),
+        "routed_val_baseline_accuracy": routed_val.as_ref().map(|v| v.baseline_accuracy),
+        "routed_val_budgets": sweep.iter().map(|(b, acc, cost)| serde_json::json!({
+            "budget": b, "accuracy": acc, "cost": cost})).collect::<Vec<_>>(),
+        "recommended_budget": recommended,
         "majority_class": CLASSES[majority as usize],
         "majority_baseline_macro_f1": base.macro_f1(),
     });
@@ -343,18 +572,54 @@ fn run(a: TrainArgs) -> Result<()> {
         manifest,
         routers: trained.routers,
     };
-    pkg.save(&out)
+    pkg.save_as(&out, weights_kind)
         .with_context(|| format!("writing the router package {}", out.display()))?;
     print_epochs(&pkg.manifest);
+    let kept = &pkg.manifest.epochs[pkg.manifest.best_epoch - 1];
     println!(
-        "\nvalidation macro-F1 {:.4} (best epoch {}) vs {:.4} for always-{} | trained in {train_secs:.1}s | package {}",
+        "\nvalidation macro-F1 {:.4} (epoch {}) vs {:.4} for always-{}",
         best_conf.macro_f1(),
         pkg.manifest.best_epoch,
         base.macro_f1(),
         CLASSES[majority as usize],
-        out.display()
     );
+    if let (Some(v), Some(acc), Some(cost)) =
+        (&routed_val, kept.val_routed_accuracy, kept.val_routed_cost)
+    {
+        let f1_epoch = &pkg.manifest.epochs[by_f1 - 1];
+        println!(
+            "routed validation ({} prompts): accuracy {acc:.4} at cost {cost:.2}/{n_layers} (baseline {:.4}); the macro-F1 choice (epoch {by_f1}) routes to {}",
+            v.len(),
+            v.baseline_accuracy,
+            match (f1_epoch.val_routed_accuracy, f1_epoch.val_routed_cost) {
+                (Some(a), Some(c)) => format!("accuracy {a:.4} at cost {c:.2}"),
+                _ => "(not measured)".into(),
+            }
+        );
+    }
+    if !sweep.is_empty() {
+        println!("held-out prompts at other budgets (kept epoch):");
+        for (b, acc, cost) in &sweep {
+            println!("  budget {b:+.2}: accuracy {acc:.4}, cost {cost:.2}/{n_layers}");
+        }
+        match recommended {
+            Some(b) => println!(
+                "recommended budget {b:+.2}: the cheapest that keeps the baseline's held-out accuracy"
+            ),
+            None => println!("no budget tried keeps the baseline's held-out accuracy"),
+        }
+    }
+    println!("trained in {train_secs:.1}s | package {}", out.display());
     Ok(())
+}
+
+fn kind_name(k: RowKind) -> &'static str {
+    match k {
+        RowKind::Shortened => "shortened",
+        RowKind::DefaultOnly => "default-only",
+        RowKind::Improved => "improved",
+        RowKind::NoCorrect => "no-correct",
+    }
 }
 
 fn bar(len: u64, what: &str) -> indicatif::ProgressBar {

@@ -1,5 +1,6 @@
 //! Fitting the routers on cached features: focal loss with effective-number class weights,
-//! AdamW with a cosine schedule after a linear warm-up, the best epoch by validation macro-F1.
+//! AdamW with a cosine schedule after a linear warm-up; the epoch kept is the one whose routers
+//! answer held-out prompts best when they route them (or, without that, by macro-F1).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -70,6 +71,10 @@ pub struct TrainConfig {
     pub focal_gamma: f64,
     /// Effective-number beta of the class weights.
     pub class_beta: f64,
+    /// The label proportions are scaled to this many labels before the effective-number
+    /// formula (the paper's 126,812), so weights are as flat as the paper's at any dataset
+    /// size; 0 uses the raw counts (inverse frequency on small datasets).
+    pub class_weight_total: f64,
     /// Width of each router's hidden layer.
     pub router_hidden: usize,
     /// Seed of initialisation and shuffling.
@@ -86,6 +91,7 @@ impl Default for TrainConfig {
             warmup: 0.05,
             focal_gamma: 2.0,
             class_beta: 0.999,
+            class_weight_total: PAPER_LABELS,
             router_hidden: 128,
             seed: 0,
         }
@@ -107,13 +113,25 @@ pub struct Trained {
     pub class_weights: [f64; 3],
 }
 
+/// Labels in the paper's training set (its class weights [0.916, 0.905, 1.179] came from them).
+pub const PAPER_LABELS: f64 = 126_812.0;
+
 /// Effective-number class weights (Cui et al. 2019): `(1 - beta) / (1 - beta^n_c)`, normalised
-/// to sum to the number of classes present; absent classes weigh 0.
-pub fn class_weights(counts: [u64; 3], beta: f64) -> [f64; 3] {
+/// to sum to the number of classes present; absent classes weigh 0. With `total > 0` the counts
+/// are first scaled to sum to `total` (only the label proportions matter): on a few thousand
+/// labels the raw formula is plain inverse frequency, while at the paper's size it is nearly
+/// flat.
+pub fn class_weights(counts: [u64; 3], beta: f64, total: f64) -> [f64; 3] {
+    let sum = counts.iter().sum::<u64>() as f64;
+    let scale = if total > 0.0 && sum > 0.0 {
+        total / sum
+    } else {
+        1.0
+    };
     let mut w = [0.0; 3];
     for c in 0..3 {
         if counts[c] > 0 {
-            w[c] = (1.0 - beta) / (1.0 - beta.powf(counts[c] as f64));
+            w[c] = (1.0 - beta) / (1.0 - beta.powf(counts[c] as f64 * scale));
         }
     }
     let present = counts.iter().filter(|&&n| n > 0).count() as f64;
@@ -221,12 +239,47 @@ pub fn evaluate(r: &Routers, f: &Features) -> (Confusion, f64, f64) {
     )
 }
 
+/// Which epoch's routers are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Select {
+    /// The highest routed validation accuracy, then the lowest routed cost (epochs without a
+    /// routed measurement are not candidates).
+    RoutedAccuracy,
+    /// The highest teacher-forced validation macro-F1.
+    MacroF1,
+}
+
+/// The epoch `select` keeps among `epochs` (1-based; the last when nothing qualifies).
+pub fn best_epoch(epochs: &[EpochMetrics], select: Select) -> usize {
+    let key = |m: &EpochMetrics| -> Option<(f64, f64)> {
+        match select {
+            Select::MacroF1 => Some((m.val_macro_f1, 0.0)),
+            Select::RoutedAccuracy => Some((m.val_routed_accuracy?, -m.val_routed_cost?)),
+        }
+    };
+    let mut best: Option<(f64, f64, usize)> = None;
+    for m in epochs {
+        if let Some((a, c)) = key(m) {
+            if best.is_none_or(|(ba, bc, _)| a > ba || (a == ba && c > bc)) {
+                best = Some((a, c, m.epoch));
+            }
+        }
+    }
+    best.map_or(epochs.last().map_or(0, |m| m.epoch), |b| b.2)
+}
+
 /// Trains routers of width `cfg.router_hidden` on `train`, scoring every epoch on `val` (on
-/// `train` when `val` is empty). `on_step(step, total)` and `on_epoch` report progress.
+/// `train` when `val` is empty). `routed(epoch, routers)` may measure (accuracy, cost) of the
+/// routers actually routing held-out prompts; `select` picks the epoch kept. `on_step(step,
+/// total)` and `on_epoch` report progress.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     train: &Features,
     val: &Features,
     cfg: &TrainConfig,
+    select: Select,
+    mut routed: impl FnMut(usize, &Routers) -> Result<Option<(f64, f64)>, TrainError>,
     mut on_step: impl FnMut(usize, usize),
     mut on_epoch: impl FnMut(&EpochMetrics),
 ) -> Result<Trained, TrainError> {
@@ -257,7 +310,7 @@ pub fn train(
     }
     let scored = if val.is_empty() { train } else { val };
     let counts = label_counts(&train.labels);
-    let weights = class_weights(counts, cfg.class_beta);
+    let weights = class_weights(counts, cfg.class_beta, cfg.class_weight_total);
     let wt = Tensor::from_slice(&weights.map(|w| w as f32));
     tch::manual_seed(cfg.seed as i64);
     let vs = tch::nn::VarStore::new(Device::Cpu);
@@ -274,8 +327,8 @@ pub fn train(
     let warmup = ((cfg.warmup * total as f64).round() as usize).max(1);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = (0..n).collect();
-    let mut epochs = vec![];
-    let mut best: Option<(f64, usize, Routers)> = None;
+    let mut epochs: Vec<EpochMetrics> = vec![];
+    let mut snapshots: Vec<Routers> = vec![];
     let mut step = 0;
     for epoch in 1..=cfg.epochs {
         let t0 = Instant::now();
@@ -294,6 +347,8 @@ pub fn train(
             on_step(step, total);
         }
         let (conf, avg_cost, gold_cost) = evaluate(&routers, scored);
+        let snap = routers.snapshot();
+        let measured = routed(epoch, &snap)?;
         let m = EpochMetrics {
             epoch,
             train_loss: loss_sum / per_epoch as f64,
@@ -302,6 +357,8 @@ pub fn train(
             val_recall: [conf.recall(0), conf.recall(1), conf.recall(2)],
             val_avg_cost: avg_cost,
             val_gold_cost: gold_cost,
+            val_routed_accuracy: measured.map(|m| m.0),
+            val_routed_cost: measured.map(|m| m.1),
             lr,
             secs: t0.elapsed().as_secs_f64(),
         };
@@ -312,15 +369,11 @@ pub fn train(
             )));
         }
         on_epoch(&m);
-        if best.as_ref().is_none_or(|(f, _, _)| m.val_macro_f1 > *f) {
-            best = Some((m.val_macro_f1, epoch, routers.snapshot()));
-        }
         epochs.push(m);
+        snapshots.push(snap);
     }
-    let (_, best_epoch, routers) = match best {
-        Some(b) => b,
-        None => (0.0, 0, routers.snapshot()),
-    };
+    let best_epoch = best_epoch(&epochs, select);
+    let routers = snapshots.swap_remove(best_epoch - 1);
     Ok(Trained {
         routers,
         epochs,
@@ -336,12 +389,65 @@ mod tests {
 
     #[test]
     fn class_weights_favour_rare_classes_and_sum_to_the_classes_present() {
-        let w = class_weights([100, 1000, 10], 0.999);
+        let w = class_weights([100, 1000, 10], 0.999, 0.0);
         assert!(w[2] > w[0] && w[0] > w[1]);
         assert!((w.iter().sum::<f64>() - 3.0).abs() < 1e-9);
-        let w = class_weights([0, 50, 5], 0.999);
+        let w = class_weights([0, 50, 5], 0.999, 0.0);
         assert_eq!(w[0], 0.0);
         assert!((w[1] + w[2] - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn scaled_class_weights_are_the_papers_at_any_dataset_size() {
+        // Proportions as the paper's labels: ~3.5% skip, ~95% execute, ~1.1% repeat.
+        let paper = [4_420u64, 120_936, 1_456];
+        let w = class_weights(paper, 0.999, PAPER_LABELS);
+        let want = [0.916, 0.905, 1.179];
+        for c in 0..3 {
+            assert!((w[c] - want[c]).abs() < 0.01, "{w:?}");
+        }
+        // The same proportions on a quickstart-sized set give the same weights...
+        let small = [44u64, 1_209, 15];
+        let ws = class_weights(small, 0.999, PAPER_LABELS);
+        for c in 0..3 {
+            assert!((ws[c] - w[c]).abs() < 0.02, "{ws:?} vs {w:?}");
+        }
+        // ... where the raw formula is nearly inverse frequency.
+        let raw = class_weights(small, 0.999, 0.0);
+        assert!(raw[2] / raw[1] > 40.0, "{raw:?}");
+        // A quickstart-sized set with more skips stays within a factor of 2.
+        let q = class_weights([600, 2_300, 50], 0.999, PAPER_LABELS);
+        assert!(q.iter().all(|&x| x > 0.5 && x < 2.0), "{q:?}");
+    }
+
+    fn epoch(n: usize, f1: f64, acc: Option<f64>, cost: f64) -> EpochMetrics {
+        EpochMetrics {
+            epoch: n,
+            train_loss: 0.0,
+            val_macro_f1: f1,
+            val_f1: [0.0; 3],
+            val_recall: [0.0; 3],
+            val_avg_cost: cost,
+            val_gold_cost: cost,
+            val_routed_accuracy: acc,
+            val_routed_cost: acc.map(|_| cost),
+            lr: 0.0,
+            secs: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_kept_epoch_is_chosen_by_routed_accuracy_then_cost() {
+        let e = [
+            epoch(1, 0.9, Some(0.40), 25.0),
+            epoch(2, 0.5, Some(0.48), 28.0),
+            epoch(3, 0.6, Some(0.48), 27.0),
+            epoch(4, 0.95, None, 20.0),
+        ];
+        assert_eq!(best_epoch(&e, Select::RoutedAccuracy), 3);
+        assert_eq!(best_epoch(&e, Select::MacroF1), 4);
+        // No routed measurement at all: the last epoch.
+        assert_eq!(best_epoch(&e[3..], Select::RoutedAccuracy), 4);
     }
 
     #[test]
@@ -398,14 +504,15 @@ mod tests {
             seed: 5,
             ..TrainConfig::default()
         };
-        let t = train(&tr, &va, &cfg, |_, _| {}, |_| {}).unwrap();
+        let none = |_: usize, _: &Routers| Ok(None);
+        let t = train(&tr, &va, &cfg, Select::MacroF1, none, |_, _| {}, |_| {}).unwrap();
         let best = &t.epochs[t.best_epoch - 1];
         assert!(best.val_macro_f1 >= 0.95, "{:?}", t.epochs.last());
         // The kept routers are the best epoch's.
         let (conf, _, _) = evaluate(&t.routers, &va);
         assert_eq!(conf.macro_f1(), best.val_macro_f1);
         // Deterministic with the seed.
-        let again = train(&tr, &va, &cfg, |_, _| {}, |_| {}).unwrap();
+        let again = train(&tr, &va, &cfg, Select::MacroF1, none, |_, _| {}, |_| {}).unwrap();
         assert!(again.routers.w1.equal(&t.routers.w1));
         assert_eq!(again.epochs.len(), t.epochs.len());
     }
@@ -415,7 +522,16 @@ mod tests {
         let ok = synthetic(10, 1);
         let bad = synthetic(10, 1);
         let _ = bad.labels.get(0).get(0).fill_(3);
-        let e = train(&bad, &ok, &TrainConfig::default(), |_, _| {}, |_| {}).unwrap_err();
+        let e = train(
+            &bad,
+            &ok,
+            &TrainConfig::default(),
+            Select::MacroF1,
+            |_, _| Ok(None),
+            |_, _| {},
+            |_| {},
+        )
+        .unwrap_err();
         assert!(
             e.to_string()
                 .contains("labels must be 0 (skip), 1 (execute) or 2 (repeat); found 3"),
@@ -423,13 +539,31 @@ mod tests {
         );
         let nan = synthetic(10, 1);
         let _ = nan.x.get(1).get(3).get(0).get(2).fill_(f64::NAN);
-        let e = train(&nan, &ok, &TrainConfig::default(), |_, _| {}, |_| {}).unwrap_err();
+        let e = train(
+            &nan,
+            &ok,
+            &TrainConfig::default(),
+            Select::MacroF1,
+            |_, _| Ok(None),
+            |_, _| {},
+            |_| {},
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("NaN"), "{e}");
         let short = Features {
             x: ok.x.shallow_clone(),
             labels: ok.labels.narrow(1, 0, 5),
         };
-        let e = train(&short, &ok, &TrainConfig::default(), |_, _| {}, |_| {}).unwrap_err();
+        let e = train(
+            &short,
+            &ok,
+            &TrainConfig::default(),
+            Select::MacroF1,
+            |_, _| Ok(None),
+            |_, _| {},
+            |_| {},
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("do not match"), "{e}");
     }
 }

@@ -19,6 +19,7 @@ use drllm_worker::{
     after_help = "Examples:
   drllm-bench --limit 20 --reward strict           # the paper's generate mode
   drllm-bench --limit 20 --reward choice-logits
+  drllm-bench --limit 20 --reward cloze            # log-likelihood of each choice
   drllm-bench --limit 8 --skip-alone               # batched engine only"
 )]
 struct Cli {
@@ -37,7 +38,7 @@ struct Cli {
     /// Run seed.
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// strict, lenient or choice-logits.
+    /// strict, lenient, choice-logits, cloze or cloze-norm.
     #[arg(long, default_value = "strict")]
     reward: String,
     /// Token budget per evaluation (the paper code's is 10).
@@ -136,7 +137,8 @@ fn main() -> Result<()> {
         mode,
         max_new_tokens: a.max_new_tokens,
     };
-    let template = Template::builtin(Family::MultipleChoice, Style::Instruct);
+    // The prompts the reward mode is searched with (cloze: the question alone, as plain text).
+    let template = Template::builtin_for(Family::MultipleChoice, Style::default_for(mode), mode);
     let prompts: Vec<PreparedPrompt> = samples
         .iter()
         .map(|s| prepare(&lm, s, &template, &eval))

@@ -12,14 +12,18 @@ use crate::eval::EvalOptions;
 /// Prompting, reward and MCTS flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SearchArgs {
-    /// Prompt style: instruct (chat template applied) or base.
-    #[arg(long, default_value = "instruct")]
+    /// Prompt style: instruct (chat template applied), base (plain text), or auto: base for the
+    /// cloze rewards (lm-evaluation-harness's formulation), instruct otherwise.
+    #[arg(long, default_value = "auto")]
     pub style: String,
     /// Own prompt template file (minijinja; workers must see the same path).
     #[arg(long)]
     pub template: Option<PathBuf>,
-    /// Multiple-choice reward: strict (the paper's), lenient, choice-logits (no decoding).
-    #[arg(long, default_value = "lenient")]
+    /// Multiple-choice reward: cloze (the gold choice's text is the most likely continuation of
+    /// the question, lm-eval's `acc`), cloze-norm (per character, lm-eval's `acc_norm`), strict
+    /// (the paper's letter rule on decoded text), lenient (a leading letter), choice-logits (the
+    /// letter's logit after "Answer:"). Math and GSM8K always decode.
+    #[arg(long, default_value = "cloze")]
     pub reward: String,
     /// Token budget of a decoded answer.
     #[arg(long, default_value_t = 10)]
@@ -30,8 +34,8 @@ pub struct SearchArgs {
     /// Simulations per prompt.
     #[arg(long, default_value_t = 50)]
     pub num_simulations: usize,
-    /// UCT exploration constant.
-    #[arg(long, default_value_t = 1.8)]
+    /// UCT exploration constant (the paper's code uses 1.8).
+    #[arg(long, default_value_t = 0.5)]
     pub c: f64,
     /// Length penalty lambda (score -= lambda * cost / L).
     #[arg(long, default_value_t = 3.0)]
@@ -54,12 +58,30 @@ pub struct SearchArgs {
     /// Do not stop when a path beats the default path's reward.
     #[arg(long)]
     pub no_stop_on_improvement: bool,
-    /// Stop once a correct path saves this many blocks (0: never).
-    #[arg(long, default_value_t = 2)]
+    /// Stop once a correct path saves this many blocks (0: never; the paper's code uses 2).
+    #[arg(long, default_value_t = 4)]
     pub stop_on_saving: usize,
-    /// Selection: uct, or chain (the paper code's leaf-only descent).
-    #[arg(long, default_value = "uct")]
+    /// Selection: pw (UCT with progressive widening: a node visited n times has at most
+    /// ceil(widening * n^widening-exp) children, one more while none of them was correct), uct
+    /// (every child of a node tried before descending: at 50 simulations no path saves more than
+    /// 2 blocks), or chain (the paper code's leaf-only descent).
+    #[arg(long, default_value = "pw")]
     pub selection: String,
+    /// Progressive widening factor (with --selection pw).
+    #[arg(long, default_value_t = 0.5)]
+    pub widening: f64,
+    /// Progressive widening exponent (with --selection pw), in (0, 1].
+    #[arg(long, default_value_t = 0.5)]
+    pub widening_exp: f64,
+    /// Expansion order of a node's edits: skip-first (once the default path is known correct,
+    /// skips before repeats) or shuffled (the paper's).
+    #[arg(long, default_value = "skip-first")]
+    pub order: String,
+    /// Blocks ranked safest-to-skip first, comma separated (with --order skip-first): skips
+    /// are tried in this order, so labels of different prompts agree (from
+    /// `drllm-search-bench static`).
+    #[arg(long, value_delimiter = ',')]
+    pub skip_prior: Vec<usize>,
 }
 
 /// Everything that decides a sample's search result, besides the model and the sample.
@@ -95,10 +117,19 @@ impl SearchArgs {
             stop_on_improvement: !self.no_stop_on_improvement,
             stop_on_saving: (self.stop_on_saving > 0).then_some(self.stop_on_saving),
             selection,
+            widening: self.widening,
+            widening_exp: self.widening_exp,
+            order: self.order.parse().map_err(anyhow::Error::msg)?,
+            skip_prior: self.skip_prior.clone(),
         };
         search.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+        let mode: RewardMode = self.reward.parse()?;
+        let style = match self.style.as_str() {
+            "auto" => Style::default_for(mode),
+            s => s.parse()?,
+        };
         let rc = RunConfig {
-            style: self.style.clone(),
+            style: style.to_string(),
             template: self.template.clone(),
             reward: self.reward.clone(),
             max_new_tokens: self.max_new_tokens,
@@ -131,7 +162,7 @@ impl RunConfig {
         let style = self.style()?;
         Ok(match &self.template {
             Some(p) => Template::from_file(p, style)?,
-            None => Template::builtin(family, style),
+            None => Template::builtin_for(family, style, self.reward.parse()?),
         })
     }
 }

@@ -2,10 +2,14 @@
 //! layer-synchronous batch (every candidate applying block `l` goes through it together), with
 //! prefix sharing (a candidate resumes from the cached state of the longest prefix of its path
 //! already run on its prompt) and early decision (a candidate leaves the batch as soon as its
-//! reward is decided). In `choice-logits` mode an evaluation is one prefill and no decoding.
+//! reward is decided). In `choice-logits` mode an evaluation is one prefill and no decoding; in
+//! `cloze` modes one prefill of the question and one batched pass over the choices.
 use drllm_path::LayerPath;
-use drllm_runtime::{GenerateOptions, LoadedModel, Message, PrefixCache};
-use drllm_tasks::{decide, Family, Gold, Question, RewardMode, Sample, Style, Template, Verdict};
+use drllm_runtime::{GenerateOptions, LoadedModel, Message, PathBatch, PrefixCache};
+use drllm_tasks::{
+    add_special_tokens, cloze_pick, decide, Family, Gold, Question, RewardMode, Sample, Style,
+    Template, Verdict,
+};
 
 /// Errors of preparing or evaluating a prompt; recorded per sample, never fatal for the run.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +42,30 @@ pub struct EvalOptions {
     pub max_new_tokens: usize,
 }
 
+/// How one prompt's answer is scored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scoring {
+    /// Greedy decoding, then the task's answer check on the text.
+    Generate,
+    /// One prefill: the gold letter must have the highest logit among the choice letters (each
+    /// with its token id) at the answer position.
+    ChoiceLogits(Vec<(char, u32)>),
+    /// One prefill of the question, then every choice's continuation scored resuming from it:
+    /// the gold choice must have the highest log-likelihood (per character with `norm`).
+    Cloze {
+        /// Token ids of each choice's continuation (non-empty).
+        choices: Vec<Vec<u32>>,
+        /// Length of each choice's text in characters (for `norm`).
+        chars: Vec<usize>,
+        /// Each choice's letter.
+        labels: Vec<char>,
+        /// Index of the gold choice.
+        gold: usize,
+        /// Divide each log-likelihood by its choice's length (lm-eval's `acc_norm`).
+        norm: bool,
+    },
+}
+
 /// A sample turned into model input, with what grading needs.
 #[derive(Debug, Clone)]
 pub struct PreparedPrompt {
@@ -47,16 +75,25 @@ pub struct PreparedPrompt {
     pub family: Family,
     /// Reference answer.
     pub gold: Gold,
-    /// The prompt as the model sees it (chat template applied for instruct templates).
+    /// The prompt as the model sees it (chat template applied for instruct templates); its
+    /// tokenization with `add_special` special tokens is `ids` (the text routers read in
+    /// training is this one).
     pub text: String,
-    /// Prompt token ids (chat template applied for instruct templates).
+    /// Whether `text` is tokenized with the tokenizer's special tokens.
+    pub add_special: bool,
+    /// Prompt token ids: what is prefilled along a path and what routers read.
     pub ids: Vec<u32>,
     /// Template (for response prefix and truncation).
     pub template: Template,
-    /// choice-logits: each choice letter and its token id at the answer position.
-    pub choice_tokens: Vec<(char, u32)>,
-    /// Whether this prompt is scored by choice logits (no decoding).
-    pub by_logits: bool,
+    /// How the answer is scored.
+    pub scoring: Scoring,
+}
+
+impl PreparedPrompt {
+    /// Whether the answer is decoded (else scored from one forward pass).
+    pub fn decodes(&self) -> bool {
+        self.scoring == Scoring::Generate
+    }
 }
 
 /// Renders, tokenizes and checks one sample.
@@ -70,61 +107,111 @@ pub fn prepare(
         sample_id: sample.id.clone(),
         msg,
     };
-    let by_logits =
-        opts.mode == RewardMode::ChoiceLogits && sample.task.family() == Family::MultipleChoice;
-    let text = template.render(sample)?;
-    let (text, ids) = match template.style() {
-        Style::Instruct => {
-            let mut chat = lm.tokenizer.apply_chat_template(&[Message::user(text)])?;
-            if by_logits {
-                // The assistant turn is pre-filled up to the answer.
-                chat.push_str("Answer:");
+    let family = sample.task.family();
+    let mode = opts.mode;
+    let by_letter = mode == RewardMode::ChoiceLogits && family == Family::MultipleChoice;
+    let cloze = mode.is_cloze() && family == Family::MultipleChoice;
+    let add_special = add_special_tokens(template.style(), mode, family);
+    let mut text = template.render(sample)?;
+    if template.style() == Style::Instruct {
+        text = lm.tokenizer.apply_chat_template(&[Message::user(text)])?;
+        if by_letter {
+            // The assistant turn is pre-filled up to the answer.
+            text.push_str("Answer:");
+        }
+    }
+    let mut scoring = Scoring::Generate;
+    if by_letter || cloze {
+        let Question::MultipleChoice { choices, .. } = &sample.question else {
+            return Err(err(format!(
+                "--reward {mode} needs a multiple-choice question"
+            )));
+        };
+        if by_letter {
+            let mut tokens = vec![];
+            for c in choices {
+                // After "Answer:" the letter comes with its leading space; else the bare one.
+                let tok = [format!(" {}", c.label), c.label.to_string()]
+                    .iter()
+                    .find_map(|s| match lm.tokenizer.encode(s, false).ok()?.as_slice() {
+                        [t] => Some(*t),
+                        _ => None,
+                    })
+                    .ok_or_else(|| {
+                        err(format!("choice letter {} is not a single token", c.label))
+                    })?;
+                tokens.push((c.label, tok));
             }
-            let ids = lm.tokenizer.encode(&chat, false)?;
-            (chat, ids)
+            scoring = Scoring::ChoiceLogits(tokens);
+        } else {
+            let Gold::Letter(g) = sample.gold else {
+                return Err(err("cloze scoring needs a gold letter".into()));
+            };
+            let gold = choices
+                .iter()
+                .position(|c| c.label == g)
+                .ok_or_else(|| err(format!("the gold letter {g} is not among the choices")))?;
+            // lm-evaluation-harness's context/continuation split: trailing whitespace of the
+            // context moves to the continuation; the continuation's tokens are those of
+            // context + continuation after the context's own tokens.
+            let kept = text.trim_end().len();
+            let moved = text[kept..].to_string();
+            text.truncate(kept);
+            let ctx = lm.tokenizer.encode(&text, add_special)?;
+            let mut conts = vec![];
+            let mut chars = vec![];
+            for c in choices {
+                let cont = format!("{moved}{}", template.cloze_continuation(c));
+                let whole = lm.tokenizer.encode(&format!("{text}{cont}"), add_special)?;
+                let ids = whole.get(ctx.len()..).unwrap_or_default().to_vec();
+                if ids.is_empty() {
+                    return Err(err(format!(
+                        "choice {} ({:?}) adds no tokens to the question",
+                        c.label, c.text
+                    )));
+                }
+                conts.push(ids);
+                chars.push(c.text.chars().count());
+            }
+            scoring = Scoring::Cloze {
+                choices: conts,
+                chars,
+                labels: choices.iter().map(|c| c.label).collect(),
+                gold,
+                norm: mode == RewardMode::ClozeNorm,
+            };
         }
-        Style::Base => {
-            let ids = lm.tokenizer.encode(&text, true)?;
-            (text, ids)
-        }
-    };
+    }
+    let ids = lm.tokenizer.encode(&text, add_special)?;
     if ids.is_empty() {
         return Err(err("the prompt renders to no tokens".into()));
     }
-    let budget = if by_logits { 0 } else { opts.max_new_tokens };
+    let extra = match &scoring {
+        Scoring::Generate => opts.max_new_tokens,
+        Scoring::ChoiceLogits(_) => 0,
+        Scoring::Cloze { choices, .. } => choices.iter().map(Vec::len).max().unwrap_or(0),
+    };
     let ctx = lm.model.cfg.max_position_embeddings as usize;
-    if ids.len() + budget > ctx {
+    if ids.len() + extra > ctx {
         return Err(err(format!(
-            "prompt of {} tokens + {budget} new tokens exceeds the model's context of {ctx}",
-            ids.len()
+            "prompt of {} tokens + {extra} {} exceeds the model's context of {ctx}",
+            ids.len(),
+            if scoring == Scoring::Generate {
+                "new tokens"
+            } else {
+                "answer tokens"
+            }
         )));
-    }
-    let mut choice_tokens = vec![];
-    if by_logits {
-        let Question::MultipleChoice { choices, .. } = &sample.question else {
-            return Err(err("choice-logits needs a multiple-choice question".into()));
-        };
-        for c in choices {
-            // After "Answer:" the letter comes with its leading space; fall back to the bare one.
-            let tok = [format!(" {}", c.label), c.label.to_string()]
-                .iter()
-                .find_map(|s| match lm.tokenizer.encode(s, false).ok()?.as_slice() {
-                    [t] => Some(*t),
-                    _ => None,
-                })
-                .ok_or_else(|| err(format!("choice letter {} is not a single token", c.label)))?;
-            choice_tokens.push((c.label, tok));
-        }
     }
     Ok(PreparedPrompt {
         text,
+        add_special,
         sample_id: sample.id.clone(),
-        family: sample.task.family(),
+        family,
         gold: sample.gold.clone(),
         ids,
         template: template.clone(),
-        choice_tokens,
-        by_logits,
+        scoring,
     })
 }
 
@@ -133,8 +220,10 @@ pub fn prepare(
 pub struct Evaluation {
     /// 0 or 1.
     pub reward: f64,
-    /// Tokens generated up to the decision (empty in choice-logits mode).
+    /// Tokens generated up to the decision (empty when nothing is decoded).
     pub tokens: Vec<u32>,
+    /// Cloze scoring: each choice's log-likelihood (empty otherwise).
+    pub logliks: Vec<f64>,
     /// Block applications of the prefill resumed from the prefix cache instead of computed.
     pub reused_blocks: usize,
 }
@@ -165,15 +254,30 @@ fn verdict(
     )
 }
 
-/// choice-logits reward from the logits `[V]` at the answer position.
-fn score_choice(p: &PreparedPrompt, logits: &tch::Tensor) -> f64 {
-    let Gold::Letter(g) = p.gold else { return 0.0 };
-    let letter_logits: Vec<(char, f32)> = p
-        .choice_tokens
-        .iter()
-        .map(|&(c, tok)| (c, logits.double_value(&[tok as i64]) as f32))
-        .collect();
-    drllm_tasks::choice_logits_correct(&letter_logits, g) as u8 as f64
+/// Reward of a prompt scored without decoding, from the logits `[V]` after its prompt
+/// (choice-logits) or its choices' log-likelihoods (cloze).
+pub fn score_forward(
+    p: &PreparedPrompt,
+    last_logits: Option<&tch::Tensor>,
+    logliks: &[f64],
+) -> f64 {
+    let ok = match &p.scoring {
+        Scoring::Generate => false,
+        Scoring::ChoiceLogits(tokens) => {
+            let (Gold::Letter(g), Some(logits)) = (&p.gold, last_logits) else {
+                return 0.0;
+            };
+            let letter_logits: Vec<(char, f32)> = tokens
+                .iter()
+                .map(|&(c, tok)| (c, logits.double_value(&[tok as i64]) as f32))
+                .collect();
+            drllm_tasks::choice_logits_correct(&letter_logits, *g)
+        }
+        Scoring::Cloze {
+            chars, gold, norm, ..
+        } => cloze_pick(logliks, chars, *norm) == Some(*gold),
+    };
+    ok as u8 as f64
 }
 
 /// Evaluates `(prompt, path)` candidates in one batch, sharing prefixes through `cache` (a
@@ -210,27 +314,56 @@ fn evaluate_batch_unguarded(
         Evaluation {
             reward: 0.0,
             tokens: vec![],
+            logliks: vec![],
             reused_blocks: 0,
         };
         items.len()
     ];
+    let _g = tch::no_grad_guard();
+    let pick = |f: fn(&Scoring) -> bool| -> Vec<usize> {
+        (0..items.len())
+            .filter(|&i| f(&items[i].0.scoring))
+            .collect()
+    };
+    let prompts_of = |idx: &[usize]| -> (Vec<Vec<u32>>, Vec<LayerPath>) {
+        idx.iter()
+            .map(|&i| (items[i].0.ids.clone(), items[i].1.clone()))
+            .unzip()
+    };
     // choice-logits candidates: one prefill each, scored from the last position's logits.
-    let (logit_idx, gen_idx): (Vec<usize>, Vec<usize>) =
-        (0..items.len()).partition(|&i| items[i].0.by_logits);
-    if !logit_idx.is_empty() {
-        let _g = tch::no_grad_guard();
-        let prompts: Vec<Vec<u32>> = logit_idx.iter().map(|&i| items[i].0.ids.clone()).collect();
-        let paths: Vec<LayerPath> = logit_idx.iter().map(|&i| items[i].1.clone()).collect();
+    let letters = pick(|s| matches!(s, Scoring::ChoiceLogits(_)));
+    if !letters.is_empty() {
+        let (prompts, paths) = prompts_of(&letters);
         let (logits, reused) = lm.model.last_logits_cached(&prompts, &paths, cache)?;
         let logits = logits.to_device(tch::Device::Cpu);
-        for (row, &i) in logit_idx.iter().enumerate() {
-            out[i].reward = score_choice(items[i].0, &logits.get(row as i64));
+        for (row, &i) in letters.iter().enumerate() {
+            out[i].reward = score_forward(items[i].0, Some(&logits.get(row as i64)), &[]);
             out[i].reused_blocks = reused[row];
         }
     }
+    // cloze candidates: one prefill of the question, the choices scored resuming from it.
+    let cloze = pick(|s| matches!(s, Scoring::Cloze { .. }));
+    if !cloze.is_empty() {
+        let (prompts, paths) = prompts_of(&cloze);
+        let conts: Vec<Vec<Vec<u32>>> = cloze
+            .iter()
+            .map(|&i| match &items[i].0.scoring {
+                Scoring::Cloze { choices, .. } => choices.clone(),
+                _ => vec![],
+            })
+            .collect();
+        let (lls, reused) = lm
+            .model
+            .cloze_logliks_cached(&prompts, &paths, &conts, cache)?;
+        for ((&i, ll), reused) in cloze.iter().zip(lls).zip(reused) {
+            out[i].reward = score_forward(items[i].0, None, &ll);
+            out[i].logliks = ll;
+            out[i].reused_blocks = reused;
+        }
+    }
+    let gen_idx = pick(|s| *s == Scoring::Generate);
     if !gen_idx.is_empty() {
-        let prompts: Vec<Vec<u32>> = gen_idx.iter().map(|&i| items[i].0.ids.clone()).collect();
-        let paths: Vec<LayerPath> = gen_idx.iter().map(|&i| items[i].1.clone()).collect();
+        let (prompts, paths) = prompts_of(&gen_idx);
         let stop_ids = lm.stop_ids();
         let gopts = GenerateOptions {
             max_new_tokens: opts.max_new_tokens,
@@ -248,6 +381,7 @@ fn evaluate_batch_unguarded(
             out[i] = Evaluation {
                 reward: (v == Verdict::Correct) as u8 as f64,
                 tokens: g.tokens,
+                logliks: vec![],
                 reused_blocks: g.reused_blocks,
             };
         }
@@ -255,23 +389,47 @@ fn evaluate_batch_unguarded(
     Ok(out)
 }
 
-/// Reference: one candidate alone with the plain runtime, decoding the whole budget.
+/// Reference: one candidate alone with the plain runtime and no shared state: decoding the
+/// whole budget, or (cloze) each choice appended to the prompt and run as its own sequence.
 pub fn evaluate_alone(
     lm: &LoadedModel,
     p: &PreparedPrompt,
     path: &LayerPath,
     opts: &EvalOptions,
 ) -> Result<Evaluation, EvalError> {
-    if p.by_logits {
-        let logits = lm
-            .model
-            .prompt_logits(std::slice::from_ref(&p.ids), std::slice::from_ref(path))?;
-        let last = logits[0].get(p.ids.len() as i64 - 1);
-        return Ok(Evaluation {
-            reward: score_choice(p, &last),
-            tokens: vec![],
-            reused_blocks: 0,
-        });
+    let _g = tch::no_grad_guard();
+    let none = |reward: f64, logliks: Vec<f64>| Evaluation {
+        reward,
+        tokens: vec![],
+        logliks,
+        reused_blocks: 0,
+    };
+    match &p.scoring {
+        Scoring::ChoiceLogits(_) => {
+            let logits = lm
+                .model
+                .prompt_logits(std::slice::from_ref(&p.ids), std::slice::from_ref(path))?;
+            let last = logits[0].get(p.ids.len() as i64 - 1);
+            return Ok(none(score_forward(p, Some(&last), &[]), vec![]));
+        }
+        Scoring::Cloze { choices, .. } => {
+            let seqs: Vec<Vec<u32>> = choices.iter().map(|c| [&p.ids[..], c].concat()).collect();
+            let paths = vec![path.clone(); seqs.len()];
+            let logits = lm.model.prompt_logits(&seqs, &paths)?;
+            let mut lls = vec![];
+            for (c, l) in choices.iter().zip(logits) {
+                let logp = l.log_softmax(-1, tch::Kind::Float);
+                let n = p.ids.len();
+                lls.push(
+                    c.iter()
+                        .enumerate()
+                        .map(|(j, &tok)| logp.double_value(&[(n + j - 1) as i64, tok as i64]))
+                        .sum(),
+                );
+            }
+            return Ok(none(score_forward(p, None, &lls), lls));
+        }
+        Scoring::Generate => {}
     }
     let gopts = GenerateOptions {
         max_new_tokens: opts.max_new_tokens,
@@ -289,8 +447,157 @@ pub fn evaluate_alone(
     Ok(Evaluation {
         reward: (v == Verdict::Correct) as u8 as f64,
         tokens: g.tokens,
+        logliks: vec![],
         reused_blocks: 0,
     })
+}
+
+/// A router over a whole batch: `route(l, h, lens)` gets the hidden state entering block `l`
+/// (`[B, T, H]`, left-padded, row `r` holding `lens[r]` real tokens) and returns each row's count
+/// for the block.
+pub type BatchRouter<'a> = dyn Fn(usize, &tch::Tensor, &[usize]) -> Vec<u8> + 'a;
+
+/// How the prompts of [`answer_batch`] choose their paths.
+pub enum PathChoice<'a> {
+    /// Every prompt along this path.
+    Fixed(LayerPath),
+    /// Each prompt routed once during its prefill.
+    Routed(&'a BatchRouter<'a>),
+}
+
+/// One prompt answered and graded.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The path it was answered along.
+    pub path: LayerPath,
+    /// Whether the answer is right.
+    pub correct: bool,
+    /// The decoded text, or the letter picked (forward-scored prompts).
+    pub response: String,
+    /// Cloze scoring: each choice's log-likelihood (else empty).
+    pub logliks: Vec<f64>,
+    /// Tokens decoded.
+    pub new_tokens: usize,
+}
+
+/// Answers and grades `prompts` (validation runs, routed or along one path). Decoded prompts
+/// are prefilled in batches of `batch` and, when routed, decoded in batches of `batch` rows with
+/// similar paths (all of `prompts` is the pool); forward-scored prompts (choice letters, cloze)
+/// run as one batch.
+pub fn answer_batch(
+    lm: &LoadedModel,
+    prompts: &[PreparedPrompt],
+    choice: &PathChoice<'_>,
+    batch: usize,
+    opts: &EvalOptions,
+) -> Result<Vec<Answer>, EvalError> {
+    let _g = tch::no_grad_guard();
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let batch = batch.max(1);
+    if prompts.iter().any(PreparedPrompt::decodes) {
+        let gopts = GenerateOptions {
+            max_new_tokens: opts.max_new_tokens,
+            stop_ids: lm.stop_ids(),
+        };
+        let (gens, paths) = match choice {
+            PathChoice::Routed(route) => {
+                let mut f = |rows: &[usize], l: usize, h: &tch::Tensor| {
+                    let lens: Vec<usize> = rows.iter().map(|&r| ids[r].len()).collect();
+                    route(l, h, &lens)
+                };
+                lm.model
+                    .generate_routed_grouped(&ids, &mut f, batch, &gopts)?
+            }
+            PathChoice::Fixed(path) => {
+                let paths = vec![path.clone(); ids.len()];
+                let mut gens = vec![];
+                for (c, p) in ids.chunks(batch).zip(paths.chunks(batch)) {
+                    gens.extend(lm.model.generate(c, p, &gopts)?);
+                }
+                (gens, paths)
+            }
+        };
+        let mut out = vec![];
+        for ((p, g), path) in prompts.iter().zip(gens).zip(paths) {
+            out.push(Answer {
+                path,
+                correct: grade_generation(lm, p, &g.tokens, opts.mode),
+                response: lm.tokenizer.decode(&g.tokens)?,
+                logliks: vec![],
+                new_tokens: g.tokens.len(),
+            });
+        }
+        return Ok(out);
+    }
+    let mut out = vec![];
+    for chunk in prompts.chunks(batch) {
+        out.extend(answer_forward(lm, chunk, choice)?);
+    }
+    Ok(out)
+}
+
+/// Forward-scored prompts (choice letters, cloze) in one batch.
+fn answer_forward(
+    lm: &LoadedModel,
+    prompts: &[PreparedPrompt],
+    choice: &PathChoice<'_>,
+) -> Result<Vec<Answer>, EvalError> {
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let (batch, h) = match choice {
+        PathChoice::Fixed(path) => {
+            let mut b = PathBatch::new(&lm.model, &vec![path.clone(); ids.len()])?;
+            let h = b.prefill(&ids)?;
+            (b, h)
+        }
+        PathChoice::Routed(route) => {
+            let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+            let mut b = PathBatch::new_routed(&lm.model, ids.len());
+            let h = b.prefill_routed(&ids, &mut |l, h| route(l, h, &lens))?;
+            (b, h)
+        }
+    };
+    let t = h.size()[1];
+    let last = lm.model.logits(&h.select(1, t - 1));
+    let conts: Vec<Vec<Vec<u32>>> = prompts
+        .iter()
+        .map(|p| match &p.scoring {
+            Scoring::Cloze { choices, .. } => choices.clone(),
+            _ => vec![],
+        })
+        .collect();
+    let lls = if conts.iter().any(|c| !c.is_empty()) {
+        lm.model.continuation_logliks(&batch, &last, &conts)?
+    } else {
+        vec![vec![]; prompts.len()]
+    };
+    let last = last.to_device(tch::Device::Cpu);
+    let paths = batch.paths().to_vec();
+    let mut out = vec![];
+    for (r, (p, ll)) in prompts.iter().zip(lls).enumerate() {
+        let row = last.get(r as i64);
+        let picked = match &p.scoring {
+            Scoring::Cloze {
+                chars,
+                labels,
+                norm,
+                ..
+            } => cloze_pick(&ll, chars, *norm).and_then(|i| labels.get(i).copied()),
+            Scoring::ChoiceLogits(tokens) => tokens
+                .iter()
+                .map(|&(c, tok)| (c, row.double_value(&[tok as i64])))
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(c, _)| c),
+            Scoring::Generate => None,
+        };
+        out.push(Answer {
+            path: paths[r].clone(),
+            correct: score_forward(p, Some(&row), &ll) >= 1.0,
+            response: picked.map(String::from).unwrap_or_default(),
+            logliks: ll,
+            new_tokens: 0,
+        });
+    }
+    Ok(out)
 }
 
 /// Whether a complete generation (`tokens`, the whole budget or up to a stop token) answers `p`

@@ -12,7 +12,7 @@ pub mod remote;
 pub use config::{RunConfig, SearchArgs};
 pub use driver::{run_feed, run_searches, DriverOptions, Feed, RunStats, SampleOutcome};
 pub use eval::{
-    decision_point, evaluate_alone, evaluate_batch, grade_generation, prepare, EvalError,
-    EvalOptions, Evaluation, PreparedPrompt,
+    answer_batch, decision_point, evaluate_alone, evaluate_batch, grade_generation, prepare,
+    score_forward, Answer, EvalError, EvalOptions, Evaluation, PathChoice, PreparedPrompt, Scoring,
 };
 pub use record::{path_record, question_text};

@@ -18,7 +18,8 @@ use drllm_worker::{prepare, run_searches, DriverOptions, SearchArgs};
     after_help = "Examples:
   drllm-worker --standalone --model embedded --dataset arc_easy --split train --limit 20 \\
       --num-simulations 50 --seed 7 --out paths.jsonl
-  drllm-worker --standalone --dataset arc_easy --reward choice-logits --limit 100 --out p.jsonl
+  drllm-worker --standalone --dataset arc_easy --reward cloze --limit 100 --out p.jsonl
+  drllm-worker --standalone --dataset arc_easy --reward lenient --style instruct --out g.jsonl
   drllm-worker --standalone --dataset dart-1 --style instruct --max-new-tokens 32 --out m.jsonl
   drllm-worker --connect http://node17:50051 --token $DRLLM_TOKEN --device cuda:0
 
@@ -89,6 +90,9 @@ fn main() -> Result<()> {
         .init();
     let a = Cli::parse();
     if let Some(n) = a.threads {
+        if n < 1 {
+            anyhow::bail!("--threads must be at least 1, got {n}");
+        }
         tch::set_num_threads(n);
     }
     let device = resolve_device(&a.device)?;
@@ -137,6 +141,12 @@ fn main() -> Result<()> {
     )?;
     let lm = LoadedModel::load(ModelSource::resolve(&a.model)?, device, kind)
         .with_context(|| format!("loading {}", a.model))?;
+    let n_layers = lm.model.num_layers();
+    if let Some(b) = search.skip_prior.iter().find(|&&b| b >= n_layers) {
+        anyhow::bail!(
+            "--skip-prior names block {b}, the model has {n_layers} blocks (0..{n_layers})"
+        );
+    }
     let eval = cfg.eval()?;
     let prompts: Vec<_> = loaded
         .samples

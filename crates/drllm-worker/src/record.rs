@@ -34,7 +34,7 @@ pub fn path_record(
     seed: u64,
 ) -> Result<PathRecord, EvalError> {
     let best_response = match &r.best_path {
-        Some(p) if !prompt.by_logits => {
+        Some(p) if prompt.decodes() => {
             let e = evaluate_alone(lm, prompt, p, eval)?;
             let cut = decision_point(lm, prompt, &e.tokens, eval.mode);
             Some(lm.tokenizer.decode(&e.tokens[..cut])?)

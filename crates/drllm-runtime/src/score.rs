@@ -1,0 +1,175 @@
+//! Log-likelihood scoring of continuations (multiple choice as lm-evaluation-harness scores it):
+//! each prompt is prefilled once along its path, then every one of its continuations is fed as a
+//! row resuming from that prefill, all continuations of a batch in one forward pass.
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::exec::{PathBatch, RouteFn};
+use crate::model::Model;
+use crate::prefix::PrefixCache;
+use drllm_path::LayerPath;
+
+/// Continuation tokens fed per forward pass at most (bounds the `[rows, T, vocab]` logits).
+const TOKENS_PER_PASS: usize = 512;
+
+impl Model {
+    /// Summed log-probability of each continuation `conts[r][k]` after row `r` of a prefilled
+    /// `batch` (along the row's path), given `last_logits` `[B, V]`, the logits after each row's
+    /// prompt. Continuations must be non-empty. The batch itself is left as it is.
+    pub fn continuation_logliks(
+        &self,
+        batch: &PathBatch<'_>,
+        last_logits: &Tensor,
+        conts: &[Vec<Vec<u32>>],
+    ) -> Result<Vec<Vec<f64>>> {
+        let _g = tch::no_grad_guard();
+        if conts.len() != batch.len() || last_logits.size().first() != Some(&(batch.len() as i64)) {
+            return Err(Error::Request(format!(
+                "{} continuation lists and {:?} logits for a batch of {}",
+                conts.len(),
+                last_logits.size(),
+                batch.len()
+            )));
+        }
+        if let Some(r) = conts.iter().position(|c| c.iter().any(Vec::is_empty)) {
+            return Err(Error::Request(format!("row {r} has an empty continuation")));
+        }
+        // The first token of each continuation is scored from the prompt's own logits.
+        let first = last_logits
+            .to_kind(Kind::Float)
+            .log_softmax(-1, Kind::Float)
+            .to_device(tch::Device::Cpu);
+        let mut out: Vec<Vec<f64>> = conts
+            .iter()
+            .enumerate()
+            .map(|(r, cs)| {
+                cs.iter()
+                    .map(|c| first.double_value(&[r as i64, c[0] as i64]))
+                    .collect()
+            })
+            .collect();
+        // The rest: one row per continuation, resuming from its prompt's prefill; longest first,
+        // so each pass pads little.
+        let mut jobs: Vec<(usize, usize)> = conts
+            .iter()
+            .enumerate()
+            .flat_map(|(r, cs)| (0..cs.len()).map(move |k| (r, k)))
+            .filter(|&(r, k)| conts[r][k].len() > 1)
+            .collect();
+        jobs.sort_by_key(|&(r, k)| std::cmp::Reverse(conts[r][k].len()));
+        let mut start = 0;
+        while start < jobs.len() {
+            // Rows of this pass: as many as fit the token bound (at least one).
+            let widest = conts[jobs[start].0][jobs[start].1].len() - 1;
+            let rows_per_pass = (TOKENS_PER_PASS / widest.max(1)).max(1);
+            let end = (start + rows_per_pass).min(jobs.len());
+            let part = &jobs[start..end];
+            let rows: Vec<usize> = part.iter().map(|&(r, _)| r).collect();
+            let mut b = batch.select_rows(&rows)?;
+            let feed: Vec<Vec<u32>> = part
+                .iter()
+                .map(|&(r, k)| conts[r][k][..conts[r][k].len() - 1].to_vec())
+                .collect();
+            let h = b.extend(&feed)?;
+            // Logits only at real positions (not the right padding): the LM head is a large
+            // share of this pass.
+            let t = h.size()[1];
+            let (mut at, mut targets) = (vec![], vec![]);
+            for (i, &(r, k)) in part.iter().enumerate() {
+                for (j, &tok) in conts[r][k][1..].iter().enumerate() {
+                    at.push(i as i64 * t + j as i64);
+                    targets.push(tok as i64);
+                }
+            }
+            let dev = h.device();
+            let hs = h
+                .view([-1, h.size()[2]])
+                .index_select(0, &Tensor::from_slice(&at).to_device(dev));
+            let logp = self.logits(&hs).log_softmax(-1, Kind::Float);
+            let picked = logp
+                .gather(
+                    1,
+                    &Tensor::from_slice(&targets).to_device(dev).unsqueeze(1),
+                    false,
+                )
+                .squeeze_dim(1)
+                .to_device(tch::Device::Cpu);
+            let picked: Vec<f32> = Vec::try_from(&picked)?;
+            let mut next = 0;
+            for &(r, k) in part {
+                let n = conts[r][k].len() - 1;
+                out[r][k] += picked[next..next + n]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .sum::<f64>();
+                next += n;
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// Continuation log-likelihoods of each prompt along its path (see
+    /// [`Model::continuation_logliks`]), prefilled in one batch.
+    pub fn cloze_logliks(
+        &self,
+        prompts: &[Vec<u32>],
+        paths: &[LayerPath],
+        conts: &[Vec<Vec<u32>>],
+    ) -> Result<Vec<Vec<f64>>> {
+        let _g = tch::no_grad_guard();
+        let mut batch = PathBatch::new(self, paths)?;
+        let h = batch.prefill(prompts)?;
+        let t = h.size()[1];
+        let last = self.logits(&h.select(1, t - 1));
+        self.continuation_logliks(&batch, &last, conts)
+    }
+
+    /// [`Model::cloze_logliks`] with each prompt routed once during its prefill (see
+    /// [`PathBatch::prefill_routed`]): the routers read the prompt alone, and every continuation
+    /// is scored along the path they chose. Returns the log-likelihoods and the paths.
+    pub fn cloze_logliks_routed(
+        &self,
+        prompts: &[Vec<u32>],
+        route: &mut RouteFn<'_>,
+        conts: &[Vec<Vec<u32>>],
+    ) -> Result<(Vec<Vec<f64>>, Vec<LayerPath>)> {
+        let _g = tch::no_grad_guard();
+        let mut batch = PathBatch::new_routed(self, prompts.len());
+        let h = batch.prefill_routed(prompts, route)?;
+        let t = h.size()[1];
+        let last = self.logits(&h.select(1, t - 1));
+        let ll = self.continuation_logliks(&batch, &last, conts)?;
+        Ok((ll, batch.paths().to_vec()))
+    }
+
+    /// [`Model::cloze_logliks`] for search candidates: prefilled in groups of similar length,
+    /// sharing path prefixes through `cache`; also each row's block applications resumed from
+    /// the cache.
+    pub fn cloze_logliks_cached(
+        &self,
+        prompts: &[Vec<u32>],
+        paths: &[LayerPath],
+        conts: &[Vec<Vec<u32>>],
+        cache: &mut PrefixCache,
+    ) -> Result<(Vec<Vec<f64>>, Vec<usize>)> {
+        let _g = tch::no_grad_guard();
+        if conts.len() != prompts.len() {
+            return Err(Error::Request(format!(
+                "{} continuation lists for {} prompts",
+                conts.len(),
+                prompts.len()
+            )));
+        }
+        let (batch, last, order) = self.prefill_grouped(prompts, paths, cache)?;
+        let ordered: Vec<Vec<Vec<u32>>> = order.iter().map(|&i| conts[i].clone()).collect();
+        let ll = self.continuation_logliks(&batch, &last, &ordered)?;
+        let mut out = vec![vec![]; prompts.len()];
+        let mut reused = vec![0; prompts.len()];
+        for (row, (&i, l)) in order.iter().zip(ll).enumerate() {
+            out[i] = l;
+            reused[i] = batch.reused_blocks()[row];
+        }
+        Ok((out, reused))
+    }
+}

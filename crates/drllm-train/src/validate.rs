@@ -1,0 +1,167 @@
+//! Routed validation: the held-out prompts answered along the paths the routers choose for them
+//! (routing once per prompt during prefill, as `drllm-infer` does), graded like the search
+//! graded them. This is what decides which epoch is shipped: teacher-forced F1 says how often a
+//! router repeats its label, not whether the routed model still answers.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use drllm_path::LayerPath;
+use drllm_router::{Policy, Routers};
+use drllm_runtime::LoadedModel;
+use drllm_tasks::{data, LoadOptions, Sample, Split, TaskName};
+use drllm_worker::{answer_batch, prepare, EvalOptions, PathChoice, PreparedPrompt, RunConfig};
+
+use crate::examples::{Example, ExampleSet};
+use crate::trainer::TrainError;
+
+/// Held-out prompts ready to be answered, with the baseline's accuracy on them.
+pub struct RoutedValidation {
+    prompts: Vec<PreparedPrompt>,
+    opts: EvalOptions,
+    windows: usize,
+    batch: usize,
+    /// Accuracy of the all-execute baseline on the same prompts.
+    pub baseline_accuracy: f64,
+}
+
+/// Accuracy and mean path cost of answers.
+fn score(answers: &[drllm_worker::Answer]) -> (f64, f64) {
+    let n = answers.len().max(1) as f64;
+    (
+        answers.iter().filter(|a| a.correct).count() as f64 / n,
+        answers.iter().map(|a| a.path.cost()).sum::<usize>() as f64 / n,
+    )
+}
+
+impl RoutedValidation {
+    /// Prepares `held_out` (rows of `set`) from the task data in `data_dir`, rendered with their
+    /// dataset's run configuration, and checks each prompt is exactly the text the search
+    /// stored (the routers train on that text, so they must be measured on it).
+    pub fn new(
+        lm: &LoadedModel,
+        set: &ExampleSet,
+        held_out: &[&Example],
+        data_dir: &Path,
+        windows: usize,
+        batch: usize,
+    ) -> Result<Self, TrainError> {
+        let data_err = |msg: String| TrainError::Data(format!("routed validation: {msg}"));
+        let mut samples: HashMap<(String, String), HashMap<String, Sample>> = HashMap::new();
+        let mut prompts = vec![];
+        let mut opts: Option<EvalOptions> = None;
+        for e in held_out {
+            let src = &set.sources[e.source];
+            let cfg: RunConfig = serde_json::from_value(src.run.clone()).map_err(|err| {
+                data_err(format!(
+                    "{}: _manifest.json config.run: {err}",
+                    src.path.display()
+                ))
+            })?;
+            let eval = cfg.eval().map_err(|e| data_err(e.to_string()))?;
+            if opts.as_ref().is_some_and(|o| o.mode != eval.mode) {
+                return Err(data_err(format!(
+                    "the datasets were searched with different rewards ({} and {}): train on \
+                     one kind of prompt",
+                    opts.as_ref().map_or("?", |o| o.mode.name()),
+                    eval.mode
+                )));
+            }
+            let key = (e.task.clone(), e.split.clone());
+            if !samples.contains_key(&key) {
+                let task: TaskName = e.task.parse().map_err(|x| data_err(format!("{x}")))?;
+                let split: Split = e.split.parse().map_err(|x| data_err(format!("{x}")))?;
+                let loaded = data::load(data_dir, task, split, &LoadOptions::default())
+                    .map_err(|x| data_err(format!("{x} (pass --task-data DIR)")))?;
+                let by_id = loaded
+                    .samples
+                    .into_iter()
+                    .map(|s| (s.id.clone(), s))
+                    .collect();
+                samples.insert(key.clone(), by_id);
+            }
+            let sample = samples[&key].get(&e.sample_id).ok_or_else(|| {
+                data_err(format!(
+                    "sample {} ({}/{}) is not in {}",
+                    e.sample_id,
+                    e.task,
+                    e.split,
+                    data_dir.display()
+                ))
+            })?;
+            let template = cfg
+                .template(sample.task.family())
+                .map_err(|x| data_err(x.to_string()))?;
+            let p = prepare(lm, sample, &template, &eval)
+                .map_err(|x| data_err(format!("sample {}: {x}", e.sample_id)))?;
+            if p.text != e.prompt {
+                return Err(data_err(format!(
+                    "sample {} renders to other text now than in {} (template, chat template or \
+                     reward changed since the search): {:?} vs {:?}",
+                    e.sample_id,
+                    src.path.display(),
+                    p.text,
+                    e.prompt
+                )));
+            }
+            prompts.push(p);
+            opts.get_or_insert(eval);
+        }
+        let opts = opts.ok_or_else(|| data_err("no held-out prompts".into()))?;
+        let mut v = RoutedValidation {
+            prompts,
+            opts,
+            windows,
+            batch,
+            baseline_accuracy: 0.0,
+        };
+        let n = lm.model.num_layers();
+        let base = answer_batch(
+            lm,
+            &v.prompts,
+            &PathChoice::Fixed(LayerPath::all_ones(n)),
+            v.batch,
+            &v.opts,
+        )
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+        v.baseline_accuracy = score(&base).0;
+        Ok(v)
+    }
+
+    /// Prompts held out.
+    pub fn len(&self) -> usize {
+        self.prompts.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.prompts.is_empty()
+    }
+
+    /// Routed accuracy and mean path cost of `routers` at `budget` on the held-out prompts.
+    pub fn measure(
+        &self,
+        lm: &LoadedModel,
+        routers: &Routers,
+        budget: f64,
+    ) -> Result<(f64, f64), TrainError> {
+        let policy = Policy::new(routers.to_device(lm.model.device()), self.windows, budget)
+            .map_err(|e| TrainError::Data(e.to_string()))?;
+        let route = |l: usize, h: &tch::Tensor, lens: &[usize]| policy.decide(l, h, lens);
+        let mut answers = vec![];
+        // Decoded prompts are regrouped by path within a pool; forward-scored ones batch alone.
+        for chunk in self.prompts.chunks(self.batch.max(1) * 8) {
+            answers.extend(
+                answer_batch(
+                    lm,
+                    chunk,
+                    &PathChoice::Routed(&route),
+                    self.batch,
+                    &self.opts,
+                )
+                .map_err(|e| TrainError::Model(e.to_string()))?,
+            );
+        }
+        Ok(score(&answers))
+    }
+}

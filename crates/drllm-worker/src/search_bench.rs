@@ -1,0 +1,597 @@
+//! `drllm-search-bench`: questions about paths answered from rewards alone. A path's reward for
+//! a prompt does not depend on who asks for it, so every reward is computed once (batched,
+//! prefix-shared), shared by everything the run compares, and optionally kept in a memo file.
+//! - `compare`: search configurations on the same prompts, split by whether the default path is
+//!   correct: how often a path other than the default is found, the blocks the best one saves,
+//!   and the evaluations each search asks for (what a real run would spend).
+//! - `static`: the best fixed paths on (train) prompts: blocks ranked by how often skipping each
+//!   alone keeps answers right (a skip prior for the search), then greedy skip sets of growing
+//!   size (the static controls routers must beat).
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use drllm_path::LayerPath;
+use drllm_runtime::{parse_dtype, resolve_device, LoadedModel, ModelSource, PrefixCache};
+use drllm_search::{sample_seed, Search, SearchConfig, SearchResult, Step};
+use drllm_tasks::{data, LoadOptions, TaskName};
+use drllm_worker::{evaluate_batch, prepare, PreparedPrompt, SearchArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "drllm-search-bench",
+    version,
+    about = "Compare search configurations, and find the best static paths, from shared rewards.",
+    after_help = "Examples:
+  drllm-search-bench compare --dataset arc_easy --limit 200 --sims 50,100,200 \\
+      --config uct --config chain --config pw,order=skip-first,c=0.5,stop=4 --memo memo.jsonl
+  drllm-search-bench static --dataset arc_easy,arc_challenge --limit 200 --blocks 6 --memo memo.jsonl
+
+Every reward is evaluated once per run (and read from --memo when present)."
+)]
+enum Cli {
+    /// Compare search configurations on the same prompts.
+    #[command(
+        after_help = "A --config is a selection (uct, chain, pw) then key=value changes to the search flags given:
+c, lambda, order (skip-first, shuffled), stop (blocks saved that end a search, 0 = never),
+improve (true/false: stop at the first path beating a wrong default), widening, exp."
+    )]
+    Compare(CompareArgs),
+    /// Rank blocks by single-skip accuracy and grow the best static skip set greedily.
+    Static(StaticArgs),
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Simulation budgets, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "50")]
+    sims: Vec<usize>,
+    /// A configuration to compare (repeat the flag).
+    #[arg(long = "config", required = true)]
+    configs: Vec<String>,
+    /// Write the table as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct StaticArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Largest skip set grown.
+    #[arg(long, default_value_t = 6)]
+    blocks: usize,
+    /// Candidates tried at each greedy step: the best blocks by single-skip accuracy not yet
+    /// skipped (0 = every block).
+    #[arg(long, default_value_t = 10)]
+    shortlist: usize,
+    /// Write the ranking and the paths as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// What both commands share: model, prompts, search flags (prompting and reward), evaluator.
+#[derive(clap::Args)]
+struct Common {
+    /// Model: HF directory, .gguf file, `embedded`, or a cached repo id.
+    #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
+    model: String,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, env = "DRLLM_DEVICE", default_value = "auto")]
+    device: String,
+    /// auto (f32 on CPU, bf16 on CUDA), f32, bf16, f16.
+    #[arg(long, env = "DRLLM_DTYPE", default_value = "auto")]
+    dtype: String,
+    /// CPU threads for libtorch.
+    #[arg(long, env = "DRLLM_THREADS")]
+    threads: Option<i32>,
+    /// Data directory (default $DRLLM_DATA, else ../shared/data).
+    #[arg(long, env = "DRLLM_DATA")]
+    data: Option<PathBuf>,
+    /// Tasks, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "arc_easy")]
+    dataset: Vec<String>,
+    /// Split.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Prompts per task.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Skip this many samples first.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Prompting and reward flags (and, for compare, the base every configuration starts from).
+    #[command(flatten)]
+    search: SearchArgs,
+    /// Candidates per evaluator batch.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Memory for cached path prefixes, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    prefix_cache_mb: usize,
+    /// Rewards already computed (JSON lines), read first and extended as new ones come.
+    #[arg(long)]
+    memo: Option<PathBuf>,
+}
+
+/// A search configuration parsed from `--config`.
+fn parse_config(spec: &str, base: &SearchConfig) -> Result<SearchConfig> {
+    let mut parts = spec.split(',');
+    let mut cfg = base.clone();
+    cfg.selection = parts
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("--config {spec}"))?;
+    for kv in parts {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--config {spec}: {kv:?} is not key=value"))?;
+        let num = || -> Result<f64> {
+            v.parse()
+                .with_context(|| format!("--config {spec}: {k}={v} is not a number"))
+        };
+        match k {
+            "c" => cfg.c = num()?,
+            "lambda" => cfg.length_penalty = num()?,
+            "order" => cfg.order = v.parse().map_err(anyhow::Error::msg)?,
+            "stop" => cfg.stop_on_saving = (num()? as usize > 0).then_some(num()? as usize),
+            "improve" => cfg.stop_on_improvement = v == "true",
+            "widening" => cfg.widening = num()?,
+            "exp" => cfg.widening_exp = num()?,
+            other => bail!("--config {spec}: unknown key {other:?} (c, lambda, order, stop, improve, widening, exp)"),
+        }
+    }
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("--config {spec}: {e}"))?;
+    Ok(cfg)
+}
+
+/// One (configuration, budget) row of the table.
+struct Row {
+    spec: String,
+    sims: usize,
+    results: Vec<SearchResult>,
+}
+
+/// Summary of a group of results: (count, found-rate, mean blocks saved where found, mean
+/// evaluations).
+fn summarize(rs: &[&SearchResult], n_layers: usize) -> (usize, f64, f64, f64) {
+    let n = rs.len();
+    if n == 0 {
+        return (0, 0.0, 0.0, 0.0);
+    }
+    let found: Vec<&&SearchResult> = rs.iter().filter(|r| r.found).collect();
+    let saved = found
+        .iter()
+        .map(|r| n_layers as f64 - r.best_cost.unwrap_or(n_layers) as f64)
+        .sum::<f64>()
+        / found.len().max(1) as f64;
+    let evals = rs.iter().map(|r| r.evaluations as f64).sum::<f64>() / n as f64;
+    (n, found.len() as f64 / n as f64, saved, evals)
+}
+
+/// Rewards of (prompt, path) pairs, each computed once: batched and prefix-shared, kept in
+/// memory and in the memo file.
+struct Oracle {
+    lm: LoadedModel,
+    prompts: Vec<PreparedPrompt>,
+    eval: drllm_worker::EvalOptions,
+    run: drllm_worker::RunConfig,
+    memo: HashMap<(String, LayerPath), f64>,
+    memo_out: Option<std::fs::File>,
+    from_memo: usize,
+    computed: usize,
+    cache: PrefixCache,
+    batch: usize,
+    started: std::time::Instant,
+}
+
+impl Oracle {
+    fn open(a: &Common) -> Result<Oracle> {
+        if let Some(n) = a.threads {
+            if n < 1 {
+                bail!("--threads must be at least 1, got {n}");
+            }
+            tch::set_num_threads(n);
+        }
+        let run = a.search.run_config()?;
+        let dir = data::resolve_data_dir(a.data.as_deref())?;
+        let device = resolve_device(&a.device)?;
+        let source = ModelSource::resolve(&a.model)?;
+        let fingerprint = source.fingerprint()?;
+        let lm = LoadedModel::load(source, device, parse_dtype(&a.dtype, device)?)
+            .with_context(|| format!("loading {}", a.model))?;
+        let eval = run.eval()?;
+        let mut prompts = vec![];
+        for name in &a.dataset {
+            let task: TaskName = name.parse()?;
+            let loaded = data::load(
+                &dir,
+                task,
+                a.split.parse()?,
+                &LoadOptions {
+                    offset: a.offset,
+                    limit: Some(a.limit),
+                    ..Default::default()
+                },
+            )?;
+            let template = run.template(task.family())?;
+            for s in &loaded.samples {
+                prompts.push(prepare(&lm, s, &template, &eval)?);
+            }
+        }
+        // The memo holds rewards of one model, reward, style and dtype only.
+        let header = serde_json::json!({
+            "model": fingerprint, "reward": run.reward, "style": run.style,
+            "dtype": format!("{:?}", lm.model.kind()),
+        });
+        let mut memo: HashMap<(String, LayerPath), f64> = HashMap::new();
+        let mut memo_out = None;
+        if let Some(path) = &a.memo {
+            if path.exists() {
+                let f = std::fs::File::open(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+                    let line = line.with_context(|| format!("reading {}", path.display()))?;
+                    let at = || format!("{}:{}", path.display(), i + 1);
+                    let v: serde_json::Value = serde_json::from_str(&line)
+                        .with_context(|| format!("{}: not JSON", at()))?;
+                    if i == 0 {
+                        if v != header {
+                            bail!(
+                                "{}: made for {v}, this run is {header}: use another --memo",
+                                at()
+                            );
+                        }
+                        continue;
+                    }
+                    let (Some(id), Some(p), Some(r)) = (
+                        v["sample_id"].as_str(),
+                        v["path"].as_str(),
+                        v["reward"].as_f64(),
+                    ) else {
+                        bail!("{}: expected sample_id, path and reward", at());
+                    };
+                    let p: LayerPath = p.parse().with_context(|| format!("{}: path", at()))?;
+                    memo.insert((id.to_string(), p), r);
+                }
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            if f.metadata()?.len() == 0 {
+                writeln!(f, "{header}")?;
+            }
+            memo_out = Some(f);
+        }
+        Ok(Oracle {
+            lm,
+            prompts,
+            eval,
+            run,
+            from_memo: memo.len(),
+            memo,
+            memo_out,
+            computed: 0,
+            cache: PrefixCache::new(a.prefix_cache_mb << 20),
+            batch: a.batch.max(1),
+            started: std::time::Instant::now(),
+        })
+    }
+
+    fn get(&self, i: usize, p: &LayerPath) -> Option<f64> {
+        self.memo
+            .get(&(self.prompts[i].sample_id.clone(), p.clone()))
+            .copied()
+    }
+
+    /// Computes the rewards of `wanted` (prompt index, path) not known yet.
+    fn fill(
+        &mut self,
+        mut wanted: Vec<(usize, LayerPath)>,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        wanted.retain(|(i, p)| self.get(*i, p).is_none());
+        wanted.sort_by(|x, y| (x.0, x.1.counts()).cmp(&(y.0, y.1.counts())));
+        wanted.dedup();
+        for chunk in wanted.chunks(self.batch) {
+            let items: Vec<(&PreparedPrompt, &LayerPath)> =
+                chunk.iter().map(|(i, p)| (&self.prompts[*i], p)).collect();
+            let evals = evaluate_batch(&self.lm, &items, &self.eval, &mut self.cache)?;
+            for ((i, p), e) in chunk.iter().zip(evals) {
+                let id = self.prompts[*i].sample_id.clone();
+                if let Some(f) = self.memo_out.as_mut() {
+                    let line = serde_json::json!({"sample_id": id, "path": p.to_string(), "reward": e.reward});
+                    writeln!(f, "{line}")?;
+                }
+                self.memo.insert((id, p.clone()), e.reward);
+            }
+            self.computed += chunk.len();
+            bar.set_message(format!(
+                "{} rewards computed ({:.1}/s), {} from the memo",
+                self.computed,
+                self.computed as f64 / self.started.elapsed().as_secs_f64().max(1e-9),
+                self.from_memo
+            ));
+        }
+        Ok(())
+    }
+
+    fn header(&self, split: &str, datasets: &[String]) -> String {
+        format!(
+            "{} {split} prompts of {} ({}), reward {}, style {}, seed {} | {} rewards computed in {:.0}s, {} from the memo",
+            self.prompts.len(),
+            datasets.join(", "),
+            self.lm.source.name(),
+            self.run.reward,
+            self.run.style,
+            self.run.seed,
+            self.computed,
+            self.started.elapsed().as_secs_f64(),
+            self.from_memo
+        )
+    }
+}
+
+fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len).with_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed}} < {{eta}}] {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+fn main() -> Result<()> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("DRLLM_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse() {
+        Cli::Compare(a) => compare(a),
+        Cli::Static(a) => static_paths(a),
+    }
+}
+
+fn compare(a: CompareArgs) -> Result<()> {
+    let mut o = Oracle::open(&a.common)?;
+    let mut combos = vec![];
+    for spec in &a.configs {
+        for &sims in &a.sims {
+            let mut cfg = parse_config(spec, &o.run.search)?;
+            cfg.num_simulations = sims;
+            combos.push((spec.clone(), sims, cfg));
+        }
+    }
+    let n_layers = o.lm.model.num_layers();
+    // Every (configuration, prompt) search, driven together.
+    let mut searches: Vec<(usize, usize, Search)> = vec![];
+    for (c, (_, _, cfg)) in combos.iter().enumerate() {
+        for (i, p) in o.prompts.iter().enumerate() {
+            let seed = sample_seed(o.run.seed, &p.sample_id);
+            searches.push((c, i, Search::new(n_layers, cfg.clone(), seed)));
+        }
+    }
+    let mut results: Vec<Option<SearchResult>> = vec![None; searches.len()];
+    let bar = progress(searches.len() as u64, "searches");
+    loop {
+        // Advance every search until it needs a reward not known yet.
+        let mut wanted: Vec<(usize, LayerPath)> = vec![];
+        for (k, (_, i, s)) in searches.iter_mut().enumerate() {
+            if results[k].is_some() {
+                continue;
+            }
+            loop {
+                match s.next_step() {
+                    Step::Done(r) => {
+                        results[k] = Some(r);
+                        bar.inc(1);
+                        break;
+                    }
+                    Step::Evaluate(p) => match o.get(*i, &p) {
+                        Some(r) => s.provide(r),
+                        None => {
+                            wanted.push((*i, p));
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+        if wanted.is_empty() {
+            break;
+        }
+        o.fill(wanted, &bar)?;
+    }
+    bar.finish_and_clear();
+    let mut rows: Vec<Row> = combos
+        .iter()
+        .map(|(spec, sims, _)| Row {
+            spec: spec.clone(),
+            sims: *sims,
+            results: vec![],
+        })
+        .collect();
+    for ((c, _, _), r) in searches.iter().zip(results) {
+        rows[*c].results.extend(r);
+    }
+    println!("{}", o.header(&a.common.split, &a.common.dataset));
+    println!(
+        "{:<40} {:>5} | {:>10} {:>7} {:>6} {:>6} | {:>11} {:>7} {:>6} {:>6} | {:>6}",
+        "config",
+        "sims",
+        "default ok",
+        "found",
+        "saved",
+        "evals",
+        "default bad",
+        "found",
+        "saved",
+        "evals",
+        "evals"
+    );
+    let mut json = vec![];
+    for r in &rows {
+        let ok: Vec<&SearchResult> = r
+            .results
+            .iter()
+            .filter(|x| x.default_reward >= 1.0)
+            .collect();
+        let bad: Vec<&SearchResult> = r
+            .results
+            .iter()
+            .filter(|x| x.default_reward < 1.0)
+            .collect();
+        let all: Vec<&SearchResult> = r.results.iter().collect();
+        let (n1, f1, s1, e1) = summarize(&ok, n_layers);
+        let (n0, f0, s0, e0) = summarize(&bad, n_layers);
+        let (_, _, _, e) = summarize(&all, n_layers);
+        println!(
+            "{:<40} {:>5} | {:>10} {:>6.1}% {:>6.2} {:>6.1} | {:>11} {:>6.1}% {:>6.2} {:>6.1} | {:>6.1}",
+            r.spec, r.sims, n1, 100.0 * f1, s1, e1, n0, 100.0 * f0, s0, e0, e
+        );
+        json.push(serde_json::json!({
+            "config": r.spec, "sims": r.sims,
+            "default_correct": {"prompts": n1, "found_rate": f1, "mean_saved_where_found": s1, "evaluations": e1},
+            "default_wrong": {"prompts": n0, "found_rate": f0, "mean_saved_where_found": s0, "evaluations": e0},
+            "evaluations": e,
+        }));
+    }
+    println!("found = a correct path other than the default; saved = blocks the best one saves (mean where found); evals = distinct paths evaluated per search");
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// The path skipping `blocks` (every other block once).
+fn skipping(n_layers: usize, blocks: &[usize]) -> Result<LayerPath> {
+    let mut counts = vec![1u8; n_layers];
+    for &b in blocks {
+        counts[b] = 0;
+    }
+    Ok(LayerPath::from_counts(counts)?)
+}
+
+/// Accuracy of a path over all prompts (rewards must be known).
+fn accuracy(o: &Oracle, p: &LayerPath) -> f64 {
+    let n = o.prompts.len().max(1) as f64;
+    (0..o.prompts.len())
+        .map(|i| o.get(i, p).unwrap_or(0.0))
+        .sum::<f64>()
+        / n
+}
+
+fn static_paths(a: StaticArgs) -> Result<()> {
+    let mut o = Oracle::open(&a.common)?;
+    let n = o.lm.model.num_layers();
+    let np = o.prompts.len();
+    if a.blocks >= n {
+        bail!("--blocks {} leaves nothing of a {n}-block model", a.blocks);
+    }
+    let bar = progress(0, "paths");
+    let all = |paths: &[LayerPath]| -> Vec<(usize, LayerPath)> {
+        paths
+            .iter()
+            .flat_map(|p| (0..np).map(move |i| (i, p.clone())))
+            .collect()
+    };
+    // The baseline and every single skip.
+    let base = LayerPath::all_ones(n);
+    let singles: Vec<LayerPath> = (0..n).map(|b| skipping(n, &[b])).collect::<Result<_>>()?;
+    bar.set_length(1 + n as u64);
+    o.fill(all(&[vec![base.clone()], singles.clone()].concat()), &bar)?;
+    let base_acc = accuracy(&o, &base);
+    let mut single_acc: Vec<(usize, f64)> =
+        (0..n).map(|b| (b, accuracy(&o, &singles[b]))).collect();
+    // Safest first: highest accuracy, then the lower block.
+    single_acc.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+    let prior: Vec<usize> = single_acc.iter().map(|&(b, _)| b).collect();
+    // Greedy: grow the skip set by the candidate that keeps accuracy highest.
+    let mut chosen: Vec<usize> = vec![];
+    let mut steps = vec![];
+    for _ in 0..a.blocks {
+        let shortlist: Vec<usize> = prior
+            .iter()
+            .copied()
+            .filter(|b| !chosen.contains(b))
+            .take(if a.shortlist == 0 { n } else { a.shortlist })
+            .collect();
+        let paths: Vec<LayerPath> = shortlist
+            .iter()
+            .map(|&b| skipping(n, &[&chosen[..], &[b]].concat()))
+            .collect::<Result<_>>()?;
+        o.fill(all(&paths), &bar)?;
+        let (best, acc) = shortlist
+            .iter()
+            .zip(&paths)
+            .map(|(&b, p)| (b, accuracy(&o, p)))
+            .fold(None, |m: Option<(usize, f64)>, x| match m {
+                Some(m) if m.1 >= x.1 => Some(m),
+                _ => Some(x),
+            })
+            .context("no candidate block")?;
+        chosen.push(best);
+        let mut sorted = chosen.clone();
+        sorted.sort_unstable();
+        steps.push((sorted, skipping(n, &chosen)?, acc));
+    }
+    bar.finish_and_clear();
+    println!("{}", o.header(&a.common.split, &a.common.dataset));
+    println!("baseline accuracy {base_acc:.4}");
+    println!(
+        "single skips, safest first (block: accuracy): {}",
+        single_acc
+            .iter()
+            .map(|(b, x)| format!("{b}: {x:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "skip prior (--order skip-first --skip-prior): {}",
+        prior
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    println!(
+        "\nblocks saved  skipped            accuracy  - baseline  path (drllm-infer eval --path)"
+    );
+    for (k, (set, path, acc)) in steps.iter().enumerate() {
+        println!(
+            "{:>12}  {:<18} {acc:>8.4}  {:>+10.4}  {path}",
+            k + 1,
+            format!("{set:?}"),
+            acc - base_acc
+        );
+    }
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({
+            "prompts": np, "baseline_accuracy": base_acc,
+            "single_skip_accuracy": single_acc.iter().map(|(b, x)| serde_json::json!({"block": b, "accuracy": x})).collect::<Vec<_>>(),
+            "skip_prior": prior,
+            "greedy": steps.iter().enumerate().map(|(k, (set, path, acc))| serde_json::json!({
+                "blocks_saved": k + 1, "skipped": set, "path": path.to_string(), "accuracy": acc,
+            })).collect::<Vec<_>>(),
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
