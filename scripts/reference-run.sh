@@ -6,9 +6,9 @@
 #   3. router training (epoch and operating budget chosen on held-out train prompts);
 #   4. validation on every ARC-Easy (570) and ARC-Challenge (299) dev prompt: baseline, the two
 #      train-chosen static paths, the routers at a sweep of budgets;
-#   5. learning curve: routers trained on 500 and 1,000 examples, evaluated the same way;
-#   6. the oracle: the same search on the dev prompts (never trained on): how many have a
-#      correct path saving >= 3 blocks.
+#   5. learning curve: routers trained on 250 and 500 examples, evaluated at budget 0;
+#   6. the oracle: the same search on the first 120 dev prompts of each task (never trained
+#      on): how many have a correct path saving >= 3 blocks.
 #   scripts/reference-run.sh [STAGE...]     (stages: static search train eval curve oracle; default all)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,7 +16,7 @@ data="${DRLLM_DATA:-../shared/data}"
 out="${OUT:-.cache/reference}"
 bin="${BIN:-target/release}"
 py="${PYTHON:-.venv/bin/python}"
-budgets="${BUDGETS:--0.2,0,0.2,0.4,0.6,0.8,0.9}"
+budgets="${BUDGETS:--0.2,0,0.4,0.8,1}"
 stages="${*:-static search train eval curve oracle}"
 mkdir -p "$out"
 has() { [[ " $stages " == *" $1 "* ]]; }
@@ -42,30 +42,31 @@ train() {  # train OUTDIR [flags...]
   local pkg="$1"; shift
   "$bin/drllm-train" --data "$out/paths" --task-data "$data" --out "$pkg" --seed 0 "$@"
 }
-evaluate() {  # evaluate PKG NAME BUDGETS
-  "$bin/drllm-infer" eval --routers "$1" --data "$data" --dataset arc_easy,arc_challenge --split dev \
-    --budget="$3" --path "$static3" --path "$static6" --batch 16 \
-    --json "$out/$2.json" --out "$out/$2.parquet" --plot "$out/$2.png"
+evaluate() {  # evaluate PKG NAME BUDGETS [flags...]
+  local pkg="$1" name="$2" b="$3"; shift 3
+  "$bin/drllm-infer" eval --routers "$pkg" --data "$data" --dataset arc_easy,arc_challenge --split dev \
+    --budget="$b" --batch 16 --json "$out/$name.json" --out "$out/$name.parquet" "$@"
 }
 
 if has train; then
   log "router training on every example"
-  train "$out/routers" --weights-dtype bf16 | tee "$out/train.log"
+  train "$out/routers" --routed-every 5 --weights-dtype bf16 | tee "$out/train.log"
 fi
 if has eval; then
   log "validation on every ARC dev prompt"
-  evaluate "$out/routers" eval-dev "$budgets" | tee "$out/eval-dev.txt"
+  evaluate "$out/routers" eval-dev "$budgets" --path "$static3" --path "$static6" \
+    --plot "$out/eval-dev.png" | tee "$out/eval-dev.txt"
 fi
 if has curve; then
-  for n in 500 1000; do
+  for n in 250 500; do
     log "learning curve: $n training examples"
-    train "$out/routers-$n" --max-examples "$n" --routed-every 5 | tee "$out/train-$n.log"
-    evaluate "$out/routers-$n" "eval-dev-$n" "0,0.4,0.8" | tee "$out/eval-dev-$n.txt"
+    train "$out/routers-$n" --max-examples "$n" --routed-every 5 --val-budgets 0 | tee "$out/train-$n.log"
+    evaluate "$out/routers-$n" "eval-dev-$n" 0 | tee "$out/eval-dev-$n.txt"
   done
 fi
 if has oracle; then
   log "oracle: the same search on the dev prompts"
-  "$bin/drllm-coordinator" --workers 2 --data "$data" --dataset arc_easy,arc_challenge --split dev \
+  "$bin/drllm-coordinator" --workers 2 --data "$data" --dataset arc_easy,arc_challenge --split dev --limit 120 \
     --num-simulations 50 --skip-prior "$prior" --seed 7 --out "$out/oracle-dev"
 fi
 log "done: $out"

@@ -90,8 +90,11 @@ fn check_equivalence(n_prompts: usize, n_paths: usize, mode: RewardMode) {
         .map(|(k, (p, path))| (*p, edited(path, k as u64)))
         .collect();
     items.extend(variants);
-    // A budget of a few candidates' states: entries are evicted during the run.
-    let mut cache = PrefixCache::new(160 << 20);
+    // A budget of about 450 cached hidden states of the mean prompt length (a few candidates'
+    // worth, whatever the prompt format): entries are evicted during the run.
+    let mean_len = prompts.iter().map(|p| p.ids.len()).sum::<usize>() / prompts.len();
+    let hidden = lm.model.cfg.hidden_size as usize;
+    let mut cache = PrefixCache::new(450 * mean_len * hidden * 4);
     let (mut correct, mut early) = (0, 0);
     // Batches mix prompts of different lengths and paths of different shapes.
     for chunk in items.chunks(16) {

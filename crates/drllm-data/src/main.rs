@@ -154,10 +154,7 @@ fn show(a: ShowArgs) -> Result<()> {
     let dir = data::resolve_data_dir(a.d.data.as_deref())?;
     let task: TaskName = a.task.parse()?;
     let mode: RewardMode = a.reward.parse()?;
-    let style: Style = match a.style.as_str() {
-        "auto" => Style::default_for(mode),
-        s => s.parse()?,
-    };
+    let style = Style::resolve(&a.style, mode)?;
     let template = match &a.template {
         Some(p) => Template::from_file(p, style)?,
         None => Template::builtin_for(task.family(), style, mode),

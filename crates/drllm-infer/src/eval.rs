@@ -155,13 +155,13 @@ fn run_mode(
         Mode::Routed(_) if decodes => a.route_pool.max(batch),
         _ => batch,
     };
-    let route = |l: usize, h: &tch::Tensor, lens: &[usize]| match mode {
-        Mode::Routed(p) => p.decide(l, h, lens),
-        Mode::Static(_) => vec![1; lens.len()],
-    };
+    let route;
     let choice = match mode {
         Mode::Static(p) => PathChoice::Fixed(p.clone()),
-        Mode::Routed(_) => PathChoice::Routed(&route),
+        Mode::Routed(policy) => {
+            route = |l: usize, h: &tch::Tensor, lens: &[usize]| policy.decide(l, h, lens);
+            PathChoice::Routed(&route)
+        }
     };
     for chunk in prompts.chunks(step) {
         for ans in answer_batch(lm, chunk, &choice, batch, opts)? {
@@ -284,10 +284,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         .map(|d| d.parse::<TaskName>())
         .collect::<Result<_, _>>()?;
     let split: Split = a.split.parse()?;
-    let style: Style = match a.style.as_str() {
-        "auto" => Style::default_for(reward),
-        s => s.parse()?,
-    };
+    let style = Style::resolve(&a.style, reward)?;
     if let Some(p) = &a.plot {
         crate::plot::Format::of(p)?;
     }
@@ -317,12 +314,21 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         .iter()
         .map(|p| crate::parse_path(Some(p), n_layers).with_context(|| format!("--path {p}")))
         .collect::<Result<_>>()?;
-    let routers = crate::resolve_routers(&a.routers)?;
     // Every budget is checked (and the package with it) before any answer is generated.
-    let (policies, trained) = crate::load_policies(&lm, &routers, &a.budget)
+    let (policies, trained) = crate::load_policies(&lm, &a.routers, &a.budget)
         .with_context(|| format!("--routers {}", a.routers.display()))?;
-    if let Err(msg) = trained.check_prompts(reward.name(), style.name()) {
-        bail!("--routers {}: {msg}", a.routers.display());
+    // Routers read the hidden states of the prompts they were trained on: refuse prompts of
+    // another form (cloze and cloze-norm share theirs, as strict and lenient do).
+    if let Some(p) = &trained.prompts {
+        let (theirs, their_style): (RewardMode, Style) = (p.reward.parse()?, p.style.parse()?);
+        if theirs.prompt_form() != reward.prompt_form() || their_style != style {
+            bail!(
+                "--routers {}: trained on prompts of reward {theirs} and style {their_style}, \
+                 asked to route prompts of reward {reward} and style {style}: the routers would \
+                 read other tokens (pass --reward {theirs} --style {their_style})",
+                a.routers.display()
+            );
+        }
     }
     let opts = EvalOptions {
         mode: reward,

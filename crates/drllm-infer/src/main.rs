@@ -125,8 +125,9 @@ struct GenerateArgs {
     /// separated. Default: every block once.
     #[arg(long, conflicts_with = "routers")]
     path: Option<String>,
-    /// Router package (drllm-train --out): each prompt's path is chosen by the routers during
-    /// prefill, then decoding follows it.
+    /// Router package (drllm-train --out), or `embedded` (the embedded model's reference
+    /// routers): each prompt's path is chosen by the routers during prefill, then decoding
+    /// follows it.
     #[arg(long, env = "DRLLM_ROUTERS")]
     routers: Option<std::path::PathBuf>,
     /// Bias of the routers toward skip (< 0) or toward execute (> 0), in [-1, 1]: -1 skips every
@@ -185,11 +186,6 @@ pub(crate) fn load_policy(lm: &LoadedModel, dir: &std::path::Path, budget: f64) 
     v.pop().context("no policy")
 }
 
-/// The package directory `--routers` names.
-pub(crate) fn resolve_routers(spec: &std::path::Path) -> Result<std::path::PathBuf> {
-    Ok(spec.to_path_buf())
-}
-
 /// [`load_policy`] for several budgets: the package is read and checked once; also its
 /// manifest.
 pub(crate) fn load_policies(
@@ -197,6 +193,9 @@ pub(crate) fn load_policies(
     dir: &std::path::Path,
     budgets: &[f64],
 ) -> Result<(Vec<Policy>, drllm_router::PackageManifest)> {
+    // `embedded`: the reference routers of the embedded model, compiled in.
+    let spec = dir;
+    let dir = &drllm_router::embedded::resolve(spec)?;
     let pkg = Package::load(dir)?;
     let fingerprint = lm.source.fingerprint()?;
     pkg.check_model(
@@ -205,12 +204,39 @@ pub(crate) fn load_policies(
         lm.model.num_layers(),
         lm.model.cfg.hidden_size as usize,
     )?;
+    warn_held_out(spec, &pkg.manifest, budgets);
     let routers = pkg.routers.to_device(lm.model.device());
     let policies = budgets
         .iter()
         .map(|&b| Ok(Policy::new(routers.snapshot(), pkg.manifest.windows, b)?))
         .collect::<Result<_>>()?;
     Ok((policies, pkg.manifest))
+}
+
+/// Tells the user when the package's own held-out routing (drllm-train's budget sweep on
+/// training prompts it never trained on) says the requested budgets lose accuracy: routers
+/// that cost accuracy must not be used unknowingly.
+fn warn_held_out(dir: &std::path::Path, m: &drllm_router::PackageManifest, budgets: &[f64]) {
+    let Some(baseline) = m.data["routed_val_baseline_accuracy"].as_f64() else {
+        return;
+    };
+    match m.data["recommended_budget"].as_f64() {
+        Some(rec) => {
+            if let Some(b) = budgets.iter().find(|&&b| b < rec) {
+                tracing::warn!(
+                    "{}: on its held-out training prompts these routers kept the baseline's \
+                     accuracy ({baseline:.3}) only from budget {rec:+.2}; budget {b:+.2} may lose accuracy",
+                    dir.display()
+                );
+            }
+        }
+        None => tracing::warn!(
+            "{}: on its held-out training prompts these routers lost accuracy against the \
+             baseline ({baseline:.3}) at every budget drllm-train measured (see `drllm-train \
+             inspect`); budget 1 routes every block",
+            dir.display()
+        ),
+    }
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

@@ -8,8 +8,7 @@ use std::sync::OnceLock;
 use crate::package::PackageError;
 
 const MANIFEST: &str = include_str!("../../../routers/smollm2-135m-instruct/manifest.json");
-const TENSORS: &[u8] =
-    include_bytes!("../../../routers/smollm2-135m-instruct/routers.safetensors");
+const TENSORS: &[u8] = include_bytes!("../../../routers/smollm2-135m-instruct/routers.safetensors");
 
 /// The name that selects the embedded routers where a package directory is expected.
 pub const EMBEDDED_ROUTERS: &str = "embedded";
@@ -24,17 +23,14 @@ pub fn embedded_package_dir() -> Result<PathBuf, PackageError> {
             .tempdir()
             .map_err(|e| e.to_string())?;
         std::fs::write(d.path().join("manifest.json"), MANIFEST).map_err(|e| e.to_string())?;
-        std::fs::write(d.path().join("routers.safetensors"), TENSORS)
-            .map_err(|e| e.to_string())?;
+        std::fs::write(d.path().join("routers.safetensors"), TENSORS).map_err(|e| e.to_string())?;
         Ok(d)
     });
     match dir {
         Ok(d) => Ok(d.path().to_path_buf()),
         Err(msg) => Err(PackageError::Io {
             path: std::env::temp_dir(),
-            source: std::io::Error::other(format!(
-                "writing the embedded router package: {msg}"
-            )),
+            source: std::io::Error::other(format!("writing the embedded router package: {msg}")),
         }),
     }
 }

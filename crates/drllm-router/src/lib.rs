@@ -5,6 +5,7 @@
 //! by one is read by the other.
 #![warn(missing_docs)]
 
+pub mod embedded;
 pub mod package;
 pub mod pool;
 pub mod router;

@@ -137,23 +137,6 @@ pub struct PackageManifest {
 }
 
 impl PackageManifest {
-    /// Checks that prompts rendered with `reward` and `style` are the kind the routers were
-    /// trained on (packages that do not record it are accepted).
-    pub fn check_prompts(&self, reward: &str, style: &str) -> std::result::Result<(), String> {
-        match &self.prompts {
-            None => Ok(()),
-            Some(p) if p.reward == reward && p.style == style => Ok(()),
-            Some(p) => Err(format!(
-                "trained on prompts of reward {} and style {}, asked to route prompts of reward \
-                 {reward} and style {style}: the routers would read other tokens (pass --reward {} \
-                 --style {})",
-                p.reward, p.style, p.reward, p.style
-            )),
-        }
-    }
-}
-
-impl PackageManifest {
     /// A manifest of the current format for routers of `shape` on a model.
     pub fn new(
         model_fingerprint: String,

@@ -668,6 +668,11 @@ impl<'m> PathBatch<'m> {
         &self.reused
     }
 
+    /// Positions held per row so far (prompt and fed tokens, padding included).
+    pub fn seq_len(&self) -> usize {
+        self.key_valid.size()[1] as usize
+    }
+
     /// Number of rows.
     pub fn len(&self) -> usize {
         self.batch

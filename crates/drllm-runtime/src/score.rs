@@ -4,13 +4,16 @@
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::exec::{PathBatch, RouteFn};
+use crate::exec::PathBatch;
 use crate::model::Model;
 use crate::prefix::PrefixCache;
 use drllm_path::LayerPath;
 
 /// Continuation tokens fed per forward pass at most (bounds the `[rows, T, vocab]` logits).
 const TOKENS_PER_PASS: usize = 512;
+/// Rows x (prompt + continuation) positions per pass at most: every row carries a copy of its
+/// prompt's KV caches.
+const POSITIONS_PER_PASS: usize = 8192;
 
 impl Model {
     /// Summed log-probability of each continuation `conts[r][k]` after row `r` of a prefilled
@@ -33,6 +36,17 @@ impl Model {
         }
         if let Some(r) = conts.iter().position(|c| c.iter().any(Vec::is_empty)) {
             return Err(Error::Request(format!("row {r} has an empty continuation")));
+        }
+        let vocab = self.cfg.vocab_size;
+        if let Some(id) = conts
+            .iter()
+            .flatten()
+            .flatten()
+            .find(|&&id| id as i64 >= vocab)
+        {
+            return Err(Error::Request(format!(
+                "token id {id} is outside the vocabulary (size {vocab})"
+            )));
         }
         // The first token of each continuation is scored from the prompt's own logits.
         let first = last_logits
@@ -61,7 +75,9 @@ impl Model {
         while start < jobs.len() {
             // Rows of this pass: as many as fit the token bound (at least one).
             let widest = conts[jobs[start].0][jobs[start].1].len() - 1;
-            let rows_per_pass = (TOKENS_PER_PASS / widest.max(1)).max(1);
+            let rows_per_pass = (TOKENS_PER_PASS / widest.max(1))
+                .min(POSITIONS_PER_PASS / (batch.seq_len() + widest).max(1))
+                .max(1);
             let end = (start + rows_per_pass).min(jobs.len());
             let part = &jobs[start..end];
             let rows: Vec<usize> = part.iter().map(|&(r, _)| r).collect();
@@ -109,43 +125,9 @@ impl Model {
         Ok(out)
     }
 
-    /// Continuation log-likelihoods of each prompt along its path (see
-    /// [`Model::continuation_logliks`]), prefilled in one batch.
-    pub fn cloze_logliks(
-        &self,
-        prompts: &[Vec<u32>],
-        paths: &[LayerPath],
-        conts: &[Vec<Vec<u32>>],
-    ) -> Result<Vec<Vec<f64>>> {
-        let _g = tch::no_grad_guard();
-        let mut batch = PathBatch::new(self, paths)?;
-        let h = batch.prefill(prompts)?;
-        let t = h.size()[1];
-        let last = self.logits(&h.select(1, t - 1));
-        self.continuation_logliks(&batch, &last, conts)
-    }
-
-    /// [`Model::cloze_logliks`] with each prompt routed once during its prefill (see
-    /// [`PathBatch::prefill_routed`]): the routers read the prompt alone, and every continuation
-    /// is scored along the path they chose. Returns the log-likelihoods and the paths.
-    pub fn cloze_logliks_routed(
-        &self,
-        prompts: &[Vec<u32>],
-        route: &mut RouteFn<'_>,
-        conts: &[Vec<Vec<u32>>],
-    ) -> Result<(Vec<Vec<f64>>, Vec<LayerPath>)> {
-        let _g = tch::no_grad_guard();
-        let mut batch = PathBatch::new_routed(self, prompts.len());
-        let h = batch.prefill_routed(prompts, route)?;
-        let t = h.size()[1];
-        let last = self.logits(&h.select(1, t - 1));
-        let ll = self.continuation_logliks(&batch, &last, conts)?;
-        Ok((ll, batch.paths().to_vec()))
-    }
-
-    /// [`Model::cloze_logliks`] for search candidates: prefilled in groups of similar length,
-    /// sharing path prefixes through `cache`; also each row's block applications resumed from
-    /// the cache.
+    /// Continuation log-likelihoods (see [`Model::continuation_logliks`]) of search candidates,
+    /// each prompt along its path: prefilled in groups of similar length, sharing path prefixes
+    /// through `cache`; also each row's block applications resumed from the cache.
     pub fn cloze_logliks_cached(
         &self,
         prompts: &[Vec<u32>],

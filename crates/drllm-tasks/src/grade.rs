@@ -49,9 +49,15 @@ impl RewardMode {
         matches!(self, RewardMode::Cloze | RewardMode::ClozeNorm)
     }
 
-    /// Whether a prompt of `family` is answered by decoding text (else by one forward pass).
-    pub fn decodes(self, family: Family) -> bool {
-        family != Family::MultipleChoice || matches!(self, RewardMode::Strict | RewardMode::Lenient)
+    /// The form of the multiple-choice prompts this mode renders: modes of one form read the
+    /// same tokens (cloze and cloze-norm differ only in how the choices are compared; strict and
+    /// lenient only in how the decoded text is graded), so routers trained under one serve both.
+    pub fn prompt_form(self) -> &'static str {
+        match self {
+            RewardMode::Strict | RewardMode::Lenient => "decoded",
+            RewardMode::ChoiceLogits => "choice-logits",
+            RewardMode::Cloze | RewardMode::ClozeNorm => "cloze",
+        }
     }
 }
 
@@ -421,9 +427,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("cloze-norm"));
-        assert!(RewardMode::Lenient.decodes(Family::MultipleChoice));
-        assert!(!RewardMode::Cloze.decodes(Family::MultipleChoice));
-        assert!(RewardMode::Cloze.decodes(Family::Math));
+        assert_eq!(
+            RewardMode::Cloze.prompt_form(),
+            RewardMode::ClozeNorm.prompt_form()
+        );
+        assert_eq!(
+            RewardMode::Strict.prompt_form(),
+            RewardMode::Lenient.prompt_form()
+        );
+        assert_ne!(
+            RewardMode::Cloze.prompt_form(),
+            RewardMode::ChoiceLogits.prompt_form()
+        );
     }
 
     fn piece() -> impl Strategy<Value = &'static str> {

@@ -31,6 +31,15 @@ impl Style {
         }
     }
 
+    /// The style a `--style` flag names: `instruct`, `base`, or `auto` ([`Style::default_for`]
+    /// the reward mode).
+    pub fn resolve(spec: &str, mode: RewardMode) -> Result<Style> {
+        match spec {
+            "auto" => Ok(Style::default_for(mode)),
+            s => s.parse(),
+        }
+    }
+
     /// The flag name of the style.
     pub fn name(self) -> &'static str {
         match self {
@@ -332,6 +341,15 @@ mod tests {
             "math_base"
         );
         assert_eq!(Style::default_for(RewardMode::ClozeNorm), Style::Base);
+        assert_eq!(
+            Style::resolve("auto", RewardMode::Cloze).unwrap(),
+            Style::Base
+        );
+        assert_eq!(
+            Style::resolve("instruct", RewardMode::Cloze).unwrap(),
+            Style::Instruct
+        );
+        assert!(Style::resolve("chat", RewardMode::Cloze).is_err());
         assert_eq!(Style::default_for(RewardMode::Lenient), Style::Instruct);
         assert!(!add_special_tokens(
             Style::Base,

@@ -4,7 +4,7 @@
 //! share of improved samples (default wrong, another path right; with a weak model many are
 //! luck) is capped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use drllm_dist::{read_manifest, read_rows, DatasetError};
@@ -268,8 +268,26 @@ pub fn load_examples(
     }
     let total = rows_all.len();
     rows_all.sort_by(|a, b| (&a.task, &a.sample_id).cmp(&(&b.task, &b.sample_id)));
-    let mut seen = HashSet::new();
-    rows_all.retain(|e| seen.insert(e.prompt.clone()));
+    // One row per prompt: of rows with the same prompt (a sample searched in several datasets),
+    // the one that says the most (a correct default, then an improvement), else the first.
+    let rank = |k: RowKind| match k {
+        RowKind::Shortened | RowKind::DefaultOnly => 0,
+        RowKind::Improved => 1,
+        RowKind::NoCorrect => 2,
+    };
+    let mut kept: HashMap<&str, usize> = HashMap::new();
+    for (i, e) in rows_all.iter().enumerate() {
+        let slot = kept.entry(e.prompt.as_str()).or_insert(i);
+        if rank(e.kind) < rank(rows_all[*slot].kind) {
+            *slot = i;
+        }
+    }
+    let keep: HashSet<usize> = kept.into_values().collect();
+    let mut i = 0;
+    rows_all.retain(|_| {
+        i += 1;
+        keep.contains(&(i - 1))
+    });
     let duplicates = total - rows_all.len();
     let count = |k: RowKind| rows_all.iter().filter(|e| e.kind == k).count();
     let kinds: Vec<(RowKind, usize)> = [
@@ -322,6 +340,14 @@ pub fn load_examples(
         let listed: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
         return Err(TrainDataError::Empty(if total == 0 {
             format!("no rows in {}: run the search first", listed.join(", "))
+        } else if improved_dropped > 0 {
+            format!(
+                "the {improved_dropped} rows with a correct path in {} are all improved ones (default \
+                 path wrong), and with no default-correct row --max-improved-share {} keeps none of \
+                 them: raise it (1 keeps all)",
+                listed.join(", "),
+                mix.max_improved_share
+            )
         } else {
             format!(
                 "none of the {total} rows in {} has a correct path: nothing to train on; search \
@@ -473,5 +499,37 @@ mod tests {
                 .len(),
             10
         );
+    }
+
+    #[test]
+    fn a_prompt_searched_twice_keeps_the_row_that_says_the_most() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let cfg = serde_json::json!({"run": {"reward": "cloze", "style": "base"}});
+        let mut ds = Dataset::open(a.path(), "fp", cfg.clone(), false).unwrap();
+        ds.commit("arc_easy", &[row("x", false, None)]).unwrap();
+        let mut ds = Dataset::open(b.path(), "fp", cfg.clone(), false).unwrap();
+        ds.commit("arc_easy", &[row("x", true, Some(vec![1, 0, 1, 1]))])
+            .unwrap();
+        let dirs = [a.path().to_path_buf(), b.path().to_path_buf()];
+        let set = load_examples(&dirs, "fp", "m", 4, &LabelMix::default()).unwrap();
+        assert_eq!(set.duplicates, 1);
+        assert_eq!(set.examples.len(), 1);
+        assert_eq!(set.examples[0].source, 1);
+        assert!(set.unlabelled.is_empty());
+        // Only improved rows, and a cap that keeps none of them: the error says why.
+        let c = tempfile::tempdir().unwrap();
+        let mut ds = Dataset::open(c.path(), "fp", cfg, false).unwrap();
+        ds.commit("arc_easy", &[row("y", false, Some(vec![1, 1, 2, 0]))])
+            .unwrap();
+        let e = load_examples(
+            &[c.path().to_path_buf()],
+            "fp",
+            "m",
+            4,
+            &LabelMix::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--max-improved-share"), "{e}");
     }
 }

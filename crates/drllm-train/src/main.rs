@@ -176,7 +176,7 @@ fn main() -> Result<()> {
 }
 
 fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
-    let p = Package::load(dir)?;
+    let p = Package::load(&drllm_router::embedded::resolve(dir)?)?;
     let m = &p.manifest;
     if json {
         println!("{}", serde_json::to_string_pretty(m)?);
@@ -210,6 +210,7 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
         m.code_version, m.format_version
     );
     print_epochs(m);
+    print_sweep(m);
     Ok(())
 }
 
@@ -239,6 +240,37 @@ fn print_epochs(m: &PackageManifest) {
         );
     }
     println!("(* = the epoch in the package; routed acc/cost: held-out prompts routed for real)");
+}
+
+/// The package's held-out routing at every budget drllm-train measured, and the recommended one.
+fn print_sweep(m: &PackageManifest) {
+    let d = &m.data;
+    if let (Some(base), Some(sweep)) = (
+        d["routed_val_baseline_accuracy"].as_f64(),
+        d["routed_val_budgets"].as_array(),
+    ) {
+        println!(
+            "\nheld-out prompts by budget (kept epoch; baseline accuracy {base:.4} on {} prompts):",
+            d["routed_val_prompts"]
+        );
+        for s in sweep {
+            let (b, acc, cost) = (
+                s["budget"].as_f64(),
+                s["accuracy"].as_f64(),
+                s["cost"].as_f64(),
+            );
+            if let (Some(b), Some(acc), Some(cost)) = (b, acc, cost) {
+                println!(
+                    "  budget {b:+.2}: accuracy {acc:.4} ({:+.4}), cost {cost:.2}",
+                    acc - base
+                );
+            }
+        }
+        match d["recommended_budget"].as_f64() {
+            Some(b) => println!("recommended budget {b:+.2}"),
+            None => println!("no budget measured keeps the baseline's accuracy"),
+        }
+    }
 }
 
 fn run(a: TrainArgs) -> Result<()> {
@@ -508,8 +540,13 @@ fn run(a: TrainArgs) -> Result<()> {
     // here, on training data, never on the evaluation split.
     let mut sweep = vec![];
     if let (Some(v), Some(lm)) = (&routed_val, &lm) {
+        let kept = &trained.epochs[trained.best_epoch - 1];
         for &b in &a.val_budgets {
-            let (acc, cost) = v.measure(lm, &trained.routers, b)?;
+            // Budget 0 was measured during training.
+            let (acc, cost) = match (b, kept.val_routed_accuracy, kept.val_routed_cost) {
+                (0.0, Some(acc), Some(cost)) => (acc, cost),
+                _ => v.measure(lm, &trained.routers, b)?,
+            };
             sweep.push((b, acc, cost));
         }
     }
@@ -597,18 +634,7 @@ fn run(a: TrainArgs) -> Result<()> {
             }
         );
     }
-    if !sweep.is_empty() {
-        println!("held-out prompts at other budgets (kept epoch):");
-        for (b, acc, cost) in &sweep {
-            println!("  budget {b:+.2}: accuracy {acc:.4}, cost {cost:.2}/{n_layers}");
-        }
-        match recommended {
-            Some(b) => println!(
-                "recommended budget {b:+.2}: the cheapest that keeps the baseline's held-out accuracy"
-            ),
-            None => println!("no budget tried keeps the baseline's held-out accuracy"),
-        }
-    }
+    print_sweep(&pkg.manifest);
     println!("trained in {train_secs:.1}s | package {}", out.display());
     Ok(())
 }

@@ -286,6 +286,9 @@ pub fn train(
     if train.is_empty() {
         return Err(TrainError::Data("no training examples".into()));
     }
+    if cfg.epochs == 0 {
+        return Err(TrainError::Data("epochs must be positive".into()));
+    }
     let s = train.x.size();
     if s.len() != 4 {
         return Err(TrainError::Data(format!(
@@ -520,50 +523,29 @@ mod tests {
     #[test]
     fn bad_features_and_labels_are_refused() {
         let ok = synthetic(10, 1);
+        let refused = |tr: &Features| {
+            let none = |_: usize, _: &Routers| Ok(None);
+            let cfg = TrainConfig::default();
+            train(tr, &ok, &cfg, Select::MacroF1, none, |_, _| {}, |_| {})
+                .unwrap_err()
+                .to_string()
+        };
         let bad = synthetic(10, 1);
         let _ = bad.labels.get(0).get(0).fill_(3);
-        let e = train(
-            &bad,
-            &ok,
-            &TrainConfig::default(),
-            Select::MacroF1,
-            |_, _| Ok(None),
-            |_, _| {},
-            |_| {},
-        )
-        .unwrap_err();
+        let e = refused(&bad);
         assert!(
-            e.to_string()
-                .contains("labels must be 0 (skip), 1 (execute) or 2 (repeat); found 3"),
+            e.contains("labels must be 0 (skip), 1 (execute) or 2 (repeat); found 3"),
             "{e}"
         );
         let nan = synthetic(10, 1);
         let _ = nan.x.get(1).get(3).get(0).get(2).fill_(f64::NAN);
-        let e = train(
-            &nan,
-            &ok,
-            &TrainConfig::default(),
-            Select::MacroF1,
-            |_, _| Ok(None),
-            |_, _| {},
-            |_| {},
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("NaN"), "{e}");
+        let e = refused(&nan);
+        assert!(e.contains("NaN"), "{e}");
         let short = Features {
             x: ok.x.shallow_clone(),
             labels: ok.labels.narrow(1, 0, 5),
         };
-        let e = train(
-            &short,
-            &ok,
-            &TrainConfig::default(),
-            Select::MacroF1,
-            |_, _| Ok(None),
-            |_, _| {},
-            |_| {},
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("do not match"), "{e}");
+        let e = refused(&short);
+        assert!(e.contains("do not match"), "{e}");
     }
 }

@@ -124,10 +124,7 @@ impl SearchArgs {
         };
         search.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
         let mode: RewardMode = self.reward.parse()?;
-        let style = match self.style.as_str() {
-            "auto" => Style::default_for(mode),
-            s => s.parse()?,
-        };
+        let style = Style::resolve(&self.style, mode)?;
         let rc = RunConfig {
             style: style.to_string(),
             template: self.template.clone(),

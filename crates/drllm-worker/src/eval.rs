@@ -121,6 +121,7 @@ pub fn prepare(
         }
     }
     let mut scoring = Scoring::Generate;
+    let mut context_ids = None;
     if by_letter || cloze {
         let Question::MultipleChoice { choices, .. } = &sample.question else {
             return Err(err(format!(
@@ -158,6 +159,7 @@ pub fn prepare(
             let moved = text[kept..].to_string();
             text.truncate(kept);
             let ctx = lm.tokenizer.encode(&text, add_special)?;
+            context_ids = Some(ctx.clone());
             let mut conts = vec![];
             let mut chars = vec![];
             for c in choices {
@@ -182,14 +184,20 @@ pub fn prepare(
             };
         }
     }
-    let ids = lm.tokenizer.encode(&text, add_special)?;
+    let ids = match context_ids {
+        Some(ids) => ids,
+        None => lm.tokenizer.encode(&text, add_special)?,
+    };
     if ids.is_empty() {
         return Err(err("the prompt renders to no tokens".into()));
     }
+    // Positions the answer adds (a choice's last token is scored, never fed).
     let extra = match &scoring {
         Scoring::Generate => opts.max_new_tokens,
         Scoring::ChoiceLogits(_) => 0,
-        Scoring::Cloze { choices, .. } => choices.iter().map(Vec::len).max().unwrap_or(0),
+        Scoring::Cloze { choices, .. } => {
+            choices.iter().map(Vec::len).max().unwrap_or(1).max(1) - 1
+        }
     };
     let ctx = lm.model.cfg.max_position_embeddings as usize;
     if ids.len() + extra > ctx {
@@ -480,10 +488,10 @@ pub struct Answer {
     pub new_tokens: usize,
 }
 
-/// Answers and grades `prompts` (validation runs, routed or along one path). Decoded prompts
-/// are prefilled in batches of `batch` and, when routed, decoded in batches of `batch` rows with
-/// similar paths (all of `prompts` is the pool); forward-scored prompts (choice letters, cloze)
-/// run as one batch.
+/// Answers and grades `prompts` (validation runs, routed or along one path), in their order.
+/// Decoded prompts are prefilled in batches of `batch` and, when routed, decoded in batches of
+/// `batch` rows with similar paths (all decoded prompts of the call are the pool);
+/// forward-scored ones (choice letters, cloze) run in batches of `batch`.
 pub fn answer_batch(
     lm: &LoadedModel,
     prompts: &[PreparedPrompt],
@@ -492,46 +500,71 @@ pub fn answer_batch(
     opts: &EvalOptions,
 ) -> Result<Vec<Answer>, EvalError> {
     let _g = tch::no_grad_guard();
-    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
     let batch = batch.max(1);
-    if prompts.iter().any(PreparedPrompt::decodes) {
-        let gopts = GenerateOptions {
-            max_new_tokens: opts.max_new_tokens,
-            stop_ids: lm.stop_ids(),
-        };
-        let (gens, paths) = match choice {
-            PathChoice::Routed(route) => {
-                let mut f = |rows: &[usize], l: usize, h: &tch::Tensor| {
-                    let lens: Vec<usize> = rows.iter().map(|&r| ids[r].len()).collect();
-                    route(l, h, &lens)
-                };
-                lm.model
-                    .generate_routed_grouped(&ids, &mut f, batch, &gopts)?
-            }
-            PathChoice::Fixed(path) => {
-                let paths = vec![path.clone(); ids.len()];
-                let mut gens = vec![];
-                for (c, p) in ids.chunks(batch).zip(paths.chunks(batch)) {
-                    gens.extend(lm.model.generate(c, p, &gopts)?);
-                }
-                (gens, paths)
-            }
-        };
-        let mut out = vec![];
-        for ((p, g), path) in prompts.iter().zip(gens).zip(paths) {
-            out.push(Answer {
-                path,
-                correct: grade_generation(lm, p, &g.tokens, opts.mode),
-                response: lm.tokenizer.decode(&g.tokens)?,
-                logliks: vec![],
-                new_tokens: g.tokens.len(),
-            });
+    // Tasks of different families may be mixed: each prompt is answered its own way.
+    let (decoded, forward): (Vec<usize>, Vec<usize>) =
+        (0..prompts.len()).partition(|&i| prompts[i].decodes());
+    let mut out: Vec<Option<Answer>> = vec![None; prompts.len()];
+    if !decoded.is_empty() {
+        let ps: Vec<&PreparedPrompt> = decoded.iter().map(|&i| &prompts[i]).collect();
+        for (&i, a) in decoded
+            .iter()
+            .zip(answer_decoded(lm, &ps, choice, batch, opts)?)
+        {
+            out[i] = Some(a);
         }
-        return Ok(out);
     }
+    let fwd: Vec<PreparedPrompt> = forward.iter().map(|&i| prompts[i].clone()).collect();
+    for (idx, chunk) in forward.chunks(batch).zip(fwd.chunks(batch)) {
+        for (&i, a) in idx.iter().zip(answer_forward(lm, chunk, choice)?) {
+            out[i] = Some(a);
+        }
+    }
+    out.into_iter()
+        .map(|a| a.ok_or_else(|| EvalError::Aborted("a prompt was left unanswered".into())))
+        .collect()
+}
+
+/// Decoded prompts: greedy generation (routed ones regrouped by path), graded on the text.
+fn answer_decoded(
+    lm: &LoadedModel,
+    prompts: &[&PreparedPrompt],
+    choice: &PathChoice<'_>,
+    batch: usize,
+    opts: &EvalOptions,
+) -> Result<Vec<Answer>, EvalError> {
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let gopts = GenerateOptions {
+        max_new_tokens: opts.max_new_tokens,
+        stop_ids: lm.stop_ids(),
+    };
+    let (gens, paths) = match choice {
+        PathChoice::Routed(route) => {
+            let mut f = |rows: &[usize], l: usize, h: &tch::Tensor| {
+                let lens: Vec<usize> = rows.iter().map(|&r| ids[r].len()).collect();
+                route(l, h, &lens)
+            };
+            lm.model
+                .generate_routed_grouped(&ids, &mut f, batch, &gopts)?
+        }
+        PathChoice::Fixed(path) => {
+            let paths = vec![path.clone(); ids.len()];
+            let mut gens = vec![];
+            for (c, p) in ids.chunks(batch).zip(paths.chunks(batch)) {
+                gens.extend(lm.model.generate(c, p, &gopts)?);
+            }
+            (gens, paths)
+        }
+    };
     let mut out = vec![];
-    for chunk in prompts.chunks(batch) {
-        out.extend(answer_forward(lm, chunk, choice)?);
+    for ((p, g), path) in prompts.iter().zip(gens).zip(paths) {
+        out.push(Answer {
+            path,
+            correct: grade_generation(lm, p, &g.tokens, opts.mode),
+            response: lm.tokenizer.decode(&g.tokens)?,
+            logliks: vec![],
+            new_tokens: g.tokens.len(),
+        });
     }
     Ok(out)
 }

@@ -181,6 +181,8 @@ fn summarize(rs: &[&SearchResult], n_layers: usize) -> (usize, f64, f64, f64) {
 struct Oracle {
     lm: LoadedModel,
     prompts: Vec<PreparedPrompt>,
+    /// Each prompt's memo key, `task/sample_id` (ids alone repeat across tasks).
+    keys: Vec<String>,
     eval: drllm_worker::EvalOptions,
     run: drllm_worker::RunConfig,
     memo: HashMap<(String, LayerPath), f64>,
@@ -208,7 +210,11 @@ impl Oracle {
         let lm = LoadedModel::load(source, device, parse_dtype(&a.dtype, device)?)
             .with_context(|| format!("loading {}", a.model))?;
         let eval = run.eval()?;
-        let mut prompts = vec![];
+        let n_layers = lm.model.num_layers();
+        if let Some(b) = run.search.skip_prior.iter().find(|&&b| b >= n_layers) {
+            bail!("--skip-prior names block {b}, the model has {n_layers} blocks (0..{n_layers})");
+        }
+        let (mut prompts, mut keys) = (vec![], vec![]);
         for name in &a.dataset {
             let task: TaskName = name.parse()?;
             let loaded = data::load(
@@ -224,11 +230,13 @@ impl Oracle {
             let template = run.template(task.family())?;
             for s in &loaded.samples {
                 prompts.push(prepare(&lm, s, &template, &eval)?);
+                keys.push(format!("{task}/{}", s.id));
             }
         }
-        // The memo holds rewards of one model, reward, style and dtype only.
+        // The memo holds rewards of one model, dtype and prompting only.
         let header = serde_json::json!({
             "model": fingerprint, "reward": run.reward, "style": run.style,
+            "template": run.template, "max_new_tokens": run.max_new_tokens,
             "dtype": format!("{:?}", lm.model.kind()),
         });
         let mut memo: HashMap<(String, LayerPath), f64> = HashMap::new();
@@ -251,12 +259,10 @@ impl Oracle {
                         }
                         continue;
                     }
-                    let (Some(id), Some(p), Some(r)) = (
-                        v["sample_id"].as_str(),
-                        v["path"].as_str(),
-                        v["reward"].as_f64(),
-                    ) else {
-                        bail!("{}: expected sample_id, path and reward", at());
+                    let (Some(id), Some(p), Some(r)) =
+                        (v["key"].as_str(), v["path"].as_str(), v["reward"].as_f64())
+                    else {
+                        bail!("{}: expected key, path and reward", at());
                     };
                     let p: LayerPath = p.parse().with_context(|| format!("{}: path", at()))?;
                     memo.insert((id.to_string(), p), r);
@@ -275,6 +281,7 @@ impl Oracle {
         Ok(Oracle {
             lm,
             prompts,
+            keys,
             eval,
             run,
             from_memo: memo.len(),
@@ -288,9 +295,7 @@ impl Oracle {
     }
 
     fn get(&self, i: usize, p: &LayerPath) -> Option<f64> {
-        self.memo
-            .get(&(self.prompts[i].sample_id.clone(), p.clone()))
-            .copied()
+        self.memo.get(&(self.keys[i].clone(), p.clone())).copied()
     }
 
     /// Computes the rewards of `wanted` (prompt index, path) not known yet.
@@ -307,9 +312,10 @@ impl Oracle {
                 chunk.iter().map(|(i, p)| (&self.prompts[*i], p)).collect();
             let evals = evaluate_batch(&self.lm, &items, &self.eval, &mut self.cache)?;
             for ((i, p), e) in chunk.iter().zip(evals) {
-                let id = self.prompts[*i].sample_id.clone();
+                let id = self.keys[*i].clone();
                 if let Some(f) = self.memo_out.as_mut() {
-                    let line = serde_json::json!({"sample_id": id, "path": p.to_string(), "reward": e.reward});
+                    let line =
+                        serde_json::json!({"key": id, "path": p.to_string(), "reward": e.reward});
                     writeln!(f, "{line}")?;
                 }
                 self.memo.insert((id, p.clone()), e.reward);
