@@ -432,7 +432,7 @@ fn run(a: TrainArgs) -> Result<()> {
                 lm = Some(load_model()?);
             }
             let lm = lm.as_ref().context("model loaded")?;
-            let fbar = bar(n as u64, "features");
+            let fbar = drllm_worker::progress_bar(n as u64, "features");
             let f = extract_features(lm, &set.examples, a.windows, a.feature_batch, |d| {
                 fbar.set_position(d as u64)
             })?;
@@ -492,7 +492,7 @@ fn run(a: TrainArgs) -> Result<()> {
         router_hidden: a.router_hidden,
         seed: a.seed,
     };
-    let steps = bar(0, "steps");
+    let steps = drllm_worker::progress_bar(0, "steps");
     let t1 = std::time::Instant::now();
     let every = a.routed_every.max(1);
     let trained = train(
@@ -646,17 +646,4 @@ fn kind_name(k: RowKind) -> &'static str {
         RowKind::Improved => "improved",
         RowKind::NoCorrect => "no-correct",
     }
-}
-
-fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    let b = indicatif::ProgressBar::new(len).with_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed}} < {{eta}}]"
-        ))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        b.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    b
 }

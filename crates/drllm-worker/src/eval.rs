@@ -514,7 +514,7 @@ pub fn answer_batch(
             out[i] = Some(a);
         }
     }
-    let fwd: Vec<PreparedPrompt> = forward.iter().map(|&i| prompts[i].clone()).collect();
+    let fwd: Vec<&PreparedPrompt> = forward.iter().map(|&i| &prompts[i]).collect();
     for (idx, chunk) in forward.chunks(batch).zip(fwd.chunks(batch)) {
         for (&i, a) in idx.iter().zip(answer_forward(lm, chunk, choice)?) {
             out[i] = Some(a);
@@ -572,7 +572,7 @@ fn answer_decoded(
 /// Forward-scored prompts (choice letters, cloze) in one batch.
 fn answer_forward(
     lm: &LoadedModel,
-    prompts: &[PreparedPrompt],
+    prompts: &[&PreparedPrompt],
     choice: &PathChoice<'_>,
 ) -> Result<Vec<Answer>, EvalError> {
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();

@@ -16,3 +16,18 @@ pub use eval::{
     score_forward, Answer, EvalError, EvalOptions, Evaluation, PathChoice, PreparedPrompt, Scoring,
 };
 pub use record::{path_record, question_text};
+
+/// The progress bar of the long loops in drllm's binaries (bar, count, elapsed < ETA, message),
+/// drawn only when stderr is a terminal so logs and tests stay clean.
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len).with_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed}} < {{eta}}] {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}

@@ -347,19 +347,6 @@ impl Oracle {
     }
 }
 
-fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len).with_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed}} < {{eta}}] {{msg}}"
-        ))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar
-}
-
 fn main() -> Result<()> {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("DRLLM_LOG").unwrap_or_else(|_| "warn".into());
@@ -393,7 +380,7 @@ fn compare(a: CompareArgs) -> Result<()> {
         }
     }
     let mut results: Vec<Option<SearchResult>> = vec![None; searches.len()];
-    let bar = progress(searches.len() as u64, "searches");
+    let bar = drllm_worker::progress_bar(searches.len() as u64, "searches");
     loop {
         // Advance every search until it needs a reward not known yet.
         let mut wanted: Vec<(usize, LayerPath)> = vec![];
@@ -510,7 +497,7 @@ fn static_paths(a: StaticArgs) -> Result<()> {
     if a.blocks >= n {
         bail!("--blocks {} leaves nothing of a {n}-block model", a.blocks);
     }
-    let bar = progress(0, "paths");
+    let bar = drllm_worker::progress_bar(0, "paths");
     let all = |paths: &[LayerPath]| -> Vec<(usize, LayerPath)> {
         paths
             .iter()
