@@ -172,6 +172,70 @@ fn bad_models_are_rejected() {
     assert!(err.contains("neither config.json"), "{err}");
 }
 
+/// Inputs that used to panic inside libtorch or run silently past the model's context.
+#[test]
+fn bad_requests_are_refused_not_panicked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("l.safetensors");
+    let ids = tmp.path().join("ids.json");
+    for (text, want) in [
+        ("[]", "no prompts"),
+        ("[[]]", "prompt 0 is empty"),
+        ("[[1, 2], [99999999]]", "outside the vocabulary"),
+    ] {
+        std::fs::write(&ids, text).unwrap();
+        let err = fails(&[
+            "logits",
+            "--ids-file",
+            ids.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            err.contains("ids.json") && err.contains(want),
+            "{text}: {err}"
+        );
+    }
+    // Longer than the model's context (8,192 tokens): refused with the lengths, before any
+    // compute.
+    std::fs::write(
+        &ids,
+        serde_json::to_string(&vec![vec![1u32; 9000]]).unwrap(),
+    )
+    .unwrap();
+    let err = fails(&[
+        "logits",
+        "--ids-file",
+        ids.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("9000 tokens") && err.contains("context is 8192"),
+        "{err}"
+    );
+    let long = "word ".repeat(8200);
+    let err = fails(&["generate", "--prompt", &long, "--max-new-tokens", "4"]);
+    assert!(err.contains("context is 8192"), "{err}");
+    // Zero threads: libtorch would abort.
+    let err = fails(&["generate", "--prompt", "hi", "--threads", "0"]);
+    assert!(
+        err.contains("--threads") && err.contains("at least 1"),
+        "{err}"
+    );
+    // Flags are checked before the model loads.
+    let err = fails(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--routers",
+        tmp.path().join("nope").to_str().unwrap(),
+        "--model",
+        "/nonexistent/model",
+    ]);
+    assert!(err.contains("no such router package directory"), "{err}");
+}
+
 #[test]
 fn cuda_without_gpu_is_a_clear_error() {
     if drllm::runtime::tch::Cuda::is_available() {

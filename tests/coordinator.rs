@@ -265,6 +265,14 @@ fn a_killed_coordinator_resumes_without_loss_or_duplicates() {
         }
     }
     assert!(!first.is_empty(), "no part was committed");
+    // A second coordinator on the same OUT while the first runs: refused, naming the holder,
+    // before it starts a worker or touches a file.
+    let (ok, err) = coordinator(&out, 1, 6, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("in use by pid") && err.contains(&format!("pid {}", coord.id())),
+        "{err}"
+    );
     coord.kill().unwrap();
     coord.wait().unwrap();
     let before: Vec<(std::path::PathBuf, Vec<u8>)> = parts(&out)

@@ -133,6 +133,24 @@ fn stats_match_the_data_readme() {
 }
 
 #[test]
+fn stats_on_a_missing_or_empty_directory_fail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope");
+    let (ok, out, err) = drllm_data(&["stats", "--data", missing.to_str().unwrap()]);
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(
+        err.contains("nope: no such directory") && err.contains("Expected layout"),
+        "{err}"
+    );
+    let (ok, _, err) = drllm_data(&["stats", "--data", tmp.path().to_str().unwrap()]);
+    assert!(!ok, "an empty directory has no data");
+    assert!(
+        err.contains("no task data found") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
 fn show_and_grade() {
     let (ok, out, err) = drllm_data(&[
         "show",
@@ -241,6 +259,35 @@ fn show_and_grade() {
         assert!(ok, "{err}");
         assert_eq!(out.trim(), want, "{args:?}");
     }
+}
+
+#[test]
+fn a_byte_order_mark_is_accepted_and_invalid_utf8_is_named_by_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let arc = tmp.path().join("arc");
+    std::fs::create_dir(&arc).unwrap();
+    let good = std::fs::read_to_string(data_dir().join("arc/ARC-Easy-Dev.jsonl")).unwrap();
+    let lines: Vec<&str> = good.lines().take(3).collect();
+    let file = arc.join("ARC-Easy-Dev.jsonl");
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend(lines.join("\r\n").as_bytes());
+    std::fs::write(&file, &bytes).unwrap();
+    let d = tmp.path().to_str().unwrap();
+    let show = [
+        "show", "--data", d, "--task", "arc_easy", "--split", "dev", "--limit", "9",
+    ];
+    let (ok, out, err) = drllm_data(&show);
+    assert!(ok, "{err}");
+    assert_eq!(out.matches("=== ").count(), 3);
+    // A line cut inside a multi-byte character.
+    let mut bytes = format!("{}\n", lines[0]).into_bytes();
+    bytes.extend(b"{\"id\": \"x\xC3\"}\n");
+    std::fs::write(&file, &bytes).unwrap();
+    let (ok, _, err) = drllm_data(&show);
+    assert!(
+        !ok && err.contains("ARC-Easy-Dev.jsonl:2") && err.contains("invalid UTF-8"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -170,6 +170,21 @@ async fn main() -> Result<()> {
         source.name(),
         a.out.display()
     );
+    if total == 0 {
+        tracing::warn!(
+            "no samples selected (--dataset {}, --split {}, --offset {}, --limit {:?}): nothing to search",
+            a.dataset.join(","),
+            a.split,
+            a.offset,
+            a.limit
+        );
+    }
+    // Nothing left to search: no worker is started (a model load each, for nothing).
+    let workers = if already.committed >= total {
+        0
+    } else {
+        a.workers
+    };
     let svc_cfg = ServiceConfig {
         token: a.token.clone(),
         model_fingerprint: fingerprint,
@@ -196,23 +211,23 @@ async fn main() -> Result<()> {
         .parent()
         .map(|d| d.join("drllm-worker"))
         .context("locating drllm-worker")?;
-    let gpus = if a.workers == 0 || a.worker_device == "cpu" {
+    let gpus = if workers == 0 || a.worker_device == "cpu" {
         0
     } else {
         cuda_devices()
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let logs = a.out.join("_logs");
-    if a.workers > 0 {
+    if workers > 0 {
         std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     }
     let mut children = vec![];
-    for i in 0..a.workers {
+    for i in 0..workers {
         let id = format!("local-{i}");
         let (device, threads) = if gpus > 0 {
             (format!("cuda:{}", i % gpus), 2)
         } else {
-            ("cpu".to_string(), (cores / a.workers).max(1))
+            ("cpu".to_string(), (cores / workers).max(1))
         };
         let log = logs.join(format!("{id}.log"));
         let f =

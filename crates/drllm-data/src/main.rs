@@ -127,14 +127,25 @@ struct ShowArgs {
 
 fn stats(d: DataArg) -> Result<()> {
     let dir = data::resolve_data_dir(d.data.as_deref())?;
+    let mut found = 0;
     for split in [Split::Train, Split::Dev, Split::Test] {
         for task in TaskName::ALL.iter().copied().chain([TaskName::Dart(None)]) {
             match data::load(&dir, task, split, &LoadOptions::default()) {
-                Ok(l) => println!("{task} {split} {}", l.samples.len()),
+                Ok(l) => {
+                    found += 1;
+                    println!("{task} {split} {}", l.samples.len())
+                }
                 Err(drllm_tasks::Error::MissingData(_)) => {}
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+    if found == 0 {
+        anyhow::bail!(
+            "{}: no task data found. {}",
+            dir.display(),
+            data::DATA_LAYOUT
+        );
     }
     Ok(())
 }

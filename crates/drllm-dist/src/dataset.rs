@@ -60,6 +60,22 @@ pub enum DatasetError {
         /// What is wrong.
         msg: String,
     },
+    /// Another process (a coordinator) holds OUT.
+    #[error("{path}: the output directory is in use by {holder}; wait for it to finish, stop it, or use another output directory")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// Who holds it, as it wrote itself into the lock file (pid, host, start time).
+        holder: String,
+    },
+    /// A committed part the manifest does not list cannot belong to this run.
+    #[error("{path}: a part the manifest does not list, {why}; move it out of the output directory to resume")]
+    StrayPart {
+        /// The part.
+        path: PathBuf,
+        /// Why it is not adopted.
+        why: String,
+    },
     /// OUT holds a run made with another configuration or model.
     #[error("{path} was made by a different run: {what}; use another output directory, or --force to continue it under the new configuration")]
     ConfigMismatch {
@@ -341,6 +357,8 @@ pub struct Dataset {
     manifest: Manifest,
     committed: HashSet<(String, String)>,
     run_tag: String,
+    /// The exclusive lock on `out`, released on drop (or when the process dies).
+    _lock: File,
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -358,6 +376,137 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// (task, sample_id) of every row of a part of `task`.
+/// Takes the exclusive lock on `out` (an OS file lock on `out/_lock`, held until the returned
+/// file is dropped or the process exits, so a killed run leaves no stale lock) and writes who
+/// holds it into the file.
+fn lock_out(out: &Path) -> Result<File> {
+    let path = out.join("_lock");
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io(&path))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "another process".into());
+            return Err(DatasetError::Locked { path, holder });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+    }
+    let host = fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "?".into());
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    f.set_len(0).map_err(io(&path))?;
+    writeln!(
+        f,
+        "pid {} on host {host} (since unix time {since})",
+        std::process::id()
+    )
+    .map_err(io(&path))?;
+    Ok(f)
+}
+
+/// The fields in which two configurations differ, as `a.b: old (now new)`.
+pub fn config_diff(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        use serde_json::Value;
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    let (va, vb) = (x.get(k), y.get(k));
+                    match (va, vb) {
+                        (Some(va), Some(vb)) => walk(&p, va, vb, out),
+                        (Some(va), None) => out.push(format!("{p}: {va} (now absent)")),
+                        (None, Some(vb)) => out.push(format!("{p}: absent (now {vb})")),
+                        (None, None) => {}
+                    }
+                }
+            }
+            _ if a != b => out.push(format!(
+                "{}: {a} (now {b})",
+                if prefix.is_empty() { "(root)" } else { prefix }
+            )),
+            _ => {}
+        }
+    }
+    let mut out = vec![];
+    walk("", old, new, &mut out);
+    out
+}
+
+/// Refuses a committed part the manifest missed unless it is this run's: written with this
+/// run's configuration (`manifest.config`, already the new one under --force) and model, and holding no sample twice or already committed.
+fn check_stray(
+    path: &Path,
+    ids: &[(String, String)],
+    committed: &HashSet<(String, String)>,
+    manifest: &Manifest,
+) -> Result<()> {
+    let config = &manifest.config;
+    let stray = |why: String| DatasetError::StrayPart {
+        path: path.to_path_buf(),
+        why,
+    };
+    let f = File::open(path).map_err(io(path))?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| DatasetError::Parquet {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let kv = b.metadata().file_metadata().key_value_metadata();
+    let meta = |key: &str| -> Option<String> {
+        kv?.iter()
+            .find(|e| e.key == key)
+            .and_then(|e| e.value.clone())
+    };
+    let fp =
+        meta("drllm.model_fingerprint").ok_or_else(|| stray("without drllm metadata".into()))?;
+    if fp != manifest.model_fingerprint {
+        return Err(stray(format!(
+            "searched with model fingerprint {fp}, this run has {}",
+            manifest.model_fingerprint
+        )));
+    }
+    let theirs: serde_json::Value = meta("drllm.config")
+        .and_then(|c| serde_json::from_str(&c).ok())
+        .ok_or_else(|| stray("without a readable drllm.config".into()))?;
+    if &theirs != config {
+        return Err(stray(format!(
+            "searched with another configuration ({})",
+            config_diff(&theirs, config).join(", ")
+        )));
+    }
+    let mut seen = HashSet::new();
+    for id in ids {
+        if committed.contains(id) || !seen.insert(id) {
+            return Err(stray(format!(
+                "holding sample {} ({}) that is already committed",
+                id.1, id.0
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn read_ids(path: &Path, task: &str) -> Result<Vec<(String, String)>> {
     let perr = |msg: String| DatasetError::Parquet {
         path: path.to_path_buf(),
@@ -554,6 +703,7 @@ impl Dataset {
         let data = out.join("data");
         let staging = out.join("_staging");
         fs::create_dir_all(&data).map_err(io(&data))?;
+        let lock = lock_out(out)?;
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(io(&staging))?;
         }
@@ -596,7 +746,10 @@ impl Dataset {
             ));
         }
         if manifest.config != config {
-            what.push(format!("config {} (now {config})", manifest.config));
+            what.push(format!(
+                "config differs in {}",
+                config_diff(&manifest.config, &config).join(", ")
+            ));
         }
         if !what.is_empty() {
             if !force || manifest.model_fingerprint != model_fingerprint {
@@ -636,6 +789,7 @@ impl Dataset {
                     continue;
                 }
                 let ids = read_ids(&f, &task)?;
+                check_stray(&f, &ids, &committed, &manifest)?;
                 tracing::info!(part = %rel, rows = ids.len(), "adopting a committed part the manifest missed");
                 manifest.rows += ids.len();
                 manifest.parts.push(PartInfo {
@@ -661,6 +815,7 @@ impl Dataset {
             manifest,
             committed,
             run_tag,
+            _lock: lock,
         };
         ds.write_manifest()?;
         Ok(ds)
@@ -883,7 +1038,13 @@ pub(crate) mod tests {
         let e = Dataset::open(out, "fp1", other.clone(), false)
             .err()
             .unwrap();
-        assert!(e.to_string().contains("num_simulations"), "{e}");
+        // The fields that differ are named, not both configs dumped.
+        assert!(
+            e.to_string()
+                .contains("config differs in num_simulations: 50 (now 20)"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("tasks"), "{e}");
         assert!(e.to_string().contains("--force"), "{e}");
         let e = Dataset::open(out, "fp2", cfg(), true).err().unwrap();
         assert!(e.to_string().contains("model fingerprint fp1"), "{e}");
@@ -906,6 +1067,67 @@ pub(crate) mod tests {
                 .contains("_manifest.json: not a drllm manifest"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn one_run_at_a_time_holds_the_output_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let ds = Dataset::open(&out, "fp1", cfg(), false).unwrap();
+        let e = Dataset::open(&out, "fp1", cfg(), false).err().unwrap();
+        let msg = e.to_string();
+        assert!(matches!(e, DatasetError::Locked { .. }), "{msg}");
+        assert!(
+            msg.contains("_lock") && msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        // Released with the run (and by the OS when a process dies).
+        drop(ds);
+        Dataset::open(&out, "fp1", cfg(), false).unwrap();
+    }
+
+    #[test]
+    fn stray_parts_of_other_runs_or_duplicates_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let mut ds = Dataset::open(&out, "fp1", cfg(), false).unwrap();
+        ds.commit("arc_easy", &[row("arc_easy", "a", true)])
+            .unwrap();
+        drop(ds);
+        let part = out.join(&read_manifest(&out).unwrap().parts[0].path);
+        let task_dir = part.parent().unwrap().to_path_buf();
+        // A copy of a committed part: its sample would be there twice.
+        let copy = task_dir.join("part-00007-copy.parquet");
+        fs::copy(&part, &copy).unwrap();
+        let e = Dataset::open(&out, "fp1", cfg(), false).err().unwrap();
+        assert!(
+            matches!(e, DatasetError::StrayPart { .. })
+                && e.to_string().contains("part-00007-copy.parquet")
+                && e.to_string()
+                    .contains("sample a (arc_easy) that is already committed"),
+            "{e}"
+        );
+        fs::remove_file(&copy).unwrap();
+        // A part of a run with another configuration.
+        let other_out = dir.path().join("other");
+        let other = serde_json::json!({"tasks": ["arc_easy"], "num_simulations": 20});
+        let mut ds = Dataset::open(&other_out, "fp1", other, false).unwrap();
+        ds.commit("arc_easy", &[row("arc_easy", "q", true)])
+            .unwrap();
+        drop(ds);
+        let theirs = other_out.join(&read_manifest(&other_out).unwrap().parts[0].path);
+        fs::copy(&theirs, task_dir.join("part-00008-other.parquet")).unwrap();
+        let e = Dataset::open(&out, "fp1", cfg(), false).err().unwrap();
+        assert!(
+            e.to_string().contains("part-00008-other.parquet")
+                && e.to_string().contains("num_simulations: 20 (now 50)"),
+            "{e}"
+        );
+        // Nothing was adopted or lost: once the stray part is gone the run resumes as it was.
+        fs::remove_file(task_dir.join("part-00008-other.parquet")).unwrap();
+        let ds = Dataset::open(&out, "fp1", cfg(), false).unwrap();
+        assert_eq!(ds.manifest().rows, 1);
+        assert!(ds.is_committed("arc_easy", "a") && !ds.is_committed("arc_easy", "q"));
     }
 
     #[test]

@@ -307,15 +307,22 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         }
         loaded.push(l);
     }
-    let lm = a.m.load()?;
-    let n_layers = lm.model.num_layers();
-    let statics: Vec<LayerPath> = a
+    // Flags are checked before the model loads: a typo fails fast.
+    let statics = a
         .paths
         .iter()
-        .map(|p| crate::parse_path(Some(p), n_layers).with_context(|| format!("--path {p}")))
+        .map(|p| p.parse().with_context(|| format!("--path {p}")))
+        .collect::<Result<Vec<LayerPath>>>()?;
+    let pkg = crate::open_package(&a.routers)?;
+    let lm = a.m.load()?;
+    let n_layers = lm.model.num_layers();
+    let statics: Vec<LayerPath> = statics
+        .into_iter()
+        .zip(&a.paths)
+        .map(|(p, s)| crate::path_for(Some(p), n_layers).with_context(|| format!("--path {s}")))
         .collect::<Result<_>>()?;
     // Every budget is checked (and the package with it) before any answer is generated.
-    let (policies, trained) = crate::load_policies(&lm, &a.routers, &a.budget)
+    let (policies, trained) = crate::load_policies(&lm, &a.routers, pkg, &a.budget)
         .with_context(|| format!("--routers {}", a.routers.display()))?;
     // Routers read the hidden states of the prompts they were trained on: refuse prompts of
     // another form (cloze and cloze-norm share theirs, as strict and lenient do).

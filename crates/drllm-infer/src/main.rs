@@ -6,7 +6,7 @@ mod bench;
 mod eval;
 mod plot;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use drllm_router::{Package, Policy};
 use drllm_runtime::{
@@ -84,9 +84,7 @@ pub(crate) struct ModelArgs {
 impl ModelArgs {
     /// Applies the thread setting, then loads model and tokenizer.
     pub(crate) fn load(&self) -> Result<LoadedModel> {
-        if let Some(n) = self.threads {
-            tch::set_num_threads(n);
-        }
+        drllm_runtime::set_threads(self.threads)?;
         let device = resolve_device(&self.device)?;
         let kind = parse_dtype(&self.dtype, device)?;
         let source = ModelSource::resolve(&self.model)?;
@@ -98,12 +96,17 @@ impl ModelArgs {
     }
 }
 
-/// Parses `--path` for a model of `n_layers` blocks (default: all ones).
-fn parse_path(path: Option<&str>, n_layers: usize) -> Result<LayerPath> {
+/// Parses `--path` (before the model loads, so a typo fails fast); `None` when absent.
+fn parse_path(path: Option<&str>) -> Result<Option<LayerPath>> {
+    path.map(|p| p.parse::<LayerPath>().context("--path"))
+        .transpose()
+}
+
+/// The parsed `--path` checked for a model of `n_layers` blocks (default: all ones).
+fn path_for(path: Option<LayerPath>, n_layers: usize) -> Result<LayerPath> {
     let Some(p) = path else {
         return Ok(LayerPath::all_ones(n_layers));
     };
-    let p: LayerPath = p.parse().context("--path")?;
     p.check_len(n_layers).context("--path")?;
     Ok(p)
 }
@@ -180,23 +183,30 @@ fn init_logging(json: bool) {
     }
 }
 
-/// Loads a router package for `lm` (same model, same sizes) as a routing policy.
-pub(crate) fn load_policy(lm: &LoadedModel, dir: &std::path::Path, budget: f64) -> Result<Policy> {
-    let (mut v, _) = load_policies(lm, dir, &[budget])?;
+/// Reads the router package `spec` (a directory, or `embedded`: the reference routers of the
+/// embedded model, compiled in), before the model loads so that a bad package fails fast.
+pub(crate) fn open_package(spec: &std::path::Path) -> Result<(std::path::PathBuf, Package)> {
+    let dir = drllm_router::embedded::resolve(spec)
+        .with_context(|| format!("--routers {}", spec.display()))?;
+    let pkg = Package::load(&dir).with_context(|| format!("--routers {}", spec.display()))?;
+    Ok((dir, pkg))
+}
+
+/// The routing policy of the package `spec` for `lm` at `budget`.
+pub(crate) fn load_policy(lm: &LoadedModel, spec: &std::path::Path, budget: f64) -> Result<Policy> {
+    let (mut v, _) = load_policies(lm, spec, open_package(spec)?, &[budget])?;
     v.pop().context("no policy")
 }
 
-/// [`load_policy`] for several budgets: the package is read and checked once; also its
-/// manifest.
+/// Routing policies of the package `spec` (read by [`open_package`]) for `lm` (same model,
+/// same sizes) at each of `budgets`; also its manifest.
 pub(crate) fn load_policies(
     lm: &LoadedModel,
-    dir: &std::path::Path,
+    spec: &std::path::Path,
+    (dir, pkg): (std::path::PathBuf, Package),
     budgets: &[f64],
 ) -> Result<(Vec<Policy>, drllm_router::PackageManifest)> {
-    // `embedded`: the reference routers of the embedded model, compiled in.
-    let spec = dir;
-    let dir = &drllm_router::embedded::resolve(spec)?;
-    let pkg = Package::load(dir)?;
+    let dir = &dir;
     let fingerprint = lm.source.fingerprint()?;
     pkg.check_model(
         dir,
@@ -240,16 +250,19 @@ fn warn_held_out(dir: &std::path::Path, m: &drllm_router::PackageManifest, budge
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
+    let path = parse_path(a.path.as_deref())?;
+    let pkg = a.routers.as_deref().map(open_package).transpose()?;
     let lm = a.m.load()?;
     let n_layers = lm.model.num_layers();
-    let policy = match &a.routers {
-        Some(dir) => Some(
-            load_policy(&lm, dir, a.budget)
-                .with_context(|| format!("--routers {}", dir.display()))?,
-        ),
-        None => None,
+    let policy = match (&a.routers, pkg) {
+        (Some(dir), Some(pkg)) => {
+            let (mut v, _) = load_policies(&lm, dir, pkg, &[a.budget])
+                .with_context(|| format!("--routers {}", dir.display()))?;
+            Some(v.pop().context("no policy")?)
+        }
+        _ => None,
     };
-    let path = parse_path(a.path.as_deref(), n_layers)?;
+    let path = path_for(path, n_layers)?;
     let mut prompts = Vec::with_capacity(a.prompt.len());
     for text in &a.prompt {
         let ids = if a.chat {
@@ -333,11 +346,19 @@ fn logits(a: LogitsArgs) -> Result<()> {
             a.ids_file.display()
         )
     })?;
+    if prompts.is_empty() {
+        bail!(
+            "{}: no prompts; expected a JSON list of lists of token ids",
+            a.ids_file.display()
+        );
+    }
+    let path = parse_path(a.path.as_deref())?;
     let lm = a.m.load()?;
-    let path = parse_path(a.path.as_deref(), lm.model.num_layers())?;
+    let path = path_for(path, lm.model.num_layers())?;
     let logits = lm
         .model
-        .prompt_logits(&prompts, &vec![path; prompts.len()])?;
+        .prompt_logits(&prompts, &vec![path; prompts.len()])
+        .with_context(|| format!("{}", a.ids_file.display()))?;
     let named: Vec<(String, tch::Tensor)> = logits
         .into_iter()
         .enumerate()

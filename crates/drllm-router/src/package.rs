@@ -257,8 +257,12 @@ impl Package {
             path: tpath.clone(),
             msg,
         };
-        let named = Tensor::read_safetensors(&tpath)
-            .map_err(|e| terr(format!("not a safetensors file: {e}")))?;
+        let named = Tensor::read_safetensors(&tpath).map_err(|e| {
+            terr(match truncation(&tpath) {
+                Some(why) => format!("truncated: {why}"),
+                None => format!("not a safetensors file: {e}"),
+            })
+        })?;
         let mut by_name: HashMap<String, Tensor> = named.into_iter().collect();
         let s = manifest.shape;
         let (h, d) = (s.hidden_size as i64, s.router_hidden as i64);
@@ -381,6 +385,39 @@ impl Package {
     }
 }
 
+/// Why a safetensors file is shorter than its own header says, if it is: libtorch's reader
+/// reports a cut file as a parse failure ("MetadataIncompleteBuffer"), which does not tell
+/// the user the file is incomplete.
+fn truncation(path: &Path) -> Option<String> {
+    let bytes = fs::read(path).ok()?;
+    let len = bytes.len() as u64;
+    let Some(head) = bytes.get(..8) else {
+        return Some(format!("{len} bytes, less than the 8-byte header length"));
+    };
+    let n = u64::from_le_bytes(head.try_into().ok()?);
+    // Beyond the format's own limit on the header (100 MB): not a safetensors file at all.
+    if n > 100_000_000 {
+        return None;
+    }
+    let Some(meta) = bytes.get(8..(8u64.checked_add(n)?).try_into().ok()?) else {
+        return Some(format!(
+            "the header announces {n} bytes of metadata after its first 8, the file holds {len} bytes"
+        ));
+    };
+    let v: serde_json::Value = serde_json::from_slice(meta).ok()?;
+    let end = v
+        .as_object()?
+        .values()
+        .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()?;
+    (8 + n + end > len).then(|| {
+        format!(
+            "the tensors end at byte {} but the file holds {len} bytes",
+            8 + n + end
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,6 +510,17 @@ mod tests {
         Tensor::write_safetensors(&refs, &tensors).unwrap();
         let e = Package::load(&out).unwrap_err().to_string();
         assert!(e.contains("routers.0.fc2.weight holds NaN"), "{e}");
+        // Cut short, in the tensors and in the header.
+        pkg.save(&out).unwrap();
+        let full = fs::read(&tensors).unwrap();
+        for cut in [full.len() / 2, 20] {
+            fs::write(&tensors, &full[..cut]).unwrap();
+            let e = Package::load(&out).unwrap_err().to_string();
+            assert!(
+                e.contains("routers.safetensors: truncated") && e.contains(&cut.to_string()),
+                "{e}"
+            );
+        }
         // Garbage, and missing.
         fs::write(&tensors, b"not safetensors").unwrap();
         let e = Package::load(&out).unwrap_err().to_string();

@@ -281,9 +281,13 @@ impl<'m> PathBatch<'m> {
                 self.batch
             )));
         }
+        if prompts.is_empty() {
+            return Err(Error::Request("no prompts".into()));
+        }
         if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
             return Err(Error::Request(format!("prompt {i} is empty")));
         }
+        self.model.check_context(prompts, 0)?;
         let vocab = self.model.cfg.vocab_size;
         if let Some(id) = prompts.iter().flatten().find(|&&id| id as i64 >= vocab) {
             return Err(Error::Request(format!(
@@ -815,6 +819,25 @@ pub fn argmax_tokens(logits: &Tensor) -> Result<Vec<u32>> {
 }
 
 impl Model {
+    /// Refuses prompts that with `new_tokens` generated tokens would not fit the model's
+    /// context (positions past it are not what the model was trained on: its output there is
+    /// meaningless, not an error libtorch would raise).
+    pub fn check_context(&self, prompts: &[Vec<u32>], new_tokens: usize) -> Result<()> {
+        let ctx = self.cfg.max_position_embeddings.max(0) as usize;
+        match prompts.iter().position(|p| p.len() + new_tokens > ctx) {
+            Some(i) => Err(Error::Request(format!(
+                "prompt {i} has {} tokens{}; the model's context is {ctx} tokens",
+                prompts[i].len(),
+                if new_tokens > 0 {
+                    format!(" and {new_tokens} new tokens are asked for")
+                } else {
+                    String::new()
+                }
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Logits `[T_i, V]` (f32) at every position of each prompt, run along its path.
     pub fn prompt_logits(&self, prompts: &[Vec<u32>], paths: &[LayerPath]) -> Result<Vec<Tensor>> {
         let _g = tch::no_grad_guard();
@@ -854,6 +877,7 @@ impl Model {
         decided: impl FnMut(usize, &[u32]) -> bool,
     ) -> Result<Vec<Generated>> {
         let _g = tch::no_grad_guard();
+        self.check_context(prompts, opts.max_new_tokens)?;
         let mut batch = PathBatch::new(self, paths)?;
         let h = batch.prefill(prompts)?;
         let t = h.size()[1];
@@ -870,6 +894,7 @@ impl Model {
         opts: &GenerateOptions,
     ) -> Result<(Vec<Generated>, Vec<LayerPath>)> {
         let _g = tch::no_grad_guard();
+        self.check_context(prompts, opts.max_new_tokens)?;
         let mut batch = PathBatch::new_routed(self, prompts.len());
         let h = batch.prefill_routed(prompts, route)?;
         let paths = batch.paths().to_vec();
@@ -895,6 +920,7 @@ impl Model {
         opts: &GenerateOptions,
     ) -> Result<(Vec<Generated>, Vec<LayerPath>)> {
         let _g = tch::no_grad_guard();
+        self.check_context(prompts, opts.max_new_tokens)?;
         let batch = batch.max(1);
         let (mut parts, mut first) = (vec![], vec![]);
         for (c, chunk) in prompts.chunks(batch).enumerate() {
@@ -942,6 +968,7 @@ impl Model {
         decided: impl FnMut(usize, &[u32]) -> bool,
     ) -> Result<Vec<Generated>> {
         let _g = tch::no_grad_guard();
+        self.check_context(prompts, opts.max_new_tokens)?;
         let (batch, logits, order) = self.prefill_grouped(prompts, paths, cache)?;
         let first = argmax_tokens(&logits)?;
         self.decode_prefilled(batch, first, order, opts, decided)

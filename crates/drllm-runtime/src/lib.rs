@@ -22,7 +22,7 @@ pub use error::{Error, Result};
 pub use exec::{
     argmax_tokens, path_order, GenerateOptions, Generated, GroupRouteFn, PathBatch, RouteFn,
 };
-pub use loader::{parse_dtype, resolve_device, DeviceSpec, LoadedModel, ModelSource};
+pub use loader::{parse_dtype, resolve_device, set_threads, DeviceSpec, LoadedModel, ModelSource};
 pub use model::Model;
 pub use prefix::{PrefixCache, PrefixStats};
 pub use tch;

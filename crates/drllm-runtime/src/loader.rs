@@ -221,6 +221,22 @@ impl FromStr for DeviceSpec {
     }
 }
 
+/// Applies a `--threads` flag (`None`: libtorch's choice). libtorch aborts the process on a
+/// count below 1, so it is refused here.
+pub fn set_threads(threads: Option<i32>) -> Result<()> {
+    match threads {
+        Some(n) if n < 1 => Err(Error::Device {
+            device: "cpu".into(),
+            msg: format!("--threads (DRLLM_THREADS) must be at least 1, got {n}"),
+        }),
+        Some(n) => {
+            tch::set_num_threads(n);
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
 /// Resolves a `--device` flag: `auto` = the first GPU when libtorch sees one, else the CPU;
 /// otherwise `cpu`, `cuda` or `cuda:N` (checked against the visible GPUs).
 pub fn resolve_device(spec: &str) -> Result<Device> {

@@ -187,22 +187,33 @@ pub struct Sample {
 
 /// Where the data lives: `--data DIR`, else `$DRLLM_DATA`, else `../shared/data` when present.
 pub fn resolve_data_dir(arg: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = arg {
-        return Ok(p.to_path_buf());
-    }
-    if let Some(p) = std::env::var_os("DRLLM_DATA").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
+    let given = arg.map(|p| (p.to_path_buf(), "--data")).or_else(|| {
+        std::env::var_os("DRLLM_DATA")
+            .filter(|p| !p.is_empty())
+            .map(|p| (PathBuf::from(p), "DRLLM_DATA"))
+    });
+    if let Some((p, from)) = given {
+        if !p.is_dir() {
+            return Err(Error::MissingData(format!(
+                "{from} {}: no such directory. {DATA_LAYOUT}",
+                p.display()
+            )));
+        }
+        return Ok(p);
     }
     let dev = PathBuf::from("../shared/data");
     if dev.is_dir() {
         return Ok(dev);
     }
-    Err(Error::MissingData(
-        "no data directory: pass --data DIR or set DRLLM_DATA. Expected layout: DIR/arc/ARC-{Easy,Challenge}-{Train,Dev,Test}.jsonl, \
-         DIR/math/{train,test}.jsonl (MATH, or DART-Math pool rows), DIR/gsm8k/{train,test}.jsonl"
-            .into(),
-    ))
+    Err(Error::MissingData(format!(
+        "no data directory: pass --data DIR or set DRLLM_DATA. {DATA_LAYOUT}"
+    )))
 }
+
+/// Where the task files are expected under a data directory (for error messages).
+pub const DATA_LAYOUT: &str =
+    "Expected layout: DIR/arc/ARC-{Easy,Challenge}-{Train,Dev,Test}.jsonl, \
+     DIR/math/{train,test}.jsonl (MATH, or DART-Math pool rows), DIR/gsm8k/{train,test}.jsonl";
 
 /// One place a split may be stored.
 enum Candidate {
@@ -369,16 +380,28 @@ pub fn read_file(
         path: path.to_path_buf(),
         source: e,
     })?;
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+    // Lines are read as bytes so that a line of invalid UTF-8 is reported with its number; a
+    // byte-order mark (as some editors write) is skipped.
+    for (i, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
         let line = line.map_err(|e| Error::Io {
             path: path.to_path_buf(),
             source: e,
         })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value = serde_json::from_str::<Value>(&line)
-            .map_err(|e| Error::bad_row(path, i + 1, "-", format!("invalid JSON: {e}")));
+        let bytes = match line.strip_prefix(b"\xEF\xBB\xBF") {
+            Some(rest) if i == 0 => rest,
+            _ => &line[..],
+        };
+        let value = match std::str::from_utf8(bytes) {
+            Ok(text) if text.trim().is_empty() => continue,
+            Ok(text) => serde_json::from_str::<Value>(text)
+                .map_err(|e| Error::bad_row(path, i + 1, "-", format!("invalid JSON: {e}"))),
+            Err(e) => Err(Error::bad_row(
+                path,
+                i + 1,
+                "-",
+                format!("invalid UTF-8 at byte {} of the line", e.valid_up_to()),
+            )),
+        };
         handle(i + 1, value)?;
     }
     Ok(())

@@ -89,12 +89,7 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let a = Cli::parse();
-    if let Some(n) = a.threads {
-        if n < 1 {
-            anyhow::bail!("--threads must be at least 1, got {n}");
-        }
-        tch::set_num_threads(n);
-    }
+    drllm_runtime::set_threads(a.threads)?;
     let device = resolve_device(&a.device)?;
     let kind = parse_dtype(&a.dtype, device)?;
     let dir = data::resolve_data_dir(a.data.as_deref())?;

@@ -196,12 +196,7 @@ struct Oracle {
 
 impl Oracle {
     fn open(a: &Common) -> Result<Oracle> {
-        if let Some(n) = a.threads {
-            if n < 1 {
-                bail!("--threads must be at least 1, got {n}");
-            }
-            tch::set_num_threads(n);
-        }
+        drllm_runtime::set_threads(a.threads)?;
         let run = a.search.run_config()?;
         let dir = data::resolve_data_dir(a.data.as_deref())?;
         let device = resolve_device(&a.device)?;
