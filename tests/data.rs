@@ -380,3 +380,44 @@ fn hugging_face_parquet_layouts_load_like_the_jsonl() {
         "{msg}"
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+    /// Fuzz tier: real ARC, GSM8K and MATH rows with bytes overwritten (quotes, braces, invalid
+    /// UTF-8, anything) and cut short load or fail with an error naming the file, never panic.
+    #[test]
+    fn mutated_jsonl_rows_never_panic(
+        which in 0usize..3,
+        muts in proptest::collection::vec((0usize..1 << 16, proptest::prelude::any::<u8>()), 1..8),
+        cut in 0usize..64,
+    ) {
+        let (sub, file, task, split) = [
+            ("arc", "ARC-Easy-Dev.jsonl", TaskName::ArcEasy, Split::Dev),
+            ("gsm8k", "train.jsonl", TaskName::Gsm8k, Split::Train),
+            ("math", "train.jsonl", TaskName::Dart(None), Split::Train),
+        ][which];
+        let real = std::fs::read(data_dir().join(sub).join(file)).unwrap();
+        // The first three rows.
+        let end = real
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| b == b'\n')
+            .nth(2)
+            .map_or(real.len(), |(i, _)| i + 1);
+        let mut bytes = real[..end].to_vec();
+        let n = bytes.len();
+        for (i, b) in muts {
+            bytes[i % n] = b;
+        }
+        bytes.truncate(n.saturating_sub(cut));
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join(sub)).unwrap();
+        std::fs::write(tmp.path().join(sub).join(file), &bytes).unwrap();
+        for skip in [false, true] {
+            let opts = LoadOptions { skip_bad_rows: skip, ..Default::default() };
+            if let Err(e) = data::load(tmp.path(), task, split, &opts) {
+                proptest::prop_assert!(e.to_string().contains(file), "{}", e);
+            }
+        }
+    }
+}

@@ -109,6 +109,30 @@ mod tests {
     use crate::dataset::tests::row;
     use prost::Message;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+        /// Fuzz tier: a remote worker's record with bytes overwritten and cut short never
+        /// panics the coordinator's decoding, conversion or row validation.
+        #[test]
+        fn mutated_records_never_panic(
+            muts in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 1..10),
+            cut in 0usize..64,
+        ) {
+            let r = row("arc_easy", "Mercury_SC_407695", true);
+            let mut bytes = SearchRecord::from(&r).encode_to_vec();
+            let n = bytes.len();
+            for (i, b) in muts {
+                bytes[i % n] = b;
+            }
+            bytes.truncate(n.saturating_sub(cut));
+            if let Ok(rec) = SearchRecord::decode(bytes.as_slice()) {
+                if let Ok(row) = rec.into_row("w0") {
+                    let _ = row.validate(30);
+                }
+            }
+        }
+    }
+
     #[test]
     fn records_round_trip_through_the_wire_format() {
         for found in [true, false] {

@@ -476,6 +476,31 @@ mod tests {
         assert_eq!(names, ["pkg"]);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// Fuzz tier: a package whose routers.safetensors or manifest.json has bytes
+        /// overwritten or is cut short loads or is refused, never panics.
+        #[test]
+        fn mutated_packages_never_panic(
+            muts in proptest::collection::vec((0usize..1 << 16, proptest::prelude::any::<u8>()), 1..6),
+            cut in 0usize..128,
+            manifest in proptest::prelude::any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("pkg");
+            package().save(&out).unwrap();
+            let file = out.join(if manifest { MANIFEST } else { TENSORS });
+            let mut bytes = fs::read(&file).unwrap();
+            let n = bytes.len();
+            for (i, b) in muts {
+                bytes[i % n] = b;
+            }
+            bytes.truncate(n.saturating_sub(cut));
+            fs::write(&file, &bytes).unwrap();
+            let _ = Package::load(&out);
+        }
+    }
+
     #[test]
     fn damaged_packages_are_named_and_refused() {
         let dir = tempfile::tempdir().unwrap();

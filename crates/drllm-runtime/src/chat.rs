@@ -76,6 +76,28 @@ pub fn render(
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+        /// Fuzz tier: a chat template with characters overwritten (Jinja's own delimiters
+        /// among them) renders or is refused, never panics.
+        #[test]
+        fn mutated_templates_never_panic(
+            muts in proptest::collection::vec((0usize..4096, 0usize..16), 1..8),
+        ) {
+            let t = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\
+                     {% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'].strip() }}<|im_end|>\n{% endif %}\
+                     {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+            let alphabet = b"{}%#()[]'\"|.-~ a1";
+            let mut bytes = t.as_bytes().to_vec();
+            let n = bytes.len();
+            for (i, c) in muts {
+                bytes[i % n] = alphabet[c % alphabet.len()];
+            }
+            let t = String::from_utf8(bytes).unwrap();
+            let _ = render(&t, &[Message::system("s"), Message::user("hi")], "<s>", "</s>");
+        }
+    }
+
     #[test]
     fn renders_chatml_with_python_methods() {
         let t = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'].strip() }}<|im_end|>\n{% endfor %}\

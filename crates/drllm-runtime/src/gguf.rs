@@ -318,6 +318,19 @@ impl GgufFile {
         }
         let n_tensors = c.u64(&|| "tensor count".into())?;
         let n_kv = c.u64(&|| "metadata count".into())?;
+        // Each tensor info takes at least 32 bytes and each metadata entry 13: a count beyond
+        // any real model's (65,536) that cannot fit is a corrupt header, not a file cut short.
+        let rest = (c.buf.len() - c.pos) as u64;
+        for (what, n, min) in [("tensor", n_tensors, 32u64), ("metadata", n_kv, 13)] {
+            if n > 65_536 && n.saturating_mul(min) > rest {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "corrupt header: {what} count {n} cannot fit in the {rest} bytes that follow it"
+                    ),
+                ));
+            }
+        }
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
             let key = c.string(&|| format!("metadata key #{i}"))?;
@@ -717,6 +730,15 @@ pub(crate) mod tests {
         let msg = GgufFile::open(&unk).err().unwrap().to_string();
         assert!(
             msg.contains("blk.0.ffn_up.weight") && msg.contains("Q4_K"),
+            "{msg}"
+        );
+        // A tensor count that cannot fit the file: a corrupt header, said so.
+        let mut corrupt = good.clone();
+        corrupt[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&p, &corrupt).unwrap();
+        let msg = GgufFile::open(&p).err().unwrap().to_string();
+        assert!(
+            msg.contains("bad.gguf") && msg.contains("corrupt header: tensor count"),
             "{msg}"
         );
         let mut v1 = GgufBuilder::new();
