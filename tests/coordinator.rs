@@ -139,6 +139,17 @@ fn bad_settings_are_refused_before_any_work() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("arc_medium"));
 }
 
+#[test]
+fn nothing_to_search_starts_no_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("empty");
+    let (ok, err) = coordinator(&out, 2, 0, &[]);
+    assert!(ok, "{err}");
+    assert!(err.contains("no samples selected") && err.contains("--limit Some(0)"), "{err}");
+    assert!(!out.join("_logs").exists(), "a worker was started for nothing");
+    assert!(read_rows(&out).unwrap().is_empty());
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
