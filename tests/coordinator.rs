@@ -145,8 +145,14 @@ fn nothing_to_search_starts_no_worker() {
     let out = dir.path().join("empty");
     let (ok, err) = coordinator(&out, 2, 0, &[]);
     assert!(ok, "{err}");
-    assert!(err.contains("no samples selected") && err.contains("--limit Some(0)"), "{err}");
-    assert!(!out.join("_logs").exists(), "a worker was started for nothing");
+    assert!(
+        err.contains("no samples selected") && err.contains("--limit Some(0)"),
+        "{err}"
+    );
+    assert!(
+        !out.join("_logs").exists(),
+        "a worker was started for nothing"
+    );
     assert!(read_rows(&out).unwrap().is_empty());
 }
 

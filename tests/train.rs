@@ -264,6 +264,31 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
     assert!(ok && stderr.contains("from the cache"), "{stderr}");
     assert_eq!(Package::load(&pkg).unwrap().manifest.epochs.len(), 2);
 
+    // Margin labels: a strict share relabels the default-correct rows it applies to, each
+    // exactly once, and records what it did; a second run reads every margin from the cache.
+    let margin = [
+        "--epochs",
+        "1",
+        "--routed-every",
+        "0",
+        "--label-margin",
+        "3",
+    ];
+    let (ok, _, stderr) = train(&margin, &[&run], &pkg, &cache);
+    assert!(ok && stderr.contains("--label-margin 3: of"), "{stderr}");
+    let d = Package::load(&pkg).unwrap().manifest.data;
+    let r = &d["margin_labels"];
+    let n = |k: &str| r[k].as_u64().unwrap();
+    assert_eq!(n("rows"), n("cheapest") + n("dearer") + n("fragile"), "{r}");
+    assert!(n("computed") >= n("rows"), "{r}");
+    assert_eq!(d["label_margin"].as_f64(), Some(3.0));
+    let fragile = d["rows_by_outcome"]["fragile"].as_u64().unwrap();
+    assert_eq!(fragile, n("fragile"));
+    let (ok, _, stderr) = train(&margin, &[&run], &pkg, &cache);
+    assert!(ok && stderr.contains(" 0 margins measured"), "{stderr}");
+    let (ok, _, e) = train(&["--label-margin=-1"], &[&run], &pkg, &cache);
+    assert!(!ok && e.contains("--label-margin must be a share"), "{e}");
+
     // Bad input: no dataset there.
     let (ok, _, e) = train(&[], &[&dir.path().join("nope")], &pkg, &cache);
     assert!(!ok && e.contains("nope/_manifest.json"), "{e}");

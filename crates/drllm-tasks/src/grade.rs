@@ -277,6 +277,33 @@ pub fn cloze_pick(lls: &[f64], chars: &[usize], norm: bool) -> Option<usize> {
     best.map(|(i, _)| i)
 }
 
+/// Cloze scoring: by how much the gold choice `gold` wins (> 0) or loses (<= 0), in the units
+/// [`cloze_pick`] compares: its score minus the best other choice's. `None` when there is no
+/// other choice, `gold` is out of range or a score is NaN. Labels that must survive small
+/// perturbations (a skipped block) are asked for a share of this margin, not only its sign.
+pub fn cloze_margin(lls: &[f64], chars: &[usize], norm: bool, gold: usize) -> Option<f64> {
+    let score = |i: usize| {
+        if norm {
+            lls[i] / chars.get(i).copied().unwrap_or(1).max(1) as f64
+        } else {
+            lls[i]
+        }
+    };
+    if gold >= lls.len() || lls.len() < 2 {
+        return None;
+    }
+    let g = score(gold);
+    let mut best_other = f64::NEG_INFINITY;
+    for i in (0..lls.len()).filter(|&i| i != gold) {
+        let s = score(i);
+        if s.is_nan() {
+            return None;
+        }
+        best_other = best_other.max(s);
+    }
+    (!g.is_nan()).then_some(g - best_other)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,6 +432,24 @@ mod tests {
         ));
         assert!(!choice_logits_correct(&[('A', 2.0), ('B', 2.0)], 'B'));
         assert!(!choice_logits_correct(&[('A', 2.0)], 'B'));
+    }
+
+    #[test]
+    fn cloze_margin_is_gold_minus_best_other() {
+        let lls = [-3.0, -1.0, -2.5, -4.0];
+        assert_eq!(cloze_margin(&lls, &[1; 4], false, 1), Some(1.5));
+        assert_eq!(cloze_margin(&lls, &[1; 4], false, 2), Some(-1.5));
+        // Normalised per character: -1.0/4 vs -3.0/1 and -2.5/5 and -4.0/8.
+        let m = cloze_margin(&lls, &[1, 4, 5, 8], true, 1).unwrap();
+        assert!((m - (-0.25 + 0.5)).abs() < 1e-12, "{m}");
+        assert_eq!(cloze_margin(&lls, &[1; 4], false, 4), None);
+        assert_eq!(cloze_margin(&[-1.0], &[1], false, 0), None);
+        assert_eq!(cloze_margin(&[-1.0, f64::NAN], &[1, 1], false, 0), None);
+        // A positive margin is exactly a correct pick (no ties).
+        for gold in 0..4 {
+            let m = cloze_margin(&lls, &[1; 4], false, gold).unwrap();
+            assert_eq!(m > 0.0, cloze_pick(&lls, &[1; 4], false) == Some(gold));
+        }
     }
 
     #[test]

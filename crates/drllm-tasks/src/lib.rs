@@ -14,5 +14,7 @@ pub use data::{
     TaskName,
 };
 pub use error::{Error, Result};
-pub use grade::{choice_logits_correct, cloze_pick, decide, reward, RewardMode, Verdict};
+pub use grade::{
+    choice_logits_correct, cloze_margin, cloze_pick, decide, reward, RewardMode, Verdict,
+};
 pub use prompt::{add_special_tokens, Style, Template};

@@ -178,6 +178,7 @@ fn arc_examples(lm: &LoadedModel, dir: &std::path::Path, n: usize) -> Result<Vec
             prompt: chat,
             add_special: false,
             path,
+            candidates: vec![],
         });
     }
     Ok(out)

@@ -66,6 +66,9 @@ pub struct Example {
     /// The gold path: per block, 0 (skip), 1 (execute) or 2 (repeat); empty for a row with no
     /// correct path (never trained on; kept for routed validation).
     pub path: Vec<u8>,
+    /// The row's other correct paths than the default, cheapest first (the search's
+    /// `good_paths`): what a margin rule may label the prompt with instead of `path`.
+    pub candidates: Vec<Vec<u8>>,
 }
 
 /// What a searched sample's row says.
@@ -76,6 +79,9 @@ pub enum RowKind {
     Shortened,
     /// The default path was correct and nothing cheaper was found: labelled all-execute.
     DefaultOnly,
+    /// The default path was correct, and cheaper ones too, but none kept the share of the
+    /// default's margin a margin rule asks for: labelled all-execute.
+    Fragile,
     /// The default path was wrong and another path right.
     Improved,
     /// No path evaluated was correct.
@@ -246,6 +252,14 @@ pub fn load_examples(
                     (kind, path.clone())
                 }
             };
+            let mut candidates: Vec<Vec<u8>> = vec![];
+            for p in std::iter::once(&path).chain(&r.good_paths) {
+                let fits = p.len() == num_layers && p.iter().all(|&c| c <= 2);
+                if fits && !p.iter().all(|&c| c == 1) && !candidates.contains(p) {
+                    candidates.push(p.clone());
+                }
+            }
+            candidates.sort_by_key(|p| p.iter().map(|&c| c as usize).sum::<usize>());
             rows_all.push(Example {
                 sample_id: r.sample_id,
                 task: r.task,
@@ -255,6 +269,7 @@ pub fn load_examples(
                 prompt: r.prompt,
                 add_special: add_special_tokens(style, reward, family),
                 path,
+                candidates,
             });
         }
         sources.push(SourceInfo {
@@ -271,7 +286,7 @@ pub fn load_examples(
     // One row per prompt: of rows with the same prompt (a sample searched in several datasets),
     // the one that says the most (a correct default, then an improvement), else the first.
     let rank = |k: RowKind| match k {
-        RowKind::Shortened | RowKind::DefaultOnly => 0,
+        RowKind::Shortened | RowKind::DefaultOnly | RowKind::Fragile => 0,
         RowKind::Improved => 1,
         RowKind::NoCorrect => 2,
     };
@@ -293,6 +308,7 @@ pub fn load_examples(
     let kinds: Vec<(RowKind, usize)> = [
         RowKind::Shortened,
         RowKind::DefaultOnly,
+        RowKind::Fragile,
         RowKind::Improved,
         RowKind::NoCorrect,
     ]
@@ -327,7 +343,7 @@ pub fn load_examples(
         let train = match e.kind {
             RowKind::NoCorrect => false,
             RowKind::Improved => keep_improved.contains(&i),
-            RowKind::Shortened | RowKind::DefaultOnly => true,
+            RowKind::Shortened | RowKind::DefaultOnly | RowKind::Fragile => true,
         };
         if train {
             sources[e.source].examples += 1;
@@ -459,10 +475,18 @@ mod tests {
             vec![
                 (RowKind::Shortened, 5),
                 (RowKind::DefaultOnly, 5),
+                (RowKind::Fragile, 0),
                 (RowKind::Improved, 10),
                 (RowKind::NoCorrect, 5)
             ]
         );
+        // Candidates: the correct paths other than the default, cheapest first.
+        for e in &set.examples {
+            match e.kind {
+                RowKind::DefaultOnly => assert!(e.candidates.is_empty()),
+                _ => assert_eq!(e.candidates, vec![e.path.clone()]),
+            }
+        }
         // Deterministic by sample id: the same rows again; another seed picks others.
         let again = load_examples(&dirs, "fp", "m", 4, &mix).unwrap();
         assert_eq!(again.examples, set.examples);

@@ -6,6 +6,7 @@
 
 pub mod examples;
 pub mod features;
+pub mod margin;
 pub mod metrics;
 pub mod trainer;
 pub mod validate;
@@ -14,6 +15,7 @@ pub use examples::{
     load_examples, split_of, Example, ExampleSet, LabelMix, RowKind, SourceInfo, TrainDataError,
 };
 pub use features::{extract_features, FeatureCache, Features};
+pub use margin::{relabel_by_margin, MarginCache, MarginRule, Relabelled};
 pub use metrics::Confusion;
 pub use trainer::{best_epoch, train, Select, TrainConfig, TrainError, Trained};
-pub use validate::RoutedValidation;
+pub use validate::{prepare_examples, RoutedValidation};

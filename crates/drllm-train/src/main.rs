@@ -10,8 +10,8 @@ use drllm_runtime::{parse_dtype, resolve_device, ModelSource};
 use drllm_train::features::default_cache_dir;
 use drllm_train::trainer::{evaluate, PAPER_LABELS};
 use drllm_train::{
-    best_epoch, extract_features, load_examples, split_of, train, FeatureCache, LabelMix,
-    RoutedValidation, RowKind, Select, TrainConfig,
+    best_epoch, extract_features, load_examples, relabel_by_margin, split_of, train, FeatureCache,
+    LabelMix, MarginCache, MarginRule, RoutedValidation, RowKind, Select, TrainConfig,
 };
 
 #[derive(Parser)]
@@ -119,6 +119,14 @@ struct TrainArgs {
     /// kept is decided by a seeded hash of the sample id.
     #[arg(long, default_value_t = 0.3)]
     max_improved_share: f64,
+    /// Margin-aware labels (cloze rewards): a default-correct prompt is labelled with a cheaper
+    /// correct path only when that path keeps at least this share of the default path's margin
+    /// (the gold choice's log-likelihood minus the best other's), else with the cheapest of its
+    /// other correct paths that does, else all-execute (a fragile prompt). 0 takes any correct
+    /// path, as the search's 0/1 verdict does. Margins are measured once and cached next to the
+    /// features.
+    #[arg(long, default_value_t = 0.0)]
+    label_margin: f64,
     /// Which epoch is shipped: routed-accuracy (the routers route the held-out prompts; best
     /// accuracy, then lowest cost) or macro-f1 (teacher-forced validation macro-F1).
     #[arg(long, default_value = "routed-accuracy")]
@@ -289,6 +297,12 @@ fn run(a: TrainArgs) -> Result<()> {
             a.max_improved_share
         );
     }
+    if !(a.label_margin.is_finite() && a.label_margin >= 0.0) {
+        bail!(
+            "--label-margin must be a share >= 0, got {}",
+            a.label_margin
+        );
+    }
     if let Some(b) = a.val_budgets.iter().find(|b| !(-1.0..=1.0).contains(*b)) {
         bail!("--val-budgets: {b} is outside [-1, 1]");
     }
@@ -317,12 +331,7 @@ fn run(a: TrainArgs) -> Result<()> {
             out.display()
         );
     }
-    if let Some(n) = a.threads {
-        if n < 1 {
-            bail!("--threads must be at least 1, got {n}");
-        }
-        tch::set_num_threads(n);
-    }
+    drllm_runtime::set_threads(a.threads)?;
     let device = resolve_device(&a.device)?;
     let kind = parse_dtype(&a.dtype, device)?;
     let source = ModelSource::resolve(&a.model)?;
@@ -334,7 +343,58 @@ fn run(a: TrainArgs) -> Result<()> {
         max_improved_share: a.max_improved_share,
         seed: a.seed,
     };
-    let set = load_examples(&a.data, &fingerprint, &name, n_layers, &mix)?;
+    let mut set = load_examples(&a.data, &fingerprint, &name, n_layers, &mix)?;
+
+    // The model is needed for margin labels, routed validation, or the feature pass on a cache
+    // miss.
+    let mut lm = None;
+    let load_model = || -> Result<LoadedModel> {
+        LoadedModel::load(source.clone(), device, kind)
+            .with_context(|| format!("loading model {}", a.model))
+    };
+    if select == Select::RoutedAccuracy || a.label_margin > 0.0 {
+        lm = Some(load_model()?);
+    }
+    let cache_dir = a.feature_cache.clone().unwrap_or_else(default_cache_dir);
+    let relabelled = match &lm {
+        Some(lm) if a.label_margin > 0.0 => {
+            let dir = drllm_tasks::data::resolve_data_dir(a.task_data.as_deref())?;
+            let mut cache =
+                MarginCache::open((!a.no_feature_cache).then(|| cache_dir.join("margins.jsonl")))?;
+            let bar = drllm_worker::progress_bar(0, "margins");
+            let t = std::time::Instant::now();
+            let r = relabel_by_margin(
+                lm,
+                &mut set,
+                &dir,
+                &MarginRule {
+                    share: a.label_margin,
+                },
+                a.routed_batch,
+                &mut cache,
+                |done, planned| {
+                    bar.set_length(planned as u64);
+                    bar.set_position(done as u64);
+                },
+            )?;
+            bar.finish_and_clear();
+            eprintln!(
+                "--label-margin {}: of {} default-correct rows with a cheaper correct path, {} keep \
+                 the cheapest, {} a dearer one, {} are fragile (all-execute); median default \
+                 margin {:.2}; {} margins measured in {:.1}s",
+                a.label_margin,
+                r.rows,
+                r.cheapest,
+                r.dearer,
+                r.fragile,
+                r.median_baseline_margin,
+                r.computed,
+                t.elapsed().as_secs_f64()
+            );
+            Some(r)
+        }
+        _ => None,
+    };
     for s in &set.sources {
         eprintln!(
             "{}: {} rows, {} examples (reward {}, style {})",
@@ -395,21 +455,8 @@ fn run(a: TrainArgs) -> Result<()> {
         tracing::warn!("no validation examples: metrics are computed on the training set");
     }
 
-    // The model is needed for routed validation, or for the feature pass on a cache miss.
-    let needs_model = select == Select::RoutedAccuracy;
-    let mut lm = None;
-    let load_model = || -> Result<LoadedModel> {
-        LoadedModel::load(source.clone(), device, kind)
-            .with_context(|| format!("loading model {}", a.model))
-    };
-    if needs_model {
-        lm = Some(load_model()?);
-    }
-
     // Feature pass (skipped when the cache has it).
-    let cache = (!a.no_feature_cache).then(|| FeatureCache {
-        dir: a.feature_cache.clone().unwrap_or_else(default_cache_dir),
-    });
+    let cache = (!a.no_feature_cache).then_some(FeatureCache { dir: cache_dir });
     let key = FeatureCache::key(&fingerprint, a.windows, &set.examples);
     let hidden = model_cfg.hidden_size as usize;
     let t0 = std::time::Instant::now();
@@ -590,6 +637,8 @@ fn run(a: TrainArgs) -> Result<()> {
         "rows_by_outcome": set.kinds.iter().map(|(k, n)| (kind_name(*k).to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
         "max_improved_share": a.max_improved_share,
         "improved_left_out": set.improved_dropped,
+        "label_margin": a.label_margin,
+        "margin_labels": relabelled,
         "examples": n,
         "duplicates": set.duplicates,
         "train": tr.len(),
@@ -643,6 +692,7 @@ fn kind_name(k: RowKind) -> &'static str {
     match k {
         RowKind::Shortened => "shortened",
         RowKind::DefaultOnly => "default-only",
+        RowKind::Fragile => "fragile",
         RowKind::Improved => "improved",
         RowKind::NoCorrect => "no-correct",
     }

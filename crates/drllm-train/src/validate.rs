@@ -34,10 +34,85 @@ fn score(answers: &[drllm_worker::Answer]) -> (f64, f64) {
     )
 }
 
+/// Prepares `examples` (rows of `set`) from the task data in `data_dir`, rendered with their
+/// dataset's run configuration, and checks each prompt is exactly the text the search stored
+/// (the routers train on that text, so they must be measured on it). `what` names the use in
+/// errors. All must share one reward mode, returned with the prompts.
+pub fn prepare_examples(
+    lm: &LoadedModel,
+    set: &ExampleSet,
+    examples: &[&Example],
+    data_dir: &Path,
+    what: &str,
+) -> Result<(Vec<PreparedPrompt>, EvalOptions), TrainError> {
+    let data_err = |msg: String| TrainError::Data(format!("{what}: {msg}"));
+    let mut samples: HashMap<(String, String), HashMap<String, Sample>> = HashMap::new();
+    let mut prompts = vec![];
+    let mut opts: Option<EvalOptions> = None;
+    for e in examples {
+        let src = &set.sources[e.source];
+        let cfg: RunConfig = serde_json::from_value(src.run.clone()).map_err(|err| {
+            data_err(format!(
+                "{}: _manifest.json config.run: {err}",
+                src.path.display()
+            ))
+        })?;
+        let eval = cfg.eval().map_err(|e| data_err(e.to_string()))?;
+        if opts.as_ref().is_some_and(|o| o.mode != eval.mode) {
+            return Err(data_err(format!(
+                "the datasets were searched with different rewards ({} and {}): train on \
+                     one kind of prompt",
+                opts.as_ref().map_or("?", |o| o.mode.name()),
+                eval.mode
+            )));
+        }
+        let key = (e.task.clone(), e.split.clone());
+        if !samples.contains_key(&key) {
+            let task: TaskName = e.task.parse().map_err(|x| data_err(format!("{x}")))?;
+            let split: Split = e.split.parse().map_err(|x| data_err(format!("{x}")))?;
+            let loaded = data::load(data_dir, task, split, &LoadOptions::default())
+                .map_err(|x| data_err(format!("{x} (pass --task-data DIR)")))?;
+            let by_id = loaded
+                .samples
+                .into_iter()
+                .map(|s| (s.id.clone(), s))
+                .collect();
+            samples.insert(key.clone(), by_id);
+        }
+        let sample = samples[&key].get(&e.sample_id).ok_or_else(|| {
+            data_err(format!(
+                "sample {} ({}/{}) is not in {}",
+                e.sample_id,
+                e.task,
+                e.split,
+                data_dir.display()
+            ))
+        })?;
+        let template = cfg
+            .template(sample.task.family())
+            .map_err(|x| data_err(x.to_string()))?;
+        let p = prepare(lm, sample, &template, &eval)
+            .map_err(|x| data_err(format!("sample {}: {x}", e.sample_id)))?;
+        if p.text != e.prompt {
+            return Err(data_err(format!(
+                "sample {} renders to other text now than in {} (template, chat template or \
+                     reward changed since the search): {:?} vs {:?}",
+                e.sample_id,
+                src.path.display(),
+                p.text,
+                e.prompt
+            )));
+        }
+        prompts.push(p);
+        opts.get_or_insert(eval);
+    }
+    let opts = opts.ok_or_else(|| data_err("no prompts".into()))?;
+    Ok((prompts, opts))
+}
+
 impl RoutedValidation {
-    /// Prepares `held_out` (rows of `set`) from the task data in `data_dir`, rendered with their
-    /// dataset's run configuration, and checks each prompt is exactly the text the search
-    /// stored (the routers train on that text, so they must be measured on it).
+    /// Prepares `held_out` (rows of `set`) from the task data in `data_dir` (see
+    /// [`prepare_examples`]) and answers them along the default path for the baseline.
     pub fn new(
         lm: &LoadedModel,
         set: &ExampleSet,
@@ -46,68 +121,7 @@ impl RoutedValidation {
         windows: usize,
         batch: usize,
     ) -> Result<Self, TrainError> {
-        let data_err = |msg: String| TrainError::Data(format!("routed validation: {msg}"));
-        let mut samples: HashMap<(String, String), HashMap<String, Sample>> = HashMap::new();
-        let mut prompts = vec![];
-        let mut opts: Option<EvalOptions> = None;
-        for e in held_out {
-            let src = &set.sources[e.source];
-            let cfg: RunConfig = serde_json::from_value(src.run.clone()).map_err(|err| {
-                data_err(format!(
-                    "{}: _manifest.json config.run: {err}",
-                    src.path.display()
-                ))
-            })?;
-            let eval = cfg.eval().map_err(|e| data_err(e.to_string()))?;
-            if opts.as_ref().is_some_and(|o| o.mode != eval.mode) {
-                return Err(data_err(format!(
-                    "the datasets were searched with different rewards ({} and {}): train on \
-                     one kind of prompt",
-                    opts.as_ref().map_or("?", |o| o.mode.name()),
-                    eval.mode
-                )));
-            }
-            let key = (e.task.clone(), e.split.clone());
-            if !samples.contains_key(&key) {
-                let task: TaskName = e.task.parse().map_err(|x| data_err(format!("{x}")))?;
-                let split: Split = e.split.parse().map_err(|x| data_err(format!("{x}")))?;
-                let loaded = data::load(data_dir, task, split, &LoadOptions::default())
-                    .map_err(|x| data_err(format!("{x} (pass --task-data DIR)")))?;
-                let by_id = loaded
-                    .samples
-                    .into_iter()
-                    .map(|s| (s.id.clone(), s))
-                    .collect();
-                samples.insert(key.clone(), by_id);
-            }
-            let sample = samples[&key].get(&e.sample_id).ok_or_else(|| {
-                data_err(format!(
-                    "sample {} ({}/{}) is not in {}",
-                    e.sample_id,
-                    e.task,
-                    e.split,
-                    data_dir.display()
-                ))
-            })?;
-            let template = cfg
-                .template(sample.task.family())
-                .map_err(|x| data_err(x.to_string()))?;
-            let p = prepare(lm, sample, &template, &eval)
-                .map_err(|x| data_err(format!("sample {}: {x}", e.sample_id)))?;
-            if p.text != e.prompt {
-                return Err(data_err(format!(
-                    "sample {} renders to other text now than in {} (template, chat template or \
-                     reward changed since the search): {:?} vs {:?}",
-                    e.sample_id,
-                    src.path.display(),
-                    p.text,
-                    e.prompt
-                )));
-            }
-            prompts.push(p);
-            opts.get_or_insert(eval);
-        }
-        let opts = opts.ok_or_else(|| data_err("no held-out prompts".into()))?;
+        let (prompts, opts) = prepare_examples(lm, set, held_out, data_dir, "routed validation")?;
         let mut v = RoutedValidation {
             prompts,
             opts,

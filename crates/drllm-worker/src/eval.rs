@@ -469,8 +469,21 @@ pub type BatchRouter<'a> = dyn Fn(usize, &tch::Tensor, &[usize]) -> Vec<u8> + 'a
 pub enum PathChoice<'a> {
     /// Every prompt along this path.
     Fixed(LayerPath),
+    /// Each prompt along its own path (one per prompt, in order).
+    Each(Vec<LayerPath>),
     /// Each prompt routed once during its prefill.
     Routed(&'a BatchRouter<'a>),
+}
+
+impl PathChoice<'_> {
+    /// The choice for the prompts at `idx` of those this one was made for.
+    fn subset(&self, idx: &[usize]) -> PathChoice<'_> {
+        match self {
+            PathChoice::Fixed(p) => PathChoice::Fixed(p.clone()),
+            PathChoice::Each(ps) => PathChoice::Each(idx.iter().map(|&i| ps[i].clone()).collect()),
+            PathChoice::Routed(r) => PathChoice::Routed(*r),
+        }
+    }
 }
 
 /// One prompt answered and graded.
@@ -501,22 +514,37 @@ pub fn answer_batch(
 ) -> Result<Vec<Answer>, EvalError> {
     let _g = tch::no_grad_guard();
     let batch = batch.max(1);
+    if let PathChoice::Each(paths) = choice {
+        if paths.len() != prompts.len() {
+            return Err(EvalError::Aborted(format!(
+                "{} paths for {} prompts",
+                paths.len(),
+                prompts.len()
+            )));
+        }
+    }
     // Tasks of different families may be mixed: each prompt is answered its own way.
     let (decoded, forward): (Vec<usize>, Vec<usize>) =
         (0..prompts.len()).partition(|&i| prompts[i].decodes());
     let mut out: Vec<Option<Answer>> = vec![None; prompts.len()];
     if !decoded.is_empty() {
         let ps: Vec<&PreparedPrompt> = decoded.iter().map(|&i| &prompts[i]).collect();
-        for (&i, a) in decoded
-            .iter()
-            .zip(answer_decoded(lm, &ps, choice, batch, opts)?)
-        {
+        for (&i, a) in decoded.iter().zip(answer_decoded(
+            lm,
+            &ps,
+            &choice.subset(&decoded),
+            batch,
+            opts,
+        )?) {
             out[i] = Some(a);
         }
     }
     let fwd: Vec<&PreparedPrompt> = forward.iter().map(|&i| &prompts[i]).collect();
     for (idx, chunk) in forward.chunks(batch).zip(fwd.chunks(batch)) {
-        for (&i, a) in idx.iter().zip(answer_forward(lm, chunk, choice)?) {
+        for (&i, a) in idx
+            .iter()
+            .zip(answer_forward(lm, chunk, &choice.subset(idx))?)
+        {
             out[i] = Some(a);
         }
     }
@@ -538,6 +566,14 @@ fn answer_decoded(
         max_new_tokens: opts.max_new_tokens,
         stop_ids: lm.stop_ids(),
     };
+    // Given paths: generated in batches of `batch` rows.
+    let along = |paths: Vec<LayerPath>| -> Result<_, EvalError> {
+        let mut gens = vec![];
+        for (c, p) in ids.chunks(batch).zip(paths.chunks(batch)) {
+            gens.extend(lm.model.generate(c, p, &gopts)?);
+        }
+        Ok((gens, paths))
+    };
     let (gens, paths) = match choice {
         PathChoice::Routed(route) => {
             let mut f = |rows: &[usize], l: usize, h: &tch::Tensor| {
@@ -547,14 +583,8 @@ fn answer_decoded(
             lm.model
                 .generate_routed_grouped(&ids, &mut f, batch, &gopts)?
         }
-        PathChoice::Fixed(path) => {
-            let paths = vec![path.clone(); ids.len()];
-            let mut gens = vec![];
-            for (c, p) in ids.chunks(batch).zip(paths.chunks(batch)) {
-                gens.extend(lm.model.generate(c, p, &gopts)?);
-            }
-            (gens, paths)
-        }
+        PathChoice::Fixed(path) => along(vec![path.clone(); ids.len()])?,
+        PathChoice::Each(paths) => along(paths.clone())?,
     };
     let mut out = vec![];
     for ((p, g), path) in prompts.iter().zip(gens).zip(paths) {
@@ -579,6 +609,11 @@ fn answer_forward(
     let (batch, h) = match choice {
         PathChoice::Fixed(path) => {
             let mut b = PathBatch::new(&lm.model, &vec![path.clone(); ids.len()])?;
+            let h = b.prefill(&ids)?;
+            (b, h)
+        }
+        PathChoice::Each(paths) => {
+            let mut b = PathBatch::new(&lm.model, paths)?;
             let h = b.prefill(&ids)?;
             (b, h)
         }
