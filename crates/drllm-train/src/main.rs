@@ -375,6 +375,10 @@ fn run(a: TrainArgs) -> Result<()> {
                 |done, planned| {
                     bar.set_length(planned as u64);
                     bar.set_position(done as u64);
+                    // The bar is hidden in logs (nohup, SLURM): a line every 512 margins.
+                    if bar.is_hidden() && done % 512 < a.routed_batch.max(1) * 8 {
+                        tracing::info!(done, planned, "margins measured");
+                    }
                 },
             )?;
             bar.finish_and_clear();
