@@ -5,14 +5,12 @@
 mod common;
 
 use common::*;
+use drllm::eval::{evaluate_alone, evaluate_batch, prepare, EvalOptions, PreparedPrompt, Scoring};
 use drllm::runtime::tch::{Device, Kind};
 use drllm::runtime::{LayerPath, LoadedModel, ModelSource, PrefixCache};
 use drllm::tasks::{
     add_special_tokens, data, Family, LoadOptions, Question, RewardMode, Sample, Split, Style,
     TaskName, Template,
-};
-use drllm::worker::{
-    evaluate_alone, evaluate_batch, prepare, EvalOptions, PreparedPrompt, Scoring,
 };
 
 fn model() -> LoadedModel {

@@ -5,12 +5,12 @@ mod common;
 use std::process::Command;
 
 use common::*;
+use drllm::eval::{
+    decision_point, evaluate_alone, evaluate_batch, prepare, EvalOptions, PreparedPrompt,
+};
 use drllm::runtime::tch::{Device, Kind};
 use drllm::runtime::{GenerateOptions, LayerPath, LoadedModel, ModelSource, PrefixCache};
 use drllm::tasks::{data, LoadOptions, RewardMode, Split, Style, TaskName, Template};
-use drllm::worker::{
-    decision_point, evaluate_alone, evaluate_batch, prepare, EvalOptions, PreparedPrompt,
-};
 
 /// Seeded random paths of a 30-block model: mostly ones, some skips and repeats.
 fn random_paths(n: usize, count: usize, seed: u64) -> Vec<LayerPath> {

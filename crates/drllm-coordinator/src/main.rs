@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use drllm_cli::{DataArgs, LogArgs, SearchArgs};
 use drllm_dist::server::{bind, serve, spawn_actor, Service, ServiceConfig};
 use drllm_dist::{CoordinatorCore, Dataset, LeaseConfig, WorkSample};
 use drllm_runtime::ModelSource;
-use drllm_tasks::{data, LoadOptions, Split, TaskName};
-use drllm_worker::SearchArgs;
 
 #[derive(Parser)]
 #[command(
@@ -30,27 +29,18 @@ use drllm_worker::SearchArgs;
 Output: OUT/data/task=<task>/part-*.parquet, OUT/_manifest.json, OUT/_SUCCESS (docs/dataset.md).
 Running again with the same OUT resumes; another configuration is refused unless --force.
 Exit status: 0 when every sample has an outcome; 130 when stopped by SIGINT/SIGTERM (accepted
-rows are committed first; run again to resume); 1 on an error (disk full, bad input, ...)."
+rows are committed first; run again to resume); 1 on an error (disk full, bad input, ...).",
+    mut_arg("dataset", |a| a.required(true))
 )]
 struct Cli {
     /// Model: HF directory, .gguf file, `embedded`, or a cached repo id (workers load the same).
     #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
     model: String,
-    /// Data directory (default $DRLLM_DATA, else ../shared/data); local workers read it too.
-    #[arg(long, env = "DRLLM_DATA")]
-    data: Option<PathBuf>,
-    /// Tasks (comma-separated): arc_easy, arc_challenge, arc, dart-1..dart-5, dart, gsm8k.
-    #[arg(long, value_delimiter = ',', required = true)]
-    dataset: Vec<String>,
-    /// Split: train, dev, test.
-    #[arg(long, default_value = "train")]
-    split: String,
-    /// Samples per task (after offset).
-    #[arg(long)]
-    limit: Option<usize>,
-    /// Skip this many samples of each task first.
-    #[arg(long, default_value_t = 0)]
-    offset: usize,
+    /// Task prompts to search (local workers read the same data directory).
+    #[command(flatten)]
+    d: DataArgs,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(flatten)]
     search: SearchArgs,
     /// Output directory.
@@ -100,14 +90,8 @@ fn cuda_devices() -> usize {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("DRLLM_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let a = Cli::parse();
+    a.log.init("info");
     let run = a.search.run_config()?;
     if a.workers == 0 && a.listen.ip().is_loopback() {
         bail!("no workers could ever connect: use --workers N, or --listen on a reachable address for remote workers");
@@ -118,24 +102,13 @@ async fn main() -> Result<()> {
             a.listen
         );
     }
-    let split: Split = a.split.parse()?;
-    let dir = data::resolve_data_dir(a.data.as_deref())?;
+    let split = a.d.split;
+    let dir = a.d.dir()?;
     let dir =
         std::fs::canonicalize(&dir).with_context(|| format!("data directory {}", dir.display()))?;
     // The task list, checked up front: an unreadable row stops the run before any work.
     let mut samples = vec![];
-    for name in &a.dataset {
-        let task: TaskName = name.parse()?;
-        let loaded = data::load(
-            &dir,
-            task,
-            split,
-            &LoadOptions {
-                offset: a.offset,
-                limit: a.limit,
-                ..Default::default()
-            },
-        )?;
+    for (_, loaded) in a.d.load(&dir)? {
         samples.extend(loaded.samples.iter().map(|s| WorkSample {
             task: s.task.to_string(),
             split: split.to_string(),
@@ -148,9 +121,10 @@ async fn main() -> Result<()> {
     if let Some(b) = run.search.skip_prior.iter().find(|&&b| b >= num_layers) {
         bail!("--skip-prior names block {b}, the model has {num_layers} blocks (0..{num_layers})");
     }
+    let tasks: Vec<String> = a.d.dataset.iter().map(ToString::to_string).collect();
     let config = serde_json::json!({
-        "datasets": a.dataset,
-        "split": a.split,
+        "datasets": tasks,
+        "split": split.to_string(),
         "model": source.name(),
         "run": run,
     });
@@ -173,10 +147,10 @@ async fn main() -> Result<()> {
     if total == 0 {
         tracing::warn!(
             "no samples selected (--dataset {}, --split {}, --offset {}, --limit {:?}): nothing to search",
-            a.dataset.join(","),
-            a.split,
-            a.offset,
-            a.limit
+            tasks.join(","),
+            split,
+            a.d.offset,
+            a.d.limit
         );
     }
     // Nothing left to search: no worker is started (a model load each, for nothing).

@@ -17,7 +17,7 @@ use drllm_runtime::{argmax_tokens, LayerPath, LoadedModel, ModelSource, PathBatc
 #[derive(clap::Args)]
 pub struct BenchArgs {
     #[command(flatten)]
-    m: crate::ModelArgs,
+    m: drllm_cli::ModelArgs,
     /// Batch sizes to measure, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     batch: Vec<usize>,

@@ -13,14 +13,18 @@ use arrow_array::types::Float64Type;
 use arrow_array::{
     ArrayRef, BooleanArray, Float64Array, ListArray, RecordBatch, StringArray, UInt32Array,
 };
+use drllm_eval::{answer_batch, prepare, EvalOptions, PathChoice, PreparedPrompt};
 use drllm_runtime::{LayerPath, LoadedModel};
-use drllm_tasks::{data, LoadOptions, RewardMode, Split, Style, TaskName, Template};
-use drllm_worker::{answer_batch, prepare, EvalOptions, PathChoice, PreparedPrompt};
+use drllm_tasks::{RewardMode, Style, Template};
 use rand::{Rng, SeedableRng};
 
-use crate::ModelArgs;
+use drllm_cli::{DataArgs, ModelArgs};
 
 #[derive(clap::Args)]
+#[command(
+    mut_arg("dataset", |a| a.required(true)),
+    mut_arg("split", |a| a.default_value("dev"))
+)]
 pub(crate) struct EvalArgs {
     #[command(flatten)]
     m: ModelArgs,
@@ -28,22 +32,9 @@ pub(crate) struct EvalArgs {
     /// embedded model shipped with drllm.
     #[arg(long, env = "DRLLM_ROUTERS")]
     routers: PathBuf,
-    /// Tasks, comma separated: arc_easy, arc_challenge, dart-1..dart-5, gsm8k (out-of-domain
-    /// evaluation is just another task name).
-    #[arg(long, value_delimiter = ',', required = true)]
-    dataset: Vec<String>,
-    /// Split.
-    #[arg(long, default_value = "dev")]
-    split: String,
-    /// Samples to evaluate (after offset).
-    #[arg(long)]
-    limit: Option<usize>,
-    /// Skip this many samples first.
-    #[arg(long, default_value_t = 0)]
-    offset: usize,
-    /// Data directory (default $DRLLM_DATA, else ../shared/data).
-    #[arg(long, env = "DRLLM_DATA")]
-    data: Option<PathBuf>,
+    /// Prompts to evaluate (out-of-domain evaluation is just another task name).
+    #[command(flatten)]
+    d: DataArgs,
     /// Router budgets in [-1, 1], comma separated (< 0 toward skip, > 0 toward execute, 1 = the
     /// baseline); the baseline runs once and each budget is compared with it on the same
     /// prompts (a cost-vs-accuracy sweep).
@@ -62,8 +53,8 @@ pub(crate) struct EvalArgs {
     /// lm-eval's acc), cloze-norm (per character, acc_norm), strict (the paper's letter-only
     /// rule on decoded text), lenient (a leading letter), choice-logits (the letter's logit).
     /// Must be what the routers were trained on: prompts are rendered as in their search.
-    #[arg(long, default_value = "cloze")]
-    reward: String,
+    #[arg(long, default_value = "cloze", value_parser = drllm_cli::reward_parser())]
+    reward: RewardMode,
     /// Prompt style: instruct (chat template), base, or auto (base for cloze, else instruct).
     #[arg(long, default_value = "auto")]
     style: String,
@@ -277,36 +268,20 @@ impl Run {
 }
 
 pub(crate) fn eval(a: EvalArgs) -> Result<()> {
-    let reward: RewardMode = a.reward.parse()?;
-    let tasks: Vec<TaskName> = a
-        .dataset
-        .iter()
-        .map(|d| d.parse::<TaskName>())
-        .collect::<Result<_, _>>()?;
-    let split: Split = a.split.parse()?;
+    let reward = a.reward;
+    let split = a.d.split;
     let style = Style::resolve(&a.style, reward)?;
     if let Some(p) = &a.plot {
         crate::plot::Format::of(p)?;
     }
-    let dir = data::resolve_data_dir(a.data.as_deref())?;
-    let mut loaded = vec![];
-    for (name, &task) in a.dataset.iter().zip(&tasks) {
-        let l = data::load(
-            &dir,
-            task,
-            split,
-            &LoadOptions {
-                offset: a.offset,
-                limit: a.limit,
-                ..Default::default()
-            },
-        )
-        .with_context(|| format!("loading {name}/{}", a.split))?;
+    let dir = a.d.dir()?;
+    let loaded = a.d.load(&dir)?;
+    for (task, l) in &loaded {
         if l.samples.is_empty() {
-            bail!("{name}/{} has no samples in {}", a.split, dir.display());
+            bail!("{task}/{split} has no samples in {}", dir.display());
         }
-        loaded.push(l);
     }
+    let names: Vec<String> = a.d.dataset.iter().map(ToString::to_string).collect();
     // Flags are checked before the model loads: a typo fails fast.
     let statics = a
         .paths
@@ -342,7 +317,8 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
     };
     let mut prepared = vec![];
-    for ((name, &task), l) in a.dataset.iter().zip(&tasks).zip(&loaded) {
+    for (task, l) in &loaded {
+        let (task, name) = (*task, task.to_string());
         let template = Template::builtin_for(task.family(), style, reward);
         let mut prompts = vec![];
         for s in &l.samples {
@@ -389,7 +365,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
 
     println!(
         "{} split, reward {reward}, style {style}, batch {}, routers {}",
-        a.split,
+        split,
         a.batch,
         a.routers.display()
     );
@@ -433,7 +409,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     }
     println!("cost = block applications per token (the baseline runs each of the {n_layers} blocks once)");
     let summary = serde_json::json!({
-        "split": a.split, "reward": reward.name(), "style": style.name(), "batch": a.batch,
+        "split": split.to_string(), "reward": reward.name(), "style": style.name(), "batch": a.batch,
         "max_new_tokens": a.max_new_tokens, "budgets": a.budget, "num_layers": n_layers,
         "model": lm.source.name(), "routers": a.routers.display().to_string(),
         "bootstrap": a.bootstrap,
@@ -459,8 +435,8 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
             title: format!(
                 "{} routers on {} ({} split, reward {reward})",
                 lm.source.name(),
-                a.dataset.join(", "),
-                a.split,
+                names.join(", "),
+                split,
             ),
             num_layers: n_layers,
             budget: a.budget[0],

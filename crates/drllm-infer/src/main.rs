@@ -8,10 +8,9 @@ mod plot;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use drllm_cli::{LogArgs, ModelArgs};
 use drllm_router::{Package, Policy};
-use drllm_runtime::{
-    parse_dtype, resolve_device, GenerateOptions, LayerPath, LoadedModel, Message, ModelSource,
-};
+use drllm_runtime::{GenerateOptions, LayerPath, LoadedModel, Message};
 
 #[derive(Parser)]
 #[command(
@@ -25,9 +24,8 @@ use drllm_runtime::{
 Run `drllm-infer <command> --help` for each command's flags."
 )]
 struct Cli {
-    /// Log as JSON lines (for SLURM log scraping).
-    #[arg(long, global = true, env = "DRLLM_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -61,39 +59,6 @@ enum Cmd {
   drllm-infer eval --routers PKG --dataset arc_challenge --split dev --budget -0.3 --json s.json --out samples.parquet
   drllm-infer eval --routers PKG --dataset arc_easy,arc_challenge --budget 0,-0.2,-0.4 --plot routing.png   # budget sweep")]
     Eval(eval::EvalArgs),
-}
-
-/// Which model to load, where, and in which dtype.
-#[derive(clap::Args)]
-pub(crate) struct ModelArgs {
-    /// Model: a Hugging Face model directory, a .gguf file, `embedded` (SmolLM2-135M-Instruct,
-    /// installed by scripts/setup.sh), or a repo id present in the local Hugging Face cache.
-    #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
-    pub model: String,
-    /// cpu, cuda or cuda:N; `auto` picks the first GPU when one is visible.
-    #[arg(long, env = "DRLLM_DEVICE", default_value = "auto")]
-    pub device: String,
-    /// Compute dtype: auto (f32 on CPU, bf16 on CUDA), f32, bf16, f16.
-    #[arg(long, env = "DRLLM_DTYPE", default_value = "auto")]
-    pub dtype: String,
-    /// CPU threads for libtorch (default: libtorch's choice).
-    #[arg(long, env = "DRLLM_THREADS")]
-    pub threads: Option<i32>,
-}
-
-impl ModelArgs {
-    /// Applies the thread setting, then loads model and tokenizer.
-    pub(crate) fn load(&self) -> Result<LoadedModel> {
-        drllm_runtime::set_threads(self.threads)?;
-        let device = resolve_device(&self.device)?;
-        let kind = parse_dtype(&self.dtype, device)?;
-        let source = ModelSource::resolve(&self.model)?;
-        let t0 = Instant::now();
-        let lm = LoadedModel::load(source, device, kind)
-            .with_context(|| format!("loading model {}", self.model))?;
-        tracing::info!(model = %self.model, layers = lm.model.num_layers(), ?device, ?kind, secs = t0.elapsed().as_secs_f64(), "model loaded");
-        Ok(lm)
-    }
 }
 
 /// Parses `--path` (before the model loads, so a typo fails fast); `None` when absent.
@@ -167,20 +132,6 @@ struct LogitsArgs {
     /// Output safetensors file: tensor `logits.{i}` of shape [len_i, vocab] per prompt.
     #[arg(long)]
     out: std::path::PathBuf,
-}
-
-fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("DRLLM_LOG").unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
 }
 
 /// Reads the router package `spec` (a directory, or `embedded`: the reference routers of the
@@ -376,7 +327,7 @@ fn logits(a: LogitsArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    cli.log.init("info");
     match cli.cmd {
         Cmd::Generate(a) => generate(a),
         Cmd::Logits(a) => logits(a),

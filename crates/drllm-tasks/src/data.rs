@@ -27,6 +27,22 @@ pub enum TaskName {
     Gsm8k,
 }
 
+impl TaskName {
+    /// Every task name users can give, in the order help texts list them.
+    pub const NAMES: [&'static str; 10] = [
+        "arc_easy",
+        "arc_challenge",
+        "arc",
+        "dart-1",
+        "dart-2",
+        "dart-3",
+        "dart-4",
+        "dart-5",
+        "dart",
+        "gsm8k",
+    ];
+}
+
 impl FromStr for TaskName {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -686,6 +702,15 @@ fn parse_arc(path: &Path, line: usize, id: String, task: TaskName, v: &Value) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_listed_task_name_parses_and_prints_back() {
+        for name in TaskName::NAMES {
+            let t: TaskName = name.parse().unwrap();
+            assert_eq!(t.to_string(), name);
+        }
+        assert!("dart-6".parse::<TaskName>().is_err());
+    }
 
     fn write(dir: &Path, name: &str, lines: &[&str]) -> PathBuf {
         let p = dir.join(name);

@@ -7,7 +7,7 @@ use crate::data::{Family, Gold};
 use crate::error::Error;
 
 /// How multiple-choice responses are scored (recorded with each run's results).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RewardMode {
     /// The whole stripped response is the letter, optionally after "Answer:" and optionally

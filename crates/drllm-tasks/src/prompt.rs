@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::grade::RewardMode;
 
 /// Whether a template is for chat (instruct) models or plain completion (base) models.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Style {
     /// Wrapped in the model's chat template as a user message.

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use drllm_cli::{LogArgs, ModelArgs};
 use drllm_router::{Package, PackageManifest, CLASSES};
 use drllm_runtime::LoadedModel;
-use drllm_runtime::{parse_dtype, resolve_device, ModelSource};
 use drllm_train::features::default_cache_dir;
 use drllm_train::trainer::{evaluate, PAPER_LABELS};
 use drllm_train::{
@@ -37,6 +37,8 @@ struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
     #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
     train: TrainArgs,
 }
 
@@ -57,21 +59,13 @@ struct TrainArgs {
     /// Paths dataset (a drllm-coordinator OUT directory); repeat for several.
     #[arg(long, required = true)]
     data: Vec<PathBuf>,
-    /// Model the datasets were searched with: HF directory, .gguf file, `embedded`, or a cached repo id.
-    #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
-    model: String,
+    /// The model the datasets were searched with (the feature pass and routed validation run
+    /// on --device; the routers themselves train on the CPU).
+    #[command(flatten)]
+    m: ModelArgs,
     /// Output package directory.
     #[arg(long, required = true)]
     out: Option<PathBuf>,
-    /// cpu, cuda, cuda:N or auto (for the feature pass; routers train on the CPU).
-    #[arg(long, env = "DRLLM_DEVICE", default_value = "auto")]
-    device: String,
-    /// Model dtype: auto (f32 on CPU, bf16 on CUDA), f32, bf16, f16.
-    #[arg(long, env = "DRLLM_DTYPE", default_value = "auto")]
-    dtype: String,
-    /// CPU threads for libtorch.
-    #[arg(long, env = "DRLLM_THREADS")]
-    threads: Option<i32>,
     /// Pooling windows per prompt (every token belongs to one).
     #[arg(long, default_value_t = 8)]
     windows: usize,
@@ -168,14 +162,8 @@ struct TrainArgs {
 }
 
 fn main() -> Result<()> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("DRLLM_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    cli.log.init("info");
     drllm_runtime::keep_freed_memory();
     match cli.cmd {
         Some(Cmd::Inspect { package, json }) => inspect(&package, json),
@@ -331,10 +319,8 @@ fn run(a: TrainArgs) -> Result<()> {
             out.display()
         );
     }
-    drllm_runtime::set_threads(a.threads)?;
-    let device = resolve_device(&a.device)?;
-    let kind = parse_dtype(&a.dtype, device)?;
-    let source = ModelSource::resolve(&a.model)?;
+    a.m.device_and_kind()?;
+    let source = a.m.source()?;
     let fingerprint = source.fingerprint()?;
     let name = source.name();
     let model_cfg = source.config()?;
@@ -348,10 +334,7 @@ fn run(a: TrainArgs) -> Result<()> {
     // The model is needed for margin labels, routed validation, or the feature pass on a cache
     // miss.
     let mut lm = None;
-    let load_model = || -> Result<LoadedModel> {
-        LoadedModel::load(source.clone(), device, kind)
-            .with_context(|| format!("loading model {}", a.model))
-    };
+    let load_model = || -> Result<LoadedModel> { a.m.load_source(source.clone()) };
     if select == Select::RoutedAccuracy || a.label_margin > 0.0 {
         lm = Some(load_model()?);
     }
@@ -361,7 +344,7 @@ fn run(a: TrainArgs) -> Result<()> {
             let dir = drllm_tasks::data::resolve_data_dir(a.task_data.as_deref())?;
             let mut cache =
                 MarginCache::open((!a.no_feature_cache).then(|| cache_dir.join("margins.jsonl")))?;
-            let bar = drllm_worker::progress_bar(0, "margins");
+            let bar = drllm_cli::progress_bar(0, "margins");
             let t = std::time::Instant::now();
             let r = relabel_by_margin(
                 lm,
@@ -483,7 +466,7 @@ fn run(a: TrainArgs) -> Result<()> {
                 lm = Some(load_model()?);
             }
             let lm = lm.as_ref().context("model loaded")?;
-            let fbar = drllm_worker::progress_bar(n as u64, "features");
+            let fbar = drllm_cli::progress_bar(n as u64, "features");
             let f = extract_features(lm, &set.examples, a.windows, a.feature_batch, |d| {
                 fbar.set_position(d as u64)
             })?;
@@ -543,7 +526,7 @@ fn run(a: TrainArgs) -> Result<()> {
         router_hidden: a.router_hidden,
         seed: a.seed,
     };
-    let steps = drllm_worker::progress_bar(0, "steps");
+    let steps = drllm_cli::progress_bar(0, "steps");
     let t1 = std::time::Instant::now();
     let every = a.routed_every.max(1);
     let trained = train(

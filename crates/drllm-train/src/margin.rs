@@ -11,10 +11,10 @@ use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
+use drllm_eval::{answer_batch, PathChoice, PreparedPrompt, Scoring};
 use drllm_path::LayerPath;
 use drllm_runtime::LoadedModel;
 use drllm_tasks::RewardMode;
-use drllm_worker::{answer_batch, PathChoice, PreparedPrompt, Scoring};
 use sha2::{Digest, Sha256};
 
 use crate::examples::{ExampleSet, RowKind};

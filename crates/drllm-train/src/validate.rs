@@ -6,11 +6,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use drllm_eval::{answer_batch, prepare, EvalOptions, PathChoice, PreparedPrompt, RunConfig};
 use drllm_path::LayerPath;
 use drllm_router::{Policy, Routers};
 use drllm_runtime::LoadedModel;
 use drllm_tasks::{data, LoadOptions, Sample, Split, TaskName};
-use drllm_worker::{answer_batch, prepare, EvalOptions, PathChoice, PreparedPrompt, RunConfig};
 
 use crate::examples::{Example, ExampleSet};
 use crate::trainer::TrainError;
@@ -26,7 +26,7 @@ pub struct RoutedValidation {
 }
 
 /// Accuracy and mean path cost of answers.
-fn score(answers: &[drllm_worker::Answer]) -> (f64, f64) {
+fn score(answers: &[drllm_eval::Answer]) -> (f64, f64) {
     let n = answers.len().max(1) as f64;
     (
         answers.iter().filter(|a| a.correct).count() as f64 / n,
@@ -57,7 +57,7 @@ pub fn prepare_examples(
                 src.path.display()
             ))
         })?;
-        let eval = cfg.eval().map_err(|e| data_err(e.to_string()))?;
+        let eval = cfg.eval();
         if opts.as_ref().is_some_and(|o| o.mode != eval.mode) {
             return Err(data_err(format!(
                 "the datasets were searched with different rewards ({} and {}): train on \

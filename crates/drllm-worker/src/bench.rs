@@ -4,12 +4,11 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
+use drllm_eval::{evaluate_alone, prepare, EvalOptions, PreparedPrompt};
 use drllm_runtime::{LoadedModel, ModelConfig, ModelSource};
 use drllm_search::{run, sample_seed, Search, SearchConfig, SearchResult};
 use drllm_tasks::{data, Family, LoadOptions, RewardMode, Split, Style, TaskName, Template};
-use drllm_worker::{
-    evaluate_alone, prepare, run_searches, DriverOptions, EvalOptions, PreparedPrompt, RunStats,
-};
+use drllm_worker::{run_searches, DriverOptions, RunStats};
 
 #[derive(Parser)]
 #[command(
@@ -238,7 +237,7 @@ fn main() -> Result<()> {
             evals_a += 1;
             decoded_a += e.tokens.len();
             flops_a += candidate_flops(&lm.model.cfg, p.ids.len(), path.cost(), e.tokens.len(), 0);
-            Ok::<_, drllm_worker::EvalError>(e.reward)
+            Ok::<_, drllm_eval::EvalError>(e.reward)
         })?;
         alone.push((p.sample_id.clone(), r));
     }

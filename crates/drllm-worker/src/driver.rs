@@ -9,7 +9,7 @@ use drllm_path::LayerPath;
 use drllm_runtime::{LoadedModel, PrefixCache, PrefixStats};
 use drllm_search::{sample_seed, Search, SearchConfig, SearchResult, Step};
 
-use crate::eval::{evaluate_batch, EvalError, EvalOptions, PreparedPrompt};
+use drllm_eval::{evaluate_batch, EvalError, EvalOptions, PreparedPrompt};
 
 /// The outcome of one sample: its search result, or why it could not be searched.
 #[derive(Debug, Clone)]

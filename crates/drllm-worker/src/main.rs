@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use drllm_runtime::{parse_dtype, resolve_device, LoadedModel, ModelSource};
-use drllm_tasks::{data, LoadOptions, TaskName};
+use drllm_cli::{DataArgs, LogArgs, ModelArgs, SearchArgs};
+use drllm_eval::prepare;
 use drllm_worker::remote::{run_remote, RemoteOptions};
-use drllm_worker::{prepare, run_searches, DriverOptions, SearchArgs};
+use drllm_worker::{run_searches, DriverOptions};
 
 #[derive(Parser)]
 #[command(
@@ -39,33 +39,13 @@ struct Cli {
     /// Worker id (default host:pid).
     #[arg(long, env = "DRLLM_WORKER_ID")]
     worker_id: Option<String>,
-    /// Model: HF directory, .gguf file, `embedded`, or a cached repo id.
-    #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
-    model: String,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, env = "DRLLM_DEVICE", default_value = "auto")]
-    device: String,
-    /// auto (f32 on CPU, bf16 on CUDA), f32, bf16, f16.
-    #[arg(long, env = "DRLLM_DTYPE", default_value = "auto")]
-    dtype: String,
-    /// CPU threads for libtorch.
-    #[arg(long, env = "DRLLM_THREADS")]
-    threads: Option<i32>,
-    /// Data directory (default $DRLLM_DATA, else ../shared/data).
-    #[arg(long, env = "DRLLM_DATA")]
-    data: Option<PathBuf>,
-    /// Task: arc_easy, arc_challenge, arc, dart-1..dart-5, dart, gsm8k.
-    #[arg(long, required_unless_present = "connect")]
-    dataset: Option<String>,
-    /// Split: train, dev, test.
-    #[arg(long, default_value = "train")]
-    split: String,
-    /// Samples to search (after offset).
-    #[arg(long)]
-    limit: Option<usize>,
-    /// Skip this many samples first.
-    #[arg(long, default_value_t = 0)]
-    offset: usize,
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Task prompts (--standalone; one task per run).
+    #[command(flatten)]
+    d: DataArgs,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(flatten)]
     search: SearchArgs,
     /// Searches in flight at once (candidates per evaluator batch).
@@ -81,21 +61,11 @@ struct Cli {
 }
 
 fn main() -> Result<()> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("DRLLM_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let a = Cli::parse();
-    drllm_runtime::set_threads(a.threads)?;
-    let device = resolve_device(&a.device)?;
-    let kind = parse_dtype(&a.dtype, device)?;
-    let dir = data::resolve_data_dir(a.data.as_deref())?;
+    a.log.init("info");
+    let dir = a.d.dir()?;
     if let Some(addr) = &a.connect {
-        let lm = LoadedModel::load(ModelSource::resolve(&a.model)?, device, kind)
-            .with_context(|| format!("loading {}", a.model))?;
+        let lm = a.m.load()?;
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
         let o = RemoteOptions {
             addr: addr.clone(),
@@ -104,7 +74,11 @@ fn main() -> Result<()> {
                 .worker_id
                 .clone()
                 .unwrap_or_else(|| format!("{host}:{}", std::process::id())),
-            device: format!("{device:?} ({} threads)", tch::get_num_threads()),
+            device: format!(
+                "{:?} ({} threads)",
+                lm.model.device(),
+                tch::get_num_threads()
+            ),
             data_dir: dir,
             concurrency: a.concurrency.max(1),
             prefix_cache_bytes: a.prefix_cache_mb << 20,
@@ -117,32 +91,27 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    let (Some(dataset), Some(out_path)) = (&a.dataset, &a.out) else {
-        anyhow::bail!("--standalone needs --dataset and --out");
+    let Some(out_path) = &a.out else {
+        anyhow::bail!("--standalone needs --out");
     };
-    let task: TaskName = dataset.parse()?;
+    let mut tasks = a.d.load(&dir)?;
+    let (Some((task, loaded)), 0) = (tasks.pop(), tasks.len()) else {
+        anyhow::bail!(
+            "--standalone searches one task per run (got {}): run drllm-coordinator for several",
+            a.d.dataset.len()
+        );
+    };
     let cfg = a.search.run_config()?;
     let template = cfg.template(task.family())?;
     let search = cfg.search.clone();
-    let loaded = data::load(
-        &dir,
-        task,
-        a.split.parse()?,
-        &LoadOptions {
-            offset: a.offset,
-            limit: a.limit,
-            ..Default::default()
-        },
-    )?;
-    let lm = LoadedModel::load(ModelSource::resolve(&a.model)?, device, kind)
-        .with_context(|| format!("loading {}", a.model))?;
+    let lm = a.m.load()?;
     let n_layers = lm.model.num_layers();
     if let Some(b) = search.skip_prior.iter().find(|&&b| b >= n_layers) {
         anyhow::bail!(
             "--skip-prior names block {b}, the model has {n_layers} blocks (0..{n_layers})"
         );
     }
-    let eval = cfg.eval()?;
+    let eval = cfg.eval();
     let prompts: Vec<_> = loaded
         .samples
         .iter()
@@ -159,12 +128,7 @@ fn main() -> Result<()> {
         .with_context(|| format!("creating {}", out_path.display()))?;
     let mut out = std::io::BufWriter::new(file);
     let n = prompts.len();
-    let bar = indicatif::ProgressBar::new(n as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} samples [{elapsed} < {eta}] {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = drllm_cli::progress_bar(n as u64, "samples");
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (mut found, mut failed) = (0usize, 0usize);
     let mut write_err = None;

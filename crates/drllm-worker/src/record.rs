@@ -4,7 +4,7 @@ use drllm_runtime::LoadedModel;
 use drllm_search::SearchResult;
 use drllm_tasks::{Question, Sample, Split};
 
-use crate::eval::{decision_point, evaluate_alone, EvalError, EvalOptions, PreparedPrompt};
+use drllm_eval::{decision_point, evaluate_alone, EvalError, EvalOptions, PreparedPrompt};
 
 /// The question as text: the stem, then one `(X) text` line per choice.
 pub fn question_text(q: &Question) -> String {

@@ -22,10 +22,10 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 
-use crate::config::RunConfig;
 use crate::driver::{run_feed, DriverOptions, Feed, SampleOutcome};
-use crate::eval::{prepare, EvalError, EvalOptions, PreparedPrompt};
 use crate::record::path_record;
+use drllm_eval::RunConfig;
+use drllm_eval::{prepare, EvalError, EvalOptions, PreparedPrompt};
 
 /// How to reach the coordinator and how hard to work.
 #[derive(Debug, Clone)]
@@ -314,7 +314,7 @@ pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> 
         .into_inner();
     let cfg: RunConfig = serde_json::from_str(&reg.run_config_json)
         .context("the coordinator sent a run configuration this worker cannot read")?;
-    let eval = cfg.eval()?;
+    let eval = cfg.eval();
     let heartbeat = Duration::from_millis(reg.heartbeat_ms.max(100));
     tracing::info!(worker = %o.worker_id, addr = %o.addr, "registered");
     // Heartbeats while the model works on this thread (a batch, or regenerating a best

@@ -13,11 +13,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use drllm_cli::{DataArgs, LogArgs, ModelArgs, SearchArgs};
+use drllm_eval::{evaluate_batch, prepare, PreparedPrompt};
 use drllm_path::LayerPath;
-use drllm_runtime::{parse_dtype, resolve_device, LoadedModel, ModelSource, PrefixCache};
+use drllm_runtime::{LoadedModel, PrefixCache};
 use drllm_search::{sample_seed, Search, SearchConfig, SearchResult, Step};
-use drllm_tasks::{data, LoadOptions, TaskName};
-use drllm_worker::{evaluate_batch, prepare, PreparedPrompt, SearchArgs};
 
 #[derive(Parser)]
 #[command(
@@ -76,34 +76,17 @@ struct StaticArgs {
 
 /// What both commands share: model, prompts, search flags (prompting and reward), evaluator.
 #[derive(clap::Args)]
+#[command(
+    mut_arg("dataset", |a| a.default_value("arc_easy")),
+    mut_arg("limit", |a| a.default_value("20"))
+)]
 struct Common {
-    /// Model: HF directory, .gguf file, `embedded`, or a cached repo id.
-    #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
-    model: String,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, env = "DRLLM_DEVICE", default_value = "auto")]
-    device: String,
-    /// auto (f32 on CPU, bf16 on CUDA), f32, bf16, f16.
-    #[arg(long, env = "DRLLM_DTYPE", default_value = "auto")]
-    dtype: String,
-    /// CPU threads for libtorch.
-    #[arg(long, env = "DRLLM_THREADS")]
-    threads: Option<i32>,
-    /// Data directory (default $DRLLM_DATA, else ../shared/data).
-    #[arg(long, env = "DRLLM_DATA")]
-    data: Option<PathBuf>,
-    /// Tasks, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "arc_easy")]
-    dataset: Vec<String>,
-    /// Split.
-    #[arg(long, default_value = "train")]
-    split: String,
-    /// Prompts per task.
-    #[arg(long, default_value_t = 20)]
-    limit: usize,
-    /// Skip this many samples first.
-    #[arg(long, default_value_t = 0)]
-    offset: usize,
+    #[command(flatten)]
+    m: ModelArgs,
+    #[command(flatten)]
+    d: DataArgs,
+    #[command(flatten)]
+    log: LogArgs,
     /// Prompting and reward flags (and, for compare, the base every configuration starts from).
     #[command(flatten)]
     search: SearchArgs,
@@ -183,8 +166,8 @@ struct Oracle {
     prompts: Vec<PreparedPrompt>,
     /// Each prompt's memo key, `task/sample_id` (ids alone repeat across tasks).
     keys: Vec<String>,
-    eval: drllm_worker::EvalOptions,
-    run: drllm_worker::RunConfig,
+    eval: drllm_eval::EvalOptions,
+    run: drllm_eval::RunConfig,
     memo: HashMap<(String, LayerPath), f64>,
     memo_out: Option<std::fs::File>,
     from_memo: usize,
@@ -196,32 +179,18 @@ struct Oracle {
 
 impl Oracle {
     fn open(a: &Common) -> Result<Oracle> {
-        drllm_runtime::set_threads(a.threads)?;
         let run = a.search.run_config()?;
-        let dir = data::resolve_data_dir(a.data.as_deref())?;
-        let device = resolve_device(&a.device)?;
-        let source = ModelSource::resolve(&a.model)?;
+        let dir = a.d.dir()?;
+        let source = a.m.source()?;
         let fingerprint = source.fingerprint()?;
-        let lm = LoadedModel::load(source, device, parse_dtype(&a.dtype, device)?)
-            .with_context(|| format!("loading {}", a.model))?;
-        let eval = run.eval()?;
+        let lm = a.m.load_source(source)?;
+        let eval = run.eval();
         let n_layers = lm.model.num_layers();
         if let Some(b) = run.search.skip_prior.iter().find(|&&b| b >= n_layers) {
             bail!("--skip-prior names block {b}, the model has {n_layers} blocks (0..{n_layers})");
         }
         let (mut prompts, mut keys) = (vec![], vec![]);
-        for name in &a.dataset {
-            let task: TaskName = name.parse()?;
-            let loaded = data::load(
-                &dir,
-                task,
-                a.split.parse()?,
-                &LoadOptions {
-                    offset: a.offset,
-                    limit: Some(a.limit),
-                    ..Default::default()
-                },
-            )?;
+        for (task, loaded) in a.d.load(&dir)? {
             let template = run.template(task.family())?;
             for s in &loaded.samples {
                 prompts.push(prepare(&lm, s, &template, &eval)?);
@@ -326,7 +295,14 @@ impl Oracle {
         Ok(())
     }
 
-    fn header(&self, split: &str, datasets: &[String]) -> String {
+    fn header(&self, d: &DataArgs) -> String {
+        let (split, datasets) = (
+            d.split,
+            d.dataset
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        );
         format!(
             "{} {split} prompts of {} ({}), reward {}, style {}, seed {} | {} rewards computed in {:.0}s, {} from the memo",
             self.prompts.len(),
@@ -343,15 +319,15 @@ impl Oracle {
 }
 
 fn main() -> Result<()> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("DRLLM_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
     match Cli::parse() {
-        Cli::Compare(a) => compare(a),
-        Cli::Static(a) => static_paths(a),
+        Cli::Compare(a) => {
+            a.common.log.init("warn");
+            compare(a)
+        }
+        Cli::Static(a) => {
+            a.common.log.init("warn");
+            static_paths(a)
+        }
     }
 }
 
@@ -375,7 +351,7 @@ fn compare(a: CompareArgs) -> Result<()> {
         }
     }
     let mut results: Vec<Option<SearchResult>> = vec![None; searches.len()];
-    let bar = drllm_worker::progress_bar(searches.len() as u64, "searches");
+    let bar = drllm_cli::progress_bar(searches.len() as u64, "searches");
     loop {
         // Advance every search until it needs a reward not known yet.
         let mut wanted: Vec<(usize, LayerPath)> = vec![];
@@ -417,7 +393,7 @@ fn compare(a: CompareArgs) -> Result<()> {
     for ((c, _, _), r) in searches.iter().zip(results) {
         rows[*c].results.extend(r);
     }
-    println!("{}", o.header(&a.common.split, &a.common.dataset));
+    println!("{}", o.header(&a.common.d));
     println!(
         "{:<40} {:>5} | {:>10} {:>7} {:>6} {:>6} | {:>11} {:>7} {:>6} {:>6} | {:>6}",
         "config",
@@ -492,7 +468,7 @@ fn static_paths(a: StaticArgs) -> Result<()> {
     if a.blocks >= n {
         bail!("--blocks {} leaves nothing of a {n}-block model", a.blocks);
     }
-    let bar = drllm_worker::progress_bar(0, "paths");
+    let bar = drllm_cli::progress_bar(0, "paths");
     let all = |paths: &[LayerPath]| -> Vec<(usize, LayerPath)> {
         paths
             .iter()
@@ -540,7 +516,7 @@ fn static_paths(a: StaticArgs) -> Result<()> {
         steps.push((sorted, skipping(n, &chosen)?, acc));
     }
     bar.finish_and_clear();
-    println!("{}", o.header(&a.common.split, &a.common.dataset));
+    println!("{}", o.header(&a.common.d));
     println!("baseline accuracy {base_acc:.4}");
     println!(
         "single skips, safest first (block: accuracy): {}",

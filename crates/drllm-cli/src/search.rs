@@ -1,13 +1,17 @@
-//! The run configuration shared by `drllm-worker --standalone`, `drllm-coordinator` and the
-//! workers it drives: the search flags (one clap group, flattened into each binary) and the
-//! serializable [`RunConfig`] the coordinator hands to every worker at registration.
+//! The search flags: prompting, reward and MCTS, one clap group flattened into
+//! `drllm-worker --standalone`, `drllm-coordinator` and `drllm-search-bench`, checked once into a
+//! typed [`RunConfig`].
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use drllm_eval::RunConfig;
 use drllm_search::{SearchConfig, Selection};
-use drllm_tasks::{Family, RewardMode, Style, Template};
-use serde::{Deserialize, Serialize};
+use drllm_tasks::{RewardMode, Style};
 
-use crate::eval::EvalOptions;
+/// The parser of reward names: `--help` lists them from [`RewardMode::ALL`].
+pub fn reward_parser() -> impl TypedValueParser<Value = RewardMode> {
+    PossibleValuesParser::new(RewardMode::ALL.map(|(n, _)| n)).try_map(|s| s.parse::<RewardMode>())
+}
 
 /// Prompting, reward and MCTS flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -23,8 +27,8 @@ pub struct SearchArgs {
     /// the question, lm-eval's `acc`), cloze-norm (per character, lm-eval's `acc_norm`), strict
     /// (the paper's letter rule on decoded text), lenient (a leading letter), choice-logits (the
     /// letter's logit after "Answer:"). Math and GSM8K always decode.
-    #[arg(long, default_value = "cloze")]
-    pub reward: String,
+    #[arg(long, default_value = "cloze", value_parser = reward_parser())]
+    pub reward: RewardMode,
     /// Token budget of a decoded answer.
     #[arg(long, default_value_t = 10)]
     pub max_new_tokens: usize,
@@ -84,23 +88,6 @@ pub struct SearchArgs {
     pub skip_prior: Vec<usize>,
 }
 
-/// Everything that decides a sample's search result, besides the model and the sample.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunConfig {
-    /// Prompt style (`instruct` or `base`).
-    pub style: String,
-    /// Own template file, if any.
-    pub template: Option<PathBuf>,
-    /// Multiple-choice reward mode.
-    pub reward: String,
-    /// Token budget of a decoded answer.
-    pub max_new_tokens: usize,
-    /// Run seed.
-    pub seed: u64,
-    /// MCTS parameters.
-    pub search: SearchConfig,
-}
-
 impl SearchArgs {
     /// The checked run configuration of these flags.
     pub fn run_config(&self) -> anyhow::Result<RunConfig> {
@@ -123,43 +110,13 @@ impl SearchArgs {
             skip_prior: self.skip_prior.clone(),
         };
         search.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
-        let mode: RewardMode = self.reward.parse()?;
-        let style = Style::resolve(&self.style, mode)?;
-        let rc = RunConfig {
-            style: style.to_string(),
+        Ok(RunConfig {
+            style: Style::resolve(&self.style, self.reward)?,
             template: self.template.clone(),
-            reward: self.reward.clone(),
+            reward: self.reward,
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
             search,
-        };
-        rc.eval()?;
-        rc.style()?;
-        Ok(rc)
-    }
-}
-
-impl RunConfig {
-    /// Prompt style.
-    pub fn style(&self) -> anyhow::Result<Style> {
-        Ok(self.style.parse()?)
-    }
-
-    /// How candidates are scored.
-    pub fn eval(&self) -> anyhow::Result<EvalOptions> {
-        let mode: RewardMode = self.reward.parse()?;
-        Ok(EvalOptions {
-            mode,
-            max_new_tokens: self.max_new_tokens,
-        })
-    }
-
-    /// The prompt template for a task family.
-    pub fn template(&self, family: Family) -> anyhow::Result<Template> {
-        let style = self.style()?;
-        Ok(match &self.template {
-            Some(p) => Template::from_file(p, style)?,
-            None => Template::builtin_for(family, style, self.reward.parse()?),
         })
     }
 }
