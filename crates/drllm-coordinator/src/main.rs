@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use drllm_cli::{DataArgs, LogArgs, SearchArgs};
 use drllm_dist::server::{bind, serve, spawn_actor, Service, ServiceConfig};
+use drllm_dist::supervisor::{LocalWorkerSpec, LocalWorkers};
 use drllm_dist::{CoordinatorCore, Dataset, LeaseConfig, WorkSample};
 use drllm_runtime::ModelSource;
 
@@ -76,16 +76,6 @@ struct Cli {
     /// Accepted rows wait at most this many seconds before they are written as a part.
     #[arg(long, default_value_t = 30)]
     flush_s: u64,
-}
-
-fn cuda_devices() -> usize {
-    std::process::Command::new("nvidia-smi")
-        .arg("--list-gpus")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
-        .unwrap_or(0)
 }
 
 #[tokio::main]
@@ -181,52 +171,21 @@ async fn main() -> Result<()> {
 
     // Local workers: one per GPU, else the CPU cores split between them.
     let exe = std::env::current_exe()?;
-    let worker_bin = exe
-        .parent()
-        .map(|d| d.join("drllm-worker"))
-        .context("locating drllm-worker")?;
-    let gpus = if workers == 0 || a.worker_device == "cpu" {
-        0
-    } else {
-        cuda_devices()
-    };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let logs = a.out.join("_logs");
-    if workers > 0 {
-        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    }
-    let mut children = vec![];
-    for i in 0..workers {
-        let id = format!("local-{i}");
-        let (device, threads) = if gpus > 0 {
-            (format!("cuda:{}", i % gpus), 2)
-        } else {
-            ("cpu".to_string(), (cores / workers).max(1))
-        };
-        let log = logs.join(format!("{id}.log"));
-        let f =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = tokio::process::Command::new(&worker_bin);
-        cmd.arg("--connect")
-            .arg(format!("http://{addr}"))
-            .args(["--worker-id", &id, "--model", &a.model, "--device", &device])
-            .args(["--threads", &threads.to_string()])
-            .arg("--data")
-            .arg(&dir)
-            .args(["--concurrency", &a.concurrency.to_string()])
-            .args(["--prefix-cache-mb", &a.prefix_cache_mb.to_string()])
-            .env_remove("DRLLM_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(f))
-            .kill_on_drop(true);
-        if let Some(t) = &a.token {
-            cmd.env("DRLLM_TOKEN", t);
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", worker_bin.display()))?;
-        children.push((id, child));
-    }
+    let mut children = LocalWorkers::spawn(&LocalWorkerSpec {
+        bin: exe
+            .parent()
+            .map(|d| d.join("drllm-worker"))
+            .context("locating drllm-worker")?,
+        count: workers,
+        device: a.worker_device.clone(),
+        addr,
+        model: a.model.clone(),
+        data_dir: dir.clone(),
+        concurrency: a.concurrency,
+        prefix_cache_mb: a.prefix_cache_mb,
+        token: a.token.clone(),
+        logs: a.out.join("_logs"),
+    })?;
 
     // Progress until every sample has an outcome, Ctrl-C, or a fatal dataset error.
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -248,7 +207,6 @@ async fn main() -> Result<()> {
     let base = already.committed + already.failed;
     let mut last_log = Instant::now();
     let mut interrupted = false;
-    let mut exited: Vec<bool> = vec![false; children.len()];
     // Ctrl-C, `kill`, and SLURM's warning before preemption or the time limit all stop the run
     // the same way: accepted rows are committed, and running again resumes.
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -301,24 +259,19 @@ async fn main() -> Result<()> {
         if handle.is_done().await {
             break;
         }
-        for (k, (id, child)) in children.iter_mut().enumerate() {
-            if !exited[k] {
-                if let Ok(Some(status)) = child.try_wait() {
-                    exited[k] = true;
-                    tracing::warn!(worker = %id, %status, log = %logs.join(format!("{id}.log")).display(), "local worker exited");
-                    handle.worker_gone(id).await;
-                    farewell.gone(id);
-                }
-            }
+        for (id, status) in children.newly_exited() {
+            tracing::warn!(worker = %id, %status, log = %children.log_of(&id).display(), "local worker exited");
+            handle.worker_gone(&id).await;
+            farewell.gone(&id);
         }
-        if a.workers > 0 && exited.iter().all(|&e| e) && a.listen.ip().is_loopback() {
+        if children.all_exited() && a.listen.ip().is_loopback() {
             bar.abandon();
             let _ = stop_tx.send(());
             drop(handle);
             let _ = actor.await;
             bail!(
                 "every local worker exited before the run finished; see the logs in {}",
-                logs.display()
+                children.logs().display()
             );
         }
         tokio::select! {
@@ -342,10 +295,7 @@ async fn main() -> Result<()> {
         while !farewell.all_told() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        for (_, child) in children.iter_mut() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let _ = tokio::time::timeout(left.max(Duration::from_secs(2)), child.wait()).await;
-        }
+        children.wait(deadline).await;
     }
     let _ = stop_tx.send(());
     let _ = server.await;

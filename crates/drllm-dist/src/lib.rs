@@ -10,6 +10,7 @@ pub mod dataset;
 pub mod lease;
 pub mod proto;
 pub mod server;
+pub mod supervisor;
 
 pub use coordinator::{CoordinatorCore, CoordinatorCounts, Outcome, ReportError, WorkSample};
 pub use dataset::{
