@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use crate::dataset::{Dataset, DatasetError, FailedSample, Manifest, PathRecord};
 use crate::lease::{Accept, Counts, Lease, LeaseConfig, LeaseError, LeaseTable};
+use drllm_dataset::{Dataset, DatasetError, FailedSample, Manifest, PathRecord};
 
 /// One entry of the run's task list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,7 +258,7 @@ impl CoordinatorCore {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::dataset::tests::row;
+    use drllm_dataset::fixtures::row;
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)

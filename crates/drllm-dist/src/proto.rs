@@ -2,7 +2,8 @@
 //! tonic/prost, and conversions between its search records and dataset rows.
 #![allow(missing_docs, clippy::large_enum_variant)]
 
-use crate::dataset::PathRecord;
+use drllm_dataset::PathRecord;
+use drllm_path::LayerPath;
 
 tonic::include_proto!("drllm.v1");
 
@@ -56,28 +57,25 @@ impl From<&PathRecord> for SearchRecord {
 
 impl SearchRecord {
     /// The dataset row of this record, searched by `worker` (the coordinator fills the worker
-    /// column from the registered id, never from the message). `best_layers` is derived from
-    /// the best path. Validate the row with [`PathRecord::validate`] before committing it.
+    /// column from the registered id, never from the message). Paths are checked here, once, and
+    /// `best_layers` derived from the best path ([`PathRecord::set_paths`]). Validate the row with [`PathRecord::validate`] before committing it.
     pub fn into_row(self, worker: &str) -> Result<PathRecord, String> {
         let num_layers = u16::try_from(self.num_layers)
             .map_err(|_| format!("num_layers {} is out of range", self.num_layers))?;
-        let best_path = self
+        let layer_path = |p: &Path, what: &str| {
+            LayerPath::from_counts(counts(p, what)?).map_err(|e| format!("{what}: {e}"))
+        };
+        let best = self
             .best_path
             .as_ref()
-            .map(|p| counts(p, "best_path"))
+            .map(|p| layer_path(p, "best_path"))
             .transpose()?;
-        let best_layers = best_path.as_ref().map(|p| {
-            p.iter()
-                .enumerate()
-                .flat_map(|(l, &c)| std::iter::repeat_n(l as u16, c as usize))
-                .collect()
-        });
-        let good_paths = self
+        let good = self
             .good_paths
             .iter()
-            .map(|p| counts(p, "a good path"))
-            .collect::<Result<_, _>>()?;
-        Ok(PathRecord {
+            .map(|p| layer_path(p, "a good path"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut row = PathRecord {
             sample_id: self.sample_id,
             task: self.task,
             split: self.split,
@@ -89,24 +87,29 @@ impl SearchRecord {
             default_correct: self.default_correct,
             found: self.found,
             improved: self.improved,
-            best_path,
-            best_cost: self.best_cost,
-            best_layers,
-            good_paths,
+            best_path: None,
+            best_cost: None,
+            best_layers: None,
+            good_paths: vec![],
             simulations: self.simulations,
             evaluations: self.evaluations,
             search_ms: self.search_ms,
             worker: worker.to_string(),
             seed: self.seed,
             best_response: self.best_response,
-        })
+        };
+        row.set_paths(best.as_ref(), &good);
+        // The cost stays as the worker sent it: `validate` refuses a record whose cost
+        // disagrees with its path.
+        row.best_cost = self.best_cost;
+        Ok(row)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::tests::row;
+    use drllm_dataset::fixtures::row;
     use prost::Message;
 
     proptest::proptest! {

@@ -11,13 +11,13 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{CoordinatorCore, CoordinatorCounts, Outcome, ReportError};
-use crate::dataset::{DatasetError, Manifest};
 use crate::lease::{Accept, Lease};
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::proto::{
     sample_result, LeaseReply, LeaseRequest, RegisterReply, RegisterRequest, ReportReply,
     ReportRequest, WorkItem, PROTOCOL_VERSION,
 };
+use drllm_dataset::{DatasetError, Manifest};
 
 /// What the service checks and hands out.
 #[derive(Debug, Clone)]
@@ -450,8 +450,8 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener,
 mod tests {
     use super::*;
     use crate::coordinator::tests::{core, work};
-    use crate::dataset::tests::row;
     use crate::proto::SampleResult;
+    use drllm_dataset::fixtures::row;
 
     fn with_token<T>(msg: T) -> Request<T> {
         let mut r = Request::new(msg);

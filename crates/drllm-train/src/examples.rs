@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-use drllm_dist::{read_manifest, read_rows, DatasetError};
+use drllm_dataset::{read_manifest, read_rows, DatasetError};
 use drllm_tasks::{add_special_tokens, RewardMode, Style, TaskName};
 
 /// Why the datasets cannot be used for training.
@@ -394,7 +394,7 @@ pub fn split_of(sample_id: &str, seed: u64, val_fraction: f64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drllm_dist::{Dataset, PathRecord};
+    use drllm_dataset::{Dataset, PathRecord};
 
     /// A row of a 4-block model: `default` = the default path's reward, `best` = the cheapest
     /// correct path (None: nothing correct).

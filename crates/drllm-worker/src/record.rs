@@ -1,5 +1,5 @@
 //! A finished search as a row of the paths dataset.
-use drllm_dist::PathRecord;
+use drllm_dataset::PathRecord;
 use drllm_runtime::LoadedModel;
 use drllm_search::SearchResult;
 use drllm_tasks::{Question, Sample, Split};
@@ -41,8 +41,7 @@ pub fn path_record(
         }
         _ => None,
     };
-    let best_path = r.best_path.as_ref().map(|p| p.counts().to_vec());
-    Ok(PathRecord {
+    let mut row = PathRecord {
         sample_id: sample.id.clone(),
         task: sample.task.to_string(),
         split: split.to_string(),
@@ -54,18 +53,17 @@ pub fn path_record(
         default_correct: r.default_reward >= 1.0,
         found: r.found,
         improved: r.improved,
-        best_cost: r.best_cost.map(|c| c as u32),
-        best_layers: r
-            .best_path
-            .as_ref()
-            .map(|p| p.layer_list().iter().map(|&l| l as u16).collect()),
-        best_path,
-        good_paths: r.good_paths.iter().map(|p| p.counts().to_vec()).collect(),
+        best_path: None,
+        best_cost: None,
+        best_layers: None,
+        good_paths: vec![],
         simulations: r.simulations as u32,
         evaluations: r.evaluations as u32,
         search_ms: r.wall_ms,
         worker: worker.to_string(),
         seed,
         best_response,
-    })
+    };
+    row.set_paths(r.best_path.as_ref(), &r.good_paths);
+    Ok(row)
 }

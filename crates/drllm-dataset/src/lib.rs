@@ -9,6 +9,8 @@
 //! then the manifest is rewritten the same way (temp file, fsync, rename). A crash between the
 //! rename and the manifest update leaves a complete part the manifest does not list yet; the
 //! next open adopts it. Staging leftovers are deleted on open.
+#![warn(missing_docs)]
+
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::Write;
@@ -23,6 +25,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{UInt16Type, UInt32Type, UInt64Type, UInt8Type};
 use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
+use drllm_path::LayerPath;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
@@ -143,6 +146,15 @@ pub struct PathRecord {
 }
 
 impl PathRecord {
+    /// Sets the path columns from checked layer paths: `best_path`, `best_cost` and
+    /// `best_layers` all derive from `best` here, and nowhere else.
+    pub fn set_paths(&mut self, best: Option<&LayerPath>, good: &[LayerPath]) {
+        self.best_path = best.map(|p| p.counts().to_vec());
+        self.best_cost = best.map(|p| p.cost() as u32);
+        self.best_layers = best.map(|p| p.layer_list().iter().map(|&l| l as u16).collect());
+        self.good_paths = good.iter().map(|p| p.counts().to_vec()).collect();
+    }
+
     /// Checks the row against the model's depth: every path of length `num_layers`, counts in
     /// {0, 1, 2}, best cost and layers consistent with the best path.
     pub fn validate(&self, num_layers: usize) -> std::result::Result<(), String> {
@@ -916,12 +928,14 @@ impl Dataset {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
+/// Rows shaped like real search outcomes, for the tests and benchmarks of the crates that move
+/// rows around (feature `fixtures`).
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures {
+    use super::PathRecord;
 
     /// A row like a real search outcome (the sample ids are ARC's).
-    pub(crate) fn row(task: &str, id: &str, found: bool) -> PathRecord {
+    pub fn row(task: &str, id: &str, found: bool) -> PathRecord {
         let best: Vec<u8> = (0..30).map(|l| u8::from(l != 7 && l != 8)).collect();
         PathRecord {
             sample_id: id.into(),
@@ -951,9 +965,39 @@ pub(crate) mod tests {
             best_response: found.then(|| "B".into()),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::fixtures::row;
 
     fn cfg() -> serde_json::Value {
         serde_json::json!({"tasks": ["arc_easy"], "num_simulations": 50})
+    }
+
+    #[test]
+    fn path_columns_derive_from_the_layer_paths() {
+        let mut r = row("arc_easy", "a", false);
+        let mut counts = vec![1u8; 30];
+        counts[2] = 0;
+        counts[5] = 2;
+        let best = LayerPath::from_counts(counts.clone()).unwrap();
+        r.found = true;
+        r.set_paths(Some(&best), &[best.clone(), LayerPath::all_ones(30)]);
+        assert_eq!(r.best_path.as_deref(), Some(&counts[..]));
+        assert_eq!(r.best_cost, Some(30));
+        let layers = r.best_layers.clone().unwrap();
+        assert_eq!(&layers[..6], &[0, 1, 3, 4, 5, 5]);
+        assert_eq!(r.good_paths.len(), 2);
+        assert_eq!(r.validate(30), Ok(()));
+        r.set_paths(None, &[]);
+        r.found = false;
+        assert_eq!(
+            (r.best_path, r.best_cost, r.best_layers),
+            (None, None, None)
+        );
     }
 
     #[test]
