@@ -185,6 +185,7 @@ async fn main() -> Result<()> {
         prefix_cache_mb: a.prefix_cache_mb,
         token: a.token.clone(),
         logs: a.out.join("_logs"),
+        log_json: a.log.log_json,
     })?;
 
     // Progress until every sample has an outcome, Ctrl-C, or a fatal dataset error.

@@ -51,6 +51,8 @@ pub struct LocalWorkerSpec {
     pub token: Option<String>,
     /// Directory of the workers' logs (`<id>.log` each).
     pub logs: PathBuf,
+    /// Workers log JSON lines (as the coordinator does with `--log-json`).
+    pub log_json: bool,
 }
 
 /// Device and CPU threads of local worker `i` of `count`: one GPU each (round robin, 2 threads)
@@ -124,6 +126,9 @@ impl LocalWorkers {
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(f))
                 .kill_on_drop(true);
+            if spec.log_json {
+                cmd.arg("--log-json");
+            }
             if let Some(t) = &spec.token {
                 cmd.env("DRLLM_TOKEN", t);
             }
@@ -216,6 +221,7 @@ mod tests {
             prefix_cache_mb: 0,
             token: None,
             logs: dir.path().join("_logs"),
+            log_json: false,
         };
         let err = LocalWorkers::spawn(&spec).err().unwrap().to_string();
         assert!(err.contains("no-such-worker"), "{err}");
@@ -237,6 +243,7 @@ mod tests {
             prefix_cache_mb: 0,
             token: Some("secret".into()),
             logs: dir.path().join("_logs"),
+            log_json: false,
         };
         let mut w = LocalWorkers::spawn(&spec).unwrap();
         w.wait(Instant::now() + std::time::Duration::from_secs(5))

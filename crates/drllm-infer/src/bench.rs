@@ -199,7 +199,7 @@ fn run_routed(
 
 /// `--routers`: router overhead in prefill and routed vs baseline decode, side by side.
 fn bench_routed(a: &BenchArgs, lm: &LoadedModel, dir: &std::path::Path) -> Result<()> {
-    let policy = crate::load_policy(lm, dir, a.budget)
+    let policy = crate::routing::load_policy(lm, dir, a.budget)
         .with_context(|| format!("--routers {}", dir.display()))?;
     let n_layers = lm.model.num_layers();
     println!(

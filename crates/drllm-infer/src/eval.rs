@@ -25,7 +25,7 @@ use drllm_cli::{DataArgs, ModelArgs};
     mut_arg("dataset", |a| a.required(true)),
     mut_arg("split", |a| a.default_value("dev"))
 )]
-pub(crate) struct EvalArgs {
+pub struct EvalArgs {
     #[command(flatten)]
     m: ModelArgs,
     /// Router package (drllm-train --out), or `embedded` for the reference routers of the
@@ -267,7 +267,7 @@ impl Run {
     }
 }
 
-pub(crate) fn eval(a: EvalArgs) -> Result<()> {
+pub fn eval(a: EvalArgs) -> Result<()> {
     let reward = a.reward;
     let split = a.d.split;
     let style = Style::resolve(&a.style, reward)?;
@@ -288,16 +288,18 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         .iter()
         .map(|p| p.parse().with_context(|| format!("--path {p}")))
         .collect::<Result<Vec<LayerPath>>>()?;
-    let pkg = crate::open_package(&a.routers)?;
+    let pkg = crate::routing::open_package(&a.routers)?;
     let lm = a.m.load()?;
     let n_layers = lm.model.num_layers();
     let statics: Vec<LayerPath> = statics
         .into_iter()
         .zip(&a.paths)
-        .map(|(p, s)| crate::path_for(Some(p), n_layers).with_context(|| format!("--path {s}")))
+        .map(|(p, s)| {
+            crate::routing::path_for(Some(p), n_layers).with_context(|| format!("--path {s}"))
+        })
         .collect::<Result<_>>()?;
     // Every budget is checked (and the package with it) before any answer is generated.
-    let (policies, trained) = crate::load_policies(&lm, &a.routers, pkg, &a.budget)
+    let (policies, trained) = crate::routing::load_policies(&lm, &a.routers, pkg, &a.budget)
         .with_context(|| format!("--routers {}", a.routers.display()))?;
     // Routers read the hidden states of the prompts they were trained on: refuse prompts of
     // another form (cloze and cloze-norm share theirs, as strict and lenient do).

@@ -1,16 +1,15 @@
-//! `drllm-infer`: generation along a layer path or routed by a router package, logits dumps and
-//! throughput benchmarks.
+//! `drllm-infer`: generation along a layer path or routed by a router package, logits dumps,
+//! throughput benchmarks and validation runs; flags and printing only (the work is in the
+//! `drllm_infer` library).
 use std::time::Instant;
-
-mod bench;
-mod eval;
-mod plot;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use drllm_cli::{LogArgs, ModelArgs};
-use drllm_router::{Package, Policy};
-use drllm_runtime::{GenerateOptions, LayerPath, LoadedModel, Message};
+use drllm_infer::generate::{complete, encode_prompt, Routing};
+use drllm_infer::routing::{load_policies, open_package, parse_path, path_for};
+use drllm_infer::{bench, eval};
+use drllm_runtime::LayerPath;
 
 #[derive(Parser)]
 #[command(
@@ -59,21 +58,6 @@ enum Cmd {
   drllm-infer eval --routers PKG --dataset arc_challenge --split dev --budget -0.3 --json s.json --out samples.parquet
   drllm-infer eval --routers PKG --dataset arc_easy,arc_challenge --budget 0,-0.2,-0.4 --plot routing.png   # budget sweep")]
     Eval(eval::EvalArgs),
-}
-
-/// Parses `--path` (before the model loads, so a typo fails fast); `None` when absent.
-fn parse_path(path: Option<&str>) -> Result<Option<LayerPath>> {
-    path.map(|p| p.parse::<LayerPath>().context("--path"))
-        .transpose()
-}
-
-/// The parsed `--path` checked for a model of `n_layers` blocks (default: all ones).
-fn path_for(path: Option<LayerPath>, n_layers: usize) -> Result<LayerPath> {
-    let Some(p) = path else {
-        return Ok(LayerPath::all_ones(n_layers));
-    };
-    p.check_len(n_layers).context("--path")?;
-    Ok(p)
 }
 
 #[derive(clap::Args)]
@@ -134,72 +118,6 @@ struct LogitsArgs {
     out: std::path::PathBuf,
 }
 
-/// Reads the router package `spec` (a directory, or `embedded`: the reference routers of the
-/// embedded model, compiled in), before the model loads so that a bad package fails fast.
-pub(crate) fn open_package(spec: &std::path::Path) -> Result<(std::path::PathBuf, Package)> {
-    let dir = drllm_router::embedded::resolve(spec)
-        .with_context(|| format!("--routers {}", spec.display()))?;
-    let pkg = Package::load(&dir).with_context(|| format!("--routers {}", spec.display()))?;
-    Ok((dir, pkg))
-}
-
-/// The routing policy of the package `spec` for `lm` at `budget`.
-pub(crate) fn load_policy(lm: &LoadedModel, spec: &std::path::Path, budget: f64) -> Result<Policy> {
-    let (mut v, _) = load_policies(lm, spec, open_package(spec)?, &[budget])?;
-    v.pop().context("no policy")
-}
-
-/// Routing policies of the package `spec` (read by [`open_package`]) for `lm` (same model,
-/// same sizes) at each of `budgets`; also its manifest.
-pub(crate) fn load_policies(
-    lm: &LoadedModel,
-    spec: &std::path::Path,
-    (dir, pkg): (std::path::PathBuf, Package),
-    budgets: &[f64],
-) -> Result<(Vec<Policy>, drllm_router::PackageManifest)> {
-    let dir = &dir;
-    let fingerprint = lm.source.fingerprint()?;
-    pkg.check_model(
-        dir,
-        &fingerprint,
-        lm.model.num_layers(),
-        lm.model.cfg.hidden_size as usize,
-    )?;
-    warn_held_out(spec, &pkg.manifest, budgets);
-    let routers = pkg.routers.to_device(lm.model.device());
-    let policies = budgets
-        .iter()
-        .map(|&b| Ok(Policy::new(routers.snapshot(), pkg.manifest.windows, b)?))
-        .collect::<Result<_>>()?;
-    Ok((policies, pkg.manifest))
-}
-
-/// Tells the user when the package's own held-out routing (drllm-train's budget sweep on
-/// training prompts it never trained on) says the requested budgets lose accuracy: routers
-/// that cost accuracy must not be used unknowingly.
-fn warn_held_out(dir: &std::path::Path, m: &drllm_router::PackageManifest, budgets: &[f64]) {
-    let Some(baseline) = m.data["routed_val_baseline_accuracy"].as_f64() else {
-        return;
-    };
-    match m.data["recommended_budget"].as_f64() {
-        Some(rec) => {
-            if let Some(b) = budgets.iter().find(|&&b| b < rec) {
-                tracing::warn!(
-                    "{}: on its held-out training prompts these routers kept the baseline's \
-                     accuracy ({baseline:.3}) only from budget {rec:+.2}; budget {b:+.2} may lose accuracy",
-                    dir.display()
-                );
-            }
-        }
-        None => tracing::warn!(
-            "{}: on its held-out training prompts these routers lost accuracy against the \
-             baseline ({baseline:.3}) at every budget drllm-train measured (see `drllm-train \
-             inspect`); budget 1 routes every block",
-            dir.display()
-        ),
-    }
-}
-
 fn generate(a: GenerateArgs) -> Result<()> {
     let path = parse_path(a.path.as_deref())?;
     let pkg = a.routers.as_deref().map(open_package).transpose()?;
@@ -214,39 +132,20 @@ fn generate(a: GenerateArgs) -> Result<()> {
         _ => None,
     };
     let path = path_for(path, n_layers)?;
-    let mut prompts = Vec::with_capacity(a.prompt.len());
-    for text in &a.prompt {
-        let ids = if a.chat {
-            let mut msgs = vec![];
-            if let Some(s) = &a.system {
-                msgs.push(Message::system(s.clone()));
-            }
-            msgs.push(Message::user(text.clone()));
-            let rendered = lm.tokenizer.apply_chat_template(&msgs)?;
-            lm.tokenizer.encode(&rendered, false)?
-        } else {
-            lm.tokenizer.encode(text, true)?
-        };
-        prompts.push(ids);
-    }
-    let opts = GenerateOptions {
-        max_new_tokens: a.max_new_tokens,
-        stop_ids: lm.stop_ids(),
+    let prompts = a
+        .prompt
+        .iter()
+        .map(|text| encode_prompt(&lm, text, a.chat.then_some(a.system.as_deref())))
+        .collect::<Result<Vec<_>>>()?;
+    let routing = match policy.as_ref().filter(|_| !a.no_routing) {
+        Some(p) => Routing::Routers(p),
+        None => Routing::Path(path),
     };
     let t1 = Instant::now();
-    let (out, paths) = match policy.filter(|_| !a.no_routing) {
-        Some(p) => {
-            let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-            let mut route = |l: usize, h: &tch::Tensor| p.decide(l, h, &lens);
-            lm.model.generate_routed(&prompts, &mut route, &opts)?
-        }
-        None => {
-            let paths = vec![path.clone(); prompts.len()];
-            (lm.model.generate(&prompts, &paths, &opts)?, paths)
-        }
-    };
+    let out = complete(&lm, &prompts, &routing, a.max_new_tokens)?;
     let secs = t1.elapsed().as_secs_f64();
     let new_tokens: usize = out.iter().map(|g| g.tokens.len()).sum();
+    let paths: Vec<&LayerPath> = out.iter().map(|g| &g.path).collect();
     for (i, g) in out.iter().enumerate() {
         let text = lm.tokenizer.decode(&g.tokens)?;
         if a.json {

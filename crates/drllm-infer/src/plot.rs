@@ -9,7 +9,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 /// What the plot shows of one task.
-pub(crate) struct TaskPlot {
+pub struct TaskPlot {
     pub name: String,
     /// Per block: fraction of prompts that skip, execute, repeat it (at `budget`).
     pub freq: Vec<[f64; 3]>,
@@ -24,7 +24,7 @@ pub(crate) struct TaskPlot {
 }
 
 /// Everything drawn.
-pub(crate) struct PlotData {
+pub struct PlotData {
     pub title: String,
     pub num_layers: usize,
     /// The budget whose routing pattern and costs are drawn.
@@ -64,14 +64,14 @@ fn register_font() -> Result<()> {
 
 /// The image format a plot path asks for, by its extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Format {
+pub enum Format {
     Png,
     Svg,
 }
 
 impl Format {
     /// The format of `path`, or an error naming it (checked before any model work).
-    pub(crate) fn of(path: &Path) -> Result<Format> {
+    pub fn of(path: &Path) -> Result<Format> {
         let ext = path
             .extension()
             .and_then(|e| e.to_str())
@@ -88,7 +88,7 @@ impl Format {
 }
 
 /// Draws `data` to `path`; the extension (.png or .svg) picks the format.
-pub(crate) fn draw(path: &Path, data: &PlotData) -> Result<()> {
+pub fn draw(path: &Path, data: &PlotData) -> Result<()> {
     let format = Format::of(path)?;
     register_font()?;
     let rows = data.tasks.len().max(1) as u32;

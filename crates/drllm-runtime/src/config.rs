@@ -18,19 +18,72 @@ pub enum Arch {
     Qwen3,
 }
 
+/// What sets a model family's block apart from the LLaMA block, in one place: adding a family
+/// that differs in these ways is one more row of [`FAMILIES`].
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    /// The architecture.
+    pub arch: Arch,
+    /// Its names in `config.json`'s `model_type` and GGUF's `general.architecture`.
+    pub names: &'static [&'static str],
+    /// q/k/v projections always carry biases (else only with `attention_bias`).
+    pub qkv_bias: bool,
+    /// An RMS norm on q and on k per head before RoPE.
+    pub qk_norm: bool,
+    /// llama.cpp stores q and k rows permuted for its RoPE layout (undone on load).
+    pub gguf_permuted_qk: bool,
+}
+
+/// Every family drllm runs.
+pub const FAMILIES: [Family; 3] = [
+    Family {
+        arch: Arch::Llama,
+        names: &["llama", "smollm", "mistral"],
+        qkv_bias: false,
+        qk_norm: false,
+        gguf_permuted_qk: true,
+    },
+    Family {
+        arch: Arch::Qwen2,
+        names: &["qwen2"],
+        qkv_bias: true,
+        qk_norm: false,
+        gguf_permuted_qk: false,
+    },
+    Family {
+        arch: Arch::Qwen3,
+        names: &["qwen3"],
+        qkv_bias: false,
+        qk_norm: true,
+        gguf_permuted_qk: false,
+    },
+];
+
 impl Arch {
     fn parse(source: &str, key: &str, v: &str) -> Result<Self> {
-        match v {
-            "llama" | "smollm" | "mistral" => Ok(Arch::Llama),
-            "qwen2" => Ok(Arch::Qwen2),
-            "qwen3" => Ok(Arch::Qwen3),
-            other => Err(Error::Unsupported {
+        FAMILIES
+            .iter()
+            .find(|f| f.names.contains(&v))
+            .map(|f| f.arch)
+            .ok_or_else(|| Error::Unsupported {
                 source_name: source.to_string(),
                 key: key.to_string(),
-                value: other.to_string(),
-                supported: "llama, qwen2, qwen3".into(),
-            }),
-        }
+                value: v.to_string(),
+                supported: FAMILIES
+                    .iter()
+                    .flat_map(|f| f.names.iter().copied())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The family's block traits.
+    pub fn family(self) -> &'static Family {
+        // Every variant has its row (checked by a test).
+        FAMILIES
+            .iter()
+            .find(|f| f.arch == self)
+            .unwrap_or(&FAMILIES[0])
     }
 }
 
@@ -213,10 +266,7 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            attention_bias: match arch {
-                Arch::Qwen2 => true,
-                _ => raw.attention_bias.unwrap_or(false),
-            },
+            attention_bias: arch.family().qkv_bias || raw.attention_bias.unwrap_or(false),
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             eos_token_ids: raw.eos_token_id.as_ref().map(ids_of).unwrap_or_default(),
             bos_token_id: raw
@@ -316,6 +366,21 @@ impl ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_arch_has_one_family_row() {
+        for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+            assert_eq!(FAMILIES.iter().filter(|f| f.arch == arch).count(), 1);
+            assert_eq!(arch.family().arch, arch);
+            for name in arch.family().names {
+                assert_eq!(Arch::parse("x", "model_type", name).unwrap(), arch);
+            }
+        }
+        let err = Arch::parse("x", "model_type", "gemma")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gemma") && err.contains("qwen3"), "{err}");
+    }
 
     fn write(dir: &Path, v: serde_json::Value) -> std::path::PathBuf {
         let p = dir.join("config.json");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind};
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::model::Model;
@@ -293,8 +293,11 @@ impl LoadedModel {
                 let file = Arc::new(GgufFile::open(path)?);
                 let cfg = ModelConfig::from_gguf(&file)?;
                 let tokenizer = Tokenizer::from_gguf(&file)?;
-                let unpermute =
-                    (cfg.arch == Arch::Llama).then_some((cfg.num_heads, cfg.num_kv_heads));
+                let unpermute = cfg
+                    .arch
+                    .family()
+                    .gguf_permuted_qk
+                    .then_some((cfg.num_heads, cfg.num_kv_heads));
                 let ws = GgufWeights::new(file.clone(), unpermute);
                 let mut model = Model::load(&ws, cfg, device, kind)?;
                 if let Some(info) = file.tensors.get("rope_freqs.weight") {

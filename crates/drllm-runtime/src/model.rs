@@ -7,7 +7,7 @@
 //! [`crate::exec`], nowhere else.
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::config::{ModelConfig, RopeScaling};
 use crate::error::Result;
 use crate::weights::WeightSource;
 
@@ -201,7 +201,7 @@ impl Model {
                 Linear::load(ws, &format!("{p}.{n}"), o, inp, bias, kind, device)
             };
             let qkv_bias = cfg.attention_bias;
-            let qk_norm = cfg.arch == Arch::Qwen3;
+            let qk_norm = cfg.arch.family().qk_norm;
             blocks.push(Block {
                 in_norm: norm("input_layernorm", h)?,
                 qkv: Linear::fuse(vec![

@@ -187,7 +187,7 @@ impl Feed for RemoteFeed<'_> {
                 .map_err(|s| anyhow::anyhow!("lease refused: {}", s.message()))?
                 .into_inner();
             if lease.done {
-                tracing::info!(worker = %self.o.worker_id, leases = self.summary.leases, "no work left");
+                tracing::info!(leases = self.summary.leases, "no work left");
                 self.finished = true;
                 return Ok(None);
             }
@@ -199,6 +199,11 @@ impl Feed for RemoteFeed<'_> {
                 continue;
             }
             self.summary.leases += 1;
+            tracing::debug!(
+                lease = lease.lease_id,
+                samples = lease.items.len(),
+                "leased"
+            );
             let mut prompts = Vec::with_capacity(lease.items.len());
             for it in &lease.items {
                 let sample = lookup(
@@ -236,6 +241,8 @@ impl Feed for RemoteFeed<'_> {
                 out.sample_id
             );
         };
+        // Every event of this sample's report carries its lease and sample ids.
+        let _span = tracing::info_span!("sample", lease = p.lease_id, id = %p.sample.id).entered();
         let record = out.result.and_then(|r| {
             let prepared = p
                 .prepared
@@ -280,12 +287,12 @@ impl Feed for RemoteFeed<'_> {
             .map_err(|s| anyhow::anyhow!("report refused: {}", s.message()))?
             .into_inner();
         if reply.accepted > 0 {
-            tracing::info!(worker = %self.o.worker_id, sample = %p.sample.id, "reported");
+            tracing::info!("reported");
         }
         for r in &reply.refused {
             // E.g. the lease expired while this worker was slow and the sample went elsewhere;
             // the run goes on either way.
-            tracing::warn!(worker = %self.o.worker_id, lease = p.lease_id, reason = %r, "result refused");
+            tracing::warn!(reason = %r, "result refused");
         }
         Ok(())
     }
@@ -293,6 +300,8 @@ impl Feed for RemoteFeed<'_> {
 
 /// Runs as a coordinator's worker until the run has no work left.
 pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> {
+    // Every event of this worker (in its log or a cluster's JSON logs) carries its id.
+    let _span = tracing::info_span!("worker", id = %o.worker_id).entered();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -316,7 +325,7 @@ pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> 
         .context("the coordinator sent a run configuration this worker cannot read")?;
     let eval = cfg.eval();
     let heartbeat = Duration::from_millis(reg.heartbeat_ms.max(100));
-    tracing::info!(worker = %o.worker_id, addr = %o.addr, "registered");
+    tracing::info!(addr = %o.addr, "registered");
     // Heartbeats while the model works on this thread (a batch, or regenerating a best
     // response, can outlast the lease timeout's fraction between lease requests).
     let hb = {
@@ -360,6 +369,6 @@ pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> 
     let result = run_feed(lm, &mut feed, &opts);
     hb.abort();
     result?;
-    tracing::info!(worker = %o.worker_id, leases = feed.summary.leases, "no work left; exiting");
+    tracing::info!(leases = feed.summary.leases, "no work left; exiting");
     Ok(feed.summary)
 }

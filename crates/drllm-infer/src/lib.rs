@@ -1,0 +1,9 @@
+//! Routed inference as a library: router packages and paths as users name them ([`routing`]),
+//! batched generation along fixed or routed paths ([`generate`]), validation runs with paired
+//! intervals and plots ([`eval`], [`plot`]) and throughput benchmarks ([`bench`]). The
+//! `drllm-infer` binary parses flags and prints; a server calls the same functions.
+pub mod bench;
+pub mod eval;
+pub mod generate;
+pub mod plot;
+pub mod routing;
