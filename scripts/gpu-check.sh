@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-call GPU check for a lent GPU machine (torch 2.11.0 + transformers at its python3, no
 # network). Build here first, then carry the binary:
-#   cargo build --release -p drllm-infer && mkdir -p .gpu && strip -o .gpu/drllm-infer target/release/drllm-infer
+#   cargo build --release -p drllm-infer && mkdir -p .gpu &&
+#     for b in drllm-infer drllm-infer-bench; do strip -o .gpu/$b target/release/$b; done
 #   (device run, carry [".gpu"]):  bash scripts/gpu-check.sh .gpu/drllm-infer
 # Runs: CUDA visibility through our libtorch link, bf16 logits parity on a random
 # LLaMA-3.2-3B-shaped model vs transformers, and the throughput benchmark on it.
@@ -9,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin="${1:-target/release/drllm-infer}"
+bench_bin="$(dirname "$bin")/drllm-infer-bench"
 shape="${GPU_CHECK_SHAPE:-3b}"
 device="${GPU_CHECK_DEVICE:-cuda}"
 out="${OUT:-/tmp/gpu-check}"
@@ -26,7 +28,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
   echo "== generate on $device"
   "$bin" generate --model "$out/work/llama32-$shape-random" --device "$device" --prompt "hello" --max-new-tokens 16 --json
   echo "== benchmark"
-  "$bin" bench --model "$out/work/llama32-$shape-random" --device "$device" --dtype bf16 --batch 1,8 --prompt-tokens 128 --new-tokens 32 --repeats 5 --python "$py"
+  "$bench_bin" --model "$out/work/llama32-$shape-random" --device "$device" --dtype bf16 --batch 1,8 --prompt-tokens 128 --new-tokens 32 --repeats 5 --python "$py"
 } 2>&1 | tee "$out/gpu-check.log"
 # Only the log comes back; the model files are large.
 rm -rf "$out/work"

@@ -1,4 +1,4 @@
-"""transformers side of `drllm-infer bench`: same model, same dtype, same prompts, same greedy
+"""transformers side of `drllm-infer-bench`: same model, same dtype, same prompts, same greedy
 KV-cached decoding loop, timed the same way. Reads one JSON request per line on stdin
 ({"ids": [[...], ...], "new_tokens": N}) and answers one JSON line per request."""
 import json

@@ -4,7 +4,10 @@ mod common;
 
 use common::*;
 use drllm::runtime::tch::{Device, Kind, Tensor};
-use drllm::runtime::{GenerateOptions, LayerPath, LoadedModel, Message, ModelSource, PathBatch};
+use drllm::runtime::{
+    GenerateOptions, GenerateRequest, LayerPath, LoadedModel, Message, ModelSource, PathBatch,
+    Paths,
+};
 
 /// First `n` ARC-Challenge dev questions as chat messages.
 fn arc_chats(n: usize) -> Vec<Vec<Message>> {
@@ -111,20 +114,14 @@ fn smollm2_gguf_matches_transformers() {
             max_new_tokens: 20,
             stop_ids: vec![],
         };
-        let gens = lm
-            .model
-            .generate(&prompts, &vec![path.clone(); prompts.len()], &opts)
-            .unwrap();
+        let gens = generate_fixed(&lm, &prompts, &vec![path.clone(); prompts.len()], &opts);
         if j == 0 {
             // With the file's EOS (<|im_end|>) as stop id, against transformers' generate().
             let opts = GenerateOptions {
                 max_new_tokens: 20,
                 stop_ids: lm.stop_ids(),
             };
-            let stopped = lm
-                .model
-                .generate(&prompts, &vec![path.clone(); prompts.len()], &opts)
-                .unwrap();
+            let stopped = generate_fixed(&lm, &prompts, &vec![path.clone(); prompts.len()], &opts);
             for (i, g) in stopped.iter().enumerate() {
                 let mut want = ids(&r["generated"][i]["generate"]);
                 if want.last() == Some(&2) {
@@ -299,31 +296,17 @@ fn tiny_random_models_match_transformers() {
             .model
             .prompt_logits(&batch_prompts, &batch_paths)
             .unwrap();
-        let gens = lm
-            .model
-            .generate(
-                &batch_prompts,
-                &batch_paths,
-                &GenerateOptions {
-                    max_new_tokens: 8,
-                    stop_ids: vec![],
-                },
-            )
-            .unwrap();
+        let opts = GenerateOptions {
+            max_new_tokens: 8,
+            stop_ids: vec![],
+        };
+        let gens = generate_fixed(&lm, &batch_prompts, &batch_paths, &opts);
         // Rows leaving the batch at different steps (their caches dropped) do not disturb the
         // others.
-        let early = lm
-            .model
-            .generate_until(
-                &batch_prompts,
-                &batch_paths,
-                &GenerateOptions {
-                    max_new_tokens: 8,
-                    stop_ids: vec![],
-                },
-                |i, t| t.len() > i % 4,
-            )
-            .unwrap();
+        let mut until = |i: usize, t: &[u32]| t.len() > i % 4;
+        let req = GenerateRequest::new(&batch_prompts, Paths::Fixed(&batch_paths), opts)
+            .until(&mut until);
+        let early = lm.model.generate(req).unwrap().outputs;
         for (k, e) in early.iter().enumerate() {
             assert_eq!(e.tokens.len(), k % 4 + 1, "{arch} row {k}");
             assert_eq!(

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use common::*;
 use drllm::runtime::tch::{self, Device, Kind, Tensor};
-use drllm::runtime::{GenerateOptions, LoadedModel, ModelSource};
+use drllm::runtime::{GenerateOptions, GenerateRequest, LoadedModel, ModelSource, Paths};
 use drllm_router::{Package, PackageManifest, Policy, RouterShape, Routers};
 
 /// A static path skipping blocks 3, 11 and 17 of the embedded model.
@@ -62,6 +62,23 @@ fn routers(seed: i64, always: Option<u8>) -> Routers {
     r
 }
 
+/// Generation routed by `p` during prefill: the outputs and the chosen paths.
+fn route_and_generate(
+    lm: &LoadedModel,
+    prompts: &[Vec<u32>],
+    p: &Policy,
+    lens: &[usize],
+    opts: &GenerateOptions,
+) -> (
+    Vec<drllm::runtime::Generated>,
+    Vec<drllm::runtime::LayerPath>,
+) {
+    let mut route = |l: usize, h: &Tensor| p.decide(l, h, lens);
+    let req = GenerateRequest::new(prompts, Paths::Routed(&mut route), opts.clone());
+    let g = lm.model.generate(req).unwrap();
+    (g.outputs, g.paths)
+}
+
 #[test]
 fn routed_generation_equals_generation_along_the_chosen_paths() {
     let lm = model();
@@ -73,36 +90,27 @@ fn routed_generation_equals_generation_along_the_chosen_paths() {
     };
     // Always execute: exactly the baseline.
     let p = Policy::new(routers(1, Some(1)), 8, 0.0).unwrap();
-    let (routed, paths) = lm
-        .model
-        .generate_routed(&prompts, &mut |l, h| p.decide(l, h, &lens), &opts)
-        .unwrap();
+    let (routed, paths) = route_and_generate(&lm, &prompts, &p, &lens, &opts);
     assert!(paths
         .iter()
         .all(|p| p.cost() == 30 && p.counts().iter().all(|&c| c == 1)));
-    let base = lm.model.generate(&prompts, &paths, &opts).unwrap();
+    let base = generate_fixed(&lm, &prompts, &paths, &opts);
     assert_eq!(routed, base);
     // Random routers: each prompt gets its own path with skips and repeats; decoding along it
     // equals plain generation along the same fixed paths, token for token.
     let p = Policy::new(routers(2, None), 8, 0.0).unwrap();
-    let (routed, paths) = lm
-        .model
-        .generate_routed(&prompts, &mut |l, h| p.decide(l, h, &lens), &opts)
-        .unwrap();
+    let (routed, paths) = route_and_generate(&lm, &prompts, &p, &lens, &opts);
     let counts: Vec<&[u8]> = paths.iter().map(|p| p.counts()).collect();
     assert!(counts.iter().flat_map(|c| c.iter()).any(|&c| c == 0));
     assert!(counts.iter().flat_map(|c| c.iter()).any(|&c| c == 2));
-    let fixed = lm.model.generate(&prompts, &paths, &opts).unwrap();
+    let fixed = generate_fixed(&lm, &prompts, &paths, &opts);
     for (i, (a, b)) in routed.iter().zip(&fixed).enumerate() {
         assert_eq!(a.tokens, b.tokens, "prompt {i} along {}", paths[i]);
     }
     // Each prompt routed alone chooses the same path as in the batch (padding is ignored).
     for i in 0..prompts.len() {
         let one = &prompts[i..=i];
-        let (_, alone) = lm
-            .model
-            .generate_routed(one, &mut |l, h| p.decide(l, h, &lens[i..=i]), &opts)
-            .unwrap();
+        let (_, alone) = route_and_generate(&lm, one, &p, &lens[i..=i], &opts);
         assert_eq!(alone[0], paths[i], "prompt {i}");
     }
     // Grouped by path for decoding (routed in batches of 2, decoded in batches of 2 regrouped by
@@ -110,20 +118,21 @@ fn routed_generation_equals_generation_along_the_chosen_paths() {
     let mut many = prompts.clone();
     many.extend(prompts.iter().map(|p| p[..p.len() - 3].to_vec()));
     let many_lens: Vec<usize> = many.iter().map(Vec::len).collect();
-    let (grouped, gpaths) = lm
+    let mut route = |rows: &[usize], l: usize, h: &Tensor| {
+        let lens: Vec<usize> = rows.iter().map(|&r| many_lens[r]).collect();
+        p.decide(l, h, &lens)
+    };
+    let grouped = Paths::RoutedGrouped {
+        route: &mut route,
+        batch: 2,
+    };
+    let g = lm
         .model
-        .generate_routed_grouped(
-            &many,
-            &mut |rows, l, h| {
-                let lens: Vec<usize> = rows.iter().map(|&r| many_lens[r]).collect();
-                p.decide(l, h, &lens)
-            },
-            2,
-            &opts,
-        )
+        .generate(GenerateRequest::new(&many, grouped, opts.clone()))
         .unwrap();
+    let (grouped, gpaths) = (g.outputs, g.paths);
     assert_eq!(&gpaths[..3], &paths[..]);
-    let fixed = lm.model.generate(&many, &gpaths, &opts).unwrap();
+    let fixed = generate_fixed(&lm, &many, &gpaths, &opts);
     for (i, (a, b)) in grouped.iter().zip(&fixed).enumerate() {
         assert_eq!(a.tokens, b.tokens, "prompt {i} along {}", gpaths[i]);
     }

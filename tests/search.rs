@@ -9,7 +9,9 @@ use drllm::eval::{
     decision_point, evaluate_alone, evaluate_batch, prepare, EvalOptions, PreparedPrompt,
 };
 use drllm::runtime::tch::{Device, Kind};
-use drllm::runtime::{GenerateOptions, LayerPath, LoadedModel, ModelSource, PrefixCache};
+use drllm::runtime::{
+    GenerateOptions, GenerateRequest, LayerPath, LoadedModel, ModelSource, Paths, PrefixCache,
+};
 use drllm::tasks::{data, LoadOptions, RewardMode, Split, Style, TaskName, Template};
 
 /// Seeded random paths of a 30-block model: mostly ones, some skips and repeats.
@@ -179,11 +181,16 @@ fn prefix_sharing_matches_plain_prefill() {
                 let d = max_abs_diff(&cached.get(r as i64), &p.get(p.size()[0] - 1));
                 assert!(d < 1e-3, "row {r} along {}: max |diff| {d}", paths[r]);
             }
+            let cached = Paths::Cached {
+                paths,
+                cache: &mut cache,
+            };
             let a = lm
                 .model
-                .generate_until_cached(&prompts, paths, &mut cache, &gopts, |_, _| false)
-                .unwrap();
-            let b = lm.model.generate(&prompts, paths, &gopts).unwrap();
+                .generate(GenerateRequest::new(&prompts, cached, gopts.clone()))
+                .unwrap()
+                .outputs;
+            let b = generate_fixed(&lm, &prompts, paths, &gopts);
             let toks = |g: &[drllm::runtime::Generated]| {
                 g.iter().map(|x| x.tokens.clone()).collect::<Vec<_>>()
             };

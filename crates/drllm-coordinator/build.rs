@@ -1,4 +1,4 @@
-//! Links libtorch into the end-to-end test binaries (rpath + no-as-needed, see drllm-build).
+//! Links libtorch into `drllm-coordinator` and its tests (rpath + no-as-needed, see drllm-build).
 fn main() {
     drllm_build::link_libtorch();
 }

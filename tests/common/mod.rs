@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use drllm::runtime::tch::{self, Tensor};
+use drllm::runtime::{GenerateOptions, GenerateRequest, Generated, LayerPath, LoadedModel, Paths};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -132,4 +133,15 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
+}
+
+/// Greedy generation of each prompt along its fixed path (the runtime's one request type).
+pub fn generate_fixed(
+    lm: &LoadedModel,
+    prompts: &[Vec<u32>],
+    paths: &[LayerPath],
+    opts: &GenerateOptions,
+) -> Vec<Generated> {
+    let req = GenerateRequest::new(prompts, Paths::Fixed(paths), opts.clone());
+    lm.model.generate(req).unwrap().outputs
 }

@@ -76,14 +76,29 @@ pub fn split_parser() -> impl TypedValueParser<Value = Split> {
         .try_map(|s| s.parse::<Split>())
 }
 
-/// Which task prompts to read: data directory, tasks, split and the slice of each task. Binaries
-/// change a default with `#[command(mut_arg("split", |a| a.default_value("dev")))]`.
+/// The data directory, for commands that choose their own tasks (flattened into [`DataArgs`]).
 #[derive(clap::Args, Debug, Clone)]
-pub struct DataArgs {
+pub struct DataDirArgs {
     /// Data directory (default $DRLLM_DATA, else ../shared/data): AI2 ARC, MATH / DART-Math and
     /// GSM8K as jsonl or Hugging Face parquet (README, "Data, prompts and grading").
     #[arg(long, env = "DRLLM_DATA")]
     pub data: Option<PathBuf>,
+}
+
+impl DataDirArgs {
+    /// The data directory the flag (or `DRLLM_DATA`, or the default) names; refused when missing.
+    pub fn dir(&self) -> Result<PathBuf> {
+        Ok(data::resolve_data_dir(self.data.as_deref())?)
+    }
+}
+
+/// Which task prompts to read: data directory, tasks, split and the slice of each task. Binaries
+/// change a default with `#[command(mut_arg("split", |a| a.default_value("dev")))]`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DataArgs {
+    /// The data directory.
+    #[command(flatten)]
+    pub data_dir: DataDirArgs,
     /// Tasks, comma separated (`arc` = both ARC sets, `dart` = every MATH level).
     #[arg(long, value_delimiter = ',', value_parser = task_parser())]
     pub dataset: Vec<TaskName>,
@@ -101,7 +116,7 @@ pub struct DataArgs {
 impl DataArgs {
     /// The data directory the flags (or `DRLLM_DATA`, or the default) name; refused when missing.
     pub fn dir(&self) -> Result<PathBuf> {
-        Ok(data::resolve_data_dir(self.data.as_deref())?)
+        self.data_dir.dir()
     }
 
     /// Reads every named task's slice from `dir`, in the order named; an unreadable row stops

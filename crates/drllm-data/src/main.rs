@@ -1,12 +1,11 @@
-//! `drllm-data`: dataset statistics, rendered prompts, answer grading and the grader benchmark.
+//! `drllm-data`: dataset statistics, rendered prompts and answer grading (the grader benchmark
+//! is `drllm-data-bench`).
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use drllm_tasks::{
-    data, Family, Gold, LoadOptions, Question, RewardMode, Split, Style, TaskName, Template,
-};
+use drllm_cli::{reward_parser, split_parser, task_parser, DataDirArgs};
+use drllm_tasks::{data, Family, Gold, LoadOptions, RewardMode, Split, Style, TaskName, Template};
 
 #[derive(Parser)]
 #[command(
@@ -24,14 +23,6 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// Where the data is.
-#[derive(clap::Args)]
-struct DataArg {
-    /// Data directory (default: $DRLLM_DATA, else ../shared/data when present).
-    #[arg(long, env = "DRLLM_DATA")]
-    data: Option<PathBuf>,
-}
-
 #[derive(Subcommand)]
 enum Cmd {
     /// One line per task and split with its row count.
@@ -40,7 +31,7 @@ enum Cmd {
     )]
     Stats {
         #[command(flatten)]
-        d: DataArg,
+        d: DataDirArgs,
     },
     /// Rendered prompts and gold answers of a few samples.
     #[command(after_help = "Examples:
@@ -55,35 +46,21 @@ enum Cmd {
   drllm-data grade --task gsm8k --response 'She pays 1,200 dollars.' --gold 1200")]
     Grade {
         /// Task (decides the answer family).
-        #[arg(long)]
-        task: String,
+        #[arg(long, value_parser = task_parser())]
+        task: TaskName,
         /// The model's response.
         #[arg(long)]
         response: String,
         /// The reference answer.
         #[arg(long)]
         gold: String,
-        /// Multiple-choice reward mode: strict, lenient (choice-logits grades decoded text leniently).
-        #[arg(long, default_value = "lenient")]
-        reward: String,
+        /// Multiple-choice reward mode of the decoded text: strict or lenient (the others grade
+        /// decoded text leniently).
+        #[arg(long, default_value = "lenient", value_parser = reward_parser())]
+        reward: RewardMode,
         /// Style of the prompt the response answers (base math prompts open the \boxed{}).
         #[arg(long, default_value = "instruct")]
         style: String,
-    },
-    /// Rows parsed and graded per second over a whole task split (one core).
-    #[command(after_help = "Examples:\n  drllm-data bench --task dart --split train")]
-    Bench {
-        #[command(flatten)]
-        d: DataArg,
-        /// Task.
-        #[arg(long, default_value = "dart")]
-        task: String,
-        /// Split.
-        #[arg(long, default_value = "train")]
-        split: String,
-        /// Passes over the data (medians reported).
-        #[arg(long, default_value_t = 5)]
-        repeats: usize,
     },
 }
 
@@ -91,13 +68,13 @@ enum Cmd {
 #[derive(clap::Args)]
 struct ShowArgs {
     #[command(flatten)]
-    d: DataArg,
-    /// Task: arc_easy, arc_challenge, arc, dart-1..dart-5, dart, gsm8k.
-    #[arg(long)]
-    task: String,
-    /// Split: train, dev (= validation), test.
-    #[arg(long, default_value = "train")]
-    split: String,
+    d: DataDirArgs,
+    /// Task.
+    #[arg(long, value_parser = task_parser())]
+    task: TaskName,
+    /// Split.
+    #[arg(long, default_value = "train", value_parser = split_parser())]
+    split: Split,
     /// Samples to show.
     #[arg(long, default_value_t = 3)]
     limit: usize,
@@ -112,8 +89,8 @@ struct ShowArgs {
     style: String,
     /// Reward mode the prompts are rendered for: cloze and cloze-norm render the question alone
     /// (the choices are scored as its continuations, shown after it).
-    #[arg(long, default_value = "cloze")]
-    reward: String,
+    #[arg(long, default_value = "cloze", value_parser = reward_parser())]
+    reward: RewardMode,
     /// Own template file (minijinja; sees question, choices, id, task).
     #[arg(long)]
     template: Option<PathBuf>,
@@ -125,8 +102,8 @@ struct ShowArgs {
     skip_bad_rows: bool,
 }
 
-fn stats(d: DataArg) -> Result<()> {
-    let dir = data::resolve_data_dir(d.data.as_deref())?;
+fn stats(d: DataDirArgs) -> Result<()> {
+    let dir = d.dir()?;
     let mut found = 0;
     for split in [Split::Train, Split::Dev, Split::Test] {
         for task in TaskName::ALL.iter().copied().chain([TaskName::Dart(None)]) {
@@ -162,9 +139,8 @@ fn gold_for(task: TaskName, gold: &str) -> Result<Gold> {
 }
 
 fn show(a: ShowArgs) -> Result<()> {
-    let dir = data::resolve_data_dir(a.d.data.as_deref())?;
-    let task: TaskName = a.task.parse()?;
-    let mode: RewardMode = a.reward.parse()?;
+    let dir = a.d.dir()?;
+    let (task, mode) = (a.task, a.reward);
     let style = Style::resolve(&a.style, mode)?;
     let template = match &a.template {
         Some(p) => Template::from_file(p, style)?,
@@ -176,7 +152,7 @@ fn show(a: ShowArgs) -> Result<()> {
         shuffle_seed: a.seed,
         skip_bad_rows: a.skip_bad_rows,
     };
-    let loaded = data::load(&dir, task, a.split.parse()?, &opts)?;
+    let loaded = data::load(&dir, task, a.split, &opts)?;
     let tokenizer = match &a.model {
         Some(m) => {
             let source = drllm_runtime::ModelSource::resolve(m)?;
@@ -224,62 +200,12 @@ fn show(a: ShowArgs) -> Result<()> {
     Ok(())
 }
 
-fn grade(task: &str, response: &str, gold: &str, reward: &str, style: &str) -> Result<()> {
-    let task: TaskName = task.parse()?;
-    let mode: RewardMode = reward.parse()?;
+fn grade(task: TaskName, response: &str, gold: &str, mode: RewardMode, style: &str) -> Result<()> {
     let template = Template::builtin(task.family(), style.parse()?);
     let gold = gold_for(task, gold)?;
     let text = template.graded_text(response);
     let r = drllm_tasks::reward(task.family(), &gold, mode, &text);
     println!("{}", if r == 1 { "correct" } else { "wrong" });
-    Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn bench(d: DataArg, task: &str, split: &str, repeats: usize) -> Result<()> {
-    let dir = data::resolve_data_dir(d.data.as_deref())?;
-    let task: TaskName = task.parse()?;
-    let split: Split = split.parse()?;
-    let (mut parse_rates, mut grade_rates) = (vec![], vec![]);
-    let mut rows = 0;
-    for _ in 0..repeats.max(1) {
-        let t0 = Instant::now();
-        let loaded = data::load(&dir, task, split, &LoadOptions::default())?;
-        parse_rates.push(loaded.samples.len() as f64 / t0.elapsed().as_secs_f64());
-        rows = loaded.samples.len();
-        // Grade a typical instruct response for every row: its own gold, boxed.
-        let responses: Vec<String> = loaded
-            .samples
-            .iter()
-            .map(|s| match (&s.question, &s.gold) {
-                (Question::MultipleChoice { .. }, g) => format!("{g}. because"),
-                (_, g) => format!("The answer is \\boxed{{{g}}}."),
-            })
-            .collect();
-        let t1 = Instant::now();
-        let mut correct = 0usize;
-        for (s, r) in loaded.samples.iter().zip(&responses) {
-            correct +=
-                drllm_tasks::reward(s.task.family(), &s.gold, RewardMode::Lenient, r) as usize;
-        }
-        grade_rates.push(rows as f64 / t1.elapsed().as_secs_f64());
-        // Rows with an empty reference (a source defect) can never be graded correct.
-        let gradable = loaded
-            .samples
-            .iter()
-            .filter(|s| !s.gold.to_string().is_empty())
-            .count();
-        anyhow::ensure!(
-            correct == gradable,
-            "{} of {gradable} gold answers did not grade equal to themselves",
-            gradable - correct
-        );
-    }
-    println!("{task} {split}: {rows} rows; parse {:.0} rows/s, grade {:.0} grades/s (medians of {repeats}, one thread)", median(parse_rates), median(grade_rates));
     Ok(())
 }
 
@@ -293,12 +219,6 @@ fn main() -> Result<()> {
             gold,
             reward,
             style,
-        } => grade(&task, &response, &gold, &reward, &style),
-        Cmd::Bench {
-            d,
-            task,
-            split,
-            repeats,
-        } => bench(d, &task, &split, repeats),
+        } => grade(task, &response, &gold, reward, &style),
     }
 }

@@ -5,7 +5,7 @@
 //! reward is decided). In `choice-logits` mode an evaluation is one prefill and no decoding; in
 //! `cloze` modes one prefill of the question and one batched pass over the choices.
 use drllm_path::LayerPath;
-use drllm_runtime::{GenerateOptions, LoadedModel, PathBatch, PrefixCache};
+use drllm_runtime::{GenerateOptions, GenerateRequest, LoadedModel, PathBatch, Paths, PrefixCache};
 use drllm_tasks::{cloze_pick, decide, Gold, RewardMode, Verdict};
 
 use crate::prompt::{EvalError, EvalOptions, PreparedPrompt, Scoring};
@@ -164,12 +164,19 @@ fn evaluate_batch_unguarded(
             max_new_tokens: opts.max_new_tokens,
             stop_ids,
         };
-        let decided = |row: usize, toks: &[u32]| {
+        let mut decided = |row: usize, toks: &[u32]| {
             verdict(lm, items[gen_idx[row]].0, toks, opts.mode, false) != Verdict::Undecided
         };
-        let gens = lm
-            .model
-            .generate_until_cached(&prompts, &paths, cache, &gopts, decided)?;
+        let req = GenerateRequest::new(
+            &prompts,
+            Paths::Cached {
+                paths: &paths,
+                cache,
+            },
+            gopts,
+        )
+        .until(&mut decided);
+        let gens = lm.model.generate(req)?.outputs;
         for (row, g) in gens.into_iter().enumerate() {
             let i = gen_idx[row];
             let v = verdict(lm, items[i].0, &g.tokens, opts.mode, true);
@@ -230,14 +237,9 @@ pub fn evaluate_alone(
         max_new_tokens: opts.max_new_tokens,
         stop_ids: lm.stop_ids(),
     };
-    let g = lm
-        .model
-        .generate(
-            std::slice::from_ref(&p.ids),
-            std::slice::from_ref(path),
-            &gopts,
-        )?
-        .remove(0);
+    let prompts = std::slice::from_ref(&p.ids);
+    let req = GenerateRequest::new(prompts, Paths::Fixed(std::slice::from_ref(path)), gopts);
+    let g = lm.model.generate(req)?.outputs.remove(0);
     let v = verdict(lm, p, &g.tokens, opts.mode, true);
     Ok(Evaluation {
         reward: (v == Verdict::Correct) as u8 as f64,
@@ -357,7 +359,8 @@ fn answer_decoded(
     let along = |paths: Vec<LayerPath>| -> Result<_, EvalError> {
         let mut gens = vec![];
         for (c, p) in ids.chunks(batch).zip(paths.chunks(batch)) {
-            gens.extend(lm.model.generate(c, p, &gopts)?);
+            let req = GenerateRequest::new(c, Paths::Fixed(p), gopts.clone());
+            gens.extend(lm.model.generate(req)?.outputs);
         }
         Ok((gens, paths))
     };
@@ -367,8 +370,14 @@ fn answer_decoded(
                 let lens: Vec<usize> = rows.iter().map(|&r| ids[r].len()).collect();
                 route(l, h, &lens)
             };
-            lm.model
-                .generate_routed_grouped(&ids, &mut f, batch, &gopts)?
+            let routed = Paths::RoutedGrouped {
+                route: &mut f,
+                batch,
+            };
+            let g = lm
+                .model
+                .generate(GenerateRequest::new(&ids, routed, gopts.clone()))?;
+            (g.outputs, g.paths)
         }
         PathChoice::Fixed(path) => along(vec![path.clone(); ids.len()])?,
         PathChoice::Each(paths) => along(paths.clone())?,

@@ -1,4 +1,4 @@
-//! `drllm-infer bench`: prefill and decode throughput of our runtime, side by side with
+//! `drllm-infer-bench`: prefill and decode throughput of our runtime, side by side with
 //! transformers on the same model, dtype, prompts and greedy KV-cached loop. Repeats alternate
 //! between the two so machine noise hits both alike; medians and ratios are reported.
 //!
@@ -11,7 +11,9 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use drllm_runtime::{argmax_tokens, LayerPath, LoadedModel, ModelSource, PathBatch};
+use drllm_runtime::{
+    argmax_tokens, GenerateRequest, LayerPath, LoadedModel, ModelSource, PathBatch, Paths,
+};
 
 /// Options of a benchmark run.
 #[derive(clap::Args)]
@@ -317,7 +319,9 @@ fn pool_generation(a: &BenchArgs, lm: &LoadedModel, policy: &drllm_router::Polic
     for rep in 0..=a.repeats {
         let t = Instant::now();
         for c in prompts.chunks(batch) {
-            lm.model.generate(c, &all_ones[..c.len()], &opts)?;
+            let fixed = Paths::Fixed(&all_ones[..c.len()]);
+            lm.model
+                .generate(GenerateRequest::new(c, fixed, opts.clone()))?;
         }
         let tb = t.elapsed().as_secs_f64();
         let t = Instant::now();
@@ -327,14 +331,23 @@ fn pool_generation(a: &BenchArgs, lm: &LoadedModel, policy: &drllm_router::Polic
                 route(&rows, l, h)
             };
             // One chunk as one group: decoded exactly as prefilled.
+            let routed = Paths::RoutedGrouped {
+                route: &mut r,
+                batch: c.len(),
+            };
             lm.model
-                .generate_routed_grouped(c, &mut r, c.len(), &opts)?;
+                .generate(GenerateRequest::new(c, routed, opts.clone()))?;
         }
         let tm = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let (_, p) = lm
+        let routed = Paths::RoutedGrouped {
+            route: &mut route,
+            batch,
+        };
+        let p = lm
             .model
-            .generate_routed_grouped(&prompts, &mut route, batch, &opts)?;
+            .generate(GenerateRequest::new(&prompts, routed, opts.clone()))?
+            .paths;
         let tg = t.elapsed().as_secs_f64();
         paths = p;
         // The first round warms up.

@@ -2,7 +2,7 @@
 //! routers choose for it during prefill (decided once per prompt, then decoding follows it).
 use anyhow::Result;
 use drllm_router::Policy;
-use drllm_runtime::{GenerateOptions, LayerPath, LoadedModel, Message};
+use drllm_runtime::{GenerateOptions, GenerateRequest, LayerPath, LoadedModel, Message, Paths};
 
 /// Which path each prompt takes.
 pub enum Routing<'a> {
@@ -53,20 +53,25 @@ pub fn complete(
         max_new_tokens,
         stop_ids: lm.stop_ids(),
     };
-    let (out, paths) = match routing {
+    let g = match routing {
         Routing::Routers(p) => {
             let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
             let mut route = |l: usize, h: &tch::Tensor| p.decide(l, h, &lens);
-            lm.model.generate_routed(prompts, &mut route, &opts)?
+            lm.model.generate(GenerateRequest::new(
+                prompts,
+                Paths::Routed(&mut route),
+                opts,
+            ))?
         }
         Routing::Path(path) => {
             let paths = vec![path.clone(); prompts.len()];
-            (lm.model.generate(prompts, &paths, &opts)?, paths)
+            lm.model
+                .generate(GenerateRequest::new(prompts, Paths::Fixed(&paths), opts))?
         }
     };
-    Ok(out
+    Ok(g.outputs
         .into_iter()
-        .zip(paths)
+        .zip(g.paths)
         .map(|(g, path)| Completion {
             tokens: g.tokens,
             stopped: g.stopped,

@@ -1,14 +1,14 @@
-//! `drllm-infer`: generation along a layer path or routed by a router package, logits dumps,
-//! throughput benchmarks and validation runs; flags and printing only (the work is in the
-//! `drllm_infer` library).
+//! `drllm-infer`: generation along a layer path or routed by a router package, logits dumps and
+//! validation runs; flags and printing only (the work is in the `drllm_infer` library; the
+//! throughput benchmark is `drllm-infer-bench`).
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use drllm_cli::{LogArgs, ModelArgs};
+use drllm_infer::eval;
 use drllm_infer::generate::{complete, encode_prompt, Routing};
 use drllm_infer::routing::{load_policies, open_package, parse_path, path_for};
-use drllm_infer::{bench, eval};
 use drllm_runtime::LayerPath;
 
 #[derive(Parser)]
@@ -19,7 +19,7 @@ use drllm_runtime::LayerPath;
     after_help = "Examples:
   drllm-infer generate --prompt \"What is the capital of France?\" --chat
   drllm-infer generate --prompt Hello --path 1,1,0,2,...     # one count per block
-  drllm-infer bench --batch 1,8 --python none
+  drllm-infer eval --routers embedded --dataset arc_easy --split dev --limit 50
 Run `drllm-infer <command> --help` for each command's flags."
 )]
 struct Cli {
@@ -44,14 +44,6 @@ enum Cmd {
   drllm-infer logits --ids-file prompts.json --out logits.safetensors     # prompts.json: [[1, 2, 3], [4, 5]]
   drllm-infer logits --model dir --device cuda --dtype bf16 --ids-file p.json --path 1,0,2,... --out l.safetensors")]
     Logits(LogitsArgs),
-    /// Prefill and decode tokens/s at several batch sizes, side by side with transformers (or,
-    /// with --routers, routed against unrouted generation).
-    #[command(after_help = "Examples:
-  drllm-infer bench                                   # embedded model, batch 1 and 8, vs transformers
-  drllm-infer bench --batch 1,4,16 --new-tokens 64 --python none
-  drllm-infer bench --model path/to/Llama-3.2-3B --device cuda --dtype bf16
-  drllm-infer bench --routers PKG --budget -0.5      # router overhead; routed vs baseline decode")]
-    Bench(bench::BenchArgs),
     /// Validation run: routed vs all-execute baseline on the same task prompts.
     #[command(after_help = "Examples:
   drllm-infer eval --routers PKG --dataset arc_easy --split dev --limit 50
@@ -230,7 +222,6 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Generate(a) => generate(a),
         Cmd::Logits(a) => logits(a),
-        Cmd::Bench(a) => bench::bench(a),
         Cmd::Eval(a) => eval::eval(a),
     }
 }

@@ -16,7 +16,7 @@ use drllm_path::LayerPath;
 /// (`[B, T, H]`, left-padded), each row's count for that block (0, 1 or 2).
 pub type RouteFn<'a> = dyn FnMut(usize, &Tensor) -> Vec<u8> + 'a;
 
-/// A router for [`Model::generate_routed_grouped`]: also told which prompts (indices into the
+/// A router for [`crate::Paths::RoutedGrouped`]: also told which prompts (indices into the
 /// caller's list) the rows of `h` are.
 pub type GroupRouteFn<'a> = dyn FnMut(&[usize], usize, &Tensor) -> Vec<u8> + 'a;
 
@@ -128,8 +128,7 @@ impl<'m> PathBatch<'m> {
         mut route: Option<&mut RouteFn<'_>>,
     ) -> (Tensor, Vec<Option<Tensor>>) {
         let model = self.model;
-        let dev = model.device();
-        let (b, t) = (ids.size()[0], ids.size()[1]);
+        let t = ids.size()[1];
         // Positions count real tokens only: left padding does not shift a row's positions.
         let positions =
             valid.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1 + self.next_pos.unsqueeze(1);
@@ -137,31 +136,11 @@ impl<'m> PathBatch<'m> {
         self.next_pos = positions.select(1, t - 1) + 1;
         let past = self.key_valid.size()[1];
         self.key_valid = Tensor::cat(&[&self.key_valid, valid], 1);
-        let total = past + t;
         self.padded |= padded;
-        let mask = if !self.padded && t == 1 {
-            Attn::All
-        } else if !self.padded && past == 0 {
-            Attn::Causal
-        } else {
-            // Causal over new tokens, all past keys visible, padded keys hidden; every query
-            // may see itself so rows of padding stay finite.
-            let q_idx = Tensor::arange_start(past, total, (Kind::Int64, dev)).view([t, 1]);
-            let k_idx = Tensor::arange(total, (Kind::Int64, dev)).view([1, total]);
-            let causal = k_idx.le_tensor(&q_idx);
-            let diag = k_idx.eq_tensor(&q_idx);
-            Attn::Mask(
-                causal
-                    .view([1, 1, t, total])
-                    .logical_and(&self.key_valid.view([b, 1, 1, total]))
-                    .logical_or(&diag.view([1, 1, t, total])),
-            )
-        };
+        let mask = self.attention_mask(past, t);
         let rope = model.rope(&positions);
         let mut h = model.embed(ids);
-        let cfg = &model.cfg;
         let n_layers = model.num_layers();
-        let start = |r: usize| resume.map_or(0, |rs| rs[r].start);
         let mut rec: Vec<Option<Tensor>> = (0..if record { n_layers + 1 } else { 0 })
             .map(|_| None)
             .collect();
@@ -170,106 +149,134 @@ impl<'m> PathBatch<'m> {
         }
         let mut next_slot = 0;
         for l in 0..=n_layers {
-            // Rows resuming at block `l` take their cached hidden state.
             if let Some(rs) = resume.filter(|_| l > 0) {
-                let rows: Vec<usize> = (0..b as usize).filter(|&r| rs[r].start == l).collect();
-                let states: Vec<Tensor> = rows
-                    .iter()
-                    .filter_map(|&r| rs[r].hidden.as_ref().map(|x| left_pad(x, 0, t)))
-                    .collect();
-                if !rows.is_empty() && states.len() == rows.len() {
-                    let src = Tensor::stack(&states, 0).to_kind(h.kind());
-                    h = h.index_copy(0, &index_tensor(&rows, dev), &src);
-                }
+                h = resumed_states(h, rs, l, t);
             }
             if l == n_layers {
                 break;
             }
             if let Some(route) = route.as_mut() {
                 let counts = route(l, &h);
-                let max = counts.iter().copied().max().unwrap_or(0);
-                for rep in 0..max {
-                    let rows: Vec<usize> = (0..b as usize).filter(|&r| counts[r] > rep).collect();
-                    let rows = (rows.len() != b as usize).then(|| {
-                        let t = index_tensor(&rows, dev);
-                        (rows, t)
-                    });
-                    let slot = Slot {
-                        layer: l,
-                        rows,
-                        kv: None,
-                    };
-                    self.slots.insert(next_slot + rep as usize, slot);
-                }
-                for (r, &c) in counts.iter().enumerate() {
-                    self.routed[r][l] = c;
-                }
+                self.add_routed_slots(l, &counts, next_slot);
             }
             let first = next_slot;
             while next_slot < self.slots.len() && self.slots[next_slot].layer == l {
-                let slot = &mut self.slots[next_slot];
+                h = self.run_slot(next_slot, next_slot - first, &h, &rope, &mask, resume);
                 next_slot += 1;
-                let block = &model.blocks[l];
-                let slot_rows: Vec<usize> = match &slot.rows {
-                    None => (0..b as usize).collect(),
-                    Some((rows, _)) => rows.clone(),
-                };
-                // Rows of this slot that compute it; the others bring its KV from the cache.
-                let (computed, cached): (Vec<usize>, Vec<usize>) =
-                    (0..slot_rows.len()).partition(|&i| start(slot_rows[i]) <= l);
-                if cached.is_empty() {
-                    h = forward_rows(
-                        block,
-                        cfg,
-                        &h,
-                        &rope,
-                        &mask,
-                        slot.rows.as_ref().map(|(_, t)| t),
-                        &mut slot.kv,
-                    );
-                    continue;
-                }
-                let rs = resume.unwrap_or_default();
-                let rep = self.slots[..next_slot - 1]
-                    .iter()
-                    .filter(|s| s.layer == l)
-                    .count();
-                let kv_of = |i: usize, which: usize| -> Tensor {
-                    let (k, v) = &rs[slot_rows[i]].kv[l][rep];
-                    left_pad(if which == 0 { k } else { v }, 1, t)
-                };
-                let k_cached =
-                    Tensor::stack(&cached.iter().map(|&i| kv_of(i, 0)).collect::<Vec<_>>(), 0);
-                let v_cached =
-                    Tensor::stack(&cached.iter().map(|&i| kv_of(i, 1)).collect::<Vec<_>>(), 0);
-                let slot = &mut self.slots[next_slot - 1];
-                let (k_all, v_all) = if computed.is_empty() {
-                    (k_cached, v_cached)
-                } else {
-                    let global: Vec<usize> = computed.iter().map(|&i| slot_rows[i]).collect();
-                    let idx = index_tensor(&global, dev);
-                    let mut kv: Kv = None;
-                    h = forward_rows(block, cfg, &h, &rope, &mask, Some(&idx), &mut kv);
-                    let (kc, vc) = kv.expect("a block's forward always fills its KV");
-                    let n = slot_rows.len() as i64;
-                    let mut shape = kc.size();
-                    shape[0] = n;
-                    let (ci, hi) = (index_tensor(&computed, dev), index_tensor(&cached, dev));
-                    let k_all = Tensor::zeros(&shape, (kc.kind(), dev))
-                        .index_copy(0, &ci, &kc)
-                        .index_copy(0, &hi, &k_cached.to_kind(kc.kind()));
-                    let v_all = Tensor::zeros(&shape, (vc.kind(), dev))
-                        .index_copy(0, &ci, &vc)
-                        .index_copy(0, &hi, &v_cached.to_kind(vc.kind()));
-                    (k_all, v_all)
-                };
-                slot.kv = Some((k_all, v_all));
             }
             if record && next_slot > first {
                 rec[l + 1] = Some(h.shallow_clone());
             }
         }
         (model.final_norm(&h), rec)
+    }
+
+    /// Attention over `past` cached positions and `t` new ones: none needed for one new token
+    /// without padding, plain causal for a first unpadded call, else causal over new tokens,
+    /// all past keys visible, padded keys hidden (every query sees itself, so rows of padding
+    /// stay finite).
+    fn attention_mask(&self, past: i64, t: i64) -> Attn {
+        if !self.padded && t == 1 {
+            return Attn::All;
+        }
+        if !self.padded && past == 0 {
+            return Attn::Causal;
+        }
+        let dev = self.model.device();
+        let (b, total) = (self.batch as i64, past + t);
+        let q_idx = Tensor::arange_start(past, total, (Kind::Int64, dev)).view([t, 1]);
+        let k_idx = Tensor::arange(total, (Kind::Int64, dev)).view([1, total]);
+        let causal = k_idx.le_tensor(&q_idx);
+        let diag = k_idx.eq_tensor(&q_idx);
+        Attn::Mask(
+            causal
+                .view([1, 1, t, total])
+                .logical_and(&self.key_valid.view([b, 1, 1, total]))
+                .logical_or(&diag.view([1, 1, t, total])),
+        )
+    }
+
+    /// Makes block `l`'s slots (inserted at slot index `at`) from the routers' `counts`, one
+    /// per row, and records them as the rows' path so far.
+    fn add_routed_slots(&mut self, l: usize, counts: &[u8], at: usize) {
+        let dev = self.model.device();
+        let b = self.batch;
+        let max = counts.iter().copied().max().unwrap_or(0);
+        for rep in 0..max {
+            let rows: Vec<usize> = (0..b).filter(|&r| counts[r] > rep).collect();
+            let rows = (rows.len() != b).then(|| {
+                let t = index_tensor(&rows, dev);
+                (rows, t)
+            });
+            let slot = Slot {
+                layer: l,
+                rows,
+                kv: None,
+            };
+            self.slots.insert(at + rep as usize, slot);
+        }
+        for (r, &c) in counts.iter().enumerate() {
+            self.routed[r][l] = c;
+        }
+    }
+
+    /// Applies slot `s` (repetition `rep` of its block) to `h`, extending the slot's KV cache.
+    /// Rows resuming past the block (`resume`) bring the slot's keys and values from their
+    /// cached state instead of computing them.
+    fn run_slot(
+        &mut self,
+        s: usize,
+        rep: usize,
+        h: &Tensor,
+        rope: &crate::model::Rope,
+        mask: &Attn,
+        resume: Option<&[Resume]>,
+    ) -> Tensor {
+        let model = self.model;
+        let dev = model.device();
+        let (b, t) = (self.batch, h.size()[1]);
+        let slot = &mut self.slots[s];
+        let l = slot.layer;
+        let (block, cfg) = (&model.blocks[l], &model.cfg);
+        let slot_rows: Vec<usize> = match &slot.rows {
+            None => (0..b).collect(),
+            Some((rows, _)) => rows.clone(),
+        };
+        let start = |r: usize| resume.map_or(0, |rs| rs[r].start);
+        // Rows of this slot that compute it; the others bring its KV from the cache.
+        let (computed, cached): (Vec<usize>, Vec<usize>) =
+            (0..slot_rows.len()).partition(|&i| start(slot_rows[i]) <= l);
+        if cached.is_empty() {
+            let idx = slot.rows.as_ref().map(|(_, t)| t);
+            return forward_rows(block, cfg, h, rope, mask, idx, &mut slot.kv);
+        }
+        let rs = resume.unwrap_or_default();
+        let kv_of = |i: usize, which: usize| -> Tensor {
+            let (k, v) = &rs[slot_rows[i]].kv[l][rep];
+            left_pad(if which == 0 { k } else { v }, 1, t)
+        };
+        let k_cached = Tensor::stack(&cached.iter().map(|&i| kv_of(i, 0)).collect::<Vec<_>>(), 0);
+        let v_cached = Tensor::stack(&cached.iter().map(|&i| kv_of(i, 1)).collect::<Vec<_>>(), 0);
+        if computed.is_empty() {
+            slot.kv = Some((k_cached, v_cached));
+            return h.shallow_clone();
+        }
+        let global: Vec<usize> = computed.iter().map(|&i| slot_rows[i]).collect();
+        let idx = index_tensor(&global, dev);
+        let mut kv: Kv = None;
+        let h = forward_rows(block, cfg, h, rope, mask, Some(&idx), &mut kv);
+        let (kc, vc) = kv.expect("a block's forward always fills its KV");
+        let mut shape = kc.size();
+        shape[0] = slot_rows.len() as i64;
+        let (ci, hi) = (index_tensor(&computed, dev), index_tensor(&cached, dev));
+        let k_all = Tensor::zeros(&shape, (kc.kind(), dev))
+            .index_copy(0, &ci, &kc)
+            .index_copy(0, &hi, &k_cached.to_kind(kc.kind()));
+        let v_all = Tensor::zeros(&shape, (vc.kind(), dev))
+            .index_copy(0, &ci, &vc)
+            .index_copy(0, &hi, &v_cached.to_kind(vc.kind()));
+        slot.kv = Some((k_all, v_all));
+        h
     }
 
     /// Checks prompts and lays them out left-padded: (ids, valid, any padding).
@@ -527,28 +534,18 @@ fn forward_rows(
     }
 }
 
-/// Prompt indices grouped for prefill: longest first, a group closed when padding would exceed
-/// a tenth of its tokens. Padding is pure waste in prefill, and a prefill of even one prompt of
-/// ordinary length keeps the matmuls large, so small groups cost little.
-fn length_groups(prompts: &[Vec<u32>]) -> Vec<Vec<usize>> {
-    let mut idx: Vec<usize> = (0..prompts.len()).collect();
-    idx.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
-    let mut groups: Vec<Vec<usize>> = vec![];
-    let (mut max, mut real) = (0usize, 0usize);
-    for i in idx {
-        let len = prompts[i].len();
-        match groups.last_mut() {
-            Some(g) if max * (g.len() + 1) * 10 <= (real + len) * 11 => {
-                g.push(i);
-                real += len;
-            }
-            _ => {
-                groups.push(vec![i]);
-                (max, real) = (len, len);
-            }
-        }
+/// `h` with the rows that resume at block `l` replaced by their cached hidden state.
+fn resumed_states(h: Tensor, rs: &[Resume], l: usize, t: i64) -> Tensor {
+    let rows: Vec<usize> = (0..rs.len()).filter(|&r| rs[r].start == l).collect();
+    let states: Vec<Tensor> = rows
+        .iter()
+        .filter_map(|&r| rs[r].hidden.as_ref().map(|x| left_pad(x, 0, t)))
+        .collect();
+    if rows.is_empty() || states.len() != rows.len() {
+        return h;
     }
-    groups
+    let src = Tensor::stack(&states, 0).to_kind(h.kind());
+    h.index_copy(0, &index_tensor(&rows, h.device()), &src)
 }
 
 /// `x` with zeros before its real positions along `dim` (the time axis), to length `t`.
@@ -779,319 +776,5 @@ impl<'m> PathBatch<'m> {
         self.paths = keep.iter().map(|&k| self.paths[k].clone()).collect();
         self.reused = keep.iter().map(|&k| self.reused[k]).collect();
         self.batch = new_b;
-    }
-}
-
-/// Options of greedy generation.
-#[derive(Debug, Clone)]
-pub struct GenerateOptions {
-    /// Most new tokens per sequence.
-    pub max_new_tokens: usize,
-    /// Token ids that end a sequence (not included in the output).
-    pub stop_ids: Vec<u32>,
-}
-
-/// One generated sequence.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Generated {
-    /// New token ids (stop token excluded).
-    pub tokens: Vec<u32>,
-    /// Whether a stop id ended the sequence (else the token budget did).
-    pub stopped: bool,
-    /// Block applications of the prefill resumed from a prefix cache instead of computed.
-    pub reused_blocks: usize,
-}
-
-/// Row indices ordered so that rows with similar paths sit together (by their counts, block 0
-/// first; ties in row order): consecutive chunks of it are the decode batches of
-/// [`Model::generate_routed_grouped`].
-pub fn path_order(paths: &[LayerPath]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..paths.len()).collect();
-    order.sort_by(|&a, &b| paths[a].counts().cmp(paths[b].counts()));
-    order
-}
-
-/// Greedy choice per row of `[B, V]` logits.
-pub fn argmax_tokens(logits: &Tensor) -> Result<Vec<u32>> {
-    let ids = logits.argmax(-1, false).to_device(Device::Cpu);
-    let v: Vec<i64> = Vec::<i64>::try_from(&ids)?;
-    Ok(v.into_iter().map(|x| x as u32).collect())
-}
-
-impl Model {
-    /// Refuses prompts that with `new_tokens` generated tokens would not fit the model's
-    /// context (positions past it are not what the model was trained on: its output there is
-    /// meaningless, not an error libtorch would raise).
-    pub fn check_context(&self, prompts: &[Vec<u32>], new_tokens: usize) -> Result<()> {
-        let ctx = self.cfg.max_position_embeddings.max(0) as usize;
-        match prompts.iter().position(|p| p.len() + new_tokens > ctx) {
-            Some(i) => Err(Error::Request(format!(
-                "prompt {i} has {} tokens{}; the model's context is {ctx} tokens",
-                prompts[i].len(),
-                if new_tokens > 0 {
-                    format!(" and {new_tokens} new tokens are asked for")
-                } else {
-                    String::new()
-                }
-            ))),
-            None => Ok(()),
-        }
-    }
-
-    /// Logits `[T_i, V]` (f32) at every position of each prompt, run along its path.
-    pub fn prompt_logits(&self, prompts: &[Vec<u32>], paths: &[LayerPath]) -> Result<Vec<Tensor>> {
-        let _g = tch::no_grad_guard();
-        let mut batch = PathBatch::new(self, paths)?;
-        let h = batch.prefill(prompts)?;
-        let t = h.size()[1];
-        Ok(prompts
-            .iter()
-            .enumerate()
-            .map(|(r, p)| {
-                self.logits(
-                    &h.get(r as i64)
-                        .narrow(0, t - p.len() as i64, p.len() as i64),
-                )
-            })
-            .collect())
-    }
-
-    /// Greedy generation for a batch of prompts, each along its own path.
-    pub fn generate(
-        &self,
-        prompts: &[Vec<u32>],
-        paths: &[LayerPath],
-        opts: &GenerateOptions,
-    ) -> Result<Vec<Generated>> {
-        self.generate_until(prompts, paths, opts, |_, _| false)
-    }
-
-    /// Greedy generation that also ends a row as soon as `decided(row, tokens_so_far)` says its
-    /// outcome is known (e.g. its reward is decided). Ended rows leave the batch, so they stop
-    /// costing compute; the others continue exactly as they would have.
-    pub fn generate_until(
-        &self,
-        prompts: &[Vec<u32>],
-        paths: &[LayerPath],
-        opts: &GenerateOptions,
-        decided: impl FnMut(usize, &[u32]) -> bool,
-    ) -> Result<Vec<Generated>> {
-        let _g = tch::no_grad_guard();
-        self.check_context(prompts, opts.max_new_tokens)?;
-        let mut batch = PathBatch::new(self, paths)?;
-        let h = batch.prefill(prompts)?;
-        let t = h.size()[1];
-        let first = argmax_tokens(&self.logits(&h.select(1, t - 1)))?;
-        self.decode_prefilled(batch, first, (0..prompts.len()).collect(), opts, decided)
-    }
-
-    /// Greedy generation routed once per prompt during prefill (see
-    /// [`PathBatch::prefill_routed`]); returns the generations and the chosen paths.
-    pub fn generate_routed(
-        &self,
-        prompts: &[Vec<u32>],
-        route: &mut RouteFn<'_>,
-        opts: &GenerateOptions,
-    ) -> Result<(Vec<Generated>, Vec<LayerPath>)> {
-        let _g = tch::no_grad_guard();
-        self.check_context(prompts, opts.max_new_tokens)?;
-        let mut batch = PathBatch::new_routed(self, prompts.len());
-        let h = batch.prefill_routed(prompts, route)?;
-        let paths = batch.paths().to_vec();
-        let t = h.size()[1];
-        let first = argmax_tokens(&self.logits(&h.select(1, t - 1)))?;
-        let out =
-            self.decode_prefilled(batch, first, (0..prompts.len()).collect(), opts, |_, _| {
-                false
-            })?;
-        Ok((out, paths))
-    }
-
-    /// [`Model::generate_routed`] for many prompts: they are routed and prefilled in batches of
-    /// `batch`, then decoded in batches of `batch` rows with similar paths (sorted by their
-    /// counts). A decode step applies a block when any row of the batch uses it, so mixing paths
-    /// spends the blocks one prompt skips on another; grouping them lets the saved blocks save
-    /// time. Generations and paths come back in prompt order, the same as ungrouped.
-    pub fn generate_routed_grouped(
-        &self,
-        prompts: &[Vec<u32>],
-        route: &mut GroupRouteFn<'_>,
-        batch: usize,
-        opts: &GenerateOptions,
-    ) -> Result<(Vec<Generated>, Vec<LayerPath>)> {
-        let _g = tch::no_grad_guard();
-        self.check_context(prompts, opts.max_new_tokens)?;
-        let batch = batch.max(1);
-        let (mut parts, mut first) = (vec![], vec![]);
-        for (c, chunk) in prompts.chunks(batch).enumerate() {
-            let rows: Vec<usize> = (c * batch..c * batch + chunk.len()).collect();
-            let mut b = PathBatch::new_routed(self, chunk.len());
-            let h = b.prefill_routed(chunk, &mut |l, h| route(&rows, l, h))?;
-            let t = h.size()[1];
-            first.extend(argmax_tokens(&self.logits(&h.select(1, t - 1)))?);
-            parts.push(b);
-        }
-        if parts.is_empty() {
-            return Ok((vec![], vec![]));
-        }
-        let pool = PathBatch::concat(parts)?;
-        let paths = pool.paths().to_vec();
-        let order = path_order(&paths);
-        let mut out: Vec<Option<Generated>> = vec![None; prompts.len()];
-        for group in order.chunks(batch) {
-            let mut rows = group.to_vec();
-            rows.sort_unstable();
-            let b = pool.select_rows(&rows)?;
-            let firsts = rows.iter().map(|&r| first[r]).collect();
-            let gens =
-                self.decode_prefilled(b, firsts, (0..rows.len()).collect(), opts, |_, _| false)?;
-            for (&r, g) in rows.iter().zip(gens) {
-                out[r] = Some(g);
-            }
-        }
-        let out = out
-            .into_iter()
-            .map(|g| g.ok_or_else(|| Error::Request("a prompt was left undecoded".into())))
-            .collect::<Result<_>>()?;
-        Ok((out, paths))
-    }
-
-    /// [`Model::generate_until`] for many candidates: the prefill runs in groups of similar
-    /// prompt length (little padding) and shares path prefixes through `cache` (see
-    /// [`PathBatch::prefill_cached`]); the groups then decode together as one batch.
-    pub fn generate_until_cached(
-        &self,
-        prompts: &[Vec<u32>],
-        paths: &[LayerPath],
-        cache: &mut PrefixCache,
-        opts: &GenerateOptions,
-        decided: impl FnMut(usize, &[u32]) -> bool,
-    ) -> Result<Vec<Generated>> {
-        let _g = tch::no_grad_guard();
-        self.check_context(prompts, opts.max_new_tokens)?;
-        let (batch, logits, order) = self.prefill_grouped(prompts, paths, cache)?;
-        let first = argmax_tokens(&logits)?;
-        self.decode_prefilled(batch, first, order, opts, decided)
-    }
-
-    /// Next-token logits `[B, V]` (f32) after each prompt along its path, prefilled like
-    /// [`Model::generate_until_cached`]; also each row's block applications resumed from `cache`.
-    pub fn last_logits_cached(
-        &self,
-        prompts: &[Vec<u32>],
-        paths: &[LayerPath],
-        cache: &mut PrefixCache,
-    ) -> Result<(Tensor, Vec<usize>)> {
-        let _g = tch::no_grad_guard();
-        let (batch, logits, order) = self.prefill_grouped(prompts, paths, cache)?;
-        // Back from the batch's row order to the caller's.
-        let mut reused = vec![0; prompts.len()];
-        let mut inverse = vec![0i64; order.len()];
-        for (row, &i) in order.iter().enumerate() {
-            reused[i] = batch.reused[row];
-            inverse[i] = row as i64;
-        }
-        let idx = Tensor::from_slice(&inverse).to_device(logits.device());
-        Ok((logits.index_select(0, &idx), reused))
-    }
-
-    /// Prefills in groups of similar prompt length and joins the groups into one batch.
-    /// Returns the batch, its rows' next-token logits, and each row's index into `prompts`.
-    pub(crate) fn prefill_grouped(
-        &self,
-        prompts: &[Vec<u32>],
-        paths: &[LayerPath],
-        cache: &mut PrefixCache,
-    ) -> Result<(PathBatch<'_>, Tensor, Vec<usize>)> {
-        if prompts.len() != paths.len() {
-            return Err(Error::Request(format!(
-                "{} prompts for {} paths",
-                prompts.len(),
-                paths.len()
-            )));
-        }
-        let groups = length_groups(prompts);
-        let mut parts = Vec::with_capacity(groups.len());
-        let mut logits = Vec::with_capacity(groups.len());
-        for g in &groups {
-            let gp: Vec<Vec<u32>> = g.iter().map(|&i| prompts[i].clone()).collect();
-            let gpaths: Vec<LayerPath> = g.iter().map(|&i| paths[i].clone()).collect();
-            let mut b = PathBatch::new(self, &gpaths)?;
-            let h = b.prefill_cached(&gp, cache)?;
-            let t = h.size()[1];
-            logits.push(self.logits(&h.select(1, t - 1)));
-            parts.push(b);
-        }
-        let order = groups.concat();
-        Ok((PathBatch::concat(parts)?, Tensor::cat(&logits, 0), order))
-    }
-
-    /// Greedy decoding of a prefilled batch: `first` = each row's first token, `order` = each
-    /// row's index in the output.
-    fn decode_prefilled(
-        &self,
-        mut batch: PathBatch<'_>,
-        first: Vec<u32>,
-        order: Vec<usize>,
-        opts: &GenerateOptions,
-        mut decided: impl FnMut(usize, &[u32]) -> bool,
-    ) -> Result<Vec<Generated>> {
-        let mut out: Vec<Generated> = (0..batch.len())
-            .map(|_| Generated {
-                tokens: vec![],
-                stopped: false,
-                reused_blocks: 0,
-            })
-            .collect();
-        for (row, &i) in order.iter().enumerate() {
-            out[i].reused_blocks = batch.reused[row];
-        }
-        // Output index of each batch row still decoding.
-        let mut active = order;
-        let mut next = first;
-        for step in 0..opts.max_new_tokens {
-            let mut keep = Vec::with_capacity(active.len());
-            for (row, (&i, &tok)) in active.iter().zip(&next).enumerate() {
-                let g = &mut out[i];
-                if opts.stop_ids.contains(&tok) {
-                    g.stopped = true;
-                    continue;
-                }
-                g.tokens.push(tok);
-                if !decided(i, &g.tokens) {
-                    keep.push(row);
-                }
-            }
-            if keep.is_empty() || step + 1 == opts.max_new_tokens {
-                break;
-            }
-            batch.retain(&keep)?;
-            active = keep.iter().map(|&r| active[r]).collect();
-            let feed: Vec<u32> = keep.iter().map(|&r| next[r]).collect();
-            next = argmax_tokens(&batch.decode_step(&feed)?)?;
-        }
-        Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::length_groups;
-
-    #[test]
-    fn length_groups_bound_padding_and_cover_every_prompt() {
-        let lens = [148, 80, 110, 92, 78, 100, 5];
-        let prompts: Vec<Vec<u32>> = lens.iter().map(|&n| vec![1; n]).collect();
-        let groups = length_groups(&prompts);
-        let mut all: Vec<usize> = groups.concat();
-        all.sort();
-        assert_eq!(all, (0..lens.len()).collect::<Vec<_>>());
-        for g in &groups {
-            let max = g.iter().map(|&i| lens[i]).max().unwrap();
-            let real: usize = g.iter().map(|&i| lens[i]).sum();
-            assert!(max * g.len() * 10 <= real * 11, "{g:?}");
-        }
-        assert_eq!(groups[0], [0]);
-        assert!(length_groups(&[]).is_empty());
     }
 }

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod exec;
+pub mod generate;
 pub mod gguf;
 pub mod loader;
 pub mod model;
@@ -19,8 +20,10 @@ pub use chat::Message;
 pub use config::{Arch, ModelConfig};
 pub use drllm_path::{LayerPath, PathError};
 pub use error::{Error, Result};
-pub use exec::{
-    argmax_tokens, path_order, GenerateOptions, Generated, GroupRouteFn, PathBatch, RouteFn,
+pub use exec::{GroupRouteFn, PathBatch, RouteFn};
+pub use generate::{
+    argmax_tokens, path_order, GenerateOptions, GenerateRequest, Generated, Generation, Paths,
+    UntilFn,
 };
 pub use loader::{parse_dtype, resolve_device, set_threads, DeviceSpec, LoadedModel, ModelSource};
 pub use model::Model;

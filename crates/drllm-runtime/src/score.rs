@@ -1,6 +1,8 @@
-//! Log-likelihood scoring of continuations (multiple choice as lm-evaluation-harness scores it):
-//! each prompt is prefilled once along its path, then every one of its continuations is fed as a
-//! row resuming from that prefill, all continuations of a batch in one forward pass.
+//! Scoring along layer paths: logits at every prompt position, next-token logits of many
+//! candidates with prefix sharing, and log-likelihoods of continuations (multiple choice as
+//! lm-evaluation-harness scores it: each prompt is prefilled once along its path, then every one
+//! of its continuations is fed as a row resuming from that prefill, all continuations of a batch
+//! in one forward pass).
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -16,6 +18,76 @@ const TOKENS_PER_PASS: usize = 512;
 const POSITIONS_PER_PASS: usize = 8192;
 
 impl Model {
+    /// Logits `[T_i, V]` (f32) at every position of each prompt, run along its path.
+    pub fn prompt_logits(&self, prompts: &[Vec<u32>], paths: &[LayerPath]) -> Result<Vec<Tensor>> {
+        let _g = tch::no_grad_guard();
+        let mut batch = PathBatch::new(self, paths)?;
+        let h = batch.prefill(prompts)?;
+        let t = h.size()[1];
+        Ok(prompts
+            .iter()
+            .enumerate()
+            .map(|(r, p)| {
+                self.logits(
+                    &h.get(r as i64)
+                        .narrow(0, t - p.len() as i64, p.len() as i64),
+                )
+            })
+            .collect())
+    }
+
+    /// Next-token logits `[B, V]` (f32) after each prompt along its path, prefilled like
+    /// [`crate::Paths::Cached`]; also each row's block applications resumed from `cache`.
+    pub fn last_logits_cached(
+        &self,
+        prompts: &[Vec<u32>],
+        paths: &[LayerPath],
+        cache: &mut PrefixCache,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let _g = tch::no_grad_guard();
+        let (batch, logits, order) = self.prefill_grouped(prompts, paths, cache)?;
+        // Back from the batch's row order to the caller's.
+        let mut reused = vec![0; prompts.len()];
+        let mut inverse = vec![0i64; order.len()];
+        for (row, &i) in order.iter().enumerate() {
+            reused[i] = batch.reused_blocks()[row];
+            inverse[i] = row as i64;
+        }
+        let idx = Tensor::from_slice(&inverse).to_device(logits.device());
+        Ok((logits.index_select(0, &idx), reused))
+    }
+
+    /// Prefills in groups of similar prompt length and joins the groups into one batch.
+    /// Returns the batch, its rows' next-token logits, and each row's index into `prompts`.
+    pub(crate) fn prefill_grouped(
+        &self,
+        prompts: &[Vec<u32>],
+        paths: &[LayerPath],
+        cache: &mut PrefixCache,
+    ) -> Result<(PathBatch<'_>, Tensor, Vec<usize>)> {
+        if prompts.len() != paths.len() {
+            return Err(Error::Request(format!(
+                "{} prompts for {} paths",
+                prompts.len(),
+                paths.len()
+            )));
+        }
+        let groups = length_groups(prompts);
+        let mut parts = Vec::with_capacity(groups.len());
+        let mut logits = Vec::with_capacity(groups.len());
+        for g in &groups {
+            let gp: Vec<Vec<u32>> = g.iter().map(|&i| prompts[i].clone()).collect();
+            let gpaths: Vec<LayerPath> = g.iter().map(|&i| paths[i].clone()).collect();
+            let mut b = PathBatch::new(self, &gpaths)?;
+            let h = b.prefill_cached(&gp, cache)?;
+            let t = h.size()[1];
+            logits.push(self.logits(&h.select(1, t - 1)));
+            parts.push(b);
+        }
+        let order = groups.concat();
+        Ok((PathBatch::concat(parts)?, Tensor::cat(&logits, 0), order))
+    }
+
     /// Summed log-probability of each continuation `conts[r][k]` after row `r` of a prefilled
     /// `batch` (along the row's path), given `last_logits` `[B, V]`, the logits after each row's
     /// prompt. Continuations must be non-empty. The batch itself is left as it is.
@@ -153,5 +225,51 @@ impl Model {
             reused[i] = batch.reused_blocks()[row];
         }
         Ok((out, reused))
+    }
+}
+
+/// Prompt indices grouped for prefill: longest first, a group closed when padding would exceed
+/// a tenth of its tokens. Padding is pure waste in prefill, and a prefill of even one prompt of
+/// ordinary length keeps the matmuls large, so small groups cost little.
+fn length_groups(prompts: &[Vec<u32>]) -> Vec<Vec<usize>> {
+    let mut idx: Vec<usize> = (0..prompts.len()).collect();
+    idx.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
+    let mut groups: Vec<Vec<usize>> = vec![];
+    let (mut max, mut real) = (0usize, 0usize);
+    for i in idx {
+        let len = prompts[i].len();
+        match groups.last_mut() {
+            Some(g) if max * (g.len() + 1) * 10 <= (real + len) * 11 => {
+                g.push(i);
+                real += len;
+            }
+            _ => {
+                groups.push(vec![i]);
+                (max, real) = (len, len);
+            }
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::length_groups;
+
+    #[test]
+    fn length_groups_bound_padding_and_cover_every_prompt() {
+        let lens = [148, 80, 110, 92, 78, 100, 5];
+        let prompts: Vec<Vec<u32>> = lens.iter().map(|&n| vec![1; n]).collect();
+        let groups = length_groups(&prompts);
+        let mut all: Vec<usize> = groups.concat();
+        all.sort();
+        assert_eq!(all, (0..lens.len()).collect::<Vec<_>>());
+        for g in &groups {
+            let max = g.iter().map(|&i| lens[i]).max().unwrap();
+            let real: usize = g.iter().map(|&i| lens[i]).sum();
+            assert!(max * g.len() * 10 <= real * 11, "{g:?}");
+        }
+        assert_eq!(groups[0], [0]);
+        assert!(length_groups(&[]).is_empty());
     }
 }

@@ -46,9 +46,8 @@ struct Cli {
     /// ARC prompts for the feature pass (0 = skip it).
     #[arg(long, default_value_t = 32)]
     prompts: usize,
-    /// Data directory (default $DRLLM_DATA, else ../shared/data).
-    #[arg(long, env = "DRLLM_DATA")]
-    data: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    d: drllm_cli::DataDirArgs,
 }
 
 /// Median GFLOP/s of an f32 matmul of the router's shape class (large, square-ish).
@@ -129,7 +128,7 @@ fn main() -> Result<()> {
         );
     }
     if a.prompts > 0 {
-        let dir = drllm_tasks::data::resolve_data_dir(a.data.as_deref())?;
+        let dir = a.d.dir()?;
         let lm = LoadedModel::load(ModelSource::resolve("embedded")?, Device::Cpu, Kind::Float)?;
         let examples = arc_examples(&lm, &dir, a.prompts)?;
         let mut rates = vec![];

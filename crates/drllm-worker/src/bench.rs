@@ -1,33 +1,32 @@
-//! `drllm-bench`: path-search throughput, batched engine vs the paper code's one-at-a-time
+//! `drllm-worker-bench`: path-search throughput, batched engine vs the paper code's one-at-a-time
 //! method, side by side in one run on the same prompts, with compute efficiency.
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use clap::Parser;
+use drllm_cli::{reward_parser, DataDirArgs, ModelArgs};
 use drllm_eval::{evaluate_alone, prepare, EvalOptions, PreparedPrompt};
-use drllm_runtime::{LoadedModel, ModelConfig, ModelSource};
+use drllm_runtime::ModelConfig;
 use drllm_search::{run, sample_seed, Search, SearchConfig, SearchResult};
 use drllm_tasks::{data, Family, LoadOptions, RewardMode, Split, Style, TaskName, Template};
 use drllm_worker::{run_searches, DriverOptions, RunStats};
 
 #[derive(Parser)]
 #[command(
-    name = "drllm-bench",
+    name = "drllm-worker-bench",
     version,
     about = "Search throughput: batched + early-stop evaluation vs one full generate per path, side by side.",
     after_help = "Examples:
-  drllm-bench --limit 20 --reward strict           # the paper's generate mode
-  drllm-bench --limit 20 --reward choice-logits
-  drllm-bench --limit 20 --reward cloze            # log-likelihood of each choice
-  drllm-bench --limit 8 --skip-alone               # batched engine only"
+  drllm-worker-bench --limit 20 --reward strict           # the paper's generate mode
+  drllm-worker-bench --limit 20 --reward choice-logits
+  drllm-worker-bench --limit 20 --reward cloze            # log-likelihood of each choice
+  drllm-worker-bench --limit 8 --skip-alone               # batched engine only"
 )]
 struct Cli {
-    /// Model (HF dir, .gguf, `embedded`).
-    #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
-    model: String,
-    /// Data directory (default $DRLLM_DATA, else ../shared/data).
-    #[arg(long, env = "DRLLM_DATA")]
-    data: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    m: ModelArgs,
+    #[command(flatten)]
+    d: DataDirArgs,
     /// ARC-Easy train prompts searched.
     #[arg(long, default_value_t = 20)]
     limit: usize,
@@ -37,9 +36,9 @@ struct Cli {
     /// Run seed.
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// strict, lenient, choice-logits, cloze or cloze-norm.
-    #[arg(long, default_value = "strict")]
-    reward: String,
+    /// Reward mode.
+    #[arg(long, default_value = "strict", value_parser = reward_parser())]
+    reward: RewardMode,
     /// Token budget per evaluation (the paper code's is 10).
     #[arg(long, default_value_t = 10)]
     max_new_tokens: usize,
@@ -54,12 +53,12 @@ struct Cli {
     skip_alone: bool,
 }
 
-/// f32 matmul FLOP/s of this machine (median of 5 square 1024 products).
-fn matmul_flops() -> f64 {
+/// Matmul FLOP/s of the model's device and dtype (median of 5 square 1024 products).
+fn matmul_flops(dev: tch::Device, kind: tch::Kind) -> f64 {
     let _g = tch::no_grad_guard();
     let n = 1024i64;
-    let a = tch::Tensor::randn([n, n], (tch::Kind::Float, tch::Device::Cpu));
-    let b = tch::Tensor::randn([n, n], (tch::Kind::Float, tch::Device::Cpu));
+    let a = tch::Tensor::randn([n, n], (kind, dev));
+    let b = tch::Tensor::randn([n, n], (kind, dev));
     let _ = a.matmul(&b);
     let mut rates: Vec<f64> = (0..5)
         .map(|_| {
@@ -114,14 +113,9 @@ fn peak_rss_mib() -> f64 {
 
 fn main() -> Result<()> {
     let a = Cli::parse();
-    let lm = LoadedModel::load(
-        ModelSource::resolve(&a.model)?,
-        tch::Device::Cpu,
-        tch::Kind::Float,
-    )
-    .context("loading model")?;
-    let mode: RewardMode = a.reward.parse()?;
-    let dir = data::resolve_data_dir(a.data.as_deref())?;
+    let lm = a.m.load()?;
+    let mode = a.reward;
+    let dir = a.d.dir()?;
     let samples = data::load(
         &dir,
         TaskName::ArcEasy,
@@ -148,14 +142,15 @@ fn main() -> Result<()> {
         num_simulations: a.num_simulations,
         ..Default::default()
     };
-    let peak = matmul_flops();
+    let peak = matmul_flops(lm.model.device(), lm.model.kind());
     println!(
-        "{} ARC-Easy train prompts (mean {mean_len:.0} tokens) | {} simulations | reward {} | {} new tokens | {} threads | f32 matmul {:.1} GFLOP/s",
+        "{} ARC-Easy train prompts (mean {mean_len:.0} tokens) | {} simulations | reward {} | {} new tokens | {} threads | {:?} matmul {:.1} GFLOP/s",
         prompts.len(),
         a.num_simulations,
         a.reward,
         a.max_new_tokens,
         tch::get_num_threads(),
+        lm.model.kind(),
         peak / 1e9
     );
 

@@ -2,6 +2,9 @@
 //! simulation at a time (it asks for one path, gets its reward, continues), so its result is
 //! identical to running it alone. Samples come from a [`Feed`], asked for more whenever searches
 //! finish, so a worker never waits for its slowest search before taking new work.
+//!
+//! Candidates are scored by an [`Evaluator`]: [`ModelEvaluator`] runs the model (batched, with
+//! prefix sharing); tests drive the same loop with an in-process oracle, in milliseconds.
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
@@ -9,7 +12,7 @@ use drllm_path::LayerPath;
 use drllm_runtime::{LoadedModel, PrefixCache, PrefixStats};
 use drllm_search::{sample_seed, Search, SearchConfig, SearchResult, Step};
 
-use drllm_eval::{evaluate_batch, EvalError, EvalOptions, PreparedPrompt};
+use drllm_eval::{evaluate_batch, EvalError, EvalOptions, Evaluation, PreparedPrompt};
 
 /// The outcome of one sample: its search result, or why it could not be searched.
 #[derive(Debug, Clone)]
@@ -31,10 +34,17 @@ pub struct DriverOptions {
     pub seed: u64,
     /// Searches in flight at once (= most candidates per evaluator batch).
     pub concurrency: usize,
-    /// How candidates are scored.
+    /// How candidates are scored (by [`ModelEvaluator`]).
     pub eval: EvalOptions,
     /// Memory budget of the prefix cache in bytes (0 = no prefix sharing).
     pub prefix_cache_bytes: usize,
+}
+
+impl DriverOptions {
+    /// The model's evaluator for these options.
+    pub fn evaluator<'a>(&self, lm: &'a LoadedModel) -> ModelEvaluator<'a> {
+        ModelEvaluator::new(lm, self.eval.clone(), self.prefix_cache_bytes)
+    }
 }
 
 /// Work done by a run, for throughput and FLOP accounting.
@@ -53,6 +63,68 @@ pub struct RunStats {
     pub prefix: PrefixStats,
     /// Most bytes the prefix cache held after any batch.
     pub prefix_peak_bytes: usize,
+}
+
+/// Scores batches of search candidates.
+pub trait Evaluator {
+    /// Blocks of the model: the length of every path.
+    fn num_layers(&self) -> usize;
+
+    /// One evaluation per `(prompt, path)` candidate, in order. An error fails the whole batch
+    /// (the driver then retries the candidates one by one to find the ones at fault).
+    fn evaluate(
+        &mut self,
+        items: &[(&PreparedPrompt, &LayerPath)],
+    ) -> Result<Vec<Evaluation>, EvalError>;
+
+    /// `prompt`'s search is over: state kept for it can go.
+    fn forget(&mut self, _prompt: &PreparedPrompt) {}
+
+    /// Prefix cache counters and the bytes it holds now (zero for evaluators without one).
+    fn prefix(&self) -> (PrefixStats, usize) {
+        (PrefixStats::default(), 0)
+    }
+}
+
+/// The model's batched evaluator ([`evaluate_batch`]), with a prefix cache shared by the
+/// candidates of every search in flight.
+pub struct ModelEvaluator<'a> {
+    lm: &'a LoadedModel,
+    opts: EvalOptions,
+    cache: PrefixCache,
+}
+
+impl<'a> ModelEvaluator<'a> {
+    /// An evaluator scoring as `opts` says, with a prefix cache of `prefix_cache_bytes` (0 = no
+    /// prefix sharing).
+    pub fn new(lm: &'a LoadedModel, opts: EvalOptions, prefix_cache_bytes: usize) -> Self {
+        ModelEvaluator {
+            lm,
+            opts,
+            cache: PrefixCache::new(prefix_cache_bytes),
+        }
+    }
+}
+
+impl Evaluator for ModelEvaluator<'_> {
+    fn num_layers(&self) -> usize {
+        self.lm.model.num_layers()
+    }
+
+    fn evaluate(
+        &mut self,
+        items: &[(&PreparedPrompt, &LayerPath)],
+    ) -> Result<Vec<Evaluation>, EvalError> {
+        evaluate_batch(self.lm, items, &self.opts, &mut self.cache)
+    }
+
+    fn forget(&mut self, prompt: &PreparedPrompt) {
+        self.cache.forget(&prompt.ids);
+    }
+
+    fn prefix(&self) -> (PrefixStats, usize) {
+        (self.cache.stats(), self.cache.used_bytes())
+    }
 }
 
 struct Active {
@@ -121,16 +193,25 @@ pub fn run_searches(
     }
 }
 
-/// Searches the samples of `feed` until it has no more and every search has finished, keeping
-/// up to `opts.concurrency` searches in flight.
+/// Searches the samples of `feed` with the model's evaluator (see [`drive`]).
 pub fn run_feed<F: Feed>(
     lm: &LoadedModel,
     feed: &mut F,
     opts: &DriverOptions,
 ) -> Result<RunStats, F::Error> {
+    drive(&mut opts.evaluator(lm), feed, opts)
+}
+
+/// Searches the samples of `feed` until it has no more and every search has finished, keeping
+/// up to `opts.concurrency` searches in flight and scoring their candidates with `evaluator`
+/// (`opts.eval` and `opts.prefix_cache_bytes` are the evaluator's business, not read here).
+pub fn drive<E: Evaluator, F: Feed>(
+    evaluator: &mut E,
+    feed: &mut F,
+    opts: &DriverOptions,
+) -> Result<RunStats, F::Error> {
     let mut stats = RunStats::default();
-    let mut cache = PrefixCache::new(opts.prefix_cache_bytes);
-    let n_layers = lm.model.num_layers();
+    let n_layers = evaluator.num_layers();
     let concurrency = opts.concurrency.max(1);
     let mut queue: VecDeque<(usize, Result<PreparedPrompt, EvalError>)> = VecDeque::new();
     let mut received = 0usize;
@@ -176,7 +257,7 @@ pub fn run_feed<F: Feed>(
         }
         if active.is_empty() {
             if exhausted && queue.is_empty() {
-                stats.prefix = cache.stats();
+                stats.prefix = evaluator.prefix().0;
                 return Ok(stats);
             }
             continue;
@@ -193,7 +274,7 @@ pub fn run_feed<F: Feed>(
                 }
                 Step::Done(r) => {
                     let a = active.swap_remove(i);
-                    cache.forget(&a.prompt.ids);
+                    evaluator.forget(&a.prompt);
                     feed.done(SampleOutcome {
                         index: a.index,
                         sample_id: a.prompt.sample_id,
@@ -207,8 +288,8 @@ pub fn run_feed<F: Feed>(
         }
         let items: Vec<(&PreparedPrompt, &LayerPath)> =
             active.iter().map(|a| &a.prompt).zip(&requests).collect();
-        let result = evaluate_batch(lm, &items, &opts.eval, &mut cache);
-        stats.prefix_peak_bytes = stats.prefix_peak_bytes.max(cache.used_bytes());
+        let result = evaluator.evaluate(&items);
+        stats.prefix_peak_bytes = stats.prefix_peak_bytes.max(evaluator.prefix().1);
         match result {
             Ok(evals) => {
                 stats.batches += 1;
@@ -230,15 +311,23 @@ pub fn run_feed<F: Feed>(
                 let mut k = 0;
                 while k < active.len() {
                     let one = [(&active[k].prompt, &requests[k])];
-                    match evaluate_batch(lm, &one, &opts.eval, &mut cache) {
+                    match evaluator.evaluate(&one) {
                         Ok(e) => {
-                            active[k].search.provide(e[0].reward);
+                            stats.batches += 1;
+                            stats.decode_steps += e[0].tokens.len();
+                            stats.evaluations += 1;
+                            let a = &mut active[k];
+                            let (ids, path) = (a.prompt.ids.len(), requests[k].cost());
+                            stats
+                                .work
+                                .push((ids, path, e[0].tokens.len(), e[0].reused_blocks));
+                            a.search.provide(e[0].reward);
                             k += 1;
                         }
                         Err(e) => {
                             requests.swap_remove(k);
                             let a = active.swap_remove(k);
-                            cache.forget(&a.prompt.ids);
+                            evaluator.forget(&a.prompt);
                             feed.done(SampleOutcome {
                                 index: a.index,
                                 sample_id: a.prompt.sample_id,
@@ -249,5 +338,284 @@ pub fn run_feed<F: Feed>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drllm_eval::Scoring;
+    use drllm_tasks::{Family, Gold, RewardMode, Style, Template};
+
+    const LAYERS: usize = 12;
+
+    fn prompt(id: &str) -> PreparedPrompt {
+        PreparedPrompt {
+            sample_id: id.into(),
+            family: Family::MultipleChoice,
+            gold: Gold::Letter('A'),
+            text: id.into(),
+            add_special: false,
+            ids: vec![1, 2, 3],
+            template: Template::builtin(Family::MultipleChoice, Style::Base),
+            scoring: Scoring::Generate,
+        }
+    }
+
+    /// Reward 1 iff every skipped block is one of the sample's own skippable blocks (derived
+    /// from its id) and nothing is repeated.
+    fn reward(id: &str, p: &LayerPath) -> f64 {
+        let h: usize = id.bytes().map(usize::from).sum();
+        let skippable = [h % LAYERS, (h * 7 + 3) % LAYERS, (h * 13 + 5) % LAYERS];
+        let ok = p
+            .counts()
+            .iter()
+            .enumerate()
+            .all(|(l, &c)| c == 1 || (c == 0 && skippable.contains(&l)));
+        ok as u8 as f64
+    }
+
+    /// The reward oracle as an evaluator; any batch holding the sample `poison` fails.
+    #[derive(Default)]
+    struct Oracle {
+        batches: Vec<usize>,
+        forgotten: Vec<String>,
+    }
+
+    impl Evaluator for Oracle {
+        fn num_layers(&self) -> usize {
+            LAYERS
+        }
+
+        fn evaluate(
+            &mut self,
+            items: &[(&PreparedPrompt, &LayerPath)],
+        ) -> Result<Vec<Evaluation>, EvalError> {
+            self.batches.push(items.len());
+            if items.iter().any(|(p, _)| p.sample_id == "poison") {
+                return Err(EvalError::Aborted("poisoned batch".into()));
+            }
+            Ok(items
+                .iter()
+                .map(|(p, path)| Evaluation {
+                    reward: reward(&p.sample_id, path),
+                    tokens: vec![],
+                    logliks: vec![],
+                    reused_blocks: 0,
+                })
+                .collect())
+        }
+
+        fn forget(&mut self, p: &PreparedPrompt) {
+            self.forgotten.push(p.sample_id.clone());
+        }
+    }
+
+    fn opts(concurrency: usize) -> DriverOptions {
+        DriverOptions {
+            search: SearchConfig {
+                num_simulations: 30,
+                ..SearchConfig::default()
+            },
+            seed: 7,
+            concurrency,
+            eval: EvalOptions {
+                mode: RewardMode::Strict,
+                max_new_tokens: 4,
+            },
+            prefix_cache_bytes: 0,
+        }
+    }
+
+    /// What a search found, without its wall time.
+    type Key = (
+        f64,
+        bool,
+        bool,
+        Option<LayerPath>,
+        Vec<LayerPath>,
+        usize,
+        usize,
+    );
+
+    fn key(r: &SearchResult) -> Key {
+        (
+            r.default_reward,
+            r.found,
+            r.improved,
+            r.best_path.clone(),
+            r.good_paths.clone(),
+            r.simulations,
+            r.evaluations,
+        )
+    }
+
+    /// Runs the driver over `prompts`; outcomes in feed order.
+    fn run(
+        prompts: Vec<Result<PreparedPrompt, EvalError>>,
+        concurrency: usize,
+    ) -> (Vec<SampleOutcome>, RunStats, Oracle) {
+        let mut oracle = Oracle::default();
+        let mut out = vec![];
+        let mut feed = ListFeed {
+            prompts: Some(prompts),
+            on_done: |o| out.push(o),
+        };
+        let stats = match drive(&mut oracle, &mut feed, &opts(concurrency)) {
+            Ok(s) => s,
+            Err(never) => match never {},
+        };
+        out.sort_by_key(|o| o.index);
+        (out, stats, oracle)
+    }
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("arc-{i}")).collect()
+    }
+
+    #[test]
+    fn every_search_ends_as_it_would_alone_at_any_concurrency() {
+        let ids = ids(10);
+        let prompts = || ids.iter().map(|id| Ok(prompt(id))).collect();
+        let (one, ..) = run(prompts(), 1);
+        for concurrency in [3, 16] {
+            let (many, stats, oracle) = run(prompts(), concurrency);
+            assert_eq!(many.len(), ids.len());
+            let mut found = 0;
+            for (i, (a, b)) in one.iter().zip(&many).enumerate() {
+                assert_eq!((a.index, &a.sample_id), (i, &ids[i]));
+                assert_eq!((b.index, &b.sample_id), (i, &ids[i]));
+                let (a, b) = (a.result.as_ref().unwrap(), b.result.as_ref().unwrap());
+                assert_eq!(key(a), key(b), "sample {i} at concurrency {concurrency}");
+                // The same search run alone with a sequential evaluator.
+                let alone = Search::new(LAYERS, opts(1).search, sample_seed(7, &ids[i]));
+                let alone = drllm_search::run(alone, |p| Ok::<_, ()>(reward(&ids[i], p))).unwrap();
+                assert_eq!(key(&alone), key(b), "sample {i} alone");
+                found += b.found as usize;
+            }
+            assert!(found > 0, "the oracle leaves blocks to skip");
+            // One evaluator call per round, never more candidates than searches in flight.
+            assert_eq!(stats.batches, oracle.batches.len());
+            assert!(oracle
+                .batches
+                .iter()
+                .all(|&b| (1..=concurrency).contains(&b)));
+            assert_eq!(oracle.batches[0], concurrency.min(ids.len()));
+            let evaluations: usize = many
+                .iter()
+                .map(|o| o.result.as_ref().unwrap().evaluations)
+                .sum();
+            assert_eq!(stats.evaluations, evaluations);
+            assert_eq!(stats.work.len(), evaluations);
+            // Each finished search releases its state once.
+            let mut forgotten = oracle.forgotten.clone();
+            forgotten.sort();
+            let mut want = ids.clone();
+            want.sort();
+            assert_eq!(forgotten, want);
+        }
+    }
+
+    #[test]
+    fn a_failed_preparation_is_reported_and_the_others_go_on() {
+        let bad = EvalError::Prompt {
+            sample_id: "arc-bad".into(),
+            msg: "prompt has 9000 tokens; the model's context is 8192".into(),
+        };
+        let (out, ..) = run(vec![Ok(prompt("arc-0")), Err(bad), Ok(prompt("arc-1"))], 2);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[1].sample_id, "arc-bad");
+        let err = out[1].result.as_ref().unwrap_err();
+        assert!(err.contains("9000 tokens"), "{err}");
+        assert!(out[0].result.is_ok() && out[2].result.is_ok());
+    }
+
+    #[test]
+    fn a_failing_candidate_fails_its_own_search_only() {
+        let clean: Vec<_> = ["arc-0", "arc-1", "arc-2"]
+            .iter()
+            .map(|id| Ok(prompt(id)))
+            .collect();
+        let (want, ..) = run(clean, 4);
+        let mixed = ["arc-0", "poison", "arc-1", "arc-2"]
+            .iter()
+            .map(|id| Ok(prompt(id)))
+            .collect();
+        let (got, _, oracle) = run(mixed, 4);
+        let err = got[1].result.as_ref().unwrap_err();
+        assert!(err.contains("poisoned batch"), "{err}");
+        for (w, g) in want.iter().zip([&got[0], &got[2], &got[3]]) {
+            assert_eq!(w.sample_id, g.sample_id);
+            let (w, g) = (w.result.as_ref().unwrap(), g.result.as_ref().unwrap());
+            assert_eq!(key(w), key(g), "{}", g.best_path.is_some());
+        }
+        // The failed batch was retried one candidate at a time.
+        assert!(oracle.batches.contains(&1));
+        assert!(oracle.forgotten.contains(&"poison".to_string()));
+    }
+
+    /// A feed that answers from a script, then ends; records what the driver asked.
+    struct Scripted {
+        answers: VecDeque<Vec<&'static str>>,
+        asked: Vec<(usize, bool)>,
+        done: Vec<String>,
+        fail_after: Option<usize>,
+    }
+
+    impl Feed for Scripted {
+        type Error = String;
+
+        fn more(
+            &mut self,
+            free: usize,
+            idle: bool,
+        ) -> Result<Option<Vec<Result<PreparedPrompt, EvalError>>>, String> {
+            self.asked.push((free, idle));
+            Ok(self
+                .answers
+                .pop_front()
+                .map(|ids| ids.into_iter().map(|id| Ok(prompt(id))).collect()))
+        }
+
+        fn done(&mut self, o: SampleOutcome) -> Result<(), String> {
+            self.done.push(o.sample_id);
+            match self.fail_after {
+                Some(n) if self.done.len() >= n => Err("coordinator gone".into()),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    #[test]
+    fn the_feed_is_asked_for_free_slots_and_empty_answers_wait() {
+        let mut feed = Scripted {
+            answers: VecDeque::from(vec![vec![], vec!["arc-0", "arc-1"], vec![], vec!["arc-2"]]),
+            asked: vec![],
+            done: vec![],
+            fail_after: None,
+        };
+        let stats = drive(&mut Oracle::default(), &mut feed, &opts(2)).unwrap();
+        let mut done = feed.done.clone();
+        done.sort();
+        assert_eq!(done, ["arc-0", "arc-1", "arc-2"]);
+        assert!(stats.evaluations > 0);
+        // Asked while idle first; never for more than the free slots; asked again once the
+        // script ran out (None ends the run).
+        assert_eq!(feed.asked[0], (2, true));
+        assert!(feed.asked.iter().all(|&(free, _)| (1..=2).contains(&free)));
+        assert_eq!(feed.asked.len(), 5);
+    }
+
+    #[test]
+    fn a_feed_error_stops_the_run() {
+        let mut feed = Scripted {
+            answers: VecDeque::from(vec![vec!["arc-0", "arc-1", "arc-2"]]),
+            asked: vec![],
+            done: vec![],
+            fail_after: Some(1),
+        };
+        let err = drive(&mut Oracle::default(), &mut feed, &opts(1)).unwrap_err();
+        assert_eq!(err, "coordinator gone");
+        assert_eq!(feed.done.len(), 1);
     }
 }

@@ -7,5 +7,9 @@ pub mod driver;
 pub mod record;
 pub mod remote;
 
-pub use driver::{run_feed, run_searches, DriverOptions, Feed, RunStats, SampleOutcome};
-pub use record::{path_record, question_text};
+pub use driver::{
+    drive, run_feed, run_searches, DriverOptions, Evaluator, Feed, ModelEvaluator, RunStats,
+    SampleOutcome,
+};
+pub use record::{path_record, question_text, row, RowModel};
+pub use remote::{run_remote, run_remote_with, RemoteOptions, RemoteSummary, WorkerModel};

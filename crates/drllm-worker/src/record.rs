@@ -41,6 +41,43 @@ pub fn path_record(
         }
         _ => None,
     };
+    let model = RowModel {
+        name: lm.source.name(),
+        num_layers: lm.model.num_layers(),
+    };
+    Ok(row(
+        sample,
+        split,
+        prompt,
+        r,
+        &model,
+        worker,
+        seed,
+        best_response,
+    ))
+}
+
+/// The model as a row names it.
+#[derive(Debug, Clone)]
+pub struct RowModel {
+    /// Its name (`model` column).
+    pub name: String,
+    /// Its blocks (`num_layers` column).
+    pub num_layers: usize,
+}
+
+/// The row of `sample`'s search result `r`, given the best path's response (if decoded).
+#[allow(clippy::too_many_arguments)]
+pub fn row(
+    sample: &Sample,
+    split: Split,
+    prompt: &PreparedPrompt,
+    r: &SearchResult,
+    model: &RowModel,
+    worker: &str,
+    seed: u64,
+    best_response: Option<String>,
+) -> PathRecord {
     let mut row = PathRecord {
         sample_id: sample.id.clone(),
         task: sample.task.to_string(),
@@ -48,8 +85,8 @@ pub fn path_record(
         question: question_text(&sample.question),
         answer: sample.gold.to_string(),
         prompt: prompt.text.clone(),
-        model: lm.source.name(),
-        num_layers: lm.model.num_layers() as u16,
+        model: model.name.clone(),
+        num_layers: model.num_layers as u16,
         default_correct: r.default_reward >= 1.0,
         found: r.found,
         improved: r.improved,
@@ -65,5 +102,5 @@ pub fn path_record(
         best_response,
     };
     row.set_paths(r.best_path.as_ref(), &r.good_paths);
-    Ok(row)
+    row
 }

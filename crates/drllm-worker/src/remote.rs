@@ -22,10 +22,70 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 
-use crate::driver::{run_feed, DriverOptions, Feed, SampleOutcome};
+use crate::driver::{drive, DriverOptions, Evaluator, Feed, SampleOutcome};
 use crate::record::path_record;
+use drllm_dataset::PathRecord;
 use drllm_eval::RunConfig;
 use drllm_eval::{prepare, EvalError, EvalOptions, PreparedPrompt};
+use drllm_search::SearchResult;
+use drllm_tasks::Template;
+
+/// What a remote worker needs from its model besides scoring candidates (the [`Evaluator`]):
+/// its identity, prompt preparation, and a finished search's row. [`LoadedModel`] is the real
+/// one; tests run coordinator and workers in one process with a model-free implementation.
+pub trait WorkerModel {
+    /// Fingerprint checked by the coordinator at registration.
+    fn fingerprint(&self) -> Result<String>;
+
+    /// Renders, tokenizes and checks one sample.
+    fn prepare(
+        &self,
+        sample: &Sample,
+        template: &Template,
+        eval: &EvalOptions,
+    ) -> Result<PreparedPrompt, EvalError>;
+
+    /// The dataset row of a finished search.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        sample: &Sample,
+        split: Split,
+        prompt: &PreparedPrompt,
+        result: &SearchResult,
+        eval: &EvalOptions,
+        worker: &str,
+        seed: u64,
+    ) -> Result<PathRecord, EvalError>;
+}
+
+impl WorkerModel for LoadedModel {
+    fn fingerprint(&self) -> Result<String> {
+        Ok(self.source.fingerprint()?)
+    }
+
+    fn prepare(
+        &self,
+        sample: &Sample,
+        template: &Template,
+        eval: &EvalOptions,
+    ) -> Result<PreparedPrompt, EvalError> {
+        prepare(self, sample, template, eval)
+    }
+
+    fn record(
+        &self,
+        sample: &Sample,
+        split: Split,
+        prompt: &PreparedPrompt,
+        result: &SearchResult,
+        eval: &EvalOptions,
+        worker: &str,
+        seed: u64,
+    ) -> Result<PathRecord, EvalError> {
+        path_record(self, sample, split, prompt, result, eval, worker, seed)
+    }
+}
 
 /// How to reach the coordinator and how hard to work.
 #[derive(Debug, Clone)]
@@ -131,10 +191,10 @@ struct Pending {
 
 /// The coordinator as the driver's [`Feed`]: leases are taken as searches finish (so a worker
 /// always has work in flight) and each result is reported as soon as its search ends.
-struct RemoteFeed<'a> {
+struct RemoteFeed<'a, M: WorkerModel> {
     rt: &'a tokio::runtime::Runtime,
     client: CoordinatorClient<Channel>,
-    lm: &'a LoadedModel,
+    lm: &'a M,
     o: &'a RemoteOptions,
     cfg: RunConfig,
     eval: EvalOptions,
@@ -148,7 +208,7 @@ struct RemoteFeed<'a> {
     summary: RemoteSummary,
 }
 
-impl RemoteFeed<'_> {
+impl<M: WorkerModel> RemoteFeed<'_, M> {
     /// Position of `family`'s template in `self.templates` (read on first use).
     fn template(&mut self, family: drllm_tasks::Family) -> Result<usize> {
         Ok(
@@ -163,7 +223,7 @@ impl RemoteFeed<'_> {
     }
 }
 
-impl Feed for RemoteFeed<'_> {
+impl<M: WorkerModel> Feed for RemoteFeed<'_, M> {
     type Error = anyhow::Error;
 
     fn more(
@@ -216,7 +276,7 @@ impl Feed for RemoteFeed<'_> {
                 .clone();
                 let split: Split = it.split.parse()?;
                 let t = self.template(sample.task.family())?;
-                let prepared = prepare(self.lm, &sample, &self.templates[t].1, &self.eval);
+                let prepared = self.lm.prepare(&sample, &self.templates[t].1, &self.eval);
                 self.pending.insert(
                     self.handed,
                     Pending {
@@ -249,17 +309,17 @@ impl Feed for RemoteFeed<'_> {
                 .as_ref()
                 .ok_or_else(|| "the prepared prompt went missing".to_string())?;
             let seed = sample_seed(self.cfg.seed, &p.sample.id);
-            path_record(
-                self.lm,
-                &p.sample,
-                p.split,
-                prepared,
-                &r,
-                &self.eval,
-                &self.o.worker_id,
-                seed,
-            )
-            .map_err(|e| e.to_string())
+            self.lm
+                .record(
+                    &p.sample,
+                    p.split,
+                    prepared,
+                    &r,
+                    &self.eval,
+                    &self.o.worker_id,
+                    seed,
+                )
+                .map_err(|e| e.to_string())
         });
         let outcome = match record {
             Ok(rec) => {
@@ -300,6 +360,21 @@ impl Feed for RemoteFeed<'_> {
 
 /// Runs as a coordinator's worker until the run has no work left.
 pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> {
+    // The evaluator's options come from the coordinator at registration.
+    run_remote_with(
+        lm,
+        |eval| crate::driver::ModelEvaluator::new(lm, eval.clone(), o.prefix_cache_bytes),
+        o,
+    )
+}
+
+/// [`run_remote`] with any model and evaluator: `evaluator` makes the evaluator once the run
+/// configuration (how candidates are scored) is known.
+pub fn run_remote_with<M: WorkerModel, E: Evaluator>(
+    lm: &M,
+    evaluator: impl FnOnce(&EvalOptions) -> E,
+    o: &RemoteOptions,
+) -> Result<RemoteSummary> {
     // Every event of this worker (in its log or a cluster's JSON logs) carries its id.
     let _span = tracing::info_span!("worker", id = %o.worker_id).entered();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -307,7 +382,7 @@ pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> 
         .enable_all()
         .build()?;
     let mut client = rt.block_on(connect(&o.addr, o.connect_timeout))?;
-    let fingerprint = lm.source.fingerprint()?;
+    let fingerprint = lm.fingerprint()?;
     let reg = rt
         .block_on(client.register(request(
             RegisterRequest {
@@ -366,7 +441,8 @@ pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> 
         finished: false,
         summary: RemoteSummary::default(),
     };
-    let result = run_feed(lm, &mut feed, &opts);
+    let mut evaluator = evaluator(&feed.eval);
+    let result = drive(&mut evaluator, &mut feed, &opts);
     hb.abort();
     result?;
     tracing::info!(leases = feed.summary.leases, "no work left; exiting");
