@@ -144,11 +144,22 @@ fn save(pkg_dir: &Path, r: Routers, fingerprint: &str) {
 
 /// A package that records the prompts it was trained on (reward, style).
 fn save_for(pkg_dir: &Path, r: Routers, fingerprint: &str, prompts: Option<(&str, &str)>) {
+    save_with(pkg_dir, r, fingerprint, prompts, vec![])
+}
+
+fn save_with(
+    pkg_dir: &Path,
+    r: Routers,
+    fingerprint: &str,
+    prompts: Option<(&str, &str)>,
+    templates: Vec<drllm_router::TemplateSpec>,
+) {
     let shape = r.shape;
     let mut m = PackageManifest::new(fingerprint.into(), "SmolLM2".into(), shape, 8);
     m.prompts = prompts.map(|(reward, style)| drllm_router::PromptSpec {
         reward: reward.into(),
         style: style.into(),
+        templates,
     });
     Package {
         manifest: m,
@@ -388,6 +399,35 @@ fn eval_compares_routed_and_baseline_runs() {
         "{e}"
     );
     let (ok, _, e) = infer(&[&other[..], &["--reward", "lenient"]].concat());
+    assert!(ok, "{e}");
+    // Routers trained on prompts rendered with an own template are refused on the built-in
+    // one, and used with that template file.
+    let source = "Q: {{ question }}\nA:";
+    let own = dir.path().join("own.j2");
+    std::fs::write(&own, source).unwrap();
+    let templated = dir.path().join("templated");
+    let spec = drllm_router::TemplateSpec {
+        family: "multiple_choice".into(),
+        name: own.display().to_string(),
+        source: source.into(),
+    };
+    save_with(
+        &templated,
+        routers(1, Some(1)),
+        &fp,
+        Some(("cloze", "base")),
+        vec![spec],
+    );
+    let t = templated.display().to_string();
+    let mut other = common.to_vec();
+    other[2] = &t;
+    let (ok, _, e) = infer(&other);
+    assert!(
+        !ok && e.contains("rendered with the template") && e.contains("own.j2"),
+        "{e}"
+    );
+    let own_s = own.display().to_string();
+    let (ok, _, e) = infer(&[&other[..], &["--template", &own_s]].concat());
     assert!(ok, "{e}");
     let (ok, _, e) = infer(&[&common[..], &["--path", "1,1"]].concat());
     assert!(!ok && e.contains("--path 1,1"), "{e}");

@@ -53,7 +53,16 @@ fn block_inputs_are_the_teacher_forced_states() {
                 &row(&batched[l], r as i64, prompts[r].len()),
                 &alone[l].get(0),
             );
-            assert!(d < 1e-3, "row {r} block {l}: batched vs alone {d}");
+            // The residual stream reaches ~2.5e4 in later blocks, where f32 rounding alone
+            // exceeds an absolute 1e-3 (batch shapes and the padding mask pick other kernels,
+            // and 30 blocks amplify it); a wrong mask or row would differ by far more than 1e-5
+            // of the scale.
+            let scale = alone[l].abs().max().double_value(&[]);
+            let tol = 1e-3f64.max(1e-5 * scale);
+            assert!(
+                d < tol,
+                "row {r} block {l}: batched vs alone {d} (max |x| {scale})"
+            );
         }
     }
     // Skipped blocks 3 and 6 hand their input on unchanged.
@@ -235,13 +244,19 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
         .epochs
         .iter()
         .all(|e| e.val_routed_accuracy.unwrap() <= best));
+    let prompts = m.prompts.as_ref().unwrap();
+    assert_eq!((&prompts.reward[..], &prompts.style[..]), ("cloze", "base"));
+    // The templates the search rendered its prompts with, one per answer family.
+    let mc = prompts
+        .templates
+        .iter()
+        .find(|t| t.family == "multiple_choice")
+        .unwrap();
     assert_eq!(
-        m.prompts,
-        Some(drllm_router::PromptSpec {
-            reward: "cloze".into(),
-            style: "base".into()
-        })
+        (&mc.name[..], mc.source.trim()),
+        ("mc_cloze", "Question: {{ question }}\nAnswer:")
     );
+    assert_eq!(prompts.templates.len(), 3);
     let outcomes: u64 = m.data["rows_by_outcome"]
         .as_object()
         .unwrap()

@@ -15,7 +15,7 @@ use arrow_array::{
 };
 use drllm_eval::{answer_batch, prepare, EvalOptions, PathChoice, PreparedPrompt};
 use drllm_runtime::{LayerPath, LoadedModel};
-use drllm_tasks::{RewardMode, Style, Template};
+use drllm_tasks::{Family, RewardMode, Style, Template};
 use rand::{Rng, SeedableRng};
 
 use drllm_cli::{DataArgs, ModelArgs};
@@ -58,6 +58,10 @@ pub struct EvalArgs {
     /// Prompt style: instruct (chat template), base, or auto (base for cloze, else instruct).
     #[arg(long, default_value = "auto")]
     style: String,
+    /// Own prompt template file (minijinja), as the search's --template: routers trained on
+    /// prompts rendered with one are refused without it.
+    #[arg(long)]
+    template: Option<PathBuf>,
     /// Most new tokens per answer.
     #[arg(long, default_value_t = 10)]
     max_new_tokens: usize,
@@ -271,6 +275,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let reward = a.reward;
     let split = a.d.split;
     let style = Style::resolve(&a.style, reward)?;
+    // Read (and parsed) before any model work.
+    let own_template = match &a.template {
+        Some(p) => Some(Template::from_file(p, style).context("--template")?),
+        None => None,
+    };
     if let Some(p) = &a.plot {
         crate::plot::Format::of(p)?;
     }
@@ -314,6 +323,29 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             );
         }
     }
+    let template_for = |family: Family| match &own_template {
+        Some(t) => t.clone(),
+        None => Template::builtin_for(family, style, reward),
+    };
+    // ... and with the templates they were rendered with.
+    if let Some(p) = &trained.prompts {
+        for (task, _) in &loaded {
+            let family = task.family();
+            let ours = template_for(family);
+            let theirs = p.templates.iter().find(|t| t.family == family.name());
+            if let Some(t) = theirs.filter(|t| t.source != ours.source()) {
+                bail!(
+                    "--routers {}: trained on {} prompts rendered with the template {}, which \
+                     differs from {} used here: the routers would read other tokens (pass \
+                     --template with the search's template file)",
+                    a.routers.display(),
+                    family.name(),
+                    t.name,
+                    ours.name()
+                );
+            }
+        }
+    }
     let opts = EvalOptions {
         mode: reward,
         max_new_tokens: a.max_new_tokens,
@@ -321,7 +353,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let mut prepared = vec![];
     for (task, l) in &loaded {
         let (task, name) = (*task, task.to_string());
-        let template = Template::builtin_for(task.family(), style, reward);
+        let template = template_for(task.family());
         let mut prompts = vec![];
         for s in &l.samples {
             match prepare(&lm, s, &template, &opts) {
@@ -411,7 +443,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     println!("cost = block applications per token (the baseline runs each of the {n_layers} blocks once)");
     let summary = serde_json::json!({
-        "split": split.to_string(), "reward": reward.name(), "style": style.name(), "batch": a.batch,
+        "split": split.to_string(), "reward": reward.name(), "style": style.name(), "template": a.template.as_ref().map(|p| p.display().to_string()), "batch": a.batch,
         "max_new_tokens": a.max_new_tokens, "budgets": a.budget, "num_layers": n_layers,
         "model": lm.source.name(), "routers": a.routers.display().to_string(),
         "bootstrap": a.bootstrap,

@@ -11,7 +11,7 @@ pub mod pool;
 pub mod router;
 
 pub use package::{
-    EpochMetrics, Package, PackageError, PackageManifest, PromptSpec, FORMAT_VERSION,
+    EpochMetrics, Package, PackageError, PackageManifest, PromptSpec, TemplateSpec, FORMAT_VERSION,
 };
 pub use pool::{pool_weights, pool_windows, window_bounds};
 pub use router::{budget_bias, budget_shift, BudgetError, Policy, RouterShape, Routers, CLASSES};

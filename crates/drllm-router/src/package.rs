@@ -102,6 +102,21 @@ pub struct PromptSpec {
     pub reward: String,
     /// Prompt style (`base` or `instruct`).
     pub style: String,
+    /// The template each answer family's prompts were rendered with (absent in packages of
+    /// older versions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub templates: Vec<TemplateSpec>,
+}
+
+/// A prompt template as a package records it: enough to tell whether another renders alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateSpec {
+    /// Answer family (`multiple_choice`, `math`, `gsm8k`).
+    pub family: String,
+    /// Built-in name or file path.
+    pub name: String,
+    /// Minijinja source.
+    pub source: String,
 }
 
 /// What a package is and how it was made.

@@ -110,6 +110,20 @@ pub enum Family {
     Gsm8k,
 }
 
+impl Family {
+    /// Every family.
+    pub const ALL: [Family; 3] = [Family::MultipleChoice, Family::Math, Family::Gsm8k];
+
+    /// Its name in files and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::MultipleChoice => "multiple_choice",
+            Family::Math => "math",
+            Family::Gsm8k => "gsm8k",
+        }
+    }
+}
+
 /// Dataset split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {

@@ -176,6 +176,11 @@ impl Template {
         &self.name
     }
 
+    /// Its minijinja source: two templates render alike when their sources and styles agree.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// Instruct or base.
     pub fn style(&self) -> Style {
         self.style

@@ -598,6 +598,7 @@ fn run(a: TrainArgs) -> Result<()> {
     manifest.prompts = Some(drllm_router::PromptSpec {
         reward: first.reward.to_string(),
         style: first.style.to_string(),
+        templates: templates_of(first),
     });
     if let Some(s) = set
         .sources
@@ -683,4 +684,31 @@ fn kind_name(k: RowKind) -> &'static str {
         RowKind::Improved => "improved",
         RowKind::NoCorrect => "no-correct",
     }
+}
+
+/// The template of every answer family as the search of `source` rendered its prompts, for the
+/// package (eval refuses routers whose prompts it would render otherwise). A template file the
+/// search named but this machine cannot read is left out, with a warning.
+fn templates_of(source: &drllm_train::SourceInfo) -> Vec<drllm_router::TemplateSpec> {
+    let cfg: drllm_eval::RunConfig = match serde_json::from_value(source.run.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(dataset = %source.path.display(), error = %e, "run configuration unreadable: no templates recorded");
+            return vec![];
+        }
+    };
+    drllm_tasks::Family::ALL
+        .into_iter()
+        .filter_map(|family| match cfg.template(family) {
+            Ok(t) => Some(drllm_router::TemplateSpec {
+                family: family.name().into(),
+                name: t.name().into(),
+                source: t.source().into(),
+            }),
+            Err(e) => {
+                tracing::warn!(family = family.name(), error = %e, "template not recorded in the package");
+                None
+            }
+        })
+        .collect()
 }
