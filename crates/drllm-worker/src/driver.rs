@@ -86,6 +86,41 @@ pub trait Evaluator {
     }
 }
 
+/// An evaluator from a reward function of (sample id, path), without a model: for tests of the
+/// driver and the distributed run, and for replaying known rewards.
+pub struct RewardFn<F> {
+    num_layers: usize,
+    reward: F,
+}
+
+impl<F: FnMut(&str, &LayerPath) -> f64> RewardFn<F> {
+    /// Paths of `num_layers` blocks rewarded by `reward`.
+    pub fn new(num_layers: usize, reward: F) -> Self {
+        RewardFn { num_layers, reward }
+    }
+}
+
+impl<F: FnMut(&str, &LayerPath) -> f64> Evaluator for RewardFn<F> {
+    fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+
+    fn evaluate(
+        &mut self,
+        items: &[(&PreparedPrompt, &LayerPath)],
+    ) -> Result<Vec<Evaluation>, EvalError> {
+        Ok(items
+            .iter()
+            .map(|(p, path)| Evaluation {
+                reward: (self.reward)(&p.sample_id, path),
+                tokens: vec![],
+                logliks: vec![],
+                reused_blocks: 0,
+            })
+            .collect())
+    }
+}
+
 /// The model's batched evaluator ([`evaluate_batch`]), with a prefix cache shared by the
 /// candidates of every search in flight.
 pub struct ModelEvaluator<'a> {
@@ -375,16 +410,27 @@ mod tests {
         ok as u8 as f64
     }
 
-    /// The reward oracle as an evaluator; any batch holding the sample `poison` fails.
-    #[derive(Default)]
+    /// The reward oracle as an evaluator that records its batches and releases; any batch
+    /// holding the sample `poison` fails.
     struct Oracle {
+        rewards: RewardFn<fn(&str, &LayerPath) -> f64>,
         batches: Vec<usize>,
         forgotten: Vec<String>,
     }
 
+    impl Default for Oracle {
+        fn default() -> Self {
+            Oracle {
+                rewards: RewardFn::new(LAYERS, reward),
+                batches: vec![],
+                forgotten: vec![],
+            }
+        }
+    }
+
     impl Evaluator for Oracle {
         fn num_layers(&self) -> usize {
-            LAYERS
+            self.rewards.num_layers()
         }
 
         fn evaluate(
@@ -395,15 +441,7 @@ mod tests {
             if items.iter().any(|(p, _)| p.sample_id == "poison") {
                 return Err(EvalError::Aborted("poisoned batch".into()));
             }
-            Ok(items
-                .iter()
-                .map(|(p, path)| Evaluation {
-                    reward: reward(&p.sample_id, path),
-                    tokens: vec![],
-                    logliks: vec![],
-                    reused_blocks: 0,
-                })
-                .collect())
+            self.rewards.evaluate(items)
         }
 
         fn forget(&mut self, p: &PreparedPrompt) {

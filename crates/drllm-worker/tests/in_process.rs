@@ -1,5 +1,5 @@
 //! The coordinator, two workers and the Parquet dataset in one process, with a model-free worker
-//! model and a reward oracle in place of the evaluator: leases, reports, fencing and commits end
+//! model and a reward function in place of the evaluator: leases, reports, fencing and commits end
 //! to end in about a second, beside the real-process tests (tests/coordinator.rs at the
 //! workspace root) that run the real binaries and model.
 use std::net::SocketAddr;
@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use drllm_dataset::{read_manifest, read_rows, Manifest, PathRecord};
 use drllm_dist::server::{bind, serve, spawn_actor, Service, ServiceConfig};
 use drllm_dist::{CoordinatorCore, Dataset, LeaseConfig, WorkSample};
-use drllm_eval::{EvalError, EvalOptions, Evaluation, PreparedPrompt, RunConfig, Scoring};
+use drllm_eval::{EvalError, EvalOptions, PreparedPrompt, RunConfig, Scoring};
 use drllm_path::LayerPath;
 use drllm_search::{sample_seed, Search, SearchConfig, SearchResult};
 use drllm_tasks::{data, LoadOptions, RewardMode, Sample, Split, Style, TaskName, Template};
 use drllm_worker::{
-    row, run_remote_with, Evaluator, RemoteOptions, RemoteSummary, RowModel, WorkerModel,
+    row, run_remote_with, RemoteOptions, RemoteSummary, RewardFn, RowModel, WorkerModel,
 };
 
 const LAYERS: usize = 10;
@@ -37,29 +37,6 @@ fn reward(id: &str, p: &LayerPath) -> f64 {
         .enumerate()
         .all(|(l, &c)| c == 1 || (c == 0 && skippable.contains(&l)));
     ok as u8 as f64
-}
-
-struct Oracle;
-
-impl Evaluator for Oracle {
-    fn num_layers(&self) -> usize {
-        LAYERS
-    }
-
-    fn evaluate(
-        &mut self,
-        items: &[(&PreparedPrompt, &LayerPath)],
-    ) -> Result<Vec<Evaluation>, EvalError> {
-        Ok(items
-            .iter()
-            .map(|(p, path)| Evaluation {
-                reward: reward(&p.sample_id, path),
-                tokens: vec![],
-                logliks: vec![],
-                reused_blocks: 0,
-            })
-            .collect())
-    }
 }
 
 /// A worker model without weights: prompts are the sample ids, rows carry no response.
@@ -203,7 +180,7 @@ fn worker(addr: SocketAddr, id: &str, fake: Fake) -> anyhow::Result<RemoteSummar
         prefix_cache_bytes: 0,
         connect_timeout: Duration::from_secs(10),
     };
-    run_remote_with(&fake, |_| Oracle, &o)
+    run_remote_with(&fake, |_| RewardFn::new(LAYERS, reward), &o)
 }
 
 #[test]
