@@ -44,13 +44,13 @@ struct Cli {
     #[command(flatten)]
     search: SearchArgs,
     /// Output directory.
-    #[arg(long)]
+    #[arg(long, env = "DRLLM_OUT")]
     out: PathBuf,
     /// Continue an OUT made with another configuration (committed rows are kept).
     #[arg(long)]
     force: bool,
     /// Local workers to spawn (one per GPU when CUDA is available, else the CPU cores split).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "DRLLM_WORKERS", default_value_t = 1)]
     workers: usize,
     /// Address to serve on; remote workers need a non-loopback one (and a token).
     #[arg(long, env = "DRLLM_LISTEN", default_value = "127.0.0.1:0")]
@@ -59,16 +59,16 @@ struct Cli {
     #[arg(long, env = "DRLLM_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Device of local workers: auto (cuda:i for worker i when GPUs exist, else cpu), cpu, cuda.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, env = "DRLLM_WORKER_DEVICE", default_value = "auto")]
     worker_device: String,
     /// Concurrent searches per worker (= most samples per lease).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "DRLLM_CONCURRENCY", default_value_t = 8)]
     concurrency: usize,
     /// Prefix cache per worker, MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, env = "DRLLM_PREFIX_CACHE_MB", default_value_t = 1024)]
     prefix_cache_mb: usize,
     /// A lease expires after this many seconds without a heartbeat.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, env = "DRLLM_LEASE_TIMEOUT_S", default_value_t = 120)]
     lease_timeout_s: u64,
     /// Rows per Parquet part (buffered rows are also written every --flush-s seconds).
     #[arg(long, default_value_t = 256)]

@@ -8,6 +8,7 @@ pub mod examples;
 pub mod features;
 pub mod margin;
 pub mod metrics;
+pub mod pipeline;
 pub mod trainer;
 pub mod validate;
 

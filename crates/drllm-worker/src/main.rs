@@ -49,7 +49,7 @@ struct Cli {
     #[command(flatten)]
     search: SearchArgs,
     /// Searches in flight at once (candidates per evaluator batch).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, env = "DRLLM_CONCURRENCY", default_value_t = 16)]
     concurrency: usize,
     /// Memory for cached path prefixes (hidden states and KV shared by candidates of one prompt),
     /// in MiB; least recently used entries are evicted. 0 turns prefix sharing off.

@@ -1,0 +1,631 @@
+//! A training run as `drllm-train` performs it, from flags to the written package; the binary
+//! only parses flags and dispatches.
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use drllm_cli::ModelArgs;
+use drllm_router::{Package, PackageManifest, CLASSES};
+use drllm_runtime::LoadedModel;
+
+use crate::features::default_cache_dir;
+use crate::trainer::{evaluate, PAPER_LABELS};
+use crate::{
+    best_epoch, extract_features, load_examples, relabel_by_margin, split_of, train, FeatureCache,
+    LabelMix, MarginCache, MarginRule, RoutedValidation, RowKind, Select, TrainConfig,
+};
+
+/// The flags of a training run (`drllm-train --data ... --out ...`).
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Paths dataset (a drllm-coordinator OUT directory); repeat for several.
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// The model the datasets were searched with (the feature pass and routed validation run
+    /// on --device; the routers themselves train on the CPU).
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Output package directory.
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
+    /// Pooling windows per prompt (every token belongs to one).
+    #[arg(long, default_value_t = 8)]
+    windows: usize,
+    /// Prompts per forward pass of the feature pass.
+    #[arg(long, default_value_t = 8)]
+    feature_batch: usize,
+    /// Feature cache directory.
+    #[arg(long, env = "DRLLM_FEATURE_CACHE")]
+    feature_cache: Option<PathBuf>,
+    /// Do not read or write the feature cache.
+    #[arg(long)]
+    no_feature_cache: bool,
+    /// Fraction of samples held out for validation (by a seeded hash of the sample id).
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+    /// Epochs.
+    #[arg(long, default_value_t = 25)]
+    epochs: usize,
+    /// Examples per step.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Fraction of steps of linear warm-up before the cosine decay.
+    #[arg(long, default_value_t = 0.05)]
+    warmup: f64,
+    /// Focal loss gamma.
+    #[arg(long, default_value_t = 2.0)]
+    focal_gamma: f64,
+    /// Effective-number beta of the class weights.
+    #[arg(long, default_value_t = 0.999)]
+    class_beta: f64,
+    /// Class weights come from the label proportions scaled to this many labels (the paper's
+    /// 126,812), so they stay as flat as the paper's ([0.92, 0.91, 1.18]) at any dataset size;
+    /// 0 uses the raw counts, which on a small dataset is inverse frequency (every router
+    /// learns to skip).
+    #[arg(long, default_value_t = PAPER_LABELS)]
+    class_weight_total: f64,
+    /// Most improved examples (default path wrong, another right) as a share of all examples
+    /// (the paper targets 0.3; with a weak model many are luck); 1 keeps them all. Which ones are
+    /// kept is decided by a seeded hash of the sample id.
+    #[arg(long, default_value_t = 0.3)]
+    max_improved_share: f64,
+    /// Margin-aware labels (cloze rewards): a default-correct prompt is labelled with a cheaper
+    /// correct path only when that path keeps at least this share of the default path's margin
+    /// (the gold choice's log-likelihood minus the best other's), else with the cheapest of its
+    /// other correct paths that does, else all-execute (a fragile prompt). 0 takes any correct
+    /// path, as the search's 0/1 verdict does. Margins are measured once and cached next to the
+    /// features.
+    #[arg(long, default_value_t = 0.0)]
+    label_margin: f64,
+    /// Which epoch is shipped: routed-accuracy (the routers route the held-out prompts; best
+    /// accuracy, then lowest cost) or macro-f1 (teacher-forced validation macro-F1).
+    #[arg(long, default_value = "routed-accuracy")]
+    select: String,
+    /// Measure routed accuracy every N epochs (and at the last); 0 = never (then --select
+    /// macro-f1 is used).
+    #[arg(long, default_value_t = 1)]
+    routed_every: usize,
+    /// Task data for routed validation (the held-out prompts' questions and answers): default
+    /// $DRLLM_DATA, else ../shared/data.
+    #[arg(long, env = "DRLLM_DATA")]
+    task_data: Option<PathBuf>,
+    /// Prompts per forward pass of routed validation.
+    #[arg(long, default_value_t = 16)]
+    routed_batch: usize,
+    /// Train on at most this many of the training examples (a seeded choice by sample id; the
+    /// validation split is untouched): learning curves.
+    #[arg(long)]
+    max_examples: Option<usize>,
+    /// Budgets at which the kept routers route the held-out prompts once more after training
+    /// (comma separated): the package records each one's accuracy and cost and recommends the
+    /// cheapest budget that keeps the baseline's held-out accuracy.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        default_value = "-0.2,0,0.2,0.4,0.6,0.8"
+    )]
+    val_budgets: Vec<f64>,
+    /// Dtype of the weights in the package: f32, or bf16 (half the size, e.g. to ship it).
+    #[arg(long, default_value = "f32")]
+    weights_dtype: String,
+    /// Width of each router's hidden layer.
+    #[arg(long, default_value_t = 128)]
+    router_hidden: usize,
+    /// Seed of the split, initialisation and shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// The package's metrics per epoch, the kept one starred.
+pub fn print_epochs(m: &PackageManifest) {
+    println!(
+        "\nepoch  train loss  val macro-F1  F1 skip/exec/rep   recall skip/exec/rep  cost (gold)   routed acc  cost"
+    );
+    for e in &m.epochs {
+        let routed = match (e.val_routed_accuracy, e.val_routed_cost) {
+            (Some(a), Some(c)) => format!("{a:>10.4}  {c:.2}"),
+            _ => format!("{:>10}", "-"),
+        };
+        println!(
+            "{:>5}{} {:>10.4}  {:>11.4}  {:.3}/{:.3}/{:.3}  {:.3}/{:.3}/{:.3}    {:.2} ({:.2})  {routed}",
+            e.epoch,
+            if e.epoch == m.best_epoch { "*" } else { " " },
+            e.train_loss,
+            e.val_macro_f1,
+            e.val_f1[0],
+            e.val_f1[1],
+            e.val_f1[2],
+            e.val_recall[0],
+            e.val_recall[1],
+            e.val_recall[2],
+            e.val_avg_cost,
+            e.val_gold_cost,
+        );
+    }
+    println!("(* = the epoch in the package; routed acc/cost: held-out prompts routed for real)");
+}
+
+/// The package's held-out routing at every budget drllm-train measured, and the recommended one.
+pub fn print_sweep(m: &PackageManifest) {
+    let d = &m.data;
+    if let (Some(base), Some(sweep)) = (
+        d["routed_val_baseline_accuracy"].as_f64(),
+        d["routed_val_budgets"].as_array(),
+    ) {
+        println!(
+            "\nheld-out prompts by budget (kept epoch; baseline accuracy {base:.4} on {} prompts):",
+            d["routed_val_prompts"]
+        );
+        for s in sweep {
+            let (b, acc, cost) = (
+                s["budget"].as_f64(),
+                s["accuracy"].as_f64(),
+                s["cost"].as_f64(),
+            );
+            if let (Some(b), Some(acc), Some(cost)) = (b, acc, cost) {
+                println!(
+                    "  budget {b:+.2}: accuracy {acc:.4} ({:+.4}), cost {cost:.2}",
+                    acc - base
+                );
+            }
+        }
+        match d["recommended_budget"].as_f64() {
+            Some(b) => println!("recommended budget {b:+.2}"),
+            None => println!("no budget measured keeps the baseline's accuracy"),
+        }
+    }
+}
+
+/// A training run: examples from the paths datasets (label mix, optional margin labels), the
+/// feature pass (cached), training with routed validation, the budget sweep, and the package
+/// written to `--out`; progress on stderr, the summary on stdout.
+pub fn run(a: TrainArgs) -> Result<()> {
+    let Some(out) = a.out.clone() else {
+        bail!("--out is required");
+    };
+    if !(0.0..1.0).contains(&a.val_fraction) {
+        bail!("--val-fraction must be in [0, 1), got {}", a.val_fraction);
+    }
+    if a.windows == 0 || a.epochs == 0 || a.batch_size == 0 {
+        bail!("--windows, --epochs and --batch-size must be positive");
+    }
+    if !(0.0..=1.0).contains(&a.max_improved_share) {
+        bail!(
+            "--max-improved-share must be in [0, 1], got {}",
+            a.max_improved_share
+        );
+    }
+    if !(a.label_margin.is_finite() && a.label_margin >= 0.0) {
+        bail!(
+            "--label-margin must be a share >= 0, got {}",
+            a.label_margin
+        );
+    }
+    if let Some(b) = a.val_budgets.iter().find(|b| !(-1.0..=1.0).contains(*b)) {
+        bail!("--val-budgets: {b} is outside [-1, 1]");
+    }
+    if a.class_weight_total.is_nan() || a.class_weight_total < 0.0 {
+        bail!(
+            "--class-weight-total must be >= 0, got {}",
+            a.class_weight_total
+        );
+    }
+    let weights_kind = match a.weights_dtype.as_str() {
+        "f32" => tch::Kind::Float,
+        "bf16" => tch::Kind::BFloat16,
+        other => bail!("--weights-dtype {other:?}: expected f32 or bf16"),
+    };
+    let mut select = match a.select.as_str() {
+        "routed-accuracy" => Select::RoutedAccuracy,
+        "macro-f1" => Select::MacroF1,
+        other => bail!("--select {other:?}: expected routed-accuracy or macro-f1"),
+    };
+    if a.routed_every == 0 {
+        select = Select::MacroF1;
+    }
+    if out.exists() && !out.join("manifest.json").is_file() {
+        bail!(
+            "{} exists and is not a router package; choose another --out",
+            out.display()
+        );
+    }
+    a.m.device_and_kind()?;
+    let source = a.m.source()?;
+    let fingerprint = source.fingerprint()?;
+    let name = source.name();
+    let model_cfg = source.config()?;
+    let n_layers = model_cfg.num_layers;
+    let mix = LabelMix {
+        max_improved_share: a.max_improved_share,
+        seed: a.seed,
+    };
+    let mut set = load_examples(&a.data, &fingerprint, &name, n_layers, &mix)?;
+
+    // The model is needed for margin labels, routed validation, or the feature pass on a cache
+    // miss.
+    let mut lm = None;
+    let load_model = || -> Result<LoadedModel> { a.m.load_source(source.clone()) };
+    if select == Select::RoutedAccuracy || a.label_margin > 0.0 {
+        lm = Some(load_model()?);
+    }
+    let cache_dir = a.feature_cache.clone().unwrap_or_else(default_cache_dir);
+    let relabelled = match &lm {
+        Some(lm) if a.label_margin > 0.0 => {
+            let dir = drllm_tasks::data::resolve_data_dir(a.task_data.as_deref())?;
+            let mut cache =
+                MarginCache::open((!a.no_feature_cache).then(|| cache_dir.join("margins.jsonl")))?;
+            let bar = drllm_cli::progress_bar(0, "margins");
+            let t = std::time::Instant::now();
+            let r = relabel_by_margin(
+                lm,
+                &mut set,
+                &dir,
+                &MarginRule {
+                    share: a.label_margin,
+                },
+                a.routed_batch,
+                &mut cache,
+                |done, planned| {
+                    bar.set_length(planned as u64);
+                    bar.set_position(done as u64);
+                    // The bar is hidden in logs (nohup, SLURM): a line every 512 margins.
+                    if bar.is_hidden() && done % 512 < a.routed_batch.max(1) * 8 {
+                        tracing::info!(done, planned, "margins measured");
+                    }
+                },
+            )?;
+            bar.finish_and_clear();
+            eprintln!(
+                "--label-margin {}: of {} default-correct rows with a cheaper correct path, {} keep \
+                 the cheapest, {} a dearer one, {} are fragile (all-execute); median default \
+                 margin {:.2}; {} margins measured in {:.1}s",
+                a.label_margin,
+                r.rows,
+                r.cheapest,
+                r.dearer,
+                r.fragile,
+                r.median_baseline_margin,
+                r.computed,
+                t.elapsed().as_secs_f64()
+            );
+            Some(r)
+        }
+        _ => None,
+    };
+    for s in &set.sources {
+        eprintln!(
+            "{}: {} rows, {} examples (reward {}, style {})",
+            s.path.display(),
+            s.rows,
+            s.examples,
+            s.reward,
+            s.style
+        );
+    }
+    let kinds: Vec<String> = set
+        .kinds
+        .iter()
+        .map(|(k, n)| format!("{} {n}", kind_name(*k)))
+        .collect();
+    let labels = set.label_counts();
+    eprintln!(
+        "rows by outcome: {}; improved left out by --max-improved-share {}: {}",
+        kinds.join(", "),
+        a.max_improved_share,
+        set.improved_dropped
+    );
+    let total_labels = labels.iter().sum::<u64>().max(1) as f64;
+    eprintln!(
+        "labels: skip {} ({:.1}%), execute {} ({:.1}%), repeat {} ({:.1}%)",
+        labels[0],
+        100.0 * labels[0] as f64 / total_labels,
+        labels[1],
+        100.0 * labels[1] as f64 / total_labels,
+        labels[2],
+        100.0 * labels[2] as f64 / total_labels
+    );
+    let n = set.examples.len();
+    let (val_idx, mut train_idx): (Vec<usize>, Vec<usize>) =
+        (0..n).partition(|&i| split_of(&set.examples[i].sample_id, a.seed, a.val_fraction));
+    if let Some(m) = a.max_examples.filter(|&m| m < train_idx.len()) {
+        if m == 0 {
+            bail!("--max-examples must be positive");
+        }
+        let dropped = train_idx.len() - m;
+        train_idx.sort_by_key(|&i| {
+            drllm_search::sample_seed(a.seed ^ 0x5eed, &set.examples[i].sample_id)
+        });
+        train_idx.truncate(m);
+        train_idx.sort_unstable();
+        eprintln!("--max-examples {m}: {dropped} training examples left out");
+    }
+    if train_idx.is_empty() {
+        bail!("all {n} examples fell into the validation split; lower --val-fraction");
+    }
+    eprintln!(
+        "{n} examples ({} duplicate prompts dropped): {} train, {} validation | model {name}, {n_layers} blocks",
+        set.duplicates,
+        train_idx.len(),
+        val_idx.len()
+    );
+    if val_idx.is_empty() {
+        tracing::warn!("no validation examples: metrics are computed on the training set");
+    }
+
+    // Feature pass (skipped when the cache has it).
+    let cache = (!a.no_feature_cache).then_some(FeatureCache { dir: cache_dir });
+    let key = FeatureCache::key(&fingerprint, a.windows, &set.examples);
+    let hidden = model_cfg.hidden_size as usize;
+    let t0 = std::time::Instant::now();
+    let cached = cache
+        .as_ref()
+        .and_then(|c| c.get(&key, n, n_layers, a.windows, hidden));
+    let features = match cached {
+        Some(f) => {
+            eprintln!(
+                "features: {n} examples from the cache ({})",
+                cache
+                    .as_ref()
+                    .map(|c| c.file(&key).display().to_string())
+                    .unwrap_or_default()
+            );
+            f
+        }
+        None => {
+            if lm.is_none() {
+                lm = Some(load_model()?);
+            }
+            let lm = lm.as_ref().context("model loaded")?;
+            let fbar = drllm_cli::progress_bar(n as u64, "features");
+            let f = extract_features(lm, &set.examples, a.windows, a.feature_batch, |d| {
+                fbar.set_position(d as u64)
+            })?;
+            fbar.finish_and_clear();
+            let secs = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "features: {n} examples in {secs:.1}s ({:.2} examples/s)",
+                n as f64 / secs.max(1e-9)
+            );
+            if let Some(c) = &cache {
+                c.put(&key, &f)?;
+            }
+            f
+        }
+    };
+    let feat_secs = t0.elapsed().as_secs_f64();
+    let tr = features.select(&train_idx);
+    let va = features.select(&val_idx);
+
+    // Routed validation: every held-out prompt (labelled or not), answered along the routers'
+    // paths.
+    let routed_val = match (&lm, select) {
+        (Some(lm), Select::RoutedAccuracy) => {
+            let held_out: Vec<&crate::Example> = set
+                .examples
+                .iter()
+                .chain(&set.unlabelled)
+                .filter(|e| split_of(&e.sample_id, a.seed, a.val_fraction))
+                .collect();
+            if held_out.is_empty() {
+                bail!("no held-out prompts for routed validation: raise --val-fraction or use --select macro-f1");
+            }
+            let dir = drllm_tasks::data::resolve_data_dir(a.task_data.as_deref())?;
+            let t = std::time::Instant::now();
+            let v = RoutedValidation::new(lm, &set, &held_out, &dir, a.windows, a.routed_batch)?;
+            eprintln!(
+                "routed validation: {} held-out prompts, baseline accuracy {:.4} ({:.1}s)",
+                v.len(),
+                v.baseline_accuracy,
+                t.elapsed().as_secs_f64()
+            );
+            Some(v)
+        }
+        _ => None,
+    };
+
+    // Training.
+    let cfg = TrainConfig {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        warmup: a.warmup,
+        focal_gamma: a.focal_gamma,
+        class_beta: a.class_beta,
+        class_weight_total: a.class_weight_total,
+        router_hidden: a.router_hidden,
+        seed: a.seed,
+    };
+    let steps = drllm_cli::progress_bar(0, "steps");
+    let t1 = std::time::Instant::now();
+    let every = a.routed_every.max(1);
+    let trained = train(
+        &tr,
+        &va,
+        &cfg,
+        select,
+        |epoch, routers| match (&routed_val, &lm) {
+            (Some(v), Some(lm)) if epoch % every == 0 || epoch == a.epochs => {
+                v.measure(lm, routers, 0.0).map(Some)
+            }
+            _ => Ok(None),
+        },
+        |s, total| {
+            steps.set_length(total as u64);
+            steps.set_position(s as u64);
+        },
+        |m| {
+            steps.suspend(|| {
+                tracing::info!(
+                    epoch = m.epoch,
+                    loss = format!("{:.4}", m.train_loss),
+                    val_macro_f1 = format!("{:.4}", m.val_macro_f1),
+                    val_cost = format!("{:.2}", m.val_avg_cost),
+                    routed_accuracy = m.val_routed_accuracy.map(|x| format!("{x:.4}")),
+                    routed_cost = m.val_routed_cost.map(|x| format!("{x:.2}")),
+                    "epoch"
+                )
+            });
+        },
+    )?;
+    steps.finish_and_clear();
+    let train_secs = t1.elapsed().as_secs_f64();
+
+    // The majority-class baseline on the same validation examples: every block predicts the
+    // most frequent training label.
+    let scored = if va.is_empty() { &tr } else { &va };
+    let majority = (0..3).max_by_key(|&c| trained.label_counts[c]).unwrap_or(1) as i64;
+    let gold: Vec<i64> = Vec::try_from(scored.labels.flatten(0, -1)).unwrap_or_default();
+    let base = crate::Confusion::from_pairs(&gold, &vec![majority; gold.len()]);
+    let (best_conf, _, _) = evaluate(&trained.routers, scored);
+    let by_f1 = best_epoch(&trained.epochs, Select::MacroF1);
+
+    // The kept routers at several budgets on the held-out prompts: the operating point is chosen
+    // here, on training data, never on the evaluation split.
+    let mut sweep = vec![];
+    if let (Some(v), Some(lm)) = (&routed_val, &lm) {
+        let kept = &trained.epochs[trained.best_epoch - 1];
+        for &b in &a.val_budgets {
+            // Budget 0 was measured during training.
+            let (acc, cost) = match (b, kept.val_routed_accuracy, kept.val_routed_cost) {
+                (0.0, Some(acc), Some(cost)) => (acc, cost),
+                _ => v.measure(lm, &trained.routers, b)?,
+            };
+            sweep.push((b, acc, cost));
+        }
+    }
+    let recommended = routed_val.as_ref().and_then(|v| {
+        sweep
+            .iter()
+            .filter(|s| s.1 >= v.baseline_accuracy)
+            .min_by(|x, y| x.2.total_cmp(&y.2))
+            .map(|s| s.0)
+    });
+
+    let mut manifest = PackageManifest::new(fingerprint, name, trained.routers.shape, a.windows);
+    manifest.label_counts = trained.label_counts;
+    let first = &set.sources[0];
+    manifest.prompts = Some(drllm_router::PromptSpec {
+        reward: first.reward.to_string(),
+        style: first.style.to_string(),
+        templates: templates_of(first),
+    });
+    if let Some(s) = set
+        .sources
+        .iter()
+        .find(|s| s.reward != first.reward || s.style != first.style)
+    {
+        tracing::warn!(
+            "{} was searched with reward {} and style {}, {} with {} and {}: the package records the first",
+            s.path.display(), s.reward, s.style, first.path.display(), first.reward, first.style
+        );
+    }
+    manifest.training = serde_json::json!({
+        "config": cfg,
+        "class_weights": trained.class_weights,
+        "val_fraction": a.val_fraction,
+        "select": a.select,
+        "feature_secs": feat_secs,
+        "train_secs": train_secs,
+    });
+    manifest.data = serde_json::json!({
+        "sources": set.sources.iter().map(|s| serde_json::json!({
+            "path": s.path.display().to_string(), "rows": s.rows, "examples": s.examples,
+            "reward": s.reward.name(), "style": s.style.name()})).collect::<Vec<_>>(),
+        "rows_by_outcome": set.kinds.iter().map(|(k, n)| (kind_name(*k).to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
+        "max_improved_share": a.max_improved_share,
+        "improved_left_out": set.improved_dropped,
+        "label_margin": a.label_margin,
+        "margin_labels": relabelled,
+        "examples": n,
+        "duplicates": set.duplicates,
+        "train": tr.len(),
+        "max_examples": a.max_examples,
+        "val": va.len(),
+        "routed_val_prompts": routed_val.as_ref().map(|v| v.len()),
+        "routed_val_baseline_accuracy": routed_val.as_ref().map(|v| v.baseline_accuracy),
+        "routed_val_budgets": sweep.iter().map(|(b, acc, cost)| serde_json::json!({
+            "budget": b, "accuracy": acc, "cost": cost})).collect::<Vec<_>>(),
+        "recommended_budget": recommended,
+        "majority_class": CLASSES[majority as usize],
+        "majority_baseline_macro_f1": base.macro_f1(),
+    });
+    manifest.epochs = trained.epochs.clone();
+    manifest.best_epoch = trained.best_epoch;
+    let pkg = Package {
+        manifest,
+        routers: trained.routers,
+    };
+    pkg.save_as(&out, weights_kind)
+        .with_context(|| format!("writing the router package {}", out.display()))?;
+    print_epochs(&pkg.manifest);
+    let kept = &pkg.manifest.epochs[pkg.manifest.best_epoch - 1];
+    println!(
+        "\nvalidation macro-F1 {:.4} (epoch {}) vs {:.4} for always-{}",
+        best_conf.macro_f1(),
+        pkg.manifest.best_epoch,
+        base.macro_f1(),
+        CLASSES[majority as usize],
+    );
+    if let (Some(v), Some(acc), Some(cost)) =
+        (&routed_val, kept.val_routed_accuracy, kept.val_routed_cost)
+    {
+        let f1_epoch = &pkg.manifest.epochs[by_f1 - 1];
+        println!(
+            "routed validation ({} prompts): accuracy {acc:.4} at cost {cost:.2}/{n_layers} (baseline {:.4}); the macro-F1 choice (epoch {by_f1}) routes to {}",
+            v.len(),
+            v.baseline_accuracy,
+            match (f1_epoch.val_routed_accuracy, f1_epoch.val_routed_cost) {
+                (Some(a), Some(c)) => format!("accuracy {a:.4} at cost {c:.2}"),
+                _ => "(not measured)".into(),
+            }
+        );
+    }
+    print_sweep(&pkg.manifest);
+    println!("trained in {train_secs:.1}s | package {}", out.display());
+    Ok(())
+}
+
+fn kind_name(k: RowKind) -> &'static str {
+    match k {
+        RowKind::Shortened => "shortened",
+        RowKind::DefaultOnly => "default-only",
+        RowKind::Fragile => "fragile",
+        RowKind::Improved => "improved",
+        RowKind::NoCorrect => "no-correct",
+    }
+}
+
+/// The template of every answer family as the search of `source` rendered its prompts, for the
+/// package (eval refuses routers whose prompts it would render otherwise). A template file the
+/// search named but this machine cannot read is left out, with a warning.
+fn templates_of(source: &crate::SourceInfo) -> Vec<drllm_router::TemplateSpec> {
+    let cfg: drllm_eval::RunConfig = match serde_json::from_value(source.run.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(dataset = %source.path.display(), error = %e, "run configuration unreadable: no templates recorded");
+            return vec![];
+        }
+    };
+    drllm_tasks::Family::ALL
+        .into_iter()
+        .filter_map(|family| match cfg.template(family) {
+            Ok(t) => Some(drllm_router::TemplateSpec {
+                family: family.name().into(),
+                name: t.name().into(),
+                source: t.source().into(),
+            }),
+            Err(e) => {
+                tracing::warn!(family = family.name(), error = %e, "template not recorded in the package");
+                None
+            }
+        })
+        .collect()
+}
