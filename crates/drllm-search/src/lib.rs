@@ -595,9 +595,29 @@ impl Search {
     }
 }
 
+/// One prompt's search as a driver runs it: it asks for the reward of one path at a time and
+/// ends with a result. [`Search`] (MCTS, UCT or chain) is the one drllm ships; a driver generic
+/// over this trait runs any other policy the same way, batched across prompts.
+pub trait PathSearch {
+    /// Advances to the next path that needs a reward, or to the end.
+    fn next_step(&mut self) -> Step;
+    /// Answers the last [`Step::Evaluate`] with the path's reward.
+    fn provide(&mut self, reward: f64);
+}
+
+impl PathSearch for Search {
+    fn next_step(&mut self) -> Step {
+        Search::next_step(self)
+    }
+
+    fn provide(&mut self, reward: f64) {
+        Search::provide(self, reward)
+    }
+}
+
 /// Runs one search to the end with a sequential evaluator.
 pub fn run<E>(
-    mut search: Search,
+    mut search: impl PathSearch,
     mut evaluate: impl FnMut(&LayerPath) -> Result<f64, E>,
 ) -> Result<SearchResult, E> {
     loop {

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 
 use drllm_path::LayerPath;
 use drllm_runtime::{LoadedModel, PrefixCache, PrefixStats};
-use drllm_search::{sample_seed, Search, SearchConfig, SearchResult, Step};
+use drllm_search::{sample_seed, PathSearch, Search, SearchConfig, SearchResult, Step};
 
 use drllm_eval::{evaluate_batch, EvalError, EvalOptions, Evaluation, PreparedPrompt};
 
@@ -162,10 +162,10 @@ impl Evaluator for ModelEvaluator<'_> {
     }
 }
 
-struct Active {
+struct Active<S> {
     index: usize,
     prompt: PreparedPrompt,
-    search: Search,
+    search: S,
 }
 
 /// Where a run's samples come from and where their outcomes go.
@@ -237,13 +237,27 @@ pub fn run_feed<F: Feed>(
     drive(&mut opts.evaluator(lm), feed, opts)
 }
 
-/// Searches the samples of `feed` until it has no more and every search has finished, keeping
-/// up to `opts.concurrency` searches in flight and scoring their candidates with `evaluator`
-/// (`opts.eval` and `opts.prefix_cache_bytes` are the evaluator's business, not read here).
+/// Searches the samples of `feed` with drllm's search ([`Search`] with `opts.search`), scoring
+/// their candidates with `evaluator` (see [`drive_with`]).
 pub fn drive<E: Evaluator, F: Feed>(
     evaluator: &mut E,
     feed: &mut F,
     opts: &DriverOptions,
+) -> Result<RunStats, F::Error> {
+    drive_with(evaluator, feed, opts, |n_layers, seed| {
+        Search::new(n_layers, opts.search.clone(), seed)
+    })
+}
+
+/// Searches the samples of `feed` until it has no more and every search has finished, keeping
+/// up to `opts.concurrency` searches in flight, each made by `new_search(num_layers, seed)`
+/// (the seed derives from `opts.seed` and the sample id), and scoring their candidates with
+/// `evaluator` (`opts.search`, `opts.eval` and `opts.prefix_cache_bytes` are not read here).
+pub fn drive_with<E: Evaluator, F: Feed, S: PathSearch>(
+    evaluator: &mut E,
+    feed: &mut F,
+    opts: &DriverOptions,
+    mut new_search: impl FnMut(usize, u64) -> S,
 ) -> Result<RunStats, F::Error> {
     let mut stats = RunStats::default();
     let n_layers = evaluator.num_layers();
@@ -251,7 +265,7 @@ pub fn drive<E: Evaluator, F: Feed>(
     let mut queue: VecDeque<(usize, Result<PreparedPrompt, EvalError>)> = VecDeque::new();
     let mut received = 0usize;
     let mut exhausted = false;
-    let mut active: Vec<Active> = vec![];
+    let mut active: Vec<Active<S>> = vec![];
     loop {
         if !exhausted && active.len() + queue.len() < concurrency {
             let free = concurrency - active.len() - queue.len();
@@ -281,7 +295,7 @@ pub fn drive<E: Evaluator, F: Feed>(
                 }
                 Some((index, Ok(prompt))) => {
                     let seed = sample_seed(opts.seed, &prompt.sample_id);
-                    let search = Search::new(n_layers, opts.search.clone(), seed);
+                    let search = new_search(n_layers, seed);
                     active.push(Active {
                         index,
                         prompt,
@@ -590,6 +604,95 @@ mod tests {
         // The failed batch was retried one candidate at a time.
         assert!(oracle.batches.contains(&1));
         assert!(oracle.forgotten.contains(&"poison".to_string()));
+    }
+
+    /// A policy outside drllm-search: skip each block alone, in order, and keep the first
+    /// correct one.
+    struct EachSkip {
+        n: usize,
+        next: usize,
+        asked: Option<LayerPath>,
+        evaluations: usize,
+        best: Option<LayerPath>,
+    }
+
+    impl PathSearch for EachSkip {
+        fn next_step(&mut self) -> Step {
+            if let Some(p) = &self.asked {
+                return Step::Evaluate(p.clone());
+            }
+            if self.best.is_some() || self.next == self.n {
+                return Step::Done(SearchResult {
+                    default_reward: 1.0,
+                    found: self.best.is_some(),
+                    improved: false,
+                    best_cost: self.best.as_ref().map(LayerPath::cost),
+                    good_paths: self.best.iter().cloned().collect(),
+                    best_path: self.best.clone(),
+                    simulations: self.evaluations,
+                    evaluations: self.evaluations,
+                    wall_ms: 0,
+                });
+            }
+            let mut counts = vec![1u8; self.n];
+            counts[self.next] = 0;
+            self.next += 1;
+            let p = LayerPath::from_counts(counts).unwrap();
+            self.asked = Some(p.clone());
+            Step::Evaluate(p)
+        }
+
+        fn provide(&mut self, reward: f64) {
+            self.evaluations += 1;
+            let p = self.asked.take();
+            if reward >= 1.0 {
+                self.best = p;
+            }
+        }
+    }
+
+    #[test]
+    fn any_search_policy_runs_batched_across_prompts() {
+        let ids = ids(6);
+        let mut oracle = Oracle::default();
+        let mut out = vec![];
+        let mut feed = ListFeed {
+            prompts: Some(ids.iter().map(|id| Ok(prompt(id))).collect()),
+            on_done: |o| out.push(o),
+        };
+        let new = |n, _seed| EachSkip {
+            n,
+            next: 0,
+            asked: None,
+            evaluations: 0,
+            best: None,
+        };
+        let stats = match drive_with(&mut oracle, &mut feed, &opts(4), new) {
+            Ok(s) => s,
+            Err(never) => match never {},
+        };
+        assert_eq!(out.len(), ids.len());
+        for o in &out {
+            let r = o.result.as_ref().unwrap();
+            // The first block whose skip the oracle accepts, found after that many evaluations.
+            let first = (0..LAYERS)
+                .find(|&l| {
+                    let mut c = vec![1u8; LAYERS];
+                    c[l] = 0;
+                    reward(&o.sample_id, &LayerPath::from_counts(c).unwrap()) >= 1.0
+                })
+                .unwrap();
+            assert_eq!(r.best_path.as_ref().unwrap().counts()[first], 0);
+            assert_eq!(r.evaluations, first + 1);
+        }
+        assert!(oracle.batches.iter().all(|&b| b <= 4));
+        assert_eq!(oracle.batches[0], 4);
+        assert_eq!(
+            stats.evaluations,
+            out.iter()
+                .map(|o| o.result.as_ref().unwrap().evaluations)
+                .sum::<usize>()
+        );
     }
 
     /// A feed that answers from a script, then ends; records what the driver asked.

@@ -8,8 +8,8 @@ pub mod record;
 pub mod remote;
 
 pub use driver::{
-    drive, run_feed, run_searches, DriverOptions, Evaluator, Feed, ModelEvaluator, RewardFn,
-    RunStats, SampleOutcome,
+    drive, drive_with, run_feed, run_searches, DriverOptions, Evaluator, Feed, ModelEvaluator,
+    RewardFn, RunStats, SampleOutcome,
 };
 pub use record::{path_record, question_text, row, RowModel};
 pub use remote::{run_remote, run_remote_with, RemoteOptions, RemoteSummary, WorkerModel};
