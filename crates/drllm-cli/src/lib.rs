@@ -100,10 +100,10 @@ pub struct DataArgs {
     #[command(flatten)]
     pub data_dir: DataDirArgs,
     /// Tasks, comma separated (`arc` = both ARC sets, `dart` = every MATH level).
-    #[arg(long, value_delimiter = ',', value_parser = task_parser())]
+    #[arg(long, env = "DRLLM_DATASET", value_delimiter = ',', value_parser = task_parser())]
     pub dataset: Vec<TaskName>,
     /// Split.
-    #[arg(long, default_value = "train", value_parser = split_parser())]
+    #[arg(long, env = "DRLLM_SPLIT", default_value = "train", value_parser = split_parser())]
     pub split: Split,
     /// Samples per task (after --offset).
     #[arg(long)]

@@ -27,16 +27,16 @@ pub struct SearchArgs {
     /// the question, lm-eval's `acc`), cloze-norm (per character, lm-eval's `acc_norm`), strict
     /// (the paper's letter rule on decoded text), lenient (a leading letter), choice-logits (the
     /// letter's logit after "Answer:"). Math and GSM8K always decode.
-    #[arg(long, default_value = "cloze", value_parser = reward_parser())]
+    #[arg(long, env = "DRLLM_REWARD", default_value = "cloze", value_parser = reward_parser())]
     pub reward: RewardMode,
     /// Token budget of a decoded answer.
     #[arg(long, default_value_t = 10)]
     pub max_new_tokens: usize,
     /// Run seed; each sample's search seed derives from it and the sample id.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "DRLLM_SEED", default_value_t = 0)]
     pub seed: u64,
     /// Simulations per prompt.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, env = "DRLLM_NUM_SIMULATIONS", default_value_t = 50)]
     pub num_simulations: usize,
     /// UCT exploration constant (the paper's code uses 1.8).
     #[arg(long, default_value_t = 0.5)]

@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
-use drllm_cli::{split_parser, task_parser, DataDirArgs};
+use drllm_cli::{split_parser, task_parser, DataDirArgs, LogArgs};
 use drllm_tasks::{data, LoadOptions, Question, RewardMode, Split, TaskName};
 
 #[derive(Parser)]
@@ -16,6 +16,8 @@ use drllm_tasks::{data, LoadOptions, Question, RewardMode, Split, TaskName};
   drllm-data-bench --task arc --split dev --repeats 9"
 )]
 struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
     #[command(flatten)]
     d: DataDirArgs,
     /// Task.
@@ -36,11 +38,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> Result<()> {
     let Cli {
+        log,
         d,
         task,
         split,
         repeats,
     } = Cli::parse();
+    log.init("warn");
     let dir = d.dir()?;
     let (mut parse_rates, mut grade_rates) = (vec![], vec![]);
     let mut rows = 0;

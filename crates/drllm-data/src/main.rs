@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use drllm_cli::{reward_parser, split_parser, task_parser, DataDirArgs};
+use drllm_cli::{reward_parser, split_parser, task_parser, DataDirArgs, LogArgs};
 use drllm_tasks::{data, Family, Gold, LoadOptions, RewardMode, Split, Style, TaskName, Template};
 
 #[derive(Parser)]
@@ -19,6 +19,8 @@ use drllm_tasks::{data, Family, Gold, LoadOptions, RewardMode, Split, Style, Tas
 Run `drllm-data <command> --help` for each command's flags."
 )]
 struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -210,7 +212,9 @@ fn grade(task: TaskName, response: &str, gold: &str, mode: RewardMode, style: &s
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    cli.log.init("warn");
+    match cli.cmd {
         Cmd::Stats { d } => stats(d),
         Cmd::Show(a) => show(a),
         Cmd::Grade {

@@ -2,7 +2,8 @@
 //! path: preparing the prompt ([`prepare`]), scoring candidates in batches with prefix sharing
 //! and early decision ([`evaluate_batch`]), answering along one path per prompt
 //! ([`answer_batch`]), and the typed [`RunConfig`] that fixes how all of it is done for a run.
-//! Kept out of the search worker so inference and training need neither gRPC nor the MCTS.
+//! Kept out of the search worker so inference and training link no gRPC; the search crate comes
+//! along only for `SearchConfig` in the run configuration (it has no libtorch or I/O).
 #![warn(missing_docs)]
 
 pub mod config;

@@ -187,7 +187,7 @@ impl Model {
                 Ok(Generation { outputs, paths })
             }
             Paths::RoutedGrouped { route, batch } => {
-                self.generate_routed_grouped(prompts, route, batch, &opts, until)
+                self.routed_grouped(prompts, route, batch, &opts, until)
             }
         }
     }
@@ -199,7 +199,7 @@ impl Model {
     }
 
     /// [`Paths::RoutedGrouped`].
-    fn generate_routed_grouped(
+    fn routed_grouped(
         &self,
         prompts: &[Vec<u32>],
         route: &mut GroupRouteFn<'_>,

@@ -33,9 +33,7 @@ pub enum Error {
         msg: String,
     },
     /// A task name we do not know.
-    #[error(
-        "unknown task {0:?} (expected arc_easy, arc_challenge, arc, dart-1..dart-5, dart, gsm8k)"
-    )]
+    #[error("unknown task {0:?} (expected one of {names})", names = crate::data::TaskName::NAMES.join(", "))]
     UnknownTask(String),
     /// A split name we do not know.
     #[error("unknown split {0:?} (expected train, dev (= validation) or test)")]

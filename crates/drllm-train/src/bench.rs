@@ -22,6 +22,8 @@ use tch::{Device, Kind, Tensor};
   drllm-train-bench --skip-training --prompts 32      # only the feature pass"
 )]
 struct Cli {
+    #[command(flatten)]
+    log: drllm_cli::LogArgs,
     /// Cached examples to train on.
     #[arg(long, default_value_t = 4000)]
     examples: usize,
@@ -69,6 +71,7 @@ fn matmul_peak() -> f64 {
 
 fn main() -> Result<()> {
     let a = Cli::parse();
+    a.log.init("warn");
     drllm_runtime::keep_freed_memory();
     let peak = matmul_peak();
     println!("f32 matmul rate (median of 5, 2048x3072x1024): {peak:.0} GFLOP/s");

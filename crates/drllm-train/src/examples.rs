@@ -8,7 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use drllm_dataset::{read_manifest, read_rows, DatasetError};
-use drllm_tasks::{add_special_tokens, RewardMode, Style, TaskName};
+use drllm_eval::RunConfig;
+use drllm_tasks::{add_special_tokens, TaskName};
 
 /// Why the datasets cannot be used for training.
 #[derive(Debug, thiserror::Error)]
@@ -115,12 +116,9 @@ pub struct SourceInfo {
     pub rows: usize,
     /// Examples kept from it.
     pub examples: usize,
-    /// The run configuration the search recorded (`config.run` of the manifest).
-    pub run: serde_json::Value,
-    /// Reward mode of the search.
-    pub reward: RewardMode,
-    /// Prompt style of the search.
-    pub style: Style,
+    /// The run configuration the search recorded (`config.run` of the manifest), typed once
+    /// here: reward, style and template decide how its prompts were rendered.
+    pub config: RunConfig,
 }
 
 /// The examples of one or more datasets.
@@ -187,23 +185,14 @@ pub fn load_examples(
             .get("run")
             .cloned()
             .unwrap_or(serde_json::Value::Null);
-        let field = |name: &str, default: &str| -> Result<String, TrainDataError> {
-            match run.get(name) {
-                None => Ok(default.to_string()),
-                Some(v) => v.as_str().map(str::to_string).ok_or_else(|| {
-                    TrainDataError::Empty(format!(
-                        "{}: _manifest.json config.run.{name} is not a string",
-                        dir.display()
-                    ))
-                }),
-            }
-        };
-        // Datasets of older versions record no reward: theirs was lenient.
-        let bad_cfg = |e: drllm_tasks::Error| {
-            TrainDataError::Empty(format!("{}: _manifest.json config.run: {e}", dir.display()))
-        };
-        let reward: RewardMode = field("reward", "lenient")?.parse().map_err(bad_cfg)?;
-        let style: Style = field("style", "instruct")?.parse().map_err(bad_cfg)?;
+        let config: RunConfig = serde_json::from_value(run).map_err(|e| {
+            TrainDataError::Empty(format!(
+                "{}: _manifest.json config.run is not a run configuration this version reads \
+                 ({e}); search it again with this version",
+                dir.display()
+            ))
+        })?;
+        let (reward, style) = (config.reward, config.style);
         let rows = read_rows(dir)?;
         let n = rows.len();
         for r in rows {
@@ -276,9 +265,7 @@ pub fn load_examples(
             path: dir.clone(),
             rows: n,
             examples: 0,
-            run,
-            reward,
-            style,
+            config,
         });
     }
     let total = rows_all.len();
@@ -425,6 +412,18 @@ mod tests {
         }
     }
 
+    /// The run configuration of a cloze search with base prompts.
+    fn run_config() -> RunConfig {
+        RunConfig {
+            style: drllm_tasks::Style::Base,
+            template: None,
+            reward: drllm_tasks::RewardMode::Cloze,
+            max_new_tokens: 10,
+            seed: 0,
+            search: drllm_search::SearchConfig::default(),
+        }
+    }
+
     fn dataset(dir: &std::path::Path) {
         let mut rows = vec![];
         for i in 0..5 {
@@ -437,7 +436,7 @@ mod tests {
         for i in 0..5 {
             rows.push(row(&format!("wrong{i}"), false, None));
         }
-        let cfg = serde_json::json!({"run": {"reward": "cloze", "style": "base"}});
+        let cfg = serde_json::json!({ "run": run_config() });
         let mut ds = Dataset::open(dir, "fp", cfg, false).unwrap();
         ds.commit("arc_easy", &rows).unwrap();
     }
@@ -528,7 +527,7 @@ mod tests {
     #[test]
     fn a_prompt_searched_twice_keeps_the_row_that_says_the_most() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let cfg = serde_json::json!({"run": {"reward": "cloze", "style": "base"}});
+        let cfg = serde_json::json!({ "run": run_config() });
         let mut ds = Dataset::open(a.path(), "fp", cfg.clone(), false).unwrap();
         ds.commit("arc_easy", &[row("x", false, None)]).unwrap();
         let mut ds = Dataset::open(b.path(), "fp", cfg.clone(), false).unwrap();

@@ -305,8 +305,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             s.path.display(),
             s.rows,
             s.examples,
-            s.reward,
-            s.style
+            s.config.reward,
+            s.config.style
         );
     }
     let kinds: Vec<String> = set
@@ -513,18 +513,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
     manifest.label_counts = trained.label_counts;
     let first = &set.sources[0];
     manifest.prompts = Some(drllm_router::PromptSpec {
-        reward: first.reward.to_string(),
-        style: first.style.to_string(),
+        reward: first.config.reward.to_string(),
+        style: first.config.style.to_string(),
         templates: templates_of(first),
     });
     if let Some(s) = set
         .sources
         .iter()
-        .find(|s| s.reward != first.reward || s.style != first.style)
+        .find(|s| s.config.reward != first.config.reward || s.config.style != first.config.style)
     {
         tracing::warn!(
             "{} was searched with reward {} and style {}, {} with {} and {}: the package records the first",
-            s.path.display(), s.reward, s.style, first.path.display(), first.reward, first.style
+            s.path.display(), s.config.reward, s.config.style, first.path.display(), first.config.reward, first.config.style
         );
     }
     manifest.training = serde_json::json!({
@@ -538,7 +538,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     manifest.data = serde_json::json!({
         "sources": set.sources.iter().map(|s| serde_json::json!({
             "path": s.path.display().to_string(), "rows": s.rows, "examples": s.examples,
-            "reward": s.reward.name(), "style": s.style.name()})).collect::<Vec<_>>(),
+            "reward": s.config.reward.name(), "style": s.config.style.name()})).collect::<Vec<_>>(),
         "rows_by_outcome": set.kinds.iter().map(|(k, n)| (kind_name(*k).to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
         "max_improved_share": a.max_improved_share,
         "improved_left_out": set.improved_dropped,
@@ -607,16 +607,9 @@ fn kind_name(k: RowKind) -> &'static str {
 /// package (eval refuses routers whose prompts it would render otherwise). A template file the
 /// search named but this machine cannot read is left out, with a warning.
 fn templates_of(source: &crate::SourceInfo) -> Vec<drllm_router::TemplateSpec> {
-    let cfg: drllm_eval::RunConfig = match serde_json::from_value(source.run.clone()) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(dataset = %source.path.display(), error = %e, "run configuration unreadable: no templates recorded");
-            return vec![];
-        }
-    };
     drllm_tasks::Family::ALL
         .into_iter()
-        .filter_map(|family| match cfg.template(family) {
+        .filter_map(|family| match source.config.template(family) {
             Ok(t) => Some(drllm_router::TemplateSpec {
                 family: family.name().into(),
                 name: t.name().into(),

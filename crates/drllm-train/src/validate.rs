@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use drllm_eval::{answer_batch, prepare, EvalOptions, PathChoice, PreparedPrompt, RunConfig};
+use drllm_eval::{answer_batch, prepare, EvalOptions, PathChoice, PreparedPrompt};
 use drllm_path::LayerPath;
 use drllm_router::{Policy, Routers};
 use drllm_runtime::LoadedModel;
@@ -51,12 +51,7 @@ pub fn prepare_examples(
     let mut opts: Option<EvalOptions> = None;
     for e in examples {
         let src = &set.sources[e.source];
-        let cfg: RunConfig = serde_json::from_value(src.run.clone()).map_err(|err| {
-            data_err(format!(
-                "{}: _manifest.json config.run: {err}",
-                src.path.display()
-            ))
-        })?;
+        let cfg = &src.config;
         let eval = cfg.eval();
         if opts.as_ref().is_some_and(|o| o.mode != eval.mode) {
             return Err(data_err(format!(

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use clap::Parser;
-use drllm_cli::{reward_parser, DataDirArgs, ModelArgs};
+use drllm_cli::{reward_parser, DataDirArgs, LogArgs, ModelArgs};
 use drllm_eval::{evaluate_alone, prepare, EvalOptions, PreparedPrompt};
 use drllm_runtime::ModelConfig;
 use drllm_search::{run, sample_seed, Search, SearchConfig, SearchResult};
@@ -23,6 +23,8 @@ use drllm_worker::{run_searches, DriverOptions, RunStats};
   drllm-worker-bench --limit 8 --skip-alone               # batched engine only"
 )]
 struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
     #[command(flatten)]
     m: ModelArgs,
     #[command(flatten)]
@@ -113,6 +115,7 @@ fn peak_rss_mib() -> f64 {
 
 fn main() -> Result<()> {
     let a = Cli::parse();
+    a.log.init("warn");
     let lm = a.m.load()?;
     let mode = a.reward;
     let dir = a.d.dir()?;

@@ -1,5 +1,5 @@
-//! drllm search worker: many concurrent MCTS searches feeding the batched path evaluator of
-//! `drllm-eval`. `drllm-worker --standalone` runs it in one process; the coordinator
+//! drllm search worker: many concurrent searches (drllm's MCTS, or any `PathSearch`) feeding
+//! the batched path evaluator of `drllm-eval`. `drllm-worker --standalone` runs it in one process; the coordinator
 //! (distributed search) drives the same engine through [`remote`].
 #![warn(missing_docs)]
 

@@ -302,7 +302,8 @@ impl<M: WorkerModel> Feed for RemoteFeed<'_, M> {
             );
         };
         // Every event of this sample's report carries its lease and sample ids.
-        let _span = tracing::info_span!("sample", lease = p.lease_id, id = %p.sample.id).entered();
+        let _span =
+            tracing::info_span!("sample", lease = p.lease_id, sample = %p.sample.id).entered();
         let record = out.result.and_then(|r| {
             let prepared = p
                 .prepared
@@ -376,7 +377,7 @@ pub fn run_remote_with<M: WorkerModel, E: Evaluator>(
     o: &RemoteOptions,
 ) -> Result<RemoteSummary> {
     // Every event of this worker (in its log or a cluster's JSON logs) carries its id.
-    let _span = tracing::info_span!("worker", id = %o.worker_id).entered();
+    let _span = tracing::info_span!("worker", worker = %o.worker_id).entered();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
