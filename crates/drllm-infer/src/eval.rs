@@ -15,7 +15,7 @@ use arrow_array::{
 };
 use drllm_eval::{answer_batch, prepare, EvalOptions, PathChoice, PreparedPrompt};
 use drllm_runtime::{LayerPath, LoadedModel};
-use drllm_tasks::{Family, RewardMode, Style, Template};
+use drllm_tasks::{RewardMode, Style, Template};
 use rand::{Rng, SeedableRng};
 
 use drllm_cli::{DataArgs, ModelArgs};
@@ -323,15 +323,18 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             );
         }
     }
-    let template_for = |family: Family| match &own_template {
-        Some(t) => t.clone(),
-        None => Template::builtin_for(family, style, reward),
-    };
+    // Each task's template, made once.
+    let templates: Vec<Template> = loaded
+        .iter()
+        .map(|(task, _)| match &own_template {
+            Some(t) => t.clone(),
+            None => Template::builtin_for(task.family(), style, reward),
+        })
+        .collect();
     // ... and with the templates they were rendered with.
     if let Some(p) = &trained.prompts {
-        for (task, _) in &loaded {
+        for ((task, _), ours) in loaded.iter().zip(&templates) {
             let family = task.family();
-            let ours = template_for(family);
             let theirs = p.templates.iter().find(|t| t.family == family.name());
             if let Some(t) = theirs.filter(|t| t.source != ours.source()) {
                 bail!(
@@ -351,12 +354,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
     };
     let mut prepared = vec![];
-    for (task, l) in &loaded {
-        let (task, name) = (*task, task.to_string());
-        let template = template_for(task.family());
+    for ((task, l), template) in loaded.iter().zip(&templates) {
+        let name = task.to_string();
         let mut prompts = vec![];
         for s in &l.samples {
-            match prepare(&lm, s, &template, &opts) {
+            match prepare(&lm, s, template, &opts) {
                 Ok(p) => prompts.push(p),
                 Err(e) => {
                     tracing::warn!(task = %name, sample = %s.id, error = %e, "sample skipped")

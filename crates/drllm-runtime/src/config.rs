@@ -34,7 +34,7 @@ pub struct Family {
     pub gguf_permuted_qk: bool,
 }
 
-/// Every family drllm runs.
+/// Every family drllm runs, in the order of [`Arch`]'s variants.
 pub const FAMILIES: [Family; 3] = [
     Family {
         arch: Arch::Llama,
@@ -79,11 +79,8 @@ impl Arch {
 
     /// The family's block traits.
     pub fn family(self) -> &'static Family {
-        // Every variant has its row (checked by a test).
-        FAMILIES
-            .iter()
-            .find(|f| f.arch == self)
-            .unwrap_or(&FAMILIES[0])
+        // Rows are in variant order (checked by a test).
+        &FAMILIES[self as usize]
     }
 }
 

@@ -65,6 +65,19 @@ pub struct RunStats {
     pub prefix_peak_bytes: usize,
 }
 
+impl RunStats {
+    /// Counts one evaluator call: its candidates and their evaluations, in order.
+    fn record(&mut self, items: &[(&PreparedPrompt, &LayerPath)], evals: &[Evaluation]) {
+        self.batches += 1;
+        self.decode_steps += evals.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
+        for ((p, path), e) in items.iter().zip(evals) {
+            self.evaluations += 1;
+            self.work
+                .push((p.ids.len(), path.cost(), e.tokens.len(), e.reused_blocks));
+        }
+    }
+}
+
 /// Scores batches of search candidates.
 pub trait Evaluator {
     /// Blocks of the model: the length of every path.
@@ -80,9 +93,14 @@ pub trait Evaluator {
     /// `prompt`'s search is over: state kept for it can go.
     fn forget(&mut self, _prompt: &PreparedPrompt) {}
 
-    /// Prefix cache counters and the bytes it holds now (zero for evaluators without one).
-    fn prefix(&self) -> (PrefixStats, usize) {
-        (PrefixStats::default(), 0)
+    /// Prefix cache counters (zero for evaluators without a cache).
+    fn prefix_stats(&self) -> PrefixStats {
+        PrefixStats::default()
+    }
+
+    /// Bytes the prefix cache holds now.
+    fn prefix_bytes(&self) -> usize {
+        0
     }
 }
 
@@ -157,8 +175,12 @@ impl Evaluator for ModelEvaluator<'_> {
         self.cache.forget(&prompt.ids);
     }
 
-    fn prefix(&self) -> (PrefixStats, usize) {
-        (self.cache.stats(), self.cache.used_bytes())
+    fn prefix_stats(&self) -> PrefixStats {
+        self.cache.stats()
+    }
+
+    fn prefix_bytes(&self) -> usize {
+        self.cache.used_bytes()
     }
 }
 
@@ -306,7 +328,7 @@ pub fn drive_with<E: Evaluator, F: Feed, S: PathSearch>(
         }
         if active.is_empty() {
             if exhausted && queue.is_empty() {
-                stats.prefix = evaluator.prefix().0;
+                stats.prefix = evaluator.prefix_stats();
                 return Ok(stats);
             }
             continue;
@@ -338,19 +360,11 @@ pub fn drive_with<E: Evaluator, F: Feed, S: PathSearch>(
         let items: Vec<(&PreparedPrompt, &LayerPath)> =
             active.iter().map(|a| &a.prompt).zip(&requests).collect();
         let result = evaluator.evaluate(&items);
-        stats.prefix_peak_bytes = stats.prefix_peak_bytes.max(evaluator.prefix().1);
+        stats.prefix_peak_bytes = stats.prefix_peak_bytes.max(evaluator.prefix_bytes());
         match result {
             Ok(evals) => {
-                stats.batches += 1;
-                stats.decode_steps += evals.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
-                for ((a, path), e) in active.iter_mut().zip(&requests).zip(evals) {
-                    stats.evaluations += 1;
-                    stats.work.push((
-                        a.prompt.ids.len(),
-                        path.cost(),
-                        e.tokens.len(),
-                        e.reused_blocks,
-                    ));
+                stats.record(&items, &evals);
+                for (a, e) in active.iter_mut().zip(evals) {
                     a.search.provide(e.reward);
                 }
             }
@@ -362,15 +376,8 @@ pub fn drive_with<E: Evaluator, F: Feed, S: PathSearch>(
                     let one = [(&active[k].prompt, &requests[k])];
                     match evaluator.evaluate(&one) {
                         Ok(e) => {
-                            stats.batches += 1;
-                            stats.decode_steps += e[0].tokens.len();
-                            stats.evaluations += 1;
-                            let a = &mut active[k];
-                            let (ids, path) = (a.prompt.ids.len(), requests[k].cost());
-                            stats
-                                .work
-                                .push((ids, path, e[0].tokens.len(), e[0].reused_blocks));
-                            a.search.provide(e[0].reward);
+                            stats.record(&one, &e);
+                            active[k].search.provide(e[0].reward);
                             k += 1;
                         }
                         Err(e) => {

@@ -361,19 +361,15 @@ impl<M: WorkerModel> Feed for RemoteFeed<'_, M> {
 
 /// Runs as a coordinator's worker until the run has no work left.
 pub fn run_remote(lm: &LoadedModel, o: &RemoteOptions) -> Result<RemoteSummary> {
-    // The evaluator's options come from the coordinator at registration.
-    run_remote_with(
-        lm,
-        |eval| crate::driver::ModelEvaluator::new(lm, eval.clone(), o.prefix_cache_bytes),
-        o,
-    )
+    // How candidates are scored comes from the coordinator at registration.
+    run_remote_with(lm, |opts| opts.evaluator(lm), o)
 }
 
 /// [`run_remote`] with any model and evaluator: `evaluator` makes the evaluator once the run
 /// configuration (how candidates are scored) is known.
 pub fn run_remote_with<M: WorkerModel, E: Evaluator>(
     lm: &M,
-    evaluator: impl FnOnce(&EvalOptions) -> E,
+    evaluator: impl FnOnce(&DriverOptions) -> E,
     o: &RemoteOptions,
 ) -> Result<RemoteSummary> {
     // Every event of this worker (in its log or a cluster's JSON logs) carries its id.
@@ -442,7 +438,7 @@ pub fn run_remote_with<M: WorkerModel, E: Evaluator>(
         finished: false,
         summary: RemoteSummary::default(),
     };
-    let mut evaluator = evaluator(&feed.eval);
+    let mut evaluator = evaluator(&opts);
     let result = drive(&mut evaluator, &mut feed, &opts);
     hb.abort();
     result?;
