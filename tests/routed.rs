@@ -493,9 +493,15 @@ fn budget_runs_from_all_skip_through_the_routers_to_the_baseline() {
                 .sum::<f64>()
         })
         .collect();
+    // Each decision is monotone in the budget for a given hidden state, but a decision changes
+    // the states later blocks are routed on, so the aggregate may wobble between neighbouring
+    // budgets (seen once: 19.8 then 19.35 of 30 blocks, with thread-dependent rounding): allow
+    // 5% of the budget-0 level, and require the trend.
+    let slack = 0.05 * off[4];
     for w in off.windows(2) {
-        assert!(w[0] <= w[1] + 1e-9, "toward execute: {off:?}\n{out}");
+        assert!(w[0] <= w[1] + slack, "toward execute: {off:?}\n{out}");
     }
+    assert!(off[1] < off[4], "toward execute: {off:?}\n{out}");
     assert!(off[0].abs() < 1e-9, "{off:?}");
     assert_eq!(costs[0], 30.0);
     assert_eq!(routed[0]["accuracy"], t["baseline"]["accuracy"]);
