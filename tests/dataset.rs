@@ -6,19 +6,16 @@ mod common;
 use std::process::Command;
 
 use common::*;
+use drllm::dataset::LayerPath;
 use drllm::dist::{Dataset, PathRecord};
 
 fn record(task: &str, i: usize) -> PathRecord {
     let found = i % 3 != 2;
-    let mut best = vec![1u8; 30];
-    best[i % 30] = 0;
-    best[(i + 5) % 30] = 2;
-    best[(i + 9) % 30] = 0;
-    let layers: Vec<u16> = best
-        .iter()
-        .enumerate()
-        .flat_map(|(l, &c)| std::iter::repeat_n(l as u16, c as usize))
-        .collect();
+    let mut counts = vec![1u8; 30];
+    counts[i % 30] = 0;
+    counts[(i + 5) % 30] = 2;
+    counts[(i + 9) % 30] = 0;
+    let best = LayerPath::from_counts(counts).unwrap();
     PathRecord {
         sample_id: format!("{task}-{i:03}"),
         task: task.into(),
@@ -32,10 +29,8 @@ fn record(task: &str, i: usize) -> PathRecord {
         found,
         improved: found && i % 2 == 1,
         best_path: found.then(|| best.clone()),
-        best_cost: found.then_some(29),
-        best_layers: found.then(|| layers.clone()),
         good_paths: if found {
-            vec![best.clone(), vec![1; 30]]
+            vec![best.clone(), LayerPath::all_ones(30)]
         } else {
             vec![]
         },
@@ -76,10 +71,17 @@ fn pandas_and_polars_read_the_dataset_unchanged() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     all.sort_by(|a, b| (&a.task, &a.sample_id).cmp(&(&b.task, &b.sample_id)));
+    // Every field, and the two columns derived from the best path.
     let expect: Vec<serde_json::Value> = all
         .iter()
-        .map(|r| serde_json::to_value(r).unwrap())
+        .map(|r| {
+            let mut v = serde_json::to_value(r).unwrap();
+            v["best_cost"] = serde_json::json!(r.best_cost());
+            v["best_layers"] = serde_json::json!(r.best_layers());
+            v
+        })
         .collect();
+    assert_eq!(expect[0]["best_cost"], 29);
     for reader in ["pandas", "polars"] {
         let got = &v[reader];
         assert_eq!(got["rows"], all.len(), "{reader}");

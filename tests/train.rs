@@ -326,8 +326,6 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
         r.found = false;
         r.improved = false;
         r.best_path = None;
-        r.best_cost = None;
-        r.best_layers = None;
         r.good_paths.clear();
     });
     let (ok, _, e) = train(&[], &[&none], &pkg, &cache);
@@ -351,16 +349,17 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
         !ok && e.contains("no rows in") && e.contains("run the search first"),
         "{e}"
     );
-    // A label vector of the wrong length.
+    // A label vector of the wrong length: refused where the rows are read, naming the part.
     let short = dir.path().join("short");
     rewritten(&run, &short, |r| {
         if r.best_path.is_some() {
-            r.best_path = Some(vec![1; 12]);
+            r.best_path = Some(drllm::dataset::LayerPath::all_ones(12));
         }
     });
     let (ok, _, e) = train(&[], &[&short], &pkg, &cache);
     assert!(
-        !ok && e.contains("best_path has 12 entries, expected one per block (30)"),
+        !ok && e.contains("short/data/task=arc_easy/part-")
+            && e.contains("best_path has 12 counts, expected 30"),
         "{e}"
     );
     // An output that is not a package is never overwritten; the package is still intact.

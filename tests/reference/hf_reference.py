@@ -9,7 +9,8 @@ summary to stdout. Jobs:
             rows: context/continuation token ids by lm-eval's split, and the summed log-probability
             of each choice's continuation, optionally along layer paths.
   tiny   -- create tiny random models (LLaMA + llama3 RoPE scaling, Qwen2 with biases, Qwen3 with
-            q/k norm; one sharded) in a directory, and their logits along paths.
+            q/k norm, Gemma with its 1 + w norms, scaled embeddings and GELU; one sharded) in a
+            directory, and their logits along paths.
 
 A path is run in transformers the way the paper's code does it -- `model.layers` replaced by the
 list of blocks (repeats reuse the module) -- but WITHOUT a KV cache: a reused block would share
@@ -201,6 +202,10 @@ def tiny_config(arch, vocab):
         from transformers import Qwen3Config
         return Qwen3Config(**common, head_dim=32, tie_word_embeddings=False, attention_bias=False,
                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if arch == "gemma":
+        # Tied embeddings and gelu_pytorch_tanh are GemmaConfig's defaults.
+        from transformers import GemmaConfig
+        return GemmaConfig(**common, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     raise SystemExit(f"unknown arch {arch}")
 
 
@@ -213,10 +218,12 @@ def job_tiny(job, tensors):
         cfg = tiny_config(arch, len(tok))
         cfg._attn_implementation = "sdpa"
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-        # Biases are zero at init; make them matter.
+        # Biases are zero at init; make them matter. Norm scales near 1 (Gemma's weights w
+        # scale as 1 + w, so near 0 there).
+        norm_mean = 0.0 if arch == "gemma" else 1.0
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
-                p.data.normal_(1.0 if "norm" in name else 0.0, 0.1)
+                p.data.normal_(norm_mean if "norm" in name else 0.0, 0.1)
         shard = "40KB" if arch == job.get("sharded") else "10GB"
         model.save_pretrained(target, max_shard_size=shard)
         tok.save_pretrained(target)

@@ -1,16 +1,16 @@
 //! `drllm-coordinator`: loads and checks the task list, serves leases over gRPC to local workers
 //! it spawns (`--workers N`) and remote ones (`--listen`), commits results to the Parquet paths
 //! dataset in OUT, and shows progress. Re-running with the same OUT resumes.
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use drllm_cli::{DataArgs, LogArgs, SearchArgs};
-use drllm_dist::server::{bind, serve, spawn_actor, Service, ServiceConfig};
-use drllm_dist::supervisor::{LocalWorkerSpec, LocalWorkers};
+use drllm_dist::run::{stop_signals, RunSpec, Running};
+use drllm_dist::server::ServiceConfig;
+use drllm_dist::supervisor::LocalWorkerSpec;
 use drllm_dist::{CoordinatorCore, Dataset, LeaseConfig, WorkSample};
 use drllm_runtime::ModelSource;
 
@@ -149,7 +149,7 @@ async fn main() -> Result<()> {
     } else {
         a.workers
     };
-    let svc_cfg = ServiceConfig {
+    let service = ServiceConfig {
         token: a.token.clone(),
         model_fingerprint: fingerprint,
         run_config_json: serde_json::to_string(&run)?,
@@ -157,152 +157,32 @@ async fn main() -> Result<()> {
         lease_timeout: Duration::from_secs(a.lease_timeout_s.max(1)),
         flush_every: Duration::from_secs(a.flush_s.max(1)),
     };
-    let (handle, actor) = spawn_actor(core, &svc_cfg);
-    let (listener, addr) = bind(a.listen)
-        .await
-        .with_context(|| format!("binding {}", a.listen))?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let service = Service::new(handle.clone(), svc_cfg, samples);
-    let farewell = service.farewell();
-    let server = tokio::spawn(serve(service, listener, async {
-        let _ = stop_rx.await;
-    }));
-    tracing::info!(%addr, "serving");
-
-    // Local workers: one per GPU, else the CPU cores split between them.
     let exe = std::env::current_exe()?;
-    let mut children = LocalWorkers::spawn(&LocalWorkerSpec {
-        bin: exe
-            .parent()
-            .map(|d| d.join("drllm-worker"))
-            .context("locating drllm-worker")?,
-        count: workers,
-        device: a.worker_device.clone(),
-        addr,
-        model: a.model.clone(),
-        data_dir: dir.clone(),
-        concurrency: a.concurrency,
-        prefix_cache_mb: a.prefix_cache_mb,
-        token: a.token.clone(),
-        logs: a.out.join("_logs"),
-        log_json: a.log.log_json,
-    })?;
-
-    // Progress until every sample has an outcome, Ctrl-C, or a fatal dataset error.
-    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let multi = indicatif::MultiProgress::new();
-    let bar = multi.add(
-        indicatif::ProgressBar::new(total as u64).with_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} samples [{elapsed} < {eta}] {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        ),
-    );
-    if !interactive {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let mut worker_lines: HashMap<String, indicatif::ProgressBar> = HashMap::new();
-    let mut progress = handle.progress();
-    let started = Instant::now();
-    let base = already.committed + already.failed;
-    let mut last_log = Instant::now();
-    let mut interrupted = false;
-    // Ctrl-C, `kill`, and SLURM's warning before preemption or the time limit all stop the run
-    // the same way: accepted rows are committed, and running again resumes.
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("installing the SIGINT handler")?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    loop {
-        let p = progress.borrow_and_update().clone();
-        if let Some(e) = &p.fatal {
-            bar.abandon();
-            let _ = stop_tx.send(());
-            drop(handle);
-            let _ = actor.await;
-            bail!("the run stopped: {e} (everything committed before is kept)");
-        }
-        let c = p.counts.lease;
-        let done = c.committed + c.failed;
-        bar.set_position(done as u64);
-        let secs = started.elapsed().as_secs_f64();
-        let rate = (done - base.min(done)) as f64 / secs.max(1e-9);
-        let found_rate = p.counts.found as f64 / (c.committed - already.committed).max(1) as f64;
-        bar.set_message(format!(
-            "{rate:.2} samples/s, found {:.0}%, failed {}, leased {}, refused {}",
-            100.0 * found_rate,
-            c.failed,
-            c.leased,
-            p.counts.refused
-        ));
-        for (w, n) in &p.per_worker {
-            let line = worker_lines.entry(w.clone()).or_insert_with(|| {
-                let pb = multi.add(indicatif::ProgressBar::new_spinner());
-                if !interactive {
-                    pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-                }
-                pb
-            });
-            line.set_message(format!("{w}: {n} samples"));
-        }
-        if !interactive && last_log.elapsed() >= Duration::from_secs(10) {
-            last_log = Instant::now();
-            tracing::info!(
-                done,
-                total,
-                failed = c.failed,
-                rate = format!("{rate:.2}"),
-                workers = p.workers,
-                "progress"
-            );
-        }
-        if handle.is_done().await {
-            break;
-        }
-        for (id, status) in children.newly_exited() {
-            tracing::warn!(worker = %id, %status, log = %children.log_of(&id).display(), "local worker exited");
-            handle.worker_gone(&id).await;
-            farewell.gone(&id);
-        }
-        if children.all_exited() && a.listen.ip().is_loopback() {
-            bar.abandon();
-            let _ = stop_tx.send(());
-            drop(handle);
-            let _ = actor.await;
-            bail!(
-                "every local worker exited before the run finished; see the logs in {}",
-                children.logs().display()
-            );
-        }
-        tokio::select! {
-            _ = progress.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = sigint.recv() => {
-                interrupted = true;
-                break;
-            }
-            _ = sigterm.recv() => {
-                interrupted = true;
-                break;
-            }
-        }
-    }
-    bar.finish();
-    if !interrupted {
-        // Keep serving until every registered worker has heard that the run is over (a worker
-        // busy on a lease whose samples others finished asks once it is done), then stop.
-        let deadline = Instant::now() + Duration::from_secs(a.lease_timeout_s.clamp(10, 120));
-        while !farewell.all_told() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        children.wait(deadline).await;
-    }
-    let _ = stop_tx.send(());
-    let _ = server.await;
-    drop(handle);
-    drop(children);
-    let manifest = actor.await.context("the coordinator task panicked")??;
+    let spec = RunSpec {
+        core,
+        samples,
+        service,
+        listen: a.listen,
+        workers: LocalWorkerSpec {
+            bin: exe
+                .parent()
+                .map(|d| d.join("drllm-worker"))
+                .context("locating drllm-worker")?,
+            count: workers,
+            device: a.worker_device.clone(),
+            model: a.model.clone(),
+            data_dir: dir.clone(),
+            concurrency: a.concurrency,
+            prefix_cache_mb: a.prefix_cache_mb,
+            token: a.token.clone(),
+            logs: a.out.join("_logs"),
+            log_json: a.log.log_json,
+        },
+        remote_workers: !a.listen.ip().is_loopback(),
+    };
+    let stop = stop_signals()?;
+    let outcome = Running::start(spec).await?.finish(stop).await?;
+    let (manifest, interrupted) = (outcome.manifest, outcome.interrupted);
     let c = manifest.rows;
     eprintln!(
         "{} in {:.1}s: {c} rows committed, {} samples failed; dataset in {}",
@@ -313,7 +193,7 @@ async fn main() -> Result<()> {
         } else {
             "stopped"
         },
-        started.elapsed().as_secs_f64(),
+        outcome.elapsed.as_secs_f64(),
         manifest.failed.len(),
         a.out.join("data").display()
     );

@@ -25,7 +25,8 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{UInt16Type, UInt32Type, UInt64Type, UInt8Type};
 use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
-use drllm_path::LayerPath;
+/// The path type rows hold (re-exported so readers of rows need not name `drllm-path`).
+pub use drllm_path::LayerPath;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
@@ -123,14 +124,11 @@ pub struct PathRecord {
     pub found: bool,
     /// Whether the default path was wrong and a found path is right.
     pub improved: bool,
-    /// Best path: count per block (0 skip, 1 execute, 2 repeat); `None` if none found.
-    pub best_path: Option<Vec<u8>>,
-    /// Block applications of the best path.
-    pub best_cost: Option<u32>,
-    /// The best path as the list of executed layer indices.
-    pub best_layers: Option<Vec<u16>>,
-    /// Every good path found (counts per block).
-    pub good_paths: Vec<Vec<u8>>,
+    /// Best path (stored as its count per block: 0 skip, 1 execute, 2 repeat; with its cost
+    /// and executed layers as the `best_cost` and `best_layers` columns); `None` if none found.
+    pub best_path: Option<LayerPath>,
+    /// Every good path found, best first.
+    pub good_paths: Vec<LayerPath>,
     /// Simulations run.
     pub simulations: u32,
     /// Distinct path evaluations.
@@ -146,17 +144,21 @@ pub struct PathRecord {
 }
 
 impl PathRecord {
-    /// Sets the path columns from checked layer paths: `best_path`, `best_cost` and
-    /// `best_layers` all derive from `best` here, and nowhere else.
-    pub fn set_paths(&mut self, best: Option<&LayerPath>, good: &[LayerPath]) {
-        self.best_path = best.map(|p| p.counts().to_vec());
-        self.best_cost = best.map(|p| p.cost() as u32);
-        self.best_layers = best.map(|p| p.layer_list().iter().map(|&l| l as u16).collect());
-        self.good_paths = good.iter().map(|p| p.counts().to_vec()).collect();
+    /// Block applications of the best path (the `best_cost` column).
+    pub fn best_cost(&self) -> Option<u32> {
+        self.best_path.as_ref().map(|p| p.cost() as u32)
     }
 
-    /// Checks the row against the model's depth: every path of length `num_layers`, counts in
-    /// {0, 1, 2}, best cost and layers consistent with the best path.
+    /// The best path as the executed layer indices in order (the `best_layers` column).
+    pub fn best_layers(&self) -> Option<Vec<u16>> {
+        self.best_path
+            .as_ref()
+            .map(|p| p.layer_list().iter().map(|&l| l as u16).collect())
+    }
+
+    /// Checks the row against the model's depth: `num_layers` equal to it, every path of that
+    /// many blocks, and a best path whenever the row says one was found. (Counts are valid by
+    /// construction of [`LayerPath`].)
     pub fn validate(&self, num_layers: usize) -> std::result::Result<(), String> {
         if self.num_layers as usize != num_layers {
             return Err(format!(
@@ -164,36 +166,25 @@ impl PathRecord {
                 self.num_layers
             ));
         }
-        let check = |what: &str, p: &[u8]| {
-            if p.len() != num_layers {
+        let check = |what: &str, p: &LayerPath| {
+            if p.num_layers() != num_layers {
                 return Err(format!(
                     "{what} has {} counts, expected {num_layers}",
-                    p.len()
+                    p.num_layers()
                 ));
-            }
-            if let Some(c) = p.iter().find(|&&c| c > 2) {
-                return Err(format!("{what} has count {c}; counts must be 0, 1 or 2"));
             }
             Ok(())
         };
         for p in &self.good_paths {
             check("a good path", p)?;
         }
-        match (&self.best_path, self.best_cost, &self.best_layers) {
-            (Some(p), Some(cost), Some(layers)) => {
-                check("best_path", p)?;
-                let sum: u32 = p.iter().map(|&c| c as u32).sum();
-                if sum != cost || layers.len() != cost as usize {
-                    return Err(format!(
-                        "best_cost {cost} / best_layers ({} entries) do not match best_path (cost {sum})",
-                        layers.len()
-                    ));
-                }
+        match &self.best_path {
+            Some(p) => check("best_path", p),
+            None if self.found || self.improved => {
+                Err("found or improved is true but best_path is null".into())
             }
-            (None, None, None) if !self.found => {}
-            _ => return Err("found, best_path, best_cost and best_layers disagree".into()),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -267,21 +258,21 @@ pub fn to_batch(rows: &[PathRecord]) -> std::result::Result<RecordBatch, String>
         num_layers.append_value(r.num_layers);
         match &r.best_path {
             Some(p) => {
-                best_path.values().append_slice(p);
+                best_path.values().append_slice(p.counts());
                 best_path.append(true);
             }
             None => best_path.append(false),
         }
-        best_cost.append_option(r.best_cost);
-        match &r.best_layers {
+        best_cost.append_option(r.best_cost());
+        match r.best_layers() {
             Some(l) => {
-                best_layers.values().append_slice(l);
+                best_layers.values().append_slice(&l);
                 best_layers.append(true);
             }
             None => best_layers.append(false),
         }
         for p in &r.good_paths {
-            good.values().values().append_slice(p);
+            good.values().values().append_slice(p.counts());
             good.values().append(true);
         }
         good.append(true);
@@ -672,9 +663,20 @@ fn from_batch(b: &RecordBatch, task: &str) -> std::result::Result<Vec<PathRecord
         good.push(paths.into_iter().flatten().collect::<Vec<_>>());
     }
     let req = |v: Option<String>, name: &str| v.ok_or_else(|| format!("null in column {name:?}"));
+    let path = |counts: Vec<u8>, what: &str, i: usize| {
+        LayerPath::from_counts(counts).map_err(|e| format!("row {i}: {what}: {e}"))
+    };
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        out.push(PathRecord {
+        let best_path = best[i]
+            .clone()
+            .map(|c| path(c, "best_path", i))
+            .transpose()?;
+        let good_paths = good[i]
+            .iter()
+            .map(|c| path(c.clone(), "a good path", i))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let row = PathRecord {
             sample_id: req(ids[i].clone(), "sample_id")?,
             task: task.to_string(),
             split: req(splits[i].clone(), "split")?,
@@ -686,17 +688,28 @@ fn from_batch(b: &RecordBatch, task: &str) -> std::result::Result<Vec<PathRecord
             default_correct: dc[i],
             found: found[i],
             improved: improved[i],
-            best_path: best[i].clone(),
-            best_cost: cost[i],
-            best_layers: best_layers[i].clone(),
-            good_paths: good[i].clone(),
+            best_path,
+            good_paths,
             simulations: sims[i].ok_or("null simulations")?,
             evaluations: evals[i].ok_or("null evaluations")?,
             search_ms: ms[i].ok_or("null search_ms")?,
             worker: req(workers[i].clone(), "worker")?,
             seed: seeds[i].ok_or("null seed")?,
             best_response: responses[i].clone(),
-        });
+        };
+        // The derived columns must agree with the stored path (a file edited or written by
+        // another tool may not).
+        if cost[i] != row.best_cost() || best_layers[i] != row.best_layers() {
+            return Err(format!(
+                "row {i} ({}): best_cost {:?} / best_layers do not match best_path (cost {:?})",
+                row.sample_id,
+                cost[i],
+                row.best_cost()
+            ));
+        }
+        row.validate(row.num_layers as usize)
+            .map_err(|e| format!("row {i} ({}): {e}", row.sample_id))?;
+        out.push(row);
     }
     Ok(out)
 }
@@ -933,10 +946,12 @@ impl Dataset {
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures {
     use super::PathRecord;
+    use drllm_path::LayerPath;
 
-    /// A row like a real search outcome (the sample ids are ARC's).
+    /// A row like a real search outcome (the sample ids are ARC's): blocks 7 and 8 skipped.
     pub fn row(task: &str, id: &str, found: bool) -> PathRecord {
-        let best: Vec<u8> = (0..30).map(|l| u8::from(l != 7 && l != 8)).collect();
+        let counts: Vec<u8> = (0..30).map(|l| u8::from(l != 7 && l != 8)).collect();
+        let best = LayerPath::from_counts(counts).expect("counts 0 and 1");
         PathRecord {
             sample_id: id.into(),
             task: task.into(),
@@ -950,10 +965,8 @@ pub mod fixtures {
             found,
             improved: false,
             best_path: found.then(|| best.clone()),
-            best_cost: found.then_some(28),
-            best_layers: found.then(|| (0..30u16).filter(|&l| l != 7 && l != 8).collect()),
             good_paths: if found {
-                vec![best.clone(), vec![1; 30]]
+                vec![best.clone(), LayerPath::all_ones(30)]
             } else {
                 vec![]
             },
@@ -983,21 +996,18 @@ mod tests {
         let mut counts = vec![1u8; 30];
         counts[2] = 0;
         counts[5] = 2;
-        let best = LayerPath::from_counts(counts.clone()).unwrap();
+        r.best_path = Some(LayerPath::from_counts(counts.clone()).unwrap());
         r.found = true;
-        r.set_paths(Some(&best), &[best.clone(), LayerPath::all_ones(30)]);
-        assert_eq!(r.best_path.as_deref(), Some(&counts[..]));
-        assert_eq!(r.best_cost, Some(30));
-        let layers = r.best_layers.clone().unwrap();
+        assert_eq!(r.best_cost(), Some(30));
+        let layers = r.best_layers().unwrap();
         assert_eq!(&layers[..6], &[0, 1, 3, 4, 5, 5]);
-        assert_eq!(r.good_paths.len(), 2);
         assert_eq!(r.validate(30), Ok(()));
-        r.set_paths(None, &[]);
+        let b = to_batch(std::slice::from_ref(&r)).unwrap();
+        let back = from_batch(&b, "arc_easy").unwrap();
+        assert_eq!(back, vec![r.clone()]);
+        r.best_path = None;
         r.found = false;
-        assert_eq!(
-            (r.best_path, r.best_cost, r.best_layers),
-            (None, None, None)
-        );
+        assert_eq!((r.best_cost(), r.best_layers()), (None, None));
     }
 
     #[test]
@@ -1009,14 +1019,53 @@ mod tests {
             .unwrap_err()
             .contains("num_layers"));
         let mut r = row("arc_easy", "a", true);
-        r.good_paths[0][3] = 3;
-        assert!(r.validate(30).unwrap_err().contains("count 3"));
-        let mut r = row("arc_easy", "a", true);
-        r.best_cost = Some(30);
-        assert!(r.validate(30).unwrap_err().contains("best_cost"));
-        let mut r = row("arc_easy", "a", true);
-        r.best_path = Some(vec![1; 29]);
+        r.best_path = Some(LayerPath::all_ones(29));
         assert!(r.validate(30).unwrap_err().contains("29 counts"));
+        let mut r = row("arc_easy", "a", true);
+        r.good_paths.push(LayerPath::all_ones(31));
+        assert!(r.validate(30).unwrap_err().contains("a good path has 31"));
+        let mut r = row("arc_easy", "a", true);
+        r.best_path = None;
+        assert!(r.validate(30).unwrap_err().contains("best_path is null"));
+    }
+
+    /// A part whose columns disagree (edited, or written by another tool) is refused on read,
+    /// naming the file, the row and the column.
+    #[test]
+    fn inconsistent_path_columns_are_refused_on_read() {
+        use arrow_array::UInt32Array;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let mut ds = Dataset::open(&out, "fp", cfg(), false).unwrap();
+        ds.commit("arc_easy", &[row("arc_easy", "a", true)])
+            .unwrap();
+        ds.finish().unwrap();
+        let part = out.join(&read_manifest(&out).unwrap().parts[0].path);
+        let rewrite = |col: &str, values: ArrayRef| {
+            let b = to_batch(&[row("arc_easy", "a", true)]).unwrap();
+            let i = b.schema().index_of(col).unwrap();
+            let mut cols = b.columns().to_vec();
+            cols[i] = values;
+            let b = RecordBatch::try_new(b.schema(), cols).unwrap();
+            let mut w =
+                ArrowWriter::try_new(File::create(&part).unwrap(), b.schema(), None).unwrap();
+            w.write(&b).unwrap();
+            w.close().unwrap();
+            read_rows(&out).unwrap_err().to_string()
+        };
+        let e = rewrite("best_cost", Arc::new(UInt32Array::from(vec![30])));
+        assert!(e.contains(part.to_str().unwrap()), "{e}");
+        assert!(e.contains("row 0 (a): best_cost Some(30)"), "{e}");
+        let mut counts = vec![1u8; 30];
+        counts[4] = 3;
+        let mut best = ListBuilder::new(UInt8Builder::new());
+        best.values().append_slice(&counts);
+        best.append(true);
+        let e = rewrite("best_path", Arc::new(best.finish()));
+        assert!(
+            e.contains("row 0: best_path") && e.contains("count 3"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -316,7 +316,7 @@ pub(crate) mod tests {
         let e = c.report("a", a.id, 0, result(1)).unwrap_err();
         assert!(e.to_string().contains("not the leased sample"), "{e}");
         let mut bad = row("arc_easy", "s0", true);
-        bad.best_path = Some(vec![1; 12]);
+        bad.best_path = Some(drllm_path::LayerPath::all_ones(12));
         let e = c
             .report("a", a.id, 0, Outcome::Record(Box::new(bad)))
             .unwrap_err();

@@ -3,12 +3,13 @@
 //! sample once; it is plain state driven by explicit timestamps, so one task (the coordinator's
 //! actor) can own it and its logic is tested without clocks or sockets. Committed results go to
 //! the paths dataset (crate `drllm-dataset`); the gRPC service and the local worker supervisor
-//! live here.
+//! live here, and [`run`] ties them into one coordinator run.
 #![warn(missing_docs)]
 
 pub mod coordinator;
 pub mod lease;
 pub mod proto;
+pub mod run;
 pub mod server;
 pub mod supervisor;
 

@@ -16,15 +16,13 @@ fn path(counts: &[u8]) -> Path {
     }
 }
 
-/// Counts of a wire path; a count above 2 is refused (it would not fit the dataset's uint8).
+/// Counts of a wire path as bytes (a count that does not fit is refused here; [`LayerPath`]
+/// refuses one above 2).
 fn counts(p: &Path, what: &str) -> Result<Vec<u8>, String> {
     p.counts
         .iter()
         .map(|&c| {
-            u8::try_from(c)
-                .ok()
-                .filter(|&c| c <= 2)
-                .ok_or_else(|| format!("{what} has count {c}; counts must be 0, 1 or 2"))
+            u8::try_from(c).map_err(|_| format!("{what} has count {c}; counts must be 0, 1 or 2"))
         })
         .collect()
 }
@@ -43,9 +41,9 @@ impl From<&PathRecord> for SearchRecord {
             default_correct: r.default_correct,
             found: r.found,
             improved: r.improved,
-            best_path: r.best_path.as_deref().map(path),
-            best_cost: r.best_cost,
-            good_paths: r.good_paths.iter().map(|p| path(p)).collect(),
+            best_path: r.best_path.as_ref().map(|p| path(p.counts())),
+            best_cost: r.best_cost(),
+            good_paths: r.good_paths.iter().map(|p| path(p.counts())).collect(),
             simulations: r.simulations,
             evaluations: r.evaluations,
             search_ms: r.search_ms,
@@ -57,8 +55,9 @@ impl From<&PathRecord> for SearchRecord {
 
 impl SearchRecord {
     /// The dataset row of this record, searched by `worker` (the coordinator fills the worker
-    /// column from the registered id, never from the message). Paths are checked here, once, and
-    /// `best_layers` derived from the best path ([`PathRecord::set_paths`]). Validate the row with [`PathRecord::validate`] before committing it.
+    /// column from the registered id, never from the message). Counts are checked here, once,
+    /// as they become [`LayerPath`]s, and the sent cost against the best path; check the row
+    /// against the model with [`PathRecord::validate`] before committing it.
     pub fn into_row(self, worker: &str) -> Result<PathRecord, String> {
         let num_layers = u16::try_from(self.num_layers)
             .map_err(|_| format!("num_layers {} is out of range", self.num_layers))?;
@@ -75,7 +74,7 @@ impl SearchRecord {
             .iter()
             .map(|p| layer_path(p, "a good path"))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut row = PathRecord {
+        let row = PathRecord {
             sample_id: self.sample_id,
             task: self.task,
             split: self.split,
@@ -87,10 +86,8 @@ impl SearchRecord {
             default_correct: self.default_correct,
             found: self.found,
             improved: self.improved,
-            best_path: None,
-            best_cost: None,
-            best_layers: None,
-            good_paths: vec![],
+            best_path: best,
+            good_paths: good,
             simulations: self.simulations,
             evaluations: self.evaluations,
             search_ms: self.search_ms,
@@ -98,10 +95,13 @@ impl SearchRecord {
             seed: self.seed,
             best_response: self.best_response,
         };
-        row.set_paths(best.as_ref(), &good);
-        // The cost stays as the worker sent it: `validate` refuses a record whose cost
-        // disagrees with its path.
-        row.best_cost = self.best_cost;
+        if self.best_cost != row.best_cost() {
+            return Err(format!(
+                "best_cost {:?} does not match best_path (cost {:?})",
+                self.best_cost,
+                row.best_cost()
+            ));
+        }
         Ok(row)
     }
 }
@@ -156,9 +156,19 @@ mod tests {
         m.good_paths[0].counts[4] = 300;
         let e = m.clone().into_row("w").unwrap_err();
         assert!(e.contains("count 300"), "{e}");
+        m.good_paths[0].counts[4] = 3;
+        let e = m.clone().into_row("w").unwrap_err();
+        assert!(
+            e.contains("a good path: invalid layer path: block 4 has count 3"),
+            "{e}"
+        );
         m.good_paths[0].counts[4] = 1;
         m.best_cost = Some(3);
+        let e = m.clone().into_row("w").unwrap_err();
+        assert!(e.contains("best_cost Some(3) does not match"), "{e}");
+        m.best_cost = Some(27);
+        m.best_path.as_mut().unwrap().counts.pop();
         let r = m.into_row("w").unwrap();
-        assert!(r.validate(30).unwrap_err().contains("best_cost 3"));
+        assert!(r.validate(30).unwrap_err().contains("29 counts"));
     }
 }

@@ -27,8 +27,8 @@ pub enum SupervisorError {
     },
 }
 
-/// How the local workers are started.
-#[derive(Debug, Clone)]
+/// How the local workers are started (the default starts none).
+#[derive(Debug, Clone, Default)]
 pub struct LocalWorkerSpec {
     /// The `drllm-worker` binary.
     pub bin: PathBuf,
@@ -37,8 +37,6 @@ pub struct LocalWorkerSpec {
     /// `cpu`, or anything else (`auto`, `cuda`): one GPU each, round robin, when GPUs exist,
     /// else the CPU.
     pub device: String,
-    /// The coordinator's address.
-    pub addr: SocketAddr,
     /// The model flag workers load (the coordinator checks their fingerprints).
     pub model: String,
     /// The data directory workers read the prompts from.
@@ -83,8 +81,12 @@ pub struct LocalWorkers {
 }
 
 impl LocalWorkers {
-    /// Starts `spec.count` workers (none for a count of 0), ids `local-0`, `local-1`, ...
-    pub fn spawn(spec: &LocalWorkerSpec) -> Result<LocalWorkers, SupervisorError> {
+    /// Starts `spec.count` workers (none for a count of 0), ids `local-0`, `local-1`, ...,
+    /// connecting to the coordinator at `addr`.
+    pub fn spawn(
+        spec: &LocalWorkerSpec,
+        addr: SocketAddr,
+    ) -> Result<LocalWorkers, SupervisorError> {
         let mut children = vec![];
         if spec.count > 0 {
             std::fs::create_dir_all(&spec.logs).map_err(|source| SupervisorError::Log {
@@ -108,7 +110,7 @@ impl LocalWorkers {
             })?;
             let mut cmd = tokio::process::Command::new(&spec.bin);
             cmd.arg("--connect")
-                .arg(format!("http://{}", spec.addr))
+                .arg(format!("http://{addr}"))
                 .args([
                     "--worker-id",
                     &id,
@@ -197,6 +199,11 @@ impl LocalWorkers {
 mod tests {
     use super::*;
 
+    const LOOPBACK: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::LOCALHOST,
+        1,
+    ));
+
     #[test]
     fn gpus_round_robin_and_cpus_split() {
         assert_eq!(placement(0, 3, 2, 16), ("cuda:0".into(), 2));
@@ -214,7 +221,6 @@ mod tests {
             bin: dir.path().join("no-such-worker"),
             count: 1,
             device: "cpu".into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
             model: "embedded".into(),
             data_dir: dir.path().into(),
             concurrency: 1,
@@ -223,9 +229,12 @@ mod tests {
             logs: dir.path().join("_logs"),
             log_json: false,
         };
-        let err = LocalWorkers::spawn(&spec).err().unwrap().to_string();
+        let err = LocalWorkers::spawn(&spec, LOOPBACK)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("no-such-worker"), "{err}");
-        let none = LocalWorkers::spawn(&LocalWorkerSpec { count: 0, ..spec }).unwrap();
+        let none = LocalWorkers::spawn(&LocalWorkerSpec { count: 0, ..spec }, LOOPBACK).unwrap();
         assert!(none.is_empty() && !none.all_exited());
     }
 
@@ -236,7 +245,6 @@ mod tests {
             bin: "/bin/true".into(),
             count: 2,
             device: "cpu".into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
             model: "embedded".into(),
             data_dir: dir.path().into(),
             concurrency: 1,
@@ -245,7 +253,7 @@ mod tests {
             logs: dir.path().join("_logs"),
             log_json: false,
         };
-        let mut w = LocalWorkers::spawn(&spec).unwrap();
+        let mut w = LocalWorkers::spawn(&spec, LOOPBACK).unwrap();
         w.wait(Instant::now() + std::time::Duration::from_secs(5))
             .await;
         let mut seen = w.newly_exited();

@@ -1,5 +1,6 @@
 //! Model configuration: the fields of Hugging Face `config.json` we use (LlamaConfig,
-//! Qwen2Config, Qwen3Config), also built from GGUF metadata so both formats give one struct.
+//! Qwen2Config, Qwen3Config, GemmaConfig), also built from GGUF metadata so both formats give one
+//! struct.
 use std::path::Path;
 
 use serde::Deserialize;
@@ -16,6 +17,35 @@ pub enum Arch {
     Qwen2,
     /// Qwen3: RMS norms on q and k per head.
     Qwen3,
+    /// Gemma (1): norms scale by 1 + w, embeddings by sqrt(hidden), GELU (tanh) MLP.
+    Gemma,
+}
+
+/// The MLP's gate activation (`hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// SiLU (LLaMA, Qwen).
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`, `gelu_new`; Gemma).
+    GeluTanh,
+    /// Exact (erf) GELU (`gelu`).
+    Gelu,
+}
+
+impl Act {
+    fn parse(source: &str, v: &str) -> Result<Self> {
+        match v {
+            "silu" | "swish" => Ok(Act::Silu),
+            "gelu_pytorch_tanh" | "gelu_new" => Ok(Act::GeluTanh),
+            "gelu" => Ok(Act::Gelu),
+            other => Err(Error::Unsupported {
+                source_name: source.to_string(),
+                key: "hidden_act".into(),
+                value: other.to_string(),
+                supported: "silu, swish, gelu, gelu_pytorch_tanh, gelu_new".into(),
+            }),
+        }
+    }
 }
 
 /// What sets a model family's block apart from the LLaMA block, in one place: adding a family
@@ -32,16 +62,33 @@ pub struct Family {
     pub qk_norm: bool,
     /// llama.cpp stores q and k rows permuted for its RoPE layout (undone on load).
     pub gguf_permuted_qk: bool,
+    /// GGUF files of this family are read (else only Hugging Face directories, refused with
+    /// a message saying so).
+    pub gguf: bool,
+    /// RMS norm weights `w` scale as `1 + w`, applied in f32 before the cast back (Gemma).
+    pub norm_one_plus: bool,
+    /// Token embeddings are multiplied by sqrt(hidden_size), rounded to the model's dtype.
+    pub embed_scale: bool,
+    /// The MLP activation when `config.json` names none (and always for GGUF).
+    pub act: Act,
+    /// Whether the LM head is the embedding matrix when `config.json` does not say
+    /// (transformers omits `tie_word_embeddings` when it equals the family's default).
+    pub tied_embeddings: bool,
 }
 
 /// Every family drllm runs, in the order of [`Arch`]'s variants.
-pub const FAMILIES: [Family; 3] = [
+pub const FAMILIES: [Family; 4] = [
     Family {
         arch: Arch::Llama,
         names: &["llama", "smollm", "mistral"],
         qkv_bias: false,
         qk_norm: false,
         gguf_permuted_qk: true,
+        gguf: true,
+        norm_one_plus: false,
+        embed_scale: false,
+        act: Act::Silu,
+        tied_embeddings: false,
     },
     Family {
         arch: Arch::Qwen2,
@@ -49,6 +96,11 @@ pub const FAMILIES: [Family; 3] = [
         qkv_bias: true,
         qk_norm: false,
         gguf_permuted_qk: false,
+        gguf: true,
+        norm_one_plus: false,
+        embed_scale: false,
+        act: Act::Silu,
+        tied_embeddings: false,
     },
     Family {
         arch: Arch::Qwen3,
@@ -56,24 +108,47 @@ pub const FAMILIES: [Family; 3] = [
         qkv_bias: false,
         qk_norm: true,
         gguf_permuted_qk: false,
+        gguf: true,
+        norm_one_plus: false,
+        embed_scale: false,
+        act: Act::Silu,
+        tied_embeddings: false,
+    },
+    // llama.cpp's Gemma files store the norms with the 1 already added; not read yet.
+    Family {
+        arch: Arch::Gemma,
+        names: &["gemma"],
+        qkv_bias: false,
+        qk_norm: false,
+        gguf_permuted_qk: false,
+        gguf: false,
+        norm_one_plus: true,
+        embed_scale: true,
+        act: Act::GeluTanh,
+        tied_embeddings: true,
     },
 ];
 
 impl Arch {
-    fn parse(source: &str, key: &str, v: &str) -> Result<Self> {
-        FAMILIES
-            .iter()
+    /// The family named `v` in `source` (`gguf`: among those whose GGUF files are read).
+    fn parse(source: &str, key: &str, v: &str, gguf: bool) -> Result<Self> {
+        let readable = || FAMILIES.iter().filter(|f| f.gguf || !gguf);
+        readable()
             .find(|f| f.names.contains(&v))
             .map(|f| f.arch)
             .ok_or_else(|| Error::Unsupported {
                 source_name: source.to_string(),
                 key: key.to_string(),
                 value: v.to_string(),
-                supported: FAMILIES
-                    .iter()
+                supported: readable()
                     .flat_map(|f| f.names.iter().copied())
                     .collect::<Vec<_>>()
-                    .join(", "),
+                    .join(", ")
+                    + if gguf && FAMILIES.iter().any(|f| !f.gguf) {
+                        " (GGUF files; also the Hugging Face directories of others)"
+                    } else {
+                        ""
+                    },
             })
     }
 
@@ -131,6 +206,8 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Whether q/k/v (and o, for llama `attention_bias`) carry biases.
     pub attention_bias: bool,
+    /// The MLP activation.
+    pub act: Act,
     /// Context length.
     pub max_position_embeddings: i64,
     /// End-of-sequence ids from the config, if any.
@@ -168,6 +245,7 @@ struct RawConfig {
     rope_parameters: Option<RawRope>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
+    hidden_act: Option<String>,
     max_position_embeddings: Option<i64>,
     eos_token_id: Option<serde_json::Value>,
     bos_token_id: Option<serde_json::Value>,
@@ -233,7 +311,8 @@ impl ModelConfig {
             .model_type
             .as_deref()
             .ok_or_else(|| Error::config(&src, "model_type", "required key is missing"))?;
-        let arch = Arch::parse(&src, "model_type", model_type)?;
+        let arch = Arch::parse(&src, "model_type", model_type, false)?;
+        let family = arch.family();
         let hidden_size = req(raw.hidden_size, "hidden_size")?;
         let num_heads = req(raw.num_attention_heads, "num_attention_heads")?;
         let num_layers = raw
@@ -262,8 +341,12 @@ impl ModelConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            attention_bias: arch.family().qkv_bias || raw.attention_bias.unwrap_or(false),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(family.tied_embeddings),
+            attention_bias: family.qkv_bias || raw.attention_bias.unwrap_or(false),
+            act: match &raw.hidden_act {
+                Some(a) => Act::parse(&src, a)?,
+                None => family.act,
+            },
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             eos_token_ids: raw.eos_token_id.as_ref().map(ids_of).unwrap_or_default(),
             bos_token_id: raw
@@ -279,7 +362,7 @@ impl ModelConfig {
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let src = g.path().display().to_string();
         let arch_name = g.get_str("general.architecture")?;
-        let arch = Arch::parse(&src, "general.architecture", arch_name)?;
+        let arch = Arch::parse(&src, "general.architecture", arch_name, true)?;
         let k = |s: &str| format!("{arch_name}.{s}");
         let int = |s: &str| g.get_u64(&k(s)).map(|v| v as i64);
         let hidden_size = int("embedding_length")?;
@@ -316,6 +399,7 @@ impl ModelConfig {
             rope_scaling: RopeScaling::None,
             tie_word_embeddings: !g.tensors.contains_key("output.weight"),
             attention_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
+            act: arch.family().act,
             max_position_embeddings: int("context_length").unwrap_or(4096),
             eos_token_ids: vec![],
             bos_token_id: None,
@@ -366,17 +450,25 @@ mod tests {
 
     #[test]
     fn every_arch_has_one_family_row() {
-        for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+        for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma] {
             assert_eq!(FAMILIES.iter().filter(|f| f.arch == arch).count(), 1);
             assert_eq!(arch.family().arch, arch);
             for name in arch.family().names {
-                assert_eq!(Arch::parse("x", "model_type", name).unwrap(), arch);
+                assert_eq!(Arch::parse("x", "model_type", name, false).unwrap(), arch);
             }
         }
-        let err = Arch::parse("x", "model_type", "gemma")
+        let err = Arch::parse("x", "model_type", "gemma2", false)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("gemma") && err.contains("qwen3"), "{err}");
+        assert!(err.contains("gemma2") && err.contains("qwen3"), "{err}");
+        // Gemma is read from Hugging Face directories only; a GGUF file of it says so.
+        let err = Arch::parse("x.gguf", "general.architecture", "gemma", true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gemma") && err.contains("Hugging Face directories of others"),
+            "{err}"
+        );
     }
 
     fn write(dir: &Path, v: serde_json::Value) -> std::path::PathBuf {
@@ -404,6 +496,31 @@ mod tests {
         assert_eq!(a.rope_scaling, b.rope_scaling);
         assert_eq!(a.rope_theta, b.rope_theta);
         assert_eq!(a.head_dim, 16);
+    }
+
+    #[test]
+    fn family_defaults_fill_what_config_json_leaves_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = serde_json::json!({"model_type":"gemma","hidden_size":64,"intermediate_size":96,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":1,"head_dim":16,
+            "vocab_size":100});
+        let g = ModelConfig::from_hf_json(&write(dir.path(), base.clone())).unwrap();
+        assert!(g.tie_word_embeddings, "GemmaConfig ties by default");
+        assert_eq!(g.act, Act::GeluTanh);
+        let mut v = base.clone();
+        v["hidden_act"] = "gelu".into();
+        v["tie_word_embeddings"] = false.into();
+        let g = ModelConfig::from_hf_json(&write(dir.path(), v)).unwrap();
+        assert_eq!((g.act, g.tie_word_embeddings), (Act::Gelu, false));
+        let mut v = base.clone();
+        v["model_type"] = "llama".into();
+        let l = ModelConfig::from_hf_json(&write(dir.path(), v.clone())).unwrap();
+        assert_eq!((l.act, l.tie_word_embeddings), (Act::Silu, false));
+        v["hidden_act"] = "relu2".into();
+        let msg = ModelConfig::from_hf_json(&write(dir.path(), v))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("hidden_act") && msg.contains("relu2"), "{msg}");
     }
 
     #[test]

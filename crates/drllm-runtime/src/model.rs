@@ -1,13 +1,14 @@
-//! Decoder-only transformer (LLaMA family, Qwen2/2.5, Qwen3) on libtorch.
+//! Decoder-only transformer (LLaMA family, Qwen2/2.5, Qwen3, Gemma) on libtorch.
 //!
-//! Mirrors transformers' `models/llama/modeling_llama.py`, `models/qwen2/modeling_qwen2.py` and
-//! `models/qwen3/modeling_qwen3.py`: tensors are loaded by their Hugging Face names, RMSNorm
-//! computes in f32 like `LlamaRMSNorm`, RoPE uses the rotate-half convention (GGUF q/k rows are
-//! un-permuted by the weight source). The loop over blocks along a path lives in
-//! [`crate::exec`], nowhere else.
+//! Mirrors transformers' `models/{llama,qwen2,qwen3,gemma}/modeling_*.py`: one block definition
+//! whose family differences are the traits of [`crate::config::Family`] (q/k/v biases, q/k
+//! norms, norm scaling, embedding scale, activation). Tensors are loaded by their Hugging Face
+//! names, RMSNorm computes in f32 like `LlamaRMSNorm` (or `GemmaRMSNorm`), RoPE uses the
+//! rotate-half convention (GGUF q/k rows are un-permuted by the weight source). The loop over
+//! blocks along a path lives in [`crate::exec`], nowhere else.
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{ModelConfig, RopeScaling};
+use crate::config::{Act, ModelConfig, RopeScaling};
 use crate::error::Result;
 use crate::weights::WeightSource;
 
@@ -59,18 +60,54 @@ impl Linear {
     }
 }
 
-/// RMSNorm as `LlamaRMSNorm`: normalise in f32, cast back, then scale.
-pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
-    let kind = x.kind();
-    if kind == Kind::Float {
-        // Same formula in one fused kernel (no casts needed in f32).
-        let d = x.size()[x.dim() - 1];
-        return x.rms_norm([d], Some(w), eps);
+/// An RMS norm's scale: as `LlamaRMSNorm` (normalise in f32, cast back, then scale by `w`) or,
+/// for families with [`crate::config::Family::norm_one_plus`], as `GemmaRMSNorm` (scale by
+/// `1 + w` in f32, then cast back).
+pub(crate) struct Norm {
+    /// `w`, in the model's dtype; or `1 + w` in f32.
+    scale: Tensor,
+    in_f32: bool,
+}
+
+impl Norm {
+    fn load(
+        ws: &dyn WeightSource,
+        name: &str,
+        d: i64,
+        one_plus: bool,
+        kind: Kind,
+        dev: Device,
+    ) -> Result<Self> {
+        if one_plus {
+            let w = ws.load_shaped(name, &[d], Kind::Float, dev)?;
+            Ok(Norm {
+                scale: w + 1.0,
+                in_f32: true,
+            })
+        } else {
+            Ok(Norm {
+                scale: ws.load_shaped(name, &[d], kind, dev)?,
+                in_f32: false,
+            })
+        }
     }
-    let xf = x.to_kind(Kind::Float);
-    let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-    let normed = (xf * (var + eps).rsqrt()).to_kind(kind);
-    w * normed
+
+    pub(crate) fn forward(&self, x: &Tensor, eps: f64) -> Tensor {
+        let kind = x.kind();
+        if kind == Kind::Float {
+            // The same formula in one fused kernel (no casts needed in f32).
+            let d = x.size()[x.dim() - 1];
+            return x.rms_norm([d], Some(&self.scale), eps);
+        }
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = xf * (var + eps).rsqrt();
+        if self.in_f32 {
+            (normed * &self.scale).to_kind(kind)
+        } else {
+            &self.scale * normed.to_kind(kind)
+        }
+    }
 }
 
 fn rotate_half(x: &Tensor) -> Tensor {
@@ -82,14 +119,14 @@ fn rotate_half(x: &Tensor) -> Tensor {
 
 /// One decoder block.
 pub(crate) struct Block {
-    in_norm: Tensor,
+    in_norm: Norm,
     /// q, k and v projections fused (split sizes `qkv_split`).
     qkv: Linear,
     qkv_split: [i64; 3],
     o: Linear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    post_norm: Tensor,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    post_norm: Norm,
     /// gate and up projections fused (each `intermediate_size` wide).
     gate_up: Linear,
     down: Linear,
@@ -138,8 +175,11 @@ pub struct Model {
     /// Resolved configuration.
     pub cfg: ModelConfig,
     embed: Tensor,
+    /// Embeddings are multiplied by this (sqrt(hidden) in the model's dtype) when the family
+    /// scales them.
+    embed_scale: Option<Tensor>,
     pub(crate) blocks: Vec<Block>,
-    norm: Tensor,
+    norm: Norm,
     lm_head: Tensor,
     inv_freq: Tensor,
     device: Device,
@@ -192,16 +232,19 @@ impl Model {
             kind,
             device,
         )?;
+        let family = cfg.arch.family();
+        let one_plus = family.norm_one_plus;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
-            let norm =
-                |n: &str, d: i64| ws.load_shaped(&format!("{p}.{n}.weight"), &[d], kind, device);
+            let norm = |n: &str, d: i64| {
+                Norm::load(ws, &format!("{p}.{n}.weight"), d, one_plus, kind, device)
+            };
             let lin = |n: &str, o: i64, inp: i64, bias: bool| {
                 Linear::load(ws, &format!("{p}.{n}"), o, inp, bias, kind, device)
             };
             let qkv_bias = cfg.attention_bias;
-            let qk_norm = cfg.arch.family().qk_norm;
+            let qk_norm = family.qk_norm;
             blocks.push(Block {
                 in_norm: norm("input_layernorm", h)?,
                 qkv: Linear::fuse(vec![
@@ -229,7 +272,12 @@ impl Model {
                 down: lin("mlp.down_proj", h, i, false)?,
             });
         }
-        let norm = ws.load_shaped("model.norm.weight", &[h], kind, device)?;
+        let norm = Norm::load(ws, "model.norm.weight", h, one_plus, kind, device)?;
+        let embed_scale = family.embed_scale.then(|| {
+            Tensor::from((h as f64).sqrt())
+                .to_kind(kind)
+                .to_device(device)
+        });
         let lm_head = if cfg.tie_word_embeddings && !ws.contains("lm_head.weight") {
             embed.shallow_clone()
         } else {
@@ -239,6 +287,7 @@ impl Model {
         Ok(Model {
             cfg,
             embed,
+            embed_scale,
             blocks,
             norm,
             lm_head,
@@ -270,11 +319,15 @@ impl Model {
     }
 
     pub(crate) fn embed(&self, ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed, ids, -1, false, false)
+        let e = Tensor::embedding(&self.embed, ids, -1, false, false);
+        match &self.embed_scale {
+            Some(s) => e * s,
+            None => e,
+        }
     }
 
     pub(crate) fn final_norm(&self, h: &Tensor) -> Tensor {
-        rms_norm(h, &self.norm, self.cfg.rms_norm_eps)
+        self.norm.forward(h, self.cfg.rms_norm_eps)
     }
 
     /// Logits (f32) for final-normed hidden states (as returned by [`crate::PathBatch::prefill`]).
@@ -307,14 +360,14 @@ impl Block {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps;
-        let h = rms_norm(x, &self.in_norm, eps);
+        let h = self.in_norm.forward(x, eps);
         let qkv = self.qkv.forward(&h).split_with_sizes(self.qkv_split, -1);
         let mut q = qkv[0].view([b, t, nh, hd]);
         let mut k = qkv[1].view([b, t, nkv, hd]);
         let v = qkv[2].view([b, t, nkv, hd]).transpose(1, 2);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = rms_norm(&q, qn, eps);
-            k = rms_norm(&k, kn, eps);
+            q = qn.forward(&q, eps);
+            k = kn.forward(&k, eps);
         }
         let q = q.transpose(1, 2);
         let k = k.transpose(1, 2);
@@ -334,9 +387,14 @@ impl Block {
         *kv = Some((k, v));
         let attn = attn.transpose(1, 2).reshape([b, t, nh * hd]);
         let x = x + self.o.forward(&attn);
-        let h = rms_norm(&x, &self.post_norm, eps);
+        let h = self.post_norm.forward(&x, eps);
         let gu = self.gate_up.forward(&h).chunk(2, -1);
-        let mlp = self.down.forward(&(gu[0].silu() * &gu[1]));
+        let gate = match cfg.act {
+            Act::Silu => gu[0].silu(),
+            Act::GeluTanh => gu[0].gelu("tanh"),
+            Act::Gelu => gu[0].gelu("none"),
+        };
+        let mlp = self.down.forward(&(gate * &gu[1]));
         x + mlp
     }
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use drllm_dataset::{read_manifest, read_rows, DatasetError};
 use drllm_eval::RunConfig;
+use drllm_path::LayerPath;
 use drllm_tasks::{add_special_tokens, TaskName};
 
 /// Why the datasets cannot be used for training.
@@ -216,6 +217,8 @@ pub fn load_examples(
                 .parse::<TaskName>()
                 .map_err(|e| bad(e.to_string()))?
                 .family();
+            // Paths are checked where the rows are read (their counts, and one per block of
+            // the row's `num_layers`, which matched this model above).
             let (kind, path) = match &r.best_path {
                 None if r.found || r.default_correct => {
                     return Err(bad(
@@ -224,28 +227,19 @@ pub fn load_examples(
                 }
                 None => (RowKind::NoCorrect, vec![]),
                 Some(path) => {
-                    if path.len() != num_layers {
-                        return Err(bad(format!(
-                            "best_path has {} entries, expected one per block ({num_layers})",
-                            path.len()
-                        )));
-                    }
-                    if let Some(c) = path.iter().find(|&&c| c > 2) {
-                        return Err(bad(format!("best_path holds {c}; counts are 0, 1 or 2")));
-                    }
                     let kind = match (r.default_correct, r.found) {
                         (false, _) => RowKind::Improved,
                         (true, true) => RowKind::Shortened,
                         (true, false) => RowKind::DefaultOnly,
                     };
-                    (kind, path.clone())
+                    (kind, path.counts().to_vec())
                 }
             };
             let mut candidates: Vec<Vec<u8>> = vec![];
-            for p in std::iter::once(&path).chain(&r.good_paths) {
-                let fits = p.len() == num_layers && p.iter().all(|&c| c <= 2);
-                if fits && !p.iter().all(|&c| c == 1) && !candidates.contains(p) {
-                    candidates.push(p.clone());
+            let paths = r.best_path.iter().chain(&r.good_paths);
+            for p in paths.map(LayerPath::counts) {
+                if !p.iter().all(|&c| c == 1) && !candidates.iter().any(|c| c == p) {
+                    candidates.push(p.to_vec());
                 }
             }
             candidates.sort_by_key(|p| p.iter().map(|&c| c as usize).sum::<usize>());
@@ -387,6 +381,7 @@ mod tests {
     /// correct path (None: nothing correct).
     fn row(id: &str, default: bool, best: Option<Vec<u8>>) -> PathRecord {
         let found = best.as_ref().is_some_and(|b| b != &vec![1u8; 4]);
+        let best = best.map(|b| LayerPath::from_counts(b).unwrap());
         PathRecord {
             sample_id: id.into(),
             task: "arc_easy".into(),
@@ -399,8 +394,6 @@ mod tests {
             default_correct: default,
             found,
             improved: !default && best.is_some(),
-            best_cost: best.as_ref().map(|b| b.iter().map(|&c| c as u32).sum()),
-            best_layers: None,
             good_paths: best.iter().cloned().collect(),
             best_path: best,
             simulations: 10,

@@ -78,7 +78,7 @@ pub fn row(
     seed: u64,
     best_response: Option<String>,
 ) -> PathRecord {
-    let mut row = PathRecord {
+    PathRecord {
         sample_id: sample.id.clone(),
         task: sample.task.to_string(),
         split: split.to_string(),
@@ -90,17 +90,13 @@ pub fn row(
         default_correct: r.default_reward >= 1.0,
         found: r.found,
         improved: r.improved,
-        best_path: None,
-        best_cost: None,
-        best_layers: None,
-        good_paths: vec![],
+        best_path: r.best_path.clone(),
+        good_paths: r.good_paths.clone(),
         simulations: r.simulations as u32,
         evaluations: r.evaluations as u32,
         search_ms: r.wall_ms,
         worker: worker.to_string(),
         seed,
         best_response,
-    };
-    row.set_paths(r.best_path.as_ref(), &r.good_paths);
-    row
+    }
 }

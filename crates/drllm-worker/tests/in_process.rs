@@ -4,10 +4,12 @@
 //! workspace root) that run the real binaries and model.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use drllm_dataset::{read_manifest, read_rows, Manifest, PathRecord};
-use drllm_dist::server::{bind, serve, spawn_actor, Service, ServiceConfig};
+use drllm_dist::run::{RunSpec, Running};
+use drllm_dist::server::ServiceConfig;
+use drllm_dist::supervisor::LocalWorkerSpec;
 use drllm_dist::{CoordinatorCore, Dataset, LeaseConfig, WorkSample};
 use drllm_eval::{EvalError, EvalOptions, PreparedPrompt, RunConfig, Scoring};
 use drllm_path::LayerPath;
@@ -111,8 +113,9 @@ fn run_config() -> RunConfig {
     }
 }
 
-/// Serves a run over `samples` into `out` until every sample has an outcome and every worker
-/// has heard so; returns the address (as soon as it is bound) and the final manifest.
+/// Serves a run over `samples` into `out` (the coordinator's library run, without local workers)
+/// until every sample has an outcome and every worker has heard so; returns the address (as soon
+/// as it is bound) and the final manifest.
 fn coordinator(
     out: PathBuf,
     samples: Vec<WorkSample>,
@@ -143,27 +146,23 @@ fn coordinator(
                 lease_timeout: Duration::from_secs(30),
                 flush_every: Duration::from_secs(1),
             };
-            let (handle, actor) = spawn_actor(core, &cfg);
-            let (listener, addr) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-            tx.send(addr).unwrap();
-            let service = Service::new(handle.clone(), cfg, samples);
-            let farewell = service.farewell();
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(serve(service, listener, async {
-                let _ = stop_rx.await;
-            }));
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !handle.is_done().await {
-                assert!(Instant::now() < deadline, "the run did not finish");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            while !farewell.all_told() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let _ = stop_tx.send(());
-            server.await.unwrap().unwrap();
-            drop(handle);
-            actor.await.unwrap().unwrap()
+            let spec = RunSpec {
+                core,
+                samples,
+                service: cfg,
+                listen: "127.0.0.1:0".parse().unwrap(),
+                workers: LocalWorkerSpec {
+                    count: 0,
+                    ..LocalWorkerSpec::default()
+                },
+                remote_workers: true,
+            };
+            let running = Running::start(spec).await.unwrap();
+            tx.send(running.addr()).unwrap();
+            let stop = tokio::time::sleep(Duration::from_secs(60));
+            let outcome = running.finish(stop).await.unwrap();
+            assert!(!outcome.interrupted, "the run did not finish in 60 s");
+            outcome.manifest
         })
     });
     (rx.recv().unwrap(), thread)

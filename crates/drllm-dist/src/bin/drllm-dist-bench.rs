@@ -42,7 +42,9 @@ fn run_grpc(a: &Cli, workers: usize) -> Result<f64> {
         sample_result, LeaseRequest, RegisterRequest, ReportRequest, SampleResult, SearchRecord,
         PROTOCOL_VERSION,
     };
-    use drllm_dist::server::{bind, serve, spawn_actor, Service, ServiceConfig};
+    use drllm_dist::run::{RunSpec, Running};
+    use drllm_dist::server::ServiceConfig;
+    use drllm_dist::supervisor::LocalWorkerSpec;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let dir = tempfile::tempdir()?;
@@ -68,16 +70,16 @@ fn run_grpc(a: &Cli, workers: usize) -> Result<f64> {
             lease_timeout: Duration::from_secs(60),
             flush_every: Duration::from_secs(30),
         };
-        let (handle, actor) = spawn_actor(core, &scfg);
-        let (listener, addr) = bind("127.0.0.1:0".parse()?).await?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(
-            Service::new(handle.clone(), scfg, samples),
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let running = Running::start(RunSpec {
+            core,
+            samples,
+            service: scfg,
+            listen: "127.0.0.1:0".parse()?,
+            workers: LocalWorkerSpec::default(),
+            remote_workers: true,
+        })
+        .await?;
+        let addr = running.addr();
         let start = Instant::now();
         let mut tasks = vec![];
         for w in 0..workers {
@@ -132,10 +134,7 @@ fn run_grpc(a: &Cli, workers: usize) -> Result<f64> {
             t.await??;
         }
         let secs = start.elapsed().as_secs_f64();
-        let _ = stop.send(());
-        let _ = server.await;
-        drop(handle);
-        let m = actor.await??;
+        let m = running.finish(std::future::pending()).await?.manifest;
         anyhow::ensure!(
             m.rows == a.samples && m.complete,
             "not every sample committed"
@@ -162,14 +161,10 @@ fn work(n: usize) -> Vec<WorkSample> {
 /// A row shaped like a real ARC search outcome on a 30-block model.
 fn record(s: &WorkSample, i: usize) -> PathRecord {
     let found = !i.is_multiple_of(3);
-    let mut best = vec![1u8; 30];
-    best[i % 30] = 0;
-    best[(i + 7) % 30] = 0;
-    let layers: Vec<u16> = best
-        .iter()
-        .enumerate()
-        .flat_map(|(l, &c)| std::iter::repeat_n(l as u16, c as usize))
-        .collect();
+    let mut counts = vec![1u8; 30];
+    counts[i % 30] = 0;
+    counts[(i + 7) % 30] = 0;
+    let best = drllm_path::LayerPath::from_counts(counts).expect("counts 0 and 1");
     PathRecord {
         sample_id: s.sample_id.clone(),
         task: s.task.clone(),
@@ -182,10 +177,8 @@ fn record(s: &WorkSample, i: usize) -> PathRecord {
         default_correct: i.is_multiple_of(2),
         found,
         improved: false,
-        best_path: found.then(|| best.clone()),
-        best_cost: found.then_some(28),
-        best_layers: found.then_some(layers),
         good_paths: if found { vec![best.clone()] } else { vec![] },
+        best_path: found.then_some(best),
         simulations: 50,
         evaluations: 40,
         search_ms: 5000,
