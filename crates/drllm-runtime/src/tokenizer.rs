@@ -19,6 +19,7 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A tokenizer with the special tokens and chat template of its model.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     source: String,
@@ -269,6 +270,18 @@ impl Tokenizer {
         self.inner
             .decode(ids, true)
             .map_err(|e| tok_err(&self.source, e))
+    }
+
+    /// Decodes ids to text, special tokens kept (so that re-encoding gives the ids back).
+    pub fn decode_keep_special(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| tok_err(&self.source, e))
+    }
+
+    /// The text of one token, special tokens included (as OpenAI's `logprobs.tokens` show it).
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
     }
 
     /// Ids that end generation: EOS plus any extra stop ids, deduplicated.

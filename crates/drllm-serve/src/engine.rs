@@ -1,0 +1,703 @@
+//! The model thread. Requests queue on a bounded channel and join the running batch at step
+//! boundaries: each newcomer group is prefilled (along the all-execute path, or routed once per
+//! prompt by the routers at its budget), then concatenated with the rows already decoding, each
+//! row keeping its own path and KV caches. Finished rows (stop token, stop string, token budget,
+//! client gone) leave the batch at once. Events stream back to each request's handler.
+use std::collections::HashMap;
+
+use drllm_router::Policy;
+use drllm_runtime::{LayerPath, LoadedModel, PathBatch};
+use rand::{Rng, SeedableRng};
+use tch::{Kind, Tensor};
+use tokio::sync::mpsc;
+
+/// How a request's path is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Route {
+    /// Every block once (the unrouted model).
+    AllExecute,
+    /// The server's routers, at this budget (decided once per request, during prefill).
+    Budget(f64),
+}
+
+impl Route {
+    fn key(self) -> Option<u64> {
+        match self {
+            Route::AllExecute => None,
+            Route::Budget(b) => Some(b.to_bits()),
+        }
+    }
+}
+
+/// Temperature sampling with optional nucleus (top-p) filtering; temperature 0 is greedy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy (the argmax, first on ties, as the runtime's own greedy decoding).
+    pub temperature: f64,
+    /// Keep the most probable tokens whose probabilities sum to at least this (1 = all).
+    pub top_p: f64,
+    /// Seed of this request's random stream (`None`: from the OS).
+    pub seed: Option<u64>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: None,
+        }
+    }
+}
+
+/// One prompt to complete.
+#[derive(Debug)]
+pub struct Job {
+    /// Token ids, scored and continued exactly as given (no BOS added).
+    pub prompt: Vec<u32>,
+    /// Most new tokens (0: score the prompt only).
+    pub max_tokens: usize,
+    /// Send the prompt's tokens with their log-probabilities first ([`Event::Prompt`]).
+    pub echo: bool,
+    /// Log-probabilities wanted, with this many alternatives per position (`None`: none).
+    pub logprobs: Option<usize>,
+    /// How tokens are drawn.
+    pub sampling: Sampling,
+    /// Strings that end the completion (not included in its text).
+    pub stop: Vec<String>,
+    /// How the path is chosen.
+    pub route: Route,
+    /// Where this job's events go; a closed receiver (the client left) ends the job.
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// A token with its log-probability under the model (`None` for a prompt's first token) and
+/// the most probable alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// Token id.
+    pub id: u32,
+    /// Its log-probability.
+    pub logprob: Option<f32>,
+    /// The top alternatives `(id, logprob)`, most probable first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop token or stop string.
+    Stop,
+    /// The token budget.
+    Length,
+}
+
+impl Finish {
+    /// OpenAI's `finish_reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// What a job reports, in order: the prompt (with echo), text deltas, then `Done` (or
+/// `Failed`).
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The prompt's tokens; log-probabilities when the job asked for them.
+    Prompt(Vec<TokenLogprob>),
+    /// New text, and the tokens generated since the last delta (log-probabilities filled when
+    /// asked for).
+    Delta {
+        /// Text (a stop string and anything after it never appear).
+        text: String,
+        /// The tokens.
+        tokens: Vec<TokenLogprob>,
+    },
+    /// The end.
+    Done {
+        /// Why.
+        finish: Finish,
+        /// The path the request took.
+        path: LayerPath,
+        /// Tokens generated (up to a stop token, which is not counted).
+        completion_tokens: usize,
+    },
+    /// The job could not run; `client` says whether the request was at fault.
+    Failed {
+        /// What went wrong.
+        message: String,
+        /// A bad request (400) rather than a server error (500).
+        client: bool,
+    },
+}
+
+/// Limits of the running batch.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Most rows decoding together.
+    pub max_batch: usize,
+    /// Most tokens (prompt + new) of all rows together: bounds the KV caches.
+    pub max_batch_tokens: usize,
+}
+
+/// The server's routers: the package's policy at the default budget, and one per other budget
+/// asked for (made on first use; they share the router weights).
+pub struct Routers {
+    default: Policy,
+    others: HashMap<u64, Policy>,
+}
+
+impl Routers {
+    /// Routers from a policy loaded (and checked against the model) at the default budget.
+    pub fn new(default: Policy) -> Routers {
+        Routers {
+            default,
+            others: HashMap::new(),
+        }
+    }
+
+    /// The default budget.
+    pub fn default_budget(&self) -> f64 {
+        self.default.budget()
+    }
+
+    fn policy(&mut self, budget: f64) -> Result<&Policy, String> {
+        if budget.to_bits() == self.default.budget().to_bits() {
+            return Ok(&self.default);
+        }
+        if !self.others.contains_key(&budget.to_bits()) {
+            let p = Policy::new(
+                self.default.routers.snapshot(),
+                self.default.windows,
+                budget,
+            )
+            .map_err(|e| e.to_string())?;
+            self.others.insert(budget.to_bits(), p);
+        }
+        self.others
+            .get(&budget.to_bits())
+            .ok_or_else(|| "no policy".to_string())
+    }
+}
+
+/// A row of the running batch.
+struct Row {
+    job: Job,
+    path: LayerPath,
+    rng: rand::rngs::StdRng,
+    /// Tokens generated so far, and their log-probabilities when asked for.
+    tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    /// Bytes of the decoded text and tokens already sent.
+    sent_text: usize,
+    sent_tokens: usize,
+    /// Set once the row has ended.
+    finish: Option<Finish>,
+    /// It ended at a stop string (its text is cut there; nothing held back is sent).
+    at_stop_string: bool,
+}
+
+impl Row {
+    fn new(job: Job, path: LayerPath) -> Row {
+        let rng = match job.sampling.seed {
+            Some(s) => rand::rngs::StdRng::seed_from_u64(s),
+            None => rand::rngs::StdRng::from_os_rng(),
+        };
+        Row {
+            job,
+            path,
+            rng,
+            tokens: vec![],
+            logprobs: vec![],
+            sent_text: 0,
+            sent_tokens: 0,
+            finish: None,
+            at_stop_string: false,
+        }
+    }
+
+    fn tokens_held(&self) -> usize {
+        self.job.prompt.len() + self.tokens.len()
+    }
+}
+
+/// Runs the model thread until every sender of `jobs` is dropped and the batch is empty.
+pub fn run(
+    lm: LoadedModel,
+    mut routers: Option<Routers>,
+    mut jobs: mpsc::Receiver<Job>,
+    cfg: EngineConfig,
+) {
+    let _g = tch::no_grad_guard();
+    let stop_ids = lm.stop_ids();
+    let mut batch: Option<PathBatch<'_>> = None;
+    let mut rows: Vec<Row> = vec![];
+    // A job that did not fit the token bound waits here for the next step.
+    let mut waiting: Option<Job> = None;
+    loop {
+        // Admit: block when idle, else take what is queued, up to the limits.
+        let mut new: Vec<Job> = vec![];
+        let mut held: usize = rows.iter().map(Row::tokens_held).sum();
+        if rows.is_empty() && waiting.is_none() {
+            match jobs.blocking_recv() {
+                Some(j) => waiting = Some(j),
+                None => return,
+            }
+        }
+        loop {
+            if rows.len() + new.len() >= cfg.max_batch.max(1) {
+                break;
+            }
+            let Some(j) = waiting.take().or_else(|| jobs.try_recv().ok()) else {
+                break;
+            };
+            if j.events.is_closed() {
+                continue;
+            }
+            let need = j.prompt.len() + j.max_tokens;
+            // A job alone over the bound still runs (the bound would otherwise starve it).
+            if held + need > cfg.max_batch_tokens && !(rows.is_empty() && new.is_empty()) {
+                waiting = Some(j);
+                break;
+            }
+            held += need;
+            new.push(j);
+        }
+        if !new.is_empty() {
+            match admit(&lm, routers.as_mut(), new, &stop_ids) {
+                Ok(Some((b, mut new_rows))) => {
+                    let joined = match batch.take() {
+                        Some(running) => PathBatch::concat(vec![running, b]),
+                        None => Ok(b),
+                    };
+                    match joined {
+                        Ok(j) => {
+                            batch = Some(j);
+                            rows.extend(new_rows);
+                        }
+                        Err(e) => {
+                            let msg = format!("joining the batch: {e}");
+                            fail_all(&mut rows, &msg);
+                            fail_all(&mut new_rows, &msg);
+                            rows.clear();
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!("prefill failed: {e}"),
+            }
+        }
+        // Rows that ended (at prefill, or at the last step) leave the batch.
+        let keep: Vec<usize> = (0..rows.len())
+            .filter(|&i| rows[i].finish.is_none() && !rows[i].job.events.is_closed())
+            .collect();
+        if keep.len() != rows.len() {
+            let mut old = std::mem::take(&mut rows);
+            for (i, r) in old.iter_mut().enumerate() {
+                if !keep.contains(&i) {
+                    finish(r, &lm);
+                }
+            }
+            rows = old
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| keep.contains(i))
+                .map(|(_, r)| r)
+                .collect();
+            batch = match (batch.take(), keep.is_empty()) {
+                (Some(mut b), false) => match b.retain(&keep) {
+                    Ok(()) => Some(b),
+                    Err(e) => {
+                        fail_all(&mut rows, &format!("shrinking the batch: {e}"));
+                        rows.clear();
+                        None
+                    }
+                },
+                _ => None,
+            };
+        }
+        let Some(b) = batch.as_mut() else {
+            continue;
+        };
+        // One decode step for every row.
+        let feed: Vec<u32> = rows
+            .iter()
+            .map(|r| r.tokens.last().copied().unwrap_or(0))
+            .collect();
+        let logits = match b.decode_step(&feed) {
+            Ok(l) => l,
+            Err(e) => {
+                fail_all(&mut rows, &format!("decoding: {e}"));
+                rows.clear();
+                batch = None;
+                continue;
+            }
+        };
+        if let Err(e) = accept_step(&lm, &mut rows, &logits, &stop_ids) {
+            fail_all(&mut rows, &e);
+            rows.clear();
+            batch = None;
+        }
+    }
+}
+
+/// Prefills `jobs` in groups of one route each; returns their joined batch and rows, each row
+/// with its first token accepted (or finished already).
+fn admit<'m>(
+    lm: &'m LoadedModel,
+    mut routers: Option<&mut Routers>,
+    jobs: Vec<Job>,
+    stop_ids: &[u32],
+) -> Result<Option<(PathBatch<'m>, Vec<Row>)>, String> {
+    let mut groups: Vec<(Route, Vec<Job>)> = vec![];
+    for j in jobs {
+        match groups.iter_mut().find(|(r, _)| r.key() == j.route.key()) {
+            Some((_, g)) => g.push(j),
+            None => groups.push((j.route, vec![j])),
+        }
+    }
+    let n = lm.model.num_layers();
+    let (mut parts, mut all_rows) = (vec![], vec![]);
+    for (route, group) in groups {
+        let prompts: Vec<Vec<u32>> = group.iter().map(|j| j.prompt.clone()).collect();
+        let prefilled = match route {
+            Route::AllExecute => {
+                let paths = vec![LayerPath::all_ones(n); group.len()];
+                PathBatch::new(&lm.model, &paths)
+                    .and_then(|mut b| b.prefill(&prompts).map(|h| (b, h)))
+                    .map_err(|e| (e.to_string(), false))
+            }
+            Route::Budget(budget) => match routers.as_deref_mut() {
+                None => Err(("this server has no routers".to_string(), true)),
+                Some(r) => match r.policy(budget) {
+                    Err(e) => Err((e, true)),
+                    Ok(policy) => {
+                        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+                        let mut b = PathBatch::new_routed(&lm.model, group.len());
+                        let mut route = |l: usize, h: &Tensor| policy.decide(l, h, &lens);
+                        b.prefill_routed(&prompts, &mut route)
+                            .map(|h| (b, h))
+                            .map_err(|e| (e.to_string(), false))
+                    }
+                },
+            },
+        };
+        let (b, h) = match prefilled {
+            Ok(x) => x,
+            Err((msg, client)) => {
+                for j in group {
+                    let _ = j.events.send(Event::Failed {
+                        message: msg.clone(),
+                        client,
+                    });
+                }
+                continue;
+            }
+        };
+        let mut rows: Vec<Row> = group
+            .into_iter()
+            .zip(b.paths().to_vec())
+            .map(|(j, p)| Row::new(j, p))
+            .collect();
+        if let Err(e) = prompt_events(lm, &mut rows, &h) {
+            for r in &mut rows {
+                fail(r, &e, false);
+            }
+            continue;
+        }
+        let t = h.size()[1];
+        let last = lm.model.logits(&h.select(1, t - 1));
+        // Rows that only score their prompt take no token.
+        for r in rows.iter_mut().filter(|r| r.job.max_tokens == 0) {
+            r.finish = Some(Finish::Length);
+        }
+        accept_step(lm, &mut rows, &last, stop_ids)?;
+        parts.push(b);
+        all_rows.extend(rows);
+    }
+    if parts.is_empty() {
+        return Ok(None);
+    }
+    let joined = PathBatch::concat(parts).map_err(|e| e.to_string())?;
+    Ok(Some((joined, all_rows)))
+}
+
+/// Sends each echo row its prompt's tokens (with log-probabilities when asked for), from the
+/// prefill's final hidden states `h` `[B, T, H]` (left-padded).
+fn prompt_events(lm: &LoadedModel, rows: &mut [Row], h: &Tensor) -> Result<(), String> {
+    let t = h.size()[1];
+    for (i, r) in rows.iter_mut().enumerate() {
+        if !r.job.echo {
+            continue;
+        }
+        let p = &r.job.prompt;
+        let mut out: Vec<TokenLogprob> = p
+            .iter()
+            .map(|&id| TokenLogprob {
+                id,
+                logprob: None,
+                top: vec![],
+            })
+            .collect();
+        if let (Some(k), true) = (r.job.logprobs, p.len() > 1) {
+            let len = p.len() as i64;
+            let logits = lm
+                .model
+                .logits(&h.get(i as i64).narrow(0, t - len, len - 1));
+            let lp = logits.log_softmax(-1, Kind::Float);
+            let ids: Vec<i64> = p[1..].iter().map(|&x| x as i64).collect();
+            let idx = Tensor::from_slice(&ids).to_device(lp.device()).unsqueeze(1);
+            let chosen = Vec::<f32>::try_from(
+                lp.gather(1, &idx, false)
+                    .squeeze_dim(1)
+                    .to_device(tch::Device::Cpu),
+            )
+            .map_err(|e| e.to_string())?;
+            let tops = top_k(&lp, k)?;
+            for (pos, (c, top)) in chosen.into_iter().zip(tops).enumerate() {
+                out[pos + 1].logprob = Some(c);
+                out[pos + 1].top = top;
+            }
+        }
+        let _ = r.job.events.send(Event::Prompt(out));
+    }
+    Ok(())
+}
+
+/// The `k` most probable `(id, logprob)` of each row of `lp` `[N, V]`.
+fn top_k(lp: &Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>, String> {
+    let n = lp.size()[0] as usize;
+    if k == 0 {
+        return Ok(vec![vec![]; n]);
+    }
+    let (v, i) = lp.topk(k as i64, -1, true, true);
+    let v = Vec::<f32>::try_from(v.to_device(tch::Device::Cpu).reshape([-1]))
+        .map_err(|e| e.to_string())?;
+    let i = Vec::<i64>::try_from(i.to_device(tch::Device::Cpu).reshape([-1]))
+        .map_err(|e| e.to_string())?;
+    Ok((0..n)
+        .map(|r| {
+            (0..k)
+                .map(|j| (i[r * k + j] as u32, v[r * k + j]))
+                .collect()
+        })
+        .collect())
+}
+
+/// Draws each unfinished row's next token from `logits` `[B, V]` (rows in batch order) and
+/// applies it: stop token, text, stop strings, token budget.
+fn accept_step(
+    lm: &LoadedModel,
+    rows: &mut [Row],
+    logits: &Tensor,
+    stop_ids: &[u32],
+) -> Result<(), String> {
+    let greedy = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(tch::Device::Cpu))
+        .map_err(|e| e.to_string())?;
+    let want_lp = rows.iter().any(|r| r.job.logprobs.is_some());
+    let lp = want_lp.then(|| logits.log_softmax(-1, Kind::Float));
+    for (i, r) in rows.iter_mut().enumerate() {
+        if r.finish.is_some() {
+            continue;
+        }
+        let s = r.job.sampling;
+        let tok = if s.temperature <= 0.0 {
+            greedy[i] as u32
+        } else {
+            let row = Vec::<f32>::try_from(logits.get(i as i64).to_device(tch::Device::Cpu))
+                .map_err(|e| e.to_string())?;
+            sample(&row, &s, &mut r.rng)
+        };
+        if let (Some(k), Some(lp)) = (r.job.logprobs, &lp) {
+            let row = lp.get(i as i64);
+            let logprob = row.double_value(&[tok as i64]) as f32;
+            let top = top_k(&row.unsqueeze(0), k)?.pop().unwrap_or_default();
+            r.logprobs.push(TokenLogprob {
+                id: tok,
+                logprob: Some(logprob),
+                top,
+            });
+        }
+        if stop_ids.contains(&tok) {
+            r.logprobs.truncate(r.tokens.len());
+            r.finish = Some(Finish::Stop);
+            continue;
+        }
+        r.tokens.push(tok);
+        emit(r, lm);
+        if r.finish.is_none() && r.tokens.len() >= r.job.max_tokens {
+            r.finish = Some(Finish::Length);
+        }
+    }
+    Ok(())
+}
+
+/// Sends the row's new text (holding back what could be the start of a stop string), or ends
+/// it at a stop string.
+fn emit(r: &mut Row, lm: &LoadedModel) {
+    let text = lm.tokenizer.decode(&r.tokens).unwrap_or_default();
+    let mut end = text.len();
+    if let Some(pos) = r
+        .job
+        .stop
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+    {
+        end = pos;
+        r.finish = Some(Finish::Stop);
+        r.at_stop_string = true;
+    } else {
+        // An incomplete character, or a suffix that may grow into a stop string, waits.
+        if text.ends_with('\u{FFFD}') {
+            end -= '\u{FFFD}'.len_utf8();
+        }
+        let held = r
+            .job
+            .stop
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&k| s.is_char_boundary(k) && text[..end].ends_with(&s[..k]))
+                    .max()
+            })
+            .max()
+            .unwrap_or(0);
+        end -= held;
+    }
+    if end > r.sent_text && text.is_char_boundary(end) && text.is_char_boundary(r.sent_text) {
+        let delta = text[r.sent_text..end].to_string();
+        let tokens = new_tokens(r);
+        r.sent_text = end;
+        let _ = r.job.events.send(Event::Delta {
+            text: delta,
+            tokens,
+        });
+    }
+}
+
+fn new_tokens(r: &mut Row) -> Vec<TokenLogprob> {
+    let from = r.sent_tokens;
+    r.sent_tokens = r.tokens.len();
+    (from..r.tokens.len())
+        .map(|i| {
+            r.logprobs.get(i).cloned().unwrap_or(TokenLogprob {
+                id: r.tokens[i],
+                logprob: None,
+                top: vec![],
+            })
+        })
+        .collect()
+}
+
+/// Sends what a finished row still holds back, then `Done`.
+fn finish(r: &mut Row, lm: &LoadedModel) {
+    if !r.at_stop_string {
+        // A stop token or the budget ended it: text held back for a possible stop string is
+        // final now.
+        let text = lm.tokenizer.decode(&r.tokens).unwrap_or_default();
+        if text.len() > r.sent_text && text.is_char_boundary(r.sent_text) {
+            let delta = text[r.sent_text..].to_string();
+            let tokens = new_tokens(r);
+            r.sent_text = text.len();
+            let _ = r.job.events.send(Event::Delta {
+                text: delta,
+                tokens,
+            });
+        }
+    }
+    let _ = r.job.events.send(Event::Done {
+        finish: r.finish.unwrap_or(Finish::Stop),
+        path: r.path.clone(),
+        completion_tokens: r.tokens.len(),
+    });
+}
+
+fn fail(r: &mut Row, msg: &str, client: bool) {
+    r.finish = Some(Finish::Stop);
+    let _ = r.job.events.send(Event::Failed {
+        message: msg.to_string(),
+        client,
+    });
+}
+
+fn fail_all(rows: &mut [Row], msg: &str) {
+    tracing::error!("{msg}");
+    for r in rows {
+        fail(r, msg, false);
+    }
+}
+
+/// A token drawn from `logits / temperature`, restricted to the top-p nucleus.
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
+    let t = s.temperature.max(1e-6);
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut p: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i, ((l as f64 - max) / t).exp()))
+        .collect();
+    let total: f64 = p.iter().map(|x| x.1).sum();
+    if s.top_p < 1.0 {
+        p.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut acc = 0.0;
+        let mut keep = p.len();
+        for (n, x) in p.iter().enumerate() {
+            acc += x.1 / total;
+            if acc >= s.top_p {
+                keep = n + 1;
+                break;
+            }
+        }
+        p.truncate(keep.max(1));
+    }
+    let total: f64 = p.iter().map(|x| x.1).sum();
+    let mut u = rng.random::<f64>() * total;
+    for &(i, w) in &p {
+        if u < w {
+            return i as u32;
+        }
+        u -= w;
+    }
+    p.last().map_or(0, |x| x.0 as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_follows_temperature_and_top_p() {
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: None,
+        };
+        let mut counts = [0usize; 4];
+        for _ in 0..20000 {
+            counts[sample(&logits, &s, &mut rng) as usize] += 1;
+        }
+        // softmax(2, 1, 0, -1) = 0.644, 0.237, 0.087, 0.032
+        let share = |i: usize| counts[i] as f64 / 20000.0;
+        assert!((share(0) - 0.644).abs() < 0.02, "{counts:?}");
+        assert!((share(3) - 0.032).abs() < 0.01, "{counts:?}");
+        // top_p 0.7 keeps the two most probable tokens only.
+        let s = Sampling { top_p: 0.7, ..s };
+        for _ in 0..2000 {
+            assert!(sample(&logits, &s, &mut rng) < 2);
+        }
+        // A tiny temperature is the argmax.
+        let s = Sampling {
+            temperature: 1e-4,
+            top_p: 1.0,
+            seed: None,
+        };
+        assert_eq!(sample(&logits, &s, &mut rng), 0);
+    }
+}

@@ -1,0 +1,485 @@
+//! `drllm-serve` as clients use it, over HTTP on loopback with the embedded model: greedy
+//! completions equal the runtime's own generation (unrouted, and routed by the embedded routers),
+//! concurrent requests equal the same requests sent alone (requests join and leave the running
+//! batch), echo log-probabilities equal lm-evaluation-harness's definition computed with
+//! transformers, streaming equals the plain response, the official `openai` client works, and
+//! bad requests get OpenAI-shaped 4xx errors without disturbing the others.
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use drllm::runtime::tch::{Device, Kind, Tensor};
+use drllm::runtime::{
+    GenerateOptions, GenerateRequest, LayerPath, LoadedModel, ModelSource, Paths,
+};
+use drllm::tasks::{data, LoadOptions, Question, Split, TaskName};
+use serde_json::{json, Value};
+
+const KEY: &str = "test-key";
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(bin("drllm-serve"))
+            .args(["--port", "0", "--threads", "2"])
+            .args(args)
+            .env_remove("DRLLM_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .expect("drllm-serve exited before serving")
+                .unwrap();
+            if let Some(rest) = line.split("on http://").nth(1) {
+                let addr = rest.split('/').next().unwrap();
+                break format!("http://{addr}");
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, base }
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+/// Runs tests/reference/serve_client.py on `job` (with the server's address).
+fn client(server: &Server, mut job: Value) -> Value {
+    job["base"] = server.base.clone().into();
+    let mut child = Command::new(python())
+        .arg(root().join("tests/reference/serve_client.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(job.to_string().as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "serve_client.py failed");
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn model() -> LoadedModel {
+    LoadedModel::load(ModelSource::Gguf(embedded_gguf()), Device::Cpu, Kind::Float).unwrap()
+}
+
+/// "Question: ...\nAnswer:" prompts of real ARC rows.
+fn questions(n: usize) -> Vec<String> {
+    data::load(
+        &data_dir(),
+        TaskName::ArcEasy,
+        Split::Dev,
+        &LoadOptions {
+            limit: Some(n),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .samples
+    .iter()
+    .map(|s| match &s.question {
+        Question::MultipleChoice { stem, .. } => format!("Question: {stem}\nAnswer:"),
+        Question::Problem(p) => p.clone(),
+    })
+    .collect()
+}
+
+fn completion(prompt: Value, max_tokens: usize, extra: Value) -> Value {
+    let mut body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    json!({"path": "/v1/completions", "json": body})
+}
+
+fn texts(answers: &Value) -> Vec<String> {
+    answers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            assert_eq!(a["status"], 200, "{a}");
+            a["body"]["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn greedy_completions_equal_the_runtime_alone_and_in_a_crowd() {
+    let lm = model();
+    let n = lm.model.num_layers();
+    let prompts: Vec<Vec<u32>> = questions(6)
+        .iter()
+        .map(|q| lm.tokenizer.encode(q, true).unwrap())
+        .collect();
+    let max = [12usize, 3, 20, 7, 12, 1];
+    let server = Server::start(&["--api-key", KEY, "--max-batch", "4"]);
+    // The runtime's greedy generation of each prompt alone.
+    let want: Vec<String> = prompts
+        .iter()
+        .zip(max)
+        .map(|(p, m)| {
+            let paths = [LayerPath::all_ones(n)];
+            let opts = GenerateOptions {
+                max_new_tokens: m,
+                stop_ids: lm.stop_ids(),
+            };
+            let g = lm
+                .model
+                .generate(GenerateRequest::new(
+                    std::slice::from_ref(p),
+                    Paths::Fixed(&paths),
+                    opts,
+                ))
+                .unwrap();
+            lm.tokenizer.decode(&g.outputs[0].tokens).unwrap()
+        })
+        .collect();
+    let reqs: Vec<Value> = prompts
+        .iter()
+        .zip(max)
+        .map(|(p, m)| completion(json!(p), m, json!({})))
+        .collect();
+    let alone = client(&server, json!({"key": KEY, "requests": reqs}));
+    assert_eq!(texts(&alone), want, "one at a time vs the runtime");
+    let body = &alone[0]["body"];
+    assert_eq!(body["object"], "text_completion");
+    let ext = &body["choices"][0]["drllm"];
+    assert_eq!(ext["cost"], n);
+    assert_eq!(ext["path"], LayerPath::all_ones(n).to_string());
+    // 16 at once, more than --max-batch: they queue, join the running batch at step
+    // boundaries and leave it when done; each answer is the one it got alone.
+    let crowd: Vec<Value> = (0..16).map(|i| reqs[i % reqs.len()].clone()).collect();
+    let got = client(
+        &server,
+        json!({"key": KEY, "requests": crowd, "concurrent": true}),
+    );
+    let got = texts(&got);
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(g, &want[i % want.len()], "concurrent request {i}");
+    }
+    // Text prompts are tokenized with the tokenizer's special tokens, as the runtime does.
+    let q = questions(1).remove(0);
+    let as_text = client(
+        &server,
+        json!({"key": KEY, "requests": [completion(json!(q), 12, json!({}))]}),
+    );
+    assert_eq!(texts(&as_text)[0], want[0]);
+    // Streaming gives the same text, in deltas, then [DONE].
+    let streamed = client(
+        &server,
+        json!({"key": KEY, "requests": [{"path": "/v1/completions", "stream": true,
+            "json": {"prompt": prompts[2], "max_tokens": 20, "temperature": 0, "stream": true}}]}),
+    );
+    let events = streamed[0]["events"].as_array().unwrap();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let joined: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(joined, want[2]);
+    assert!(events.len() > 3, "{events:?}");
+    // The official client: completions and chat, plain and streamed; a wrong key is a 401.
+    let o = client(
+        &server,
+        json!({"key": KEY, "openai": true, "prompt": q, "chat": "Which gas do plants take in?"}),
+    );
+    assert_eq!(o["completion"]["text"], want[0].as_str());
+    assert_eq!(o["completion_stream"], want[0].as_str());
+    assert_eq!(o["chat"]["role"], "assistant");
+    assert!(!o["chat"]["text"].as_str().unwrap().is_empty(), "{o}");
+    assert_eq!(o["chat_stream"], o["chat"]["text"]);
+    assert_eq!(o["wrong_key"], 401);
+    // SIGTERM: a request in flight is answered, then the server exits cleanly.
+    let base = server.base.clone();
+    let long = std::thread::spawn(move || {
+        let s = Server {
+            child: Command::new("true").spawn().unwrap(),
+            base,
+        };
+        client(
+            &s,
+            json!({"key": KEY, "requests": [completion(json!(prompts[0]), 40, json!({}))]}),
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = server.stop();
+    let answered = long.join().unwrap();
+    assert_eq!(answered[0]["status"], 200, "{answered}");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn echo_logprobs_are_lm_evals_loglikelihoods_and_routing_is_per_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows: Vec<Value> = data::load(
+        &data_dir(),
+        TaskName::ArcEasy,
+        Split::Dev,
+        &LoadOptions {
+            limit: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .samples
+    .iter()
+    .map(|s| match &s.question {
+        Question::MultipleChoice { stem, choices } => json!({"question": stem,
+            "choices": choices.iter().map(|c| c.text.clone()).collect::<Vec<_>>()}),
+        Question::Problem(_) => unreachable!("ARC is multiple choice"),
+    })
+    .collect();
+    let (reference, _) = reference(
+        json!({"job": "cloze", "gguf": embedded_gguf(), "rows": rows, "paths": [null]}),
+        tmp.path(),
+    );
+    let server = Server::start(&[
+        "--routers",
+        "embedded",
+        "--budget",
+        "-0.3",
+        "--served-model-name",
+        "routed",
+    ]);
+    // lm-eval's loglikelihood request: context + continuation ids, one token generated, echo.
+    for entry in reference.as_array().unwrap() {
+        let ctx: Vec<u64> = serde_json::from_value(entry["context_ids"].clone()).unwrap();
+        let conts: Vec<Vec<u64>> =
+            serde_json::from_value(entry["continuation_ids"].clone()).unwrap();
+        let prompts: Vec<Vec<u64>> = conts
+            .iter()
+            .map(|c| ctx.iter().chain(c).copied().collect())
+            .collect();
+        let req = json!({"path": "/v1/completions", "json": {"model": "routed",
+            "drllm": {"routers": false}, "prompt": prompts, "max_tokens": 1, "echo": true,
+            "logprobs": 1, "temperature": 0, "seed": 1234}});
+        let got = client(&server, json!({"requests": [req]}));
+        assert_eq!(got[0]["status"], 200, "{got}");
+        let choices = got[0]["body"]["choices"].as_array().unwrap();
+        for (i, ((c, p), want)) in conts
+            .iter()
+            .zip(&prompts)
+            .zip(entry["paths"][0]["logliks"].as_array().unwrap())
+            .enumerate()
+        {
+            let choice = choices.iter().find(|x| x["index"] == i).unwrap();
+            let lp = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+            assert_eq!(lp.len(), p.len() + 1, "prompt tokens + the generated one");
+            assert!(lp[0].is_null());
+            let ll: f64 = lp[ctx.len()..lp.len() - 1]
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .sum();
+            let want = want.as_f64().unwrap();
+            assert!(
+                (ll - want).abs() < 2e-3,
+                "choice {i}: server {ll} vs transformers {want}"
+            );
+            assert_eq!(c.len(), lp.len() - 1 - ctx.len());
+            // lm-eval's is_greedy reads the top-1 alternative at each position.
+            let tops = choice["logprobs"]["top_logprobs"].as_array().unwrap();
+            assert!(tops[0].is_null() && tops[1].as_object().unwrap().len() == 1);
+        }
+    }
+
+    // Routing per request: the embedded routers at the default budget, at another one, and
+    // off; each routed greedy answer equals the runtime's routed generation of that prompt.
+    let lm = model();
+    let n = lm.model.num_layers();
+    let pkg_dir = drllm_router::embedded::resolve(std::path::Path::new("embedded")).unwrap();
+    let pkg = drllm_router::Package::load(&pkg_dir).unwrap();
+    let q: Vec<Vec<u32>> = questions(4)
+        .iter()
+        .map(|q| lm.tokenizer.encode(q, true).unwrap())
+        .collect();
+    for (model, budget) in [("routed", -0.3), ("routed@-0.6", -0.6)] {
+        let policy = drllm_router::Policy::new(
+            pkg.routers.to_device(Device::Cpu),
+            pkg.manifest.windows,
+            budget,
+        )
+        .unwrap();
+        let reqs: Vec<Value> = q
+            .iter()
+            .map(|p| completion(json!(p), 10, json!({"model": model})))
+            .collect();
+        let got = client(&server, json!({"requests": reqs, "concurrent": true}));
+        for (p, g) in q.iter().zip(got.as_array().unwrap()) {
+            let lens = [p.len()];
+            let mut route = |l: usize, h: &Tensor| policy.decide(l, h, &lens);
+            let opts = GenerateOptions {
+                max_new_tokens: 10,
+                stop_ids: lm.stop_ids(),
+            };
+            let want = lm
+                .model
+                .generate(GenerateRequest::new(
+                    std::slice::from_ref(p),
+                    Paths::Routed(&mut route),
+                    opts,
+                ))
+                .unwrap();
+            assert_eq!(g["status"], 200, "{g}");
+            let choice = &g["body"]["choices"][0];
+            assert_eq!(
+                choice["text"].as_str().unwrap(),
+                lm.tokenizer.decode(&want.outputs[0].tokens).unwrap(),
+                "{model}"
+            );
+            assert_eq!(
+                choice["drllm"]["path"],
+                want.paths[0].to_string(),
+                "{model}"
+            );
+            assert_eq!(choice["drllm"]["cost"], want.paths[0].cost());
+            assert_eq!(choice["drllm"]["budget"], budget);
+            assert!(want.paths[0].cost() < n, "{model}: the routers skip blocks");
+        }
+    }
+    let listed = client(
+        &server,
+        json!({"requests": [{"method": "GET", "path": "/v1/models"}]}),
+    );
+    let ids: Vec<&str> = listed[0]["body"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["routed", "routed@-0.3"]);
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_a_full_queue_gets_503() {
+    let server = Server::start(&["--max-batch", "1", "--max-queue", "1"]);
+    let c = |body: Value| json!({"path": "/v1/completions", "json": body});
+    let cases = vec![
+        (
+            json!({"path": "/v1/completions", "raw": "{not json"}),
+            400,
+            Value::Null,
+        ),
+        (
+            c(json!({"prompt": "x", "max_tokens": "5"})),
+            400,
+            json!("max_tokens"),
+        ),
+        (c(json!({"prompt": []})), 400, json!("prompt")),
+        (c(json!({"prompt": [[]]})), 400, json!("prompt")),
+        (c(json!({"prompt": [1, 99999999]})), 400, json!("prompt")),
+        (
+            c(json!({"prompt": "x", "max_tokens": 100000})),
+            400,
+            json!("max_tokens"),
+        ),
+        (
+            c(json!({"prompt": "x", "model": "gpt-4"})),
+            404,
+            json!("model"),
+        ),
+        (
+            c(json!({"prompt": "x", "model": "routed@-0.3"})),
+            404,
+            json!("model"),
+        ),
+        (
+            c(json!({"prompt": "x", "temperature": 7})),
+            400,
+            json!("temperature"),
+        ),
+        (c(json!({"prompt": "x", "n": 2})), 400, json!("n")),
+        (
+            json!({"path": "/v1/chat/completions", "json": {"messages": "hi"}}),
+            400,
+            json!("messages"),
+        ),
+        (
+            json!({"method": "GET", "path": "/v2/nothing"}),
+            404,
+            Value::Null,
+        ),
+    ];
+    let reqs: Vec<Value> = cases.iter().map(|c| c.0.clone()).collect();
+    let got = client(&server, json!({"requests": reqs}));
+    for ((req, status, param), g) in cases.iter().zip(got.as_array().unwrap()) {
+        assert_eq!(&g["status"], status, "{req} -> {g}");
+        let err = &g["body"]["error"];
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{g}"
+        );
+        assert!(err["type"].is_string(), "{g}");
+        assert_eq!(&err["param"], param, "{req} -> {g}");
+    }
+    // The tokenizer endpoints lm-eval's remote tokenizer uses.
+    let info = client(
+        &server,
+        json!({"requests": [
+            {"method": "GET", "path": "/tokenizer_info"},
+            {"path": "/tokenize", "json": {"prompt": "Hello world", "add_special_tokens": false}},
+            {"path": "/detokenize", "json": {"tokens": [19556, 905]}},
+            {"method": "GET", "path": "/health"},
+        ]}),
+    );
+    let eos = info[0]["body"]["eos_token"].as_str().unwrap().to_string();
+    assert!(!eos.is_empty(), "{info}");
+    let toks = info[1]["body"]["tokens"].as_array().unwrap();
+    assert!(!toks.is_empty());
+    assert!(info[2]["body"]["prompt"].is_string(), "{info}");
+    assert_eq!(info[3]["status"], 200);
+    let eos_ids = client(
+        &server,
+        json!({"requests": [{"path": "/tokenize", "json": {"prompt": eos, "add_special_tokens": false}}]}),
+    );
+    assert_eq!(
+        eos_ids[0]["body"]["tokens"].as_array().unwrap().len(),
+        1,
+        "a special token's text is that token: {eos_ids}"
+    );
+    // One row decoding and one waiting: the rest of a burst is refused with Retry-After, and
+    // the refusals do not disturb the requests that were taken.
+    let burst: Vec<Value> = (0..12)
+        .map(|_| c(json!({"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0})))
+        .collect();
+    let got = client(&server, json!({"requests": burst, "concurrent": true}));
+    let got = got.as_array().unwrap();
+    let busy: Vec<&Value> = got.iter().filter(|g| g["status"] == 503).collect();
+    let ok: Vec<&Value> = got.iter().filter(|g| g["status"] == 200).collect();
+    assert_eq!(busy.len() + ok.len(), 12, "{got:?}");
+    assert!(!busy.is_empty() && !ok.is_empty(), "{got:?}");
+    assert_eq!(busy[0]["retry_after"], "1");
+    let first = &ok[0]["body"]["choices"][0]["text"];
+    assert!(ok.iter().all(|g| &g["body"]["choices"][0]["text"] == first));
+    // Loopback only without a key.
+    let (ok, _, err) = outcome(Command::new(bin("drllm-serve")).args(["--host", "0.0.0.0"]));
+    assert!(!ok && err.contains("--api-key"), "{err}");
+}
