@@ -1,7 +1,7 @@
 //! `drllm-serve` as clients use it, over HTTP on loopback with the embedded model: greedy
 //! completions equal the runtime's own generation (unrouted, and routed by the embedded routers),
 //! concurrent requests equal the same requests sent alone (requests join and leave the running
-//! batch), echo log-probabilities equal lm-evaluation-harness's definition computed with
+//! batch; 64 clients at once), echo log-probabilities equal lm-evaluation-harness's definition computed with
 //! transformers, streaming equals the plain response, the official `openai` client works, and
 //! bad requests get OpenAI-shaped 4xx errors without disturbing the others.
 mod common;
@@ -141,7 +141,7 @@ fn greedy_completions_equal_the_runtime_alone_and_in_a_crowd() {
         .map(|q| lm.tokenizer.encode(q, true).unwrap())
         .collect();
     let max = [12usize, 3, 20, 7, 12, 1];
-    let server = Server::start(&["--api-key", KEY, "--max-batch", "4"]);
+    let server = Server::start(&["--api-key", KEY, "--max-batch", "16"]);
     // The runtime's greedy generation of each prompt alone.
     let want: Vec<String> = prompts
         .iter()
@@ -175,9 +175,9 @@ fn greedy_completions_equal_the_runtime_alone_and_in_a_crowd() {
     let ext = &body["choices"][0]["drllm"];
     assert_eq!(ext["cost"], n);
     assert_eq!(ext["path"], LayerPath::all_ones(n).to_string());
-    // 16 at once, more than --max-batch: they queue, join the running batch at step
+    // 64 clients at once, more than --max-batch: they queue, join the running batch at step
     // boundaries and leave it when done; each answer is the one it got alone.
-    let crowd: Vec<Value> = (0..16).map(|i| reqs[i % reqs.len()].clone()).collect();
+    let crowd: Vec<Value> = (0..64).map(|i| reqs[i % reqs.len()].clone()).collect();
     let got = client(
         &server,
         json!({"key": KEY, "requests": crowd, "concurrent": true}),
@@ -375,7 +375,7 @@ fn echo_logprobs_are_lm_evals_loglikelihoods_and_routing_is_per_request() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["routed", "routed@-0.3"]);
+    assert_eq!(ids, ["routed", "routed@-0.3", "routed@none"]);
 }
 
 #[test]
@@ -482,4 +482,132 @@ fn bad_requests_get_openai_errors_and_a_full_queue_gets_503() {
     // Loopback only without a key.
     let (ok, _, err) = outcome(Command::new(bin("drllm-serve")).args(["--host", "0.0.0.0"]));
     assert!(!ok && err.contains("--api-key"), "{err}");
+}
+
+/// Writes the local lm-eval task YAMLs (tests/reference/lm_eval/) with the data directory.
+fn lm_eval_tasks(dir: &std::path::Path) {
+    let data = std::fs::canonicalize(data_dir()).unwrap();
+    for name in ["arc_easy_drllm.yaml", "gsm8k_drllm.yaml"] {
+        let text = std::fs::read_to_string(root().join("tests/reference/lm_eval").join(name))
+            .unwrap()
+            .replace("${DATA}", data.to_str().unwrap());
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+/// Runs tests/reference/lm_eval_compare.py on `job`.
+fn lm_eval(job: Value) -> Value {
+    let mut child = Command::new(python())
+        .arg(root().join("tests/reference/lm_eval_compare.py"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("TQDM_DISABLE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(job.to_string().as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "lm_eval_compare.py failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// lm-evaluation-harness evaluates the server unchanged (`local-completions`, remote
+/// tokenizer): on ARC-Easy dev (a local task over ../shared/data) the all-execute server's
+/// per-choice log-likelihoods and accuracy equal lm-eval's own transformers backend (`HFLM`) on
+/// the same weights; the routed server is evaluated the same way, its cost read from
+/// `/drllm/stats`; a generative GSM8K task with stop strings gives the same continuations.
+#[test]
+fn lm_eval_evaluates_the_server_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    lm_eval_tasks(tmp.path());
+    let server = Server::start(&[
+        "--routers",
+        "embedded",
+        "--budget",
+        "-0.3",
+        "--served-model-name",
+        "routed",
+    ]);
+    let base = server.base.clone();
+    let arc = lm_eval(json!({
+        "gguf": embedded_gguf(), "tasks_dir": tmp.path(), "task": "arc_easy_drllm",
+        "limit": 40, "batch_size": 8, "hf": true,
+        "servers": {"all-execute": {"base": base, "model": "routed@none"},
+                    "routed": {"base": base, "model": "routed"}},
+    }));
+    let (ours, hf) = (&arc["all-execute"], &arc["hf"]);
+    assert_eq!(
+        ours["metrics"]["acc,none"], hf["metrics"]["acc,none"],
+        "{arc}"
+    );
+    assert_eq!(
+        ours["metrics"]["acc_norm,none"],
+        hf["metrics"]["acc_norm,none"]
+    );
+    let (mut worst, mut n) = (0f64, 0);
+    for (doc, s) in hf["samples"].as_object().unwrap() {
+        let want: Vec<f64> = serde_json::from_value(s["lls"].clone()).unwrap();
+        let got: Vec<f64> = serde_json::from_value(ours["samples"][doc]["lls"].clone()).unwrap();
+        assert_eq!(got.len(), want.len(), "doc {doc}");
+        for (g, w) in got.iter().zip(&want) {
+            worst = worst.max((g - w).abs());
+            n += 1;
+        }
+    }
+    assert!(n >= 150, "{n} choices");
+    assert!(worst < 1e-3, "max |log-likelihood difference| {worst}");
+    let stats = client(
+        &server,
+        json!({"requests": [{"method": "GET", "path": "/drllm/stats"}]}),
+    );
+    let routes = &stats[0]["body"]["routes"];
+    let routed = &routes["budget -0.3"];
+    assert_eq!(routed["prompts"], routes["all-execute"]["prompts"]);
+    assert!(routed["mean_cost"].as_f64().unwrap() < 30.0, "{routes}");
+    assert_eq!(routes["all-execute"]["mean_cost"], 30.0);
+    eprintln!(
+        "lm-eval arc_easy_drllm (40 dev docs): transformers acc {}, server all-execute acc {} \
+         (max |ll diff| {worst:.2e} over {n} choices, wall {:.1}s vs hf {:.1}s), routed at -0.3 \
+         acc {} at mean cost {:.2} of 30 blocks",
+        hf["metrics"]["acc,none"],
+        ours["metrics"]["acc,none"],
+        ours["wall_s"].as_f64().unwrap(),
+        hf["wall_s"].as_f64().unwrap(),
+        arc["routed"]["metrics"]["acc,none"],
+        routed["mean_cost"].as_f64().unwrap(),
+    );
+
+    let gsm = lm_eval(json!({
+        "gguf": embedded_gguf(), "tasks_dir": tmp.path(), "task": "gsm8k_drllm",
+        "limit": 8, "batch_size": 8, "hf": true,
+        "servers": {"all-execute": {"base": base, "model": "routed@none"}},
+    }));
+    let (ours, hf) = (&gsm["all-execute"]["samples"], &gsm["hf"]["samples"]);
+    let same = hf
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(doc, s)| ours[doc.as_str()]["text"] == s["text"])
+        .count();
+    // Greedy continuations of up to 64 tokens; f32 rounding may flip a near-tie.
+    assert!(same >= 7, "{same}/8 identical continuations: {gsm}");
+    for s in ours.as_object().unwrap().values() {
+        let text = s["text"].as_str().unwrap();
+        assert!(
+            !text.contains("Question:"),
+            "a stop string was not cut: {text:?}"
+        );
+    }
 }

@@ -61,8 +61,9 @@ impl ApiError {
             status: 404,
             message: format!(
                 "The model `{model}` does not exist on this server: it serves `{served}` \
-                 (unrouted or routed at its default budget) and `{served}@<budget>` (routed at \
-                 a budget in [-1, 1]) when it has routers"
+                 (unrouted, or routed at its default budget) and, when it has routers, \
+                 `{served}@<budget>` (routed at a budget in [-1, 1]) and `{served}@none` \
+                 (every block)"
             ),
             kind: "invalid_request_error",
             param: Some("model".into()),

@@ -238,108 +238,125 @@ pub fn run(
     // A job that did not fit the token bound waits here for the next step.
     let mut waiting: Option<Job> = None;
     loop {
-        // Admit: block when idle, else take what is queued, up to the limits.
-        let mut new: Vec<Job> = vec![];
-        let mut held: usize = rows.iter().map(Row::tokens_held).sum();
-        if rows.is_empty() && waiting.is_none() {
-            match jobs.blocking_recv() {
-                Some(j) => waiting = Some(j),
-                None => return,
+        // A panic (a libtorch error surfacing as one) fails the requests in the batch, not
+        // the server.
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> bool {
+            // Admit: block when idle, else take what is queued, up to the limits.
+            let mut new: Vec<Job> = vec![];
+            let mut held: usize = rows.iter().map(Row::tokens_held).sum();
+            if rows.is_empty() && waiting.is_none() {
+                match jobs.blocking_recv() {
+                    Some(j) => waiting = Some(j),
+                    None => return false,
+                }
             }
-        }
-        loop {
-            if rows.len() + new.len() >= cfg.max_batch.max(1) {
-                break;
+            loop {
+                if rows.len() + new.len() >= cfg.max_batch.max(1) {
+                    break;
+                }
+                let Some(j) = waiting.take().or_else(|| jobs.try_recv().ok()) else {
+                    break;
+                };
+                if j.events.is_closed() {
+                    continue;
+                }
+                let need = j.prompt.len() + j.max_tokens;
+                // A job alone over the bound still runs (the bound would otherwise starve it).
+                if held + need > cfg.max_batch_tokens && !(rows.is_empty() && new.is_empty()) {
+                    waiting = Some(j);
+                    break;
+                }
+                held += need;
+                new.push(j);
             }
-            let Some(j) = waiting.take().or_else(|| jobs.try_recv().ok()) else {
-                break;
-            };
-            if j.events.is_closed() {
-                continue;
-            }
-            let need = j.prompt.len() + j.max_tokens;
-            // A job alone over the bound still runs (the bound would otherwise starve it).
-            if held + need > cfg.max_batch_tokens && !(rows.is_empty() && new.is_empty()) {
-                waiting = Some(j);
-                break;
-            }
-            held += need;
-            new.push(j);
-        }
-        if !new.is_empty() {
-            match admit(&lm, routers.as_mut(), new, &stop_ids) {
-                Ok(Some((b, mut new_rows))) => {
-                    let joined = match batch.take() {
-                        Some(running) => PathBatch::concat(vec![running, b]),
-                        None => Ok(b),
-                    };
-                    match joined {
-                        Ok(j) => {
-                            batch = Some(j);
-                            rows.extend(new_rows);
-                        }
-                        Err(e) => {
-                            let msg = format!("joining the batch: {e}");
-                            fail_all(&mut rows, &msg);
-                            fail_all(&mut new_rows, &msg);
-                            rows.clear();
+            if !new.is_empty() {
+                match admit(&lm, routers.as_mut(), new, &stop_ids) {
+                    Ok(Some((b, mut new_rows))) => {
+                        let joined = match batch.take() {
+                            Some(running) => PathBatch::concat(vec![running, b]),
+                            None => Ok(b),
+                        };
+                        match joined {
+                            Ok(j) => {
+                                batch = Some(j);
+                                rows.extend(new_rows);
+                            }
+                            Err(e) => {
+                                let msg = format!("joining the batch: {e}");
+                                fail_all(&mut rows, &msg);
+                                fail_all(&mut new_rows, &msg);
+                                rows.clear();
+                            }
                         }
                     }
-                }
-                Ok(None) => {}
-                Err(e) => tracing::error!("prefill failed: {e}"),
-            }
-        }
-        // Rows that ended (at prefill, or at the last step) leave the batch.
-        let keep: Vec<usize> = (0..rows.len())
-            .filter(|&i| rows[i].finish.is_none() && !rows[i].job.events.is_closed())
-            .collect();
-        if keep.len() != rows.len() {
-            let mut old = std::mem::take(&mut rows);
-            for (i, r) in old.iter_mut().enumerate() {
-                if !keep.contains(&i) {
-                    finish(r, &lm);
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("prefill failed: {e}"),
                 }
             }
-            rows = old
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| keep.contains(i))
-                .map(|(_, r)| r)
+            // Rows that ended (at prefill, or at the last step) leave the batch.
+            let keep: Vec<usize> = (0..rows.len())
+                .filter(|&i| rows[i].finish.is_none() && !rows[i].job.events.is_closed())
                 .collect();
-            batch = match (batch.take(), keep.is_empty()) {
-                (Some(mut b), false) => match b.retain(&keep) {
-                    Ok(()) => Some(b),
-                    Err(e) => {
-                        fail_all(&mut rows, &format!("shrinking the batch: {e}"));
-                        rows.clear();
-                        None
+            if keep.len() != rows.len() {
+                let mut old = std::mem::take(&mut rows);
+                for (i, r) in old.iter_mut().enumerate() {
+                    if !keep.contains(&i) {
+                        finish(r, &lm);
                     }
-                },
-                _ => None,
+                }
+                rows = old
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| keep.contains(i))
+                    .map(|(_, r)| r)
+                    .collect();
+                batch = match (batch.take(), keep.is_empty()) {
+                    (Some(mut b), false) => match b.retain(&keep) {
+                        Ok(()) => Some(b),
+                        Err(e) => {
+                            fail_all(&mut rows, &format!("shrinking the batch: {e}"));
+                            rows.clear();
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+            }
+            let Some(b) = batch.as_mut() else {
+                return true;
             };
-        }
-        let Some(b) = batch.as_mut() else {
-            continue;
-        };
-        // One decode step for every row.
-        let feed: Vec<u32> = rows
-            .iter()
-            .map(|r| r.tokens.last().copied().unwrap_or(0))
-            .collect();
-        let logits = match b.decode_step(&feed) {
-            Ok(l) => l,
-            Err(e) => {
-                fail_all(&mut rows, &format!("decoding: {e}"));
+            // One decode step for every row.
+            let feed: Vec<u32> = rows
+                .iter()
+                .map(|r| r.tokens.last().copied().unwrap_or(0))
+                .collect();
+            let logits = match b.decode_step(&feed) {
+                Ok(l) => l,
+                Err(e) => {
+                    fail_all(&mut rows, &format!("decoding: {e}"));
+                    rows.clear();
+                    batch = None;
+                    return true;
+                }
+            };
+            if let Err(e) = accept_step(&lm, &mut rows, &logits, &stop_ids) {
+                fail_all(&mut rows, &e);
                 rows.clear();
                 batch = None;
-                continue;
             }
-        };
-        if let Err(e) = accept_step(&lm, &mut rows, &logits, &stop_ids) {
-            fail_all(&mut rows, &e);
-            rows.clear();
-            batch = None;
+            true
+        }));
+        match step {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => {
+                fail_all(
+                    &mut rows,
+                    "internal error in the model thread (see the server log)",
+                );
+                rows.clear();
+                batch = None;
+            }
         }
     }
 }
@@ -522,7 +539,8 @@ fn accept_step(
             });
         }
         if stop_ids.contains(&tok) {
-            r.logprobs.truncate(r.tokens.len());
+            // Not part of the text, but its log-probability is reported (an echo request
+            // scoring a continuation reads one generated token's entry after the prompt's).
             r.finish = Some(Finish::Stop);
             continue;
         }
@@ -580,12 +598,15 @@ fn emit(r: &mut Row, lm: &LoadedModel) {
     }
 }
 
+/// Tokens not sent yet (with a stop token's log-probability entry last, once it ended the
+/// row).
 fn new_tokens(r: &mut Row) -> Vec<TokenLogprob> {
     let from = r.sent_tokens;
-    r.sent_tokens = r.tokens.len();
-    (from..r.tokens.len())
+    let end = r.tokens.len().max(r.logprobs.len());
+    r.sent_tokens = end;
+    (from..end)
         .map(|i| {
-            r.logprobs.get(i).cloned().unwrap_or(TokenLogprob {
+            r.logprobs.get(i).cloned().unwrap_or_else(|| TokenLogprob {
                 id: r.tokens[i],
                 logprob: None,
                 top: vec![],
@@ -596,19 +617,23 @@ fn new_tokens(r: &mut Row) -> Vec<TokenLogprob> {
 
 /// Sends what a finished row still holds back, then `Done`.
 fn finish(r: &mut Row, lm: &LoadedModel) {
-    if !r.at_stop_string {
-        // A stop token or the budget ended it: text held back for a possible stop string is
-        // final now.
+    // A stop token or the budget ended it: text held back for a possible stop string is
+    // final now (at a stop string, the text ends where it starts).
+    let text = if r.at_stop_string {
+        String::new()
+    } else {
         let text = lm.tokenizer.decode(&r.tokens).unwrap_or_default();
-        if text.len() > r.sent_text && text.is_char_boundary(r.sent_text) {
-            let delta = text[r.sent_text..].to_string();
-            let tokens = new_tokens(r);
+        let from = r.sent_text.min(text.len());
+        if text.is_char_boundary(from) {
             r.sent_text = text.len();
-            let _ = r.job.events.send(Event::Delta {
-                text: delta,
-                tokens,
-            });
+            text[from..].to_string()
+        } else {
+            String::new()
         }
+    };
+    let tokens = new_tokens(r);
+    if !text.is_empty() || !tokens.is_empty() {
+        let _ = r.job.events.send(Event::Delta { text, tokens });
     }
     let _ = r.job.events.send(Event::Done {
         finish: r.finish.unwrap_or(Finish::Stop),

@@ -3,8 +3,9 @@
 //! remote tokenizer calls (`/tokenizer_info`, `/tokenize`, `/detokenize`). Handlers check and
 //! tokenize requests, queue one engine job per prompt, and shape the engine's events into
 //! OpenAI's responses; a request's error never touches another request.
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
@@ -46,6 +47,26 @@ pub struct AppState {
     info: Arc<ServerInfo>,
     jobs: mpsc::Sender<Job>,
     ids: Arc<AtomicU64>,
+    stats: Arc<Mutex<BTreeMap<String, RouteStats>>>,
+}
+
+/// What one route served so far (`GET /drllm/stats`): lm-evaluation-harness and other clients
+/// never read the per-choice `drllm` field, so a run's cost is read here.
+#[derive(Debug, Clone, Default)]
+struct RouteStats {
+    prompts: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    /// Sum over prompts of their path's block applications.
+    cost: u64,
+    num_layers: usize,
+}
+
+fn route_label(route: Route) -> String {
+    match route {
+        Route::AllExecute => "all-execute".into(),
+        Route::Budget(b) => format!("budget {b}"),
+    }
 }
 
 impl AppState {
@@ -55,7 +76,19 @@ impl AppState {
             info: Arc::new(info),
             jobs,
             ids: Arc::new(AtomicU64::new(0)),
+            stats: Arc::new(Mutex::new(BTreeMap::new())),
         }
+    }
+
+    fn record(&self, route: Route, prompt_tokens: usize, o: &Outcome) {
+        let Some(path) = &o.path else { return };
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let s = stats.entry(route_label(route)).or_default();
+        s.prompts += 1;
+        s.prompt_tokens += prompt_tokens as u64;
+        s.completion_tokens += o.completion_tokens as u64;
+        s.cost += path.cost() as u64;
+        s.num_layers = path.num_layers();
     }
 }
 
@@ -69,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tokenizer_info", get(tokenizer_info))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/drllm/stats", get(stats))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(64 << 20))
         .with_state(state)
@@ -148,12 +182,38 @@ async fn models(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let mut ids = vec![s.info.name.clone()];
     if let Route::Budget(b) = s.info.default_route {
         ids.push(format!("{}@{b}", s.info.name));
+        ids.push(format!("{}@none", s.info.name));
     }
     let data: Vec<Value> = ids
         .into_iter()
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "drllm"}))
         .collect();
     json_response(200, &json!({"object": "list", "data": data}))
+}
+
+async fn stats(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(e) = check_key(&s, &headers) {
+        return e.into_response();
+    }
+    let stats = s.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let routes: Map<String, Value> = stats
+        .into_iter()
+        .map(|(label, r)| {
+            let mean = r.cost as f64 / r.prompts.max(1) as f64;
+            (
+                label,
+                json!({
+                    "prompts": r.prompts,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "mean_cost": mean,
+                    "num_layers": r.num_layers,
+                    "blocks_saved": 1.0 - mean / r.num_layers.max(1) as f64,
+                }),
+            )
+        })
+        .collect();
+    json_response(200, &json!({"routes": routes}))
 }
 
 async fn tokenizer_info(State(s): State<AppState>, headers: HeaderMap) -> Response {
@@ -249,11 +309,15 @@ fn route(info: &ServerInfo, f: &Fields<'_>) -> Result<Route, ApiError> {
         None => info.default_route,
         Some(m) if m == info.name => info.default_route,
         Some(m) => match m.rsplit_once('@') {
+            Some((name, "none")) if name == info.name => Route::AllExecute,
             Some((name, b)) if name == info.name => {
                 let budget: f64 = b.parse().map_err(|_| {
                     ApiError::invalid(
                         "model",
-                        format!("`{m}`: the budget after @ must be a number in [-1, 1]"),
+                        format!(
+                            "`{m}`: after @ comes a budget in [-1, 1], or `none` for the \
+                             all-execute model"
+                        ),
                     )
                 })?;
                 Route::Budget(budget)
@@ -533,10 +597,13 @@ async fn completions_inner(
     }
     let model = f.str("model")?.unwrap_or(&info.name).to_string();
     let id = format!("cmpl-{}", s.ids.fetch_add(1, Ordering::Relaxed));
-    let prompt_tokens: usize = ids.iter().map(Vec::len).sum();
+    let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let prompt_tokens: usize = lens.iter().sum();
     let rxs = submit(s, ids, &c, echo, logprobs)?;
     if c.stream {
         return Ok(stream(
+            s,
+            lens.clone(),
             rxs,
             id,
             model,
@@ -550,6 +617,7 @@ async fn completions_inner(
     let mut completion_tokens = 0;
     for (i, rx) in rxs.into_iter().enumerate() {
         let o = gather(rx).await?;
+        s.record(c.route, lens[i], &o);
         let prefix = if echo {
             texts[i].clone()
         } else {
@@ -625,12 +693,23 @@ async fn chat_inner(s: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Re
     let id = format!("chatcmpl-{}", s.ids.fetch_add(1, Ordering::Relaxed));
     let rxs = submit(s, vec![ids], &c, false, logprobs)?;
     if c.stream {
-        return Ok(stream(rxs, id, model, c.route, Kind::Chat, vec![], false));
+        return Ok(stream(
+            s,
+            vec![prompt_len],
+            rxs,
+            id,
+            model,
+            c.route,
+            Kind::Chat,
+            vec![],
+            false,
+        ));
     }
     let Some(rx) = rxs.into_iter().next() else {
         return Err(ApiError::internal("no job was queued"));
     };
     let o = gather(rx).await?;
+    s.record(c.route, prompt_len, &o);
     let lp = logprobs.map(|_| chat_logprobs(&info.tokenizer, &o.tokens));
     Ok(json_response(
         200,
@@ -680,7 +759,10 @@ enum Kind {
 
 /// Server-sent events: one chunk per text delta of any prompt, a last chunk per prompt with its
 /// finish reason and path, then `[DONE]`. An error mid-stream is sent as an `error` chunk.
+#[allow(clippy::too_many_arguments)]
 fn stream(
+    state: &AppState,
+    lens: Vec<usize>,
     rxs: Vec<mpsc::UnboundedReceiver<Event>>,
     id: String,
     model: String,
@@ -710,6 +792,7 @@ fn stream(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
     for (index, mut events) in rxs.into_iter().enumerate() {
         let (tx, chunk, done_tx) = (tx.clone(), chunk.clone(), done_tx.clone());
+        let (state, lens) = (state.clone(), lens.clone());
         let prefix = (echo && kind == Kind::Completion).then(|| texts[index].clone());
         tokio::spawn(async move {
             if kind == Kind::Chat {
@@ -735,7 +818,17 @@ fn stream(
                             return; // The client left: dropping `events` ends the job.
                         }
                     }
-                    Event::Done { finish, path, .. } => {
+                    Event::Done {
+                        finish,
+                        path,
+                        completion_tokens,
+                    } => {
+                        let o = Outcome {
+                            path: Some(path.clone()),
+                            completion_tokens,
+                            ..Outcome::default()
+                        };
+                        state.record(route, lens[index], &o);
                         let empty = match kind {
                             Kind::Completion => json!(""),
                             Kind::Chat => json!({}),
