@@ -141,6 +141,9 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Most tokens (prompt + new) of all rows together: bounds the KV caches.
     pub max_batch_tokens: usize,
+    /// libtorch's CPU threads for the model thread (`None`: libtorch's choice). Set on the
+    /// model thread itself: the count is per thread.
+    pub threads: Option<i32>,
 }
 
 /// The server's routers: the package's policy at the default budget, and one per other budget
@@ -232,6 +235,13 @@ pub fn run(
     cfg: EngineConfig,
 ) {
     let _g = tch::no_grad_guard();
+    tracing::debug!(
+        default_threads = tch::get_num_threads(),
+        "model thread started"
+    );
+    if let Some(n) = cfg.threads.filter(|&n| n >= 1) {
+        tch::set_num_threads(n);
+    }
     let stop_ids = lm.stop_ids();
     let mut batch: Option<PathBatch<'_>> = None;
     let mut rows: Vec<Row> = vec![];
@@ -380,6 +390,7 @@ fn admit<'m>(
     let (mut parts, mut all_rows) = (vec![], vec![]);
     for (route, group) in groups {
         let prompts: Vec<Vec<u32>> = group.iter().map(|j| j.prompt.clone()).collect();
+        let started = std::time::Instant::now();
         let prefilled = match route {
             Route::AllExecute => {
                 let paths = vec![LayerPath::all_ones(n); group.len()];
@@ -425,6 +436,7 @@ fn admit<'m>(
             }
             continue;
         }
+        let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let t = h.size()[1];
         let last = lm.model.logits(&h.select(1, t - 1));
         // Rows that only score their prompt take no token.
@@ -432,6 +444,14 @@ fn admit<'m>(
             r.finish = Some(Finish::Length);
         }
         accept_step(lm, &mut rows, &last, stop_ids)?;
+        tracing::debug!(
+            rows = rows.len(),
+            positions = t,
+            ?route,
+            prefill_ms,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "admitted"
+        );
         parts.push(b);
         all_rows.extend(rows);
     }
