@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ def start(args, extra):
     for line in p.stderr:
         m = re.search(r"on (http://[0-9.:]+)/v1", line)
         if m:
+            # Keep reading its log so that the server never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
             return p, m.group(1)
     sys.exit("drllm-serve exited before serving")
 
@@ -88,7 +91,7 @@ def main():
             if solo is None:
                 solo = [r[1] for r in res]
             same = sum(r[1] == s for r, s in zip(res, solo))
-            lat = sorted(r[0] for r in ok)
+            lat = sorted(r[0] for r in ok) or [float("nan")]
             toks = sum(r[2] for r in ok)
             rows.append((clients, len(res), len(res) - len(ok), same, statistics.median(lat),
                          lat[min(len(lat) - 1, int(0.99 * len(lat)))], toks / wall, wall))

@@ -227,10 +227,10 @@ fn greedy_completions_equal_the_runtime_alone_and_in_a_crowd() {
         };
         client(
             &s,
-            json!({"key": KEY, "requests": [completion(json!(prompts[0]), 40, json!({}))]}),
+            json!({"key": KEY, "requests": [completion(json!(prompts[0]), 200, json!({}))]}),
         )
     });
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(std::time::Duration::from_millis(2500));
     let status = server.stop();
     let answered = long.join().unwrap();
     assert_eq!(answered[0]["status"], 200, "{answered}");
@@ -402,6 +402,21 @@ fn bad_requests_get_openai_errors_and_a_full_queue_gets_503() {
             json!("max_tokens"),
         ),
         (
+            c(json!({"prompt": "x", "max_tokens": u64::MAX})),
+            400,
+            json!("max_tokens"),
+        ),
+        (
+            c(json!({"prompt": vec![1; 8193], "max_tokens": 1})),
+            400,
+            json!("prompt"),
+        ),
+        (
+            c(json!({"prompt": "x", "stop": vec!["a"; 40]})),
+            400,
+            json!("stop"),
+        ),
+        (
             c(json!({"prompt": "x", "model": "gpt-4"})),
             404,
             json!("model"),
@@ -479,9 +494,11 @@ fn bad_requests_get_openai_errors_and_a_full_queue_gets_503() {
     assert_eq!(busy[0]["retry_after"], "1");
     let first = &ok[0]["body"]["choices"][0]["text"];
     assert!(ok.iter().all(|g| &g["body"]["choices"][0]["text"] == first));
-    // Loopback only without a key.
+    // Loopback only without a key; an empty key is no key.
     let (ok, _, err) = outcome(Command::new(bin("drllm-serve")).args(["--host", "0.0.0.0"]));
     assert!(!ok && err.contains("--api-key"), "{err}");
+    let (ok, _, err) = outcome(Command::new(bin("drllm-serve")).args(["--api-key", ""]));
+    assert!(!ok && err.contains("empty"), "{err}");
 }
 
 /// Writes the local lm-eval task YAMLs (tests/reference/lm_eval/) with the data directory.

@@ -664,6 +664,36 @@ impl<'m> PathBatch<'m> {
         })
     }
 
+    /// Drops the leading cache positions that are padding in every row (left behind when the
+    /// longer rows left the batch), so a batch that keeps admitting and retiring rows does not
+    /// keep their length. Positions are per row, so nothing else changes.
+    pub fn trim_padding(&mut self) {
+        let total = self.key_valid.size()[1];
+        if total == 0 || self.batch == 0 {
+            return;
+        }
+        let lead = self
+            .key_valid
+            .to_kind(Kind::Int64)
+            .cumsum(1, Kind::Int64)
+            .eq(0)
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Int64)
+            .min()
+            .int64_value(&[]);
+        if lead > 0 {
+            let keep = total - lead;
+            self.key_valid = self.key_valid.narrow(1, lead, keep);
+            for s in &mut self.slots {
+                s.kv =
+                    s.kv.take()
+                        .map(|(k, v)| (k.narrow(2, lead, keep), v.narrow(2, lead, keep)));
+            }
+        }
+        if self.key_valid.all().int64_value(&[]) != 0 {
+            self.padded = false;
+        }
+    }
+
     /// Per row: block applications of its prefill resumed from a prefix cache (0 without one).
     pub fn reused_blocks(&self) -> &[usize] {
         &self.reused

@@ -146,6 +146,9 @@ pub struct EngineConfig {
     pub threads: Option<i32>,
 }
 
+/// Budgets besides the default whose policies are kept at once.
+const MAX_BUDGETS: usize = 16;
+
 /// The server's routers: the package's policy at the default budget, and one per other budget
 /// asked for (made on first use; they share the router weights).
 pub struct Routers {
@@ -172,6 +175,10 @@ impl Routers {
             return Ok(&self.default);
         }
         if !self.others.contains_key(&budget.to_bits()) {
+            // Each budget holds a copy of the router weights: keep a few.
+            if self.others.len() >= MAX_BUDGETS {
+                self.others.clear();
+            }
             let p = Policy::new(
                 self.default.routers.snapshot(),
                 self.default.windows,
@@ -222,8 +229,9 @@ impl Row {
         }
     }
 
+    /// What the row may come to hold: its prompt and its whole token budget.
     fn tokens_held(&self) -> usize {
-        self.job.prompt.len() + self.tokens.len()
+        self.job.prompt.len().saturating_add(self.job.max_tokens)
     }
 }
 
@@ -251,6 +259,8 @@ pub fn run(
         // A panic (a libtorch error surfacing as one) fails the requests in the batch, not
         // the server.
         let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> bool {
+            // Rows that ended at the last step (or whose client left) leave first.
+            batch = retire(&lm, batch.take(), &mut rows);
             // Admit: block when idle, else take what is queued, up to the limits.
             let mut new: Vec<Job> = vec![];
             let mut held: usize = rows.iter().map(Row::tokens_held).sum();
@@ -260,31 +270,33 @@ pub fn run(
                     None => return false,
                 }
             }
-            loop {
-                if rows.len() + new.len() >= cfg.max_batch.max(1) {
-                    break;
-                }
+            while rows.len() + new.len() < cfg.max_batch.max(1) {
                 let Some(j) = waiting.take().or_else(|| jobs.try_recv().ok()) else {
                     break;
                 };
                 if j.events.is_closed() {
                     continue;
                 }
-                let need = j.prompt.len() + j.max_tokens;
+                let need = j.prompt.len().saturating_add(j.max_tokens);
                 // A job alone over the bound still runs (the bound would otherwise starve it).
-                if held + need > cfg.max_batch_tokens && !(rows.is_empty() && new.is_empty()) {
+                if held.saturating_add(need) > cfg.max_batch_tokens
+                    && !(rows.is_empty() && new.is_empty())
+                {
                     waiting = Some(j);
                     break;
                 }
-                held += need;
+                held = held.saturating_add(need);
                 new.push(j);
             }
             if !new.is_empty() {
                 match admit(&lm, routers.as_mut(), new, &stop_ids) {
                     Ok(Some((b, mut new_rows))) => {
-                        let joined = match batch.take() {
-                            Some(running) => PathBatch::concat(vec![running, b]),
-                            None => Ok(b),
+                        // Rows that ended at prefill never join the running batch.
+                        let b = retire(&lm, Some(b), &mut new_rows);
+                        let joined = match (batch.take(), b) {
+                            (Some(running), Some(b)) => PathBatch::concat(vec![running, b]),
+                            (Some(only), None) | (None, Some(only)) => Ok(only),
+                            (None, None) => return true,
                         };
                         match joined {
                             Ok(j) => {
@@ -303,39 +315,10 @@ pub fn run(
                     Err(e) => tracing::error!("prefill failed: {e}"),
                 }
             }
-            // Rows that ended (at prefill, or at the last step) leave the batch.
-            let keep: Vec<usize> = (0..rows.len())
-                .filter(|&i| rows[i].finish.is_none() && !rows[i].job.events.is_closed())
-                .collect();
-            if keep.len() != rows.len() {
-                let mut old = std::mem::take(&mut rows);
-                for (i, r) in old.iter_mut().enumerate() {
-                    if !keep.contains(&i) {
-                        finish(r, &lm);
-                    }
-                }
-                rows = old
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(i, _)| keep.contains(i))
-                    .map(|(_, r)| r)
-                    .collect();
-                batch = match (batch.take(), keep.is_empty()) {
-                    (Some(mut b), false) => match b.retain(&keep) {
-                        Ok(()) => Some(b),
-                        Err(e) => {
-                            fail_all(&mut rows, &format!("shrinking the batch: {e}"));
-                            rows.clear();
-                            None
-                        }
-                    },
-                    _ => None,
-                };
-            }
             let Some(b) = batch.as_mut() else {
                 return true;
             };
-            // One decode step for every row.
+            // One decode step for every row (all unfinished here).
             let feed: Vec<u32> = rows
                 .iter()
                 .map(|r| r.tokens.last().copied().unwrap_or(0))
@@ -367,6 +350,44 @@ pub fn run(
                 rows.clear();
                 batch = None;
             }
+        }
+    }
+}
+
+/// Sends `Done` to the rows that ended (or whose client left) and drops them from `batch`
+/// (and the cache positions only they needed); `None` once no row is left.
+fn retire<'m>(
+    lm: &LoadedModel,
+    batch: Option<PathBatch<'m>>,
+    rows: &mut Vec<Row>,
+) -> Option<PathBatch<'m>> {
+    let keep: Vec<usize> = (0..rows.len())
+        .filter(|&i| rows[i].finish.is_none() && !rows[i].job.events.is_closed())
+        .collect();
+    if keep.len() == rows.len() {
+        return batch;
+    }
+    let old = std::mem::take(rows);
+    for (i, mut r) in old.into_iter().enumerate() {
+        if keep.binary_search(&i).is_ok() {
+            rows.push(r);
+        } else {
+            finish(&mut r, lm);
+        }
+    }
+    let mut b = batch?;
+    if keep.is_empty() {
+        return None;
+    }
+    match b.retain(&keep) {
+        Ok(()) => {
+            b.trim_padding();
+            Some(b)
+        }
+        Err(e) => {
+            fail_all(rows, &format!("shrinking the batch: {e}"));
+            rows.clear();
+            None
         }
     }
 }
@@ -462,6 +483,9 @@ fn admit<'m>(
     Ok(Some((joined, all_rows)))
 }
 
+/// Prompt positions whose log-probabilities are computed at once.
+const ECHO_CHUNK: i64 = 512;
+
 /// Sends each echo row its prompt's tokens (with log-probabilities when asked for), from the
 /// prefill's final hidden states `h` `[B, T, H]` (left-padded).
 fn prompt_events(lm: &LoadedModel, rows: &mut [Row], h: &Tensor) -> Result<(), String> {
@@ -481,22 +505,33 @@ fn prompt_events(lm: &LoadedModel, rows: &mut [Row], h: &Tensor) -> Result<(), S
             .collect();
         if let (Some(k), true) = (r.job.logprobs, p.len() > 1) {
             let len = p.len() as i64;
-            let logits = lm
-                .model
-                .logits(&h.get(i as i64).narrow(0, t - len, len - 1));
-            let lp = logits.log_softmax(-1, Kind::Float);
-            let ids: Vec<i64> = p[1..].iter().map(|&x| x as i64).collect();
-            let idx = Tensor::from_slice(&ids).to_device(lp.device()).unsqueeze(1);
-            let chosen = Vec::<f32>::try_from(
-                lp.gather(1, &idx, false)
-                    .squeeze_dim(1)
-                    .to_device(tch::Device::Cpu),
-            )
-            .map_err(|e| e.to_string())?;
-            let tops = top_k(&lp, k)?;
-            for (pos, (c, top)) in chosen.into_iter().zip(tops).enumerate() {
-                out[pos + 1].logprob = Some(c);
-                out[pos + 1].top = top;
+            let row = h.get(i as i64).narrow(0, t - len, len - 1);
+            // In chunks of positions: [positions, vocab] logits of a long prompt are large.
+            let mut from = 0i64;
+            while from < len - 1 {
+                let n = ECHO_CHUNK.min(len - 1 - from);
+                let lp = lm
+                    .model
+                    .logits(&row.narrow(0, from, n))
+                    .log_softmax(-1, Kind::Float);
+                let ids: Vec<i64> = p[1 + from as usize..1 + (from + n) as usize]
+                    .iter()
+                    .map(|&x| x as i64)
+                    .collect();
+                let idx = Tensor::from_slice(&ids).to_device(lp.device()).unsqueeze(1);
+                let chosen = Vec::<f32>::try_from(
+                    lp.gather(1, &idx, false)
+                        .squeeze_dim(1)
+                        .to_device(tch::Device::Cpu),
+                )
+                .map_err(|e| e.to_string())?;
+                let tops = top_k(&lp, k)?;
+                for (j, (c, top)) in chosen.into_iter().zip(tops).enumerate() {
+                    let pos = 1 + from as usize + j;
+                    out[pos].logprob = Some(c);
+                    out[pos].top = top;
+                }
+                from += n;
             }
         }
         let _ = r.job.events.send(Event::Prompt(out));
@@ -591,7 +626,8 @@ fn emit(r: &mut Row, lm: &LoadedModel) {
         r.at_stop_string = true;
     } else {
         // An incomplete character, or a suffix that may grow into a stop string, waits.
-        if text.ends_with('\u{FFFD}') {
+        // (byte-fallback tokenizers decode each byte of an unfinished character to one).
+        while text[..end].ends_with('\u{FFFD}') {
             end -= '\u{FFFD}'.len_utf8();
         }
         let held = r

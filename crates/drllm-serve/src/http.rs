@@ -357,6 +357,10 @@ fn route(info: &ServerInfo, f: &Fields<'_>) -> Result<Route, ApiError> {
     Ok(route)
 }
 
+/// Most stop strings per request, and bytes per stop string (every decode step searches them).
+const MAX_STOP: usize = 32;
+const MAX_STOP_BYTES: usize = 512;
+
 /// Sampling and length fields shared by both endpoints.
 struct Common {
     max_tokens: usize,
@@ -400,6 +404,22 @@ fn common(
         .usize("max_completion_tokens")?
         .or(f.usize("max_tokens")?)
         .unwrap_or(max_tokens_default);
+    if max_tokens > info.context {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            format!(
+                "'max_tokens' is {max_tokens}, more than the model's context of {} tokens",
+                info.context
+            ),
+        ));
+    }
+    let stop = f.stop()?;
+    if stop.len() > MAX_STOP || stop.iter().any(|x| x.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("'stop' takes at most {MAX_STOP} strings of at most {MAX_STOP_BYTES} bytes"),
+        ));
+    }
     Ok(Common {
         max_tokens,
         sampling: Sampling {
@@ -407,7 +427,7 @@ fn common(
             top_p,
             seed,
         },
-        stop: f.stop()?,
+        stop,
         stream: f.bool("stream")?.unwrap_or(false),
         route: route(info, f)?,
     })
@@ -417,7 +437,7 @@ fn check_context(info: &ServerInfo, len: usize, max_tokens: usize) -> Result<(),
     if len == 0 {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
-    if len + max_tokens > info.context {
+    if len.saturating_add(max_tokens) > info.context {
         return Err(ApiError::invalid(
             if len > info.context {
                 "prompt"
@@ -576,12 +596,14 @@ async fn completions_inner(
     let mut texts = vec![];
     for p in api::prompts(f.value("prompt"))? {
         let (p_ids, text) = match p {
-            Prompt::Text(t) => (
-                info.tokenizer
+            Prompt::Text(t) => {
+                let ids = info
+                    .tokenizer
                     .encode(&t, true)
-                    .map_err(|e| ApiError::internal(e.to_string()))?,
-                t,
-            ),
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                check_ids(info, &ids, "prompt")?;
+                (ids, t)
+            }
             Prompt::Ids(p_ids) => {
                 check_ids(info, &p_ids, "prompt")?;
                 let text = info
@@ -675,6 +697,7 @@ async fn chat_inner(s: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Re
         .tokenizer
         .encode(&rendered, false)
         .map_err(|e| ApiError::internal(e.to_string()))?;
+    check_ids(info, &ids, "messages")?;
     // Without max_tokens, the completion may fill the context.
     let max_tokens =
         if f.value("max_tokens").is_none() && f.value("max_completion_tokens").is_none() {

@@ -75,6 +75,9 @@ async fn main() -> Result<()> {
     let a = Cli::parse();
     a.log.init("info");
     let addr = SocketAddr::new(a.host, a.port);
+    if a.api_key.as_deref() == Some("") {
+        bail!("--api-key (DRLLM_API_KEY) is empty: give a key, or leave it unset");
+    }
     if !a.host.is_loopback() && a.api_key.is_none() {
         bail!(
             "--host {} accepts connections from other hosts: set --api-key (or DRLLM_API_KEY)",
