@@ -6,7 +6,7 @@
 //! bad requests get OpenAI-shaped 4xx errors without disturbing the others.
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use common::*;
@@ -64,24 +64,10 @@ impl Drop for Server {
     }
 }
 
-/// Runs tests/reference/serve_client.py on `job` (with the server's address).
-fn client(server: &Server, mut job: Value) -> Value {
-    job["base"] = server.base.clone().into();
-    let mut child = Command::new(python())
-        .arg(root().join("tests/reference/serve_client.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(job.to_string().as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "serve_client.py failed");
-    serde_json::from_slice(&o.stdout).unwrap()
+/// Runs tests/reference/serve_client.py on `job` against the server at `base`.
+fn client(base: &str, mut job: Value) -> Value {
+    job["base"] = base.into();
+    run_script("serve_client.py", &job)
 }
 
 fn model() -> LoadedModel {
@@ -168,7 +154,7 @@ fn greedy_completions_equal_the_runtime_alone_and_in_a_crowd() {
         .zip(max)
         .map(|(p, m)| completion(json!(p), m, json!({})))
         .collect();
-    let alone = client(&server, json!({"key": KEY, "requests": reqs}));
+    let alone = client(&server.base, json!({"key": KEY, "requests": reqs}));
     assert_eq!(texts(&alone), want, "one at a time vs the runtime");
     let body = &alone[0]["body"];
     assert_eq!(body["object"], "text_completion");
@@ -179,7 +165,7 @@ fn greedy_completions_equal_the_runtime_alone_and_in_a_crowd() {
     // boundaries and leave it when done; each answer is the one it got alone.
     let crowd: Vec<Value> = (0..64).map(|i| reqs[i % reqs.len()].clone()).collect();
     let got = client(
-        &server,
+        &server.base,
         json!({"key": KEY, "requests": crowd, "concurrent": true}),
     );
     let got = texts(&got);
@@ -189,13 +175,13 @@ fn greedy_completions_equal_the_runtime_alone_and_in_a_crowd() {
     // Text prompts are tokenized with the tokenizer's special tokens, as the runtime does.
     let q = questions(1).remove(0);
     let as_text = client(
-        &server,
+        &server.base,
         json!({"key": KEY, "requests": [completion(json!(q), 12, json!({}))]}),
     );
     assert_eq!(texts(&as_text)[0], want[0]);
     // Streaming gives the same text, in deltas, then [DONE].
     let streamed = client(
-        &server,
+        &server.base,
         json!({"key": KEY, "requests": [{"path": "/v1/completions", "stream": true,
             "json": {"prompt": prompts[2], "max_tokens": 20, "temperature": 0, "stream": true}}]}),
     );
@@ -209,7 +195,7 @@ fn greedy_completions_equal_the_runtime_alone_and_in_a_crowd() {
     assert!(events.len() > 3, "{events:?}");
     // The official client: completions and chat, plain and streamed; a wrong key is a 401.
     let o = client(
-        &server,
+        &server.base,
         json!({"key": KEY, "openai": true, "prompt": q, "chat": "Which gas do plants take in?"}),
     );
     assert_eq!(o["completion"]["text"], want[0].as_str());
@@ -221,12 +207,8 @@ fn greedy_completions_equal_the_runtime_alone_and_in_a_crowd() {
     // SIGTERM: a request in flight is answered, then the server exits cleanly.
     let base = server.base.clone();
     let long = std::thread::spawn(move || {
-        let s = Server {
-            child: Command::new("true").spawn().unwrap(),
-            base,
-        };
         client(
-            &s,
+            &base,
             json!({"key": KEY, "requests": [completion(json!(prompts[0]), 200, json!({}))]}),
         )
     });
@@ -282,7 +264,7 @@ fn echo_logprobs_are_lm_evals_loglikelihoods_and_routing_is_per_request() {
         let req = json!({"path": "/v1/completions", "json": {"model": "routed",
             "drllm": {"routers": false}, "prompt": prompts, "max_tokens": 1, "echo": true,
             "logprobs": 1, "temperature": 0, "seed": 1234}});
-        let got = client(&server, json!({"requests": [req]}));
+        let got = client(&server.base, json!({"requests": [req]}));
         assert_eq!(got[0]["status"], 200, "{got}");
         let choices = got[0]["body"]["choices"].as_array().unwrap();
         for (i, ((c, p), want)) in conts
@@ -332,7 +314,7 @@ fn echo_logprobs_are_lm_evals_loglikelihoods_and_routing_is_per_request() {
             .iter()
             .map(|p| completion(json!(p), 10, json!({"model": model})))
             .collect();
-        let got = client(&server, json!({"requests": reqs, "concurrent": true}));
+        let got = client(&server.base, json!({"requests": reqs, "concurrent": true}));
         for (p, g) in q.iter().zip(got.as_array().unwrap()) {
             let lens = [p.len()];
             let mut route = |l: usize, h: &Tensor| policy.decide(l, h, &lens);
@@ -366,7 +348,7 @@ fn echo_logprobs_are_lm_evals_loglikelihoods_and_routing_is_per_request() {
         }
     }
     let listed = client(
-        &server,
+        &server.base,
         json!({"requests": [{"method": "GET", "path": "/v1/models"}]}),
     );
     let ids: Vec<&str> = listed[0]["body"]["data"]
@@ -444,7 +426,7 @@ fn bad_requests_get_openai_errors_and_a_full_queue_gets_503() {
         ),
     ];
     let reqs: Vec<Value> = cases.iter().map(|c| c.0.clone()).collect();
-    let got = client(&server, json!({"requests": reqs}));
+    let got = client(&server.base, json!({"requests": reqs}));
     for ((req, status, param), g) in cases.iter().zip(got.as_array().unwrap()) {
         assert_eq!(&g["status"], status, "{req} -> {g}");
         let err = &g["body"]["error"];
@@ -457,7 +439,7 @@ fn bad_requests_get_openai_errors_and_a_full_queue_gets_503() {
     }
     // The tokenizer endpoints lm-eval's remote tokenizer uses.
     let info = client(
-        &server,
+        &server.base,
         json!({"requests": [
             {"method": "GET", "path": "/tokenizer_info"},
             {"path": "/tokenize", "json": {"prompt": "Hello world", "add_special_tokens": false}},
@@ -472,7 +454,7 @@ fn bad_requests_get_openai_errors_and_a_full_queue_gets_503() {
     assert!(info[2]["body"]["prompt"].is_string(), "{info}");
     assert_eq!(info[3]["status"], 200);
     let eos_ids = client(
-        &server,
+        &server.base,
         json!({"requests": [{"path": "/tokenize", "json": {"prompt": eos, "add_special_tokens": false}}]}),
     );
     assert_eq!(
@@ -485,7 +467,7 @@ fn bad_requests_get_openai_errors_and_a_full_queue_gets_503() {
     let burst: Vec<Value> = (0..12)
         .map(|_| c(json!({"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0})))
         .collect();
-    let got = client(&server, json!({"requests": burst, "concurrent": true}));
+    let got = client(&server.base, json!({"requests": burst, "concurrent": true}));
     let got = got.as_array().unwrap();
     let busy: Vec<&Value> = got.iter().filter(|g| g["status"] == 503).collect();
     let ok: Vec<&Value> = got.iter().filter(|g| g["status"] == 200).collect();
@@ -514,30 +496,7 @@ fn lm_eval_tasks(dir: &std::path::Path) {
 
 /// Runs tests/reference/lm_eval_compare.py on `job`.
 fn lm_eval(job: Value) -> Value {
-    let mut child = Command::new(python())
-        .arg(root().join("tests/reference/lm_eval_compare.py"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_DATASETS_OFFLINE", "1")
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .env("TQDM_DISABLE", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(job.to_string().as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(
-        o.status.success(),
-        "lm_eval_compare.py failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
+    run_script("lm_eval_compare.py", &job)
 }
 
 /// lm-evaluation-harness evaluates the server unchanged (`local-completions`, remote
@@ -586,7 +545,7 @@ fn lm_eval_evaluates_the_server_unchanged() {
     assert!(n >= 150, "{n} choices");
     assert!(worst < 1e-3, "max |log-likelihood difference| {worst}");
     let stats = client(
-        &server,
+        &server.base,
         json!({"requests": [{"method": "GET", "path": "/drllm/stats"}]}),
     );
     let routes = &stats[0]["body"]["routes"];

@@ -81,22 +81,20 @@ pub fn read_jsonl(path: &Path, limit: usize) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Runs `tests/reference/hf_reference.py` on `job`; returns its JSON answer and tensors.
-pub fn reference(
-    mut job: serde_json::Value,
-    tmp: &Path,
-) -> (serde_json::Value, HashMap<String, Tensor>) {
-    let out = tmp.join("reference.safetensors");
-    job["out"] = out.display().to_string().into();
+/// Runs the Python script `tests/reference/<script>` with `job` as JSON on stdin, offline and
+/// quiet, and returns the JSON it prints; a failure shows the script's stderr.
+pub fn run_script(script: &str, job: &serde_json::Value) -> serde_json::Value {
     let mut child = Command::new(python())
-        .arg(root().join("tests/reference/hf_reference.py"))
+        .arg(root().join("tests/reference").join(script))
         .env("HF_HUB_OFFLINE", "1")
+        .env("HF_DATASETS_OFFLINE", "1")
         .env("TRANSFORMERS_VERBOSITY", "error")
         .env("TOKENIZERS_PARALLELISM", "false")
         .env("TQDM_DISABLE", "1")
         .env("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn python");
     child
@@ -106,8 +104,22 @@ pub fn reference(
         .write_all(job.to_string().as_bytes())
         .unwrap();
     let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "reference script failed");
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("reference JSON");
+    assert!(
+        o.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("the script's JSON answer")
+}
+
+/// Runs `tests/reference/hf_reference.py` on `job`; returns its JSON answer and tensors.
+pub fn reference(
+    mut job: serde_json::Value,
+    tmp: &Path,
+) -> (serde_json::Value, HashMap<String, Tensor>) {
+    let out = tmp.join("reference.safetensors");
+    job["out"] = out.display().to_string().into();
+    let v = run_script("hf_reference.py", &job);
     let tensors = if out.exists() {
         Tensor::read_safetensors(&out)
             .unwrap()

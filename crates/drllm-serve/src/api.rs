@@ -139,57 +139,45 @@ impl Fields<'_> {
         self.0.get(name).filter(|v| !v.is_null())
     }
 
-    /// A number field (absent: `None`).
-    pub fn f64(&self, name: &str) -> Result<Option<f64>, ApiError> {
+    /// A field read by `pick`, which refuses a value that is not `what`.
+    fn typed<'v, T>(
+        &'v self,
+        name: &str,
+        what: &str,
+        pick: impl FnOnce(&'v Value) -> Option<T>,
+    ) -> Result<Option<T>, ApiError> {
         match self.get(name) {
             None => Ok(None),
-            Some(Value::Number(n)) => Ok(n.as_f64()),
-            Some(v) => Err(ApiError::invalid(
-                name,
-                format!("'{name}' must be a number, got {}", kind_of(v)),
-            )),
+            Some(v) => pick(v).map(Some).ok_or_else(|| {
+                let got = match v {
+                    Value::Number(n) => n.to_string(),
+                    other => kind_of(other).to_string(),
+                };
+                ApiError::invalid(name, format!("'{name}' must be {what}, got {got}"))
+            }),
         }
+    }
+
+    /// A number field (absent: `None`).
+    pub fn f64(&self, name: &str) -> Result<Option<f64>, ApiError> {
+        self.typed(name, "a number", Value::as_f64)
     }
 
     /// A non-negative integer field.
     pub fn usize(&self, name: &str) -> Result<Option<usize>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Number(n)) => n.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                ApiError::invalid(
-                    name,
-                    format!("'{name}' must be a non-negative integer, got {n}"),
-                )
-            }),
-            Some(v) => Err(ApiError::invalid(
-                name,
-                format!("'{name}' must be an integer, got {}", kind_of(v)),
-            )),
-        }
+        self.typed(name, "a non-negative integer", |v| {
+            v.as_u64().and_then(|x| usize::try_from(x).ok())
+        })
     }
 
     /// A boolean field.
     pub fn bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(ApiError::invalid(
-                name,
-                format!("'{name}' must be a boolean, got {}", kind_of(v)),
-            )),
-        }
+        self.typed(name, "a boolean", Value::as_bool)
     }
 
     /// A string field.
     pub fn str(&self, name: &str) -> Result<Option<&str>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(ApiError::invalid(
-                name,
-                format!("'{name}' must be a string, got {}", kind_of(v)),
-            )),
-        }
+        self.typed(name, "a string", Value::as_str)
     }
 
     /// `stop`: a string or a list of strings.

@@ -174,22 +174,22 @@ impl Routers {
         if budget.to_bits() == self.default.budget().to_bits() {
             return Ok(&self.default);
         }
-        if !self.others.contains_key(&budget.to_bits()) {
-            // Each budget holds a copy of the router weights: keep a few.
-            if self.others.len() >= MAX_BUDGETS {
-                self.others.clear();
-            }
-            let p = Policy::new(
-                self.default.routers.snapshot(),
-                self.default.windows,
-                budget,
-            )
-            .map_err(|e| e.to_string())?;
-            self.others.insert(budget.to_bits(), p);
+        // Each budget holds a copy of the router weights: keep a few.
+        if self.others.len() >= MAX_BUDGETS && !self.others.contains_key(&budget.to_bits()) {
+            self.others.clear();
         }
-        self.others
-            .get(&budget.to_bits())
-            .ok_or_else(|| "no policy".to_string())
+        match self.others.entry(budget.to_bits()) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let p = Policy::new(
+                    self.default.routers.snapshot(),
+                    self.default.windows,
+                    budget,
+                )
+                .map_err(|e| e.to_string())?;
+                Ok(e.insert(p))
+            }
+        }
     }
 }
 
@@ -434,6 +434,7 @@ fn admit<'m>(
                 },
             },
         };
+        let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let (b, h) = match prefilled {
             Ok(x) => x,
             Err((msg, client)) => {
@@ -457,7 +458,6 @@ fn admit<'m>(
             }
             continue;
         }
-        let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let t = h.size()[1];
         let last = lm.model.logits(&h.select(1, t - 1));
         // Rows that only score their prompt take no token.

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -92,17 +93,18 @@ impl AppState {
     }
 }
 
-/// The routes.
+/// The routes; every one but `/health` needs the API key when the server has one.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route("/health", get(health))
         .route("/tokenizer_info", get(tokenizer_info))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/drllm/stats", get(stats))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
+        .route("/health", get(health))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(64 << 20))
         .with_state(state)
@@ -126,6 +128,13 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         r
+    }
+}
+
+async fn require_key(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    match check_key(&s, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -175,10 +184,7 @@ async fn health() -> Response {
     json_response(200, &json!({"status": "ok"}))
 }
 
-async fn models(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(e) = check_key(&s, &headers) {
-        return e.into_response();
-    }
+async fn models(State(s): State<AppState>) -> Response {
     let mut ids = vec![s.info.name.clone()];
     if let Route::Budget(b) = s.info.default_route {
         ids.push(format!("{}@{b}", s.info.name));
@@ -191,10 +197,7 @@ async fn models(State(s): State<AppState>, headers: HeaderMap) -> Response {
     json_response(200, &json!({"object": "list", "data": data}))
 }
 
-async fn stats(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(e) = check_key(&s, &headers) {
-        return e.into_response();
-    }
+async fn stats(State(s): State<AppState>) -> Response {
     let stats = s.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let routes: Map<String, Value> = stats
         .into_iter()
@@ -216,10 +219,7 @@ async fn stats(State(s): State<AppState>, headers: HeaderMap) -> Response {
     json_response(200, &json!({"routes": routes}))
 }
 
-async fn tokenizer_info(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(e) = check_key(&s, &headers) {
-        return e.into_response();
-    }
+async fn tokenizer_info(State(s): State<AppState>) -> Response {
     let t = &s.info.tokenizer;
     let eos = t.eos.as_ref().map(|e| e.0.clone());
     json_response(
@@ -236,56 +236,39 @@ async fn tokenizer_info(State(s): State<AppState>, headers: HeaderMap) -> Respon
     )
 }
 
-async fn tokenize(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let run = || -> Result<Value, ApiError> {
-        check_key(&s, &headers)?;
-        let obj = api::object(&body)?;
-        let f = Fields(&obj);
-        let text = f
-            .str("prompt")?
-            .ok_or_else(|| ApiError::invalid("prompt", "'prompt' (a string) is required"))?;
-        let special = f.bool("add_special_tokens")?.unwrap_or(true);
-        let ids = s
-            .info
-            .tokenizer
-            .encode(text, special)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(json!({"tokens": ids, "count": ids.len(), "max_model_len": s.info.context}))
-    };
-    match run() {
-        Ok(v) => json_response(200, &v),
-        Err(e) => e.into_response(),
-    }
+async fn tokenize(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let obj = api::object(&body)?;
+    let f = Fields(&obj);
+    let text = f
+        .str("prompt")?
+        .ok_or_else(|| ApiError::invalid("prompt", "'prompt' (a string) is required"))?;
+    let special = f.bool("add_special_tokens")?.unwrap_or(true);
+    let ids = s
+        .info
+        .tokenizer
+        .encode(text, special)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let v = json!({"tokens": ids, "count": ids.len(), "max_model_len": s.info.context});
+    Ok(json_response(200, &v))
 }
 
-async fn detokenize(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let run = || -> Result<Value, ApiError> {
-        check_key(&s, &headers)?;
-        let obj = api::object(&body)?;
-        let ids = match api::prompts(Fields(&obj).value("tokens"))
-            .map_err(|_| ApiError::invalid("tokens", "'tokens' must be a list of token ids"))?
-            .as_slice()
-        {
-            [Prompt::Ids(ids)] => ids.clone(),
-            _ => {
-                return Err(ApiError::invalid(
-                    "tokens",
-                    "'tokens' must be a list of token ids",
-                ))
-            }
-        };
-        check_ids(&s.info, &ids, "tokens")?;
-        let text = s
-            .info
-            .tokenizer
-            .decode_keep_special(&ids)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(json!({"prompt": text}))
+async fn detokenize(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let obj = api::object(&body)?;
+    let bad = || ApiError::invalid("tokens", "'tokens' must be a list of token ids");
+    let ids = match api::prompts(Fields(&obj).value("tokens"))
+        .map_err(|_| bad())?
+        .as_slice()
+    {
+        [Prompt::Ids(ids)] => ids.clone(),
+        _ => return Err(bad()),
     };
-    match run() {
-        Ok(v) => json_response(200, &v),
-        Err(e) => e.into_response(),
-    }
+    check_ids(&s.info, &ids, "tokens")?;
+    let text = s
+        .info
+        .tokenizer
+        .decode_keep_special(&ids)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(json_response(200, &json!({"prompt": text})))
 }
 
 fn check_ids(info: &ServerInfo, ids: &[u32], param: &str) -> Result<(), ApiError> {
@@ -567,20 +550,9 @@ fn completion_logprobs(t: &Tokenizer, toks: &[TokenLogprob], start: usize) -> Va
     json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
-async fn completions(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    match completions_inner(&s, &headers, &body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn completions_inner(
-    s: &AppState,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Response, ApiError> {
-    check_key(s, headers)?;
-    let obj = api::object(body)?;
+async fn completions(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let s = &s;
+    let obj = api::object(&body)?;
     let f = Fields(&obj);
     let info = &s.info;
     let c = common(info, &f, 16)?;
@@ -675,16 +647,9 @@ async fn completions_inner(
     ))
 }
 
-async fn chat_completions(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    match chat_inner(&s, &headers, &body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn chat_inner(s: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
-    check_key(s, headers)?;
-    let obj = api::object(body)?;
+async fn chat_completions(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let s = &s;
+    let obj = api::object(&body)?;
     let f = Fields(&obj);
     let info = &s.info;
     let c = common(info, &f, info.context)?;
