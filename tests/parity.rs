@@ -364,3 +364,51 @@ fn tiny_random_models_match_transformers() {
     let msg = load();
     assert!(msg.contains("tokenizer.json"), "{msg}");
 }
+
+/// K-quants (Q4_K, Q5_K, Q6_K: the matrices of the hub's Q4_K_M / Q5_K_M files): a tiny LLaMA GGUF
+/// of random blocks, written by the `gguf` package. Every tensor dequantizes to the package's own
+/// values bit for bit, and the loaded model's logits equal transformers' on the same file.
+#[test]
+fn k_quant_gguf_matches_gguf_package_and_transformers() {
+    use drllm::runtime::gguf::{dequantize, GgufFile};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tiny-kquant.gguf");
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![1, 504, 3458, 314, 260, 6421, 47, 28, 216],
+        vec![9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3717],
+    ];
+    let job = serde_json::json!({
+        "job": "kquant", "tokenizer_gguf": embedded_gguf(), "path": path, "prompts": prompts,
+    });
+    let (r, t) = reference(job, tmp.path());
+
+    let file = GgufFile::open(&path).unwrap();
+    let types = r["types"].as_object().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, ty) in types {
+        let info = &file.tensors[name];
+        assert_eq!(format!("{:?}", info.ty), ty.as_str().unwrap(), "{name}");
+        seen.insert(ty.as_str().unwrap().to_string());
+        let ours = dequantize(info.ty, file.tensor_bytes(info));
+        let want = Vec::<f32>::try_from(t[&format!("dequant.{name}")].flatten(0, -1)).unwrap();
+        assert_eq!(ours.len(), want.len(), "{name}: element count");
+        let differ = ours
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differ, 0, "{name} ({ty}): {differ} values differ from gguf's");
+    }
+    assert_eq!(seen.len(), 3, "Q4_K, Q5_K and Q6_K all checked: {seen:?}");
+
+    let lm = LoadedModel::load(ModelSource::Gguf(path.clone()), Device::Cpu, Kind::Float).unwrap();
+    let n = lm.model.num_layers();
+    let logits = lm
+        .model
+        .prompt_logits(&prompts, &vec![LayerPath::all_ones(n); prompts.len()])
+        .unwrap();
+    for (i, l) in logits.iter().enumerate() {
+        let d = max_abs_diff(l, &t[&format!("p{i}_logits")]);
+        assert!(d <= 1e-4, "prompt {i}: max |logit diff| {d}");
+    }
+}

@@ -11,6 +11,9 @@ summary to stdout. Jobs:
   tiny   -- create tiny random models (LLaMA + llama3 RoPE scaling, Qwen2 with biases, Qwen3 with
             q/k norm, Gemma with its 1 + w norms, scaled embeddings and GELU; one sharded) in a
             directory, and their logits along paths.
+  kquant -- write a tiny LLaMA GGUF whose matrices are random Q4_K / Q5_K / Q6_K blocks (the
+            embedded file's tokenizer), with the `gguf` package's dequantization of every tensor
+            and transformers' logits of the file.
 
 A path is run in transformers the way the paper's code does it -- `model.layers` replaced by the
 list of blocks (repeats reuse the module) -- but WITHOUT a KV cache: a reused block would share
@@ -231,12 +234,83 @@ def job_tiny(job, tensors):
     return out
 
 
+def random_kquant_blocks(rng, qtype, rows, cols):
+    """Random bytes for `rows` x `cols` values of a K-quant type, with finite super-block scales
+    of a size that keeps the weights around +-0.05 (random bits could be NaN or inf)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.constants import GGML_QUANT_SIZES
+    block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(rows * cols // block_elems, block_bytes), dtype=np.uint8)
+    def f16(scale):
+        return rng.normal(0, scale, size=(blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:
+        blocks[:, -2:] = f16(1.2e-5)
+    else:
+        blocks[:, 0:2] = f16(1e-4)
+        blocks[:, 2:4] = np.abs(f16(8e-4).view(np.float16)).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def job_kquant(job, tensors):
+    import numpy as np
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    rng = np.random.default_rng(0)
+    src = gguf.GGUFReader(job["tokenizer_gguf"])
+    w = gguf.GGUFWriter(job["path"], "llama")
+    hidden, ffn, layers, heads, kv_heads = 256, 512, 2, 4, 2
+    w.add_context_length(2048)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_block_count(layers)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    for key, field in src.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[1] if len(field.types) > 1 else None
+            w.add_key_value(key, field.contents(), field.types[0], sub)
+    vocab = len(src.fields["tokenizer.ggml.tokens"].contents())
+    head_dim = hidden // heads
+    mats = {"token_embd.weight": (vocab, hidden, Q.Q6_K), "output.weight": (vocab, hidden, Q.Q6_K)}
+    for b in range(layers):
+        mats.update({
+            f"blk.{b}.attn_q.weight": (hidden, hidden, Q.Q4_K),
+            f"blk.{b}.attn_k.weight": (kv_heads * head_dim, hidden, Q.Q4_K),
+            f"blk.{b}.attn_v.weight": (kv_heads * head_dim, hidden, Q.Q6_K),
+            f"blk.{b}.attn_output.weight": (hidden, hidden, Q.Q4_K),
+            f"blk.{b}.ffn_gate.weight": (ffn, hidden, Q.Q4_K),
+            f"blk.{b}.ffn_up.weight": (ffn, hidden, Q.Q5_K),
+            f"blk.{b}.ffn_down.weight": (hidden, ffn, Q.Q5_K),
+        })
+    for name, (rows, cols, qtype) in mats.items():
+        data = random_kquant_blocks(rng, qtype, rows, cols)
+        w.add_tensor(name, data, raw_dtype=qtype)
+        tensors[f"dequant.{name}"] = torch.from_numpy(
+            gguf.quants.dequantize(data, qtype).astype(np.float32).reshape(rows, cols).copy())
+    norms = ["output_norm.weight"] + [f"blk.{b}.{n}.weight" for b in range(layers)
+                                      for n in ("attn_norm", "ffn_norm")]
+    for name in norms:
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    d, f = os.path.split(job["path"])
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    for i, ids in enumerate(job["prompts"]):
+        tensors[f"p{i}_logits"] = model(torch.tensor([ids]), use_cache=False).logits[0].float()
+    return {"types": {n: q.name for n, (_, _, q) in mats.items()}}
+
+
 def main():
     job = json.load(sys.stdin)
     tensors = {}
     kind = job["job"]
     res = {"gguf": job_gguf, "tokens": job_tokens, "tiny": job_tiny, "hidden": job_hidden,
-           "cloze": job_cloze}[kind](job, tensors)
+           "cloze": job_cloze, "kquant": job_kquant}[kind](job, tensors)
     if tensors:
         save_file(tensors, job["out"])
     json.dump(res, sys.stdout)

@@ -16,6 +16,10 @@ const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// Elements per block of the block-quantized types we decode.
 pub const QK: usize = 32;
+/// Elements per block of the K-quants (Q4_K, Q5_K, Q6_K).
+pub const QK_K: usize = 256;
+/// Bytes of packed 6-bit sub-block scales and minima in a Q4_K / Q5_K block.
+const K_SCALE_BYTES: usize = 12;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,7 +79,8 @@ impl Value {
     }
 }
 
-/// Tensor element types we can decode.
+/// Tensor element types we can decode (named as GGML names them).
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
     /// 32-bit float.
@@ -90,6 +95,14 @@ pub enum GgmlType {
     Q4_0,
     /// 32-element blocks: f16 scale + f16 minimum + 16 bytes of 4-bit values.
     Q4_1,
+    /// 256-element super-blocks: f16 scale and minimum, eight 6-bit sub-block scales and minima,
+    /// 4-bit values (the weights of Q4_K_M / Q4_K_S files).
+    Q4_K,
+    /// As Q4_K with a fifth bit per value held in a separate 32-byte plane.
+    Q5_K,
+    /// 256-element super-blocks: 4 low + 2 high bits per value, sixteen i8 sub-block scales, f16
+    /// scale; values offset by 32.
+    Q6_K,
 }
 
 impl GgmlType {
@@ -107,9 +120,9 @@ impl GgmlType {
             9 => return Err("Q8_1"),
             10 => return Err("Q2_K"),
             11 => return Err("Q3_K"),
-            12 => return Err("Q4_K"),
-            13 => return Err("Q5_K"),
-            14 => return Err("Q6_K"),
+            12 => GgmlType::Q4_K,
+            13 => GgmlType::Q5_K,
+            14 => GgmlType::Q6_K,
             15 => return Err("Q8_K"),
             16..=23 => return Err("IQ*"),
             24 => return Err("I8"),
@@ -129,6 +142,9 @@ impl GgmlType {
             GgmlType::Q4_0 => 2,
             GgmlType::Q4_1 => 3,
             GgmlType::Q8_0 => 8,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
+            GgmlType::Q6_K => 14,
             GgmlType::BF16 => 30,
         }
     }
@@ -137,6 +153,7 @@ impl GgmlType {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
             GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 => QK,
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => QK_K,
         }
     }
     /// Bytes per block.
@@ -147,6 +164,9 @@ impl GgmlType {
             GgmlType::Q8_0 => 2 + QK,
             GgmlType::Q4_0 => 2 + QK / 2,
             GgmlType::Q4_1 => 4 + QK / 2,
+            GgmlType::Q4_K => 4 + K_SCALE_BYTES + QK_K / 2,
+            GgmlType::Q5_K => 4 + K_SCALE_BYTES + QK_K / 8 + QK_K / 2,
+            GgmlType::Q6_K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
         }
     }
 }
@@ -517,9 +537,86 @@ pub fn dequantize(ty: GgmlType, data: &[u8]) -> Vec<f32> {
                 out.extend(qs.iter().map(|&q| (q & 0x0f) as f32 * d + m));
                 out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
             }
+            GgmlType::Q4_K | GgmlType::Q5_K => dequantize_q45_k(ty == GgmlType::Q5_K, block, &mut out),
+            GgmlType::Q6_K => dequantize_q6_k(block, &mut out),
         }
     }
     out
+}
+
+/// Scale and minimum of sub-block `j` (0..8) from the 12 packed bytes of a Q4_K / Q5_K block:
+/// sub-blocks 0-3 keep their six bits in the low bits of bytes j and j+4; sub-blocks 4-7 split
+/// theirs between a nibble of byte j+4 and the top two bits of bytes j-4 and j.
+fn k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// One Q4_K (or, with `five_bits`, Q5_K) block: 256 values in four runs of 64, each run two
+/// sub-blocks of 32 (low then high nibbles of the same 32 bytes); value = d*sc*q - dmin*m, with q
+/// taking a fifth bit from the qh plane for Q5_K. Laid out as llama.cpp's `block_q4_K`/`block_q5_K`.
+fn dequantize_q45_k(five_bits: bool, block: &[u8], out: &mut Vec<f32>) {
+    let half = |o: usize| f16::from_le_bytes([block[o], block[o + 1]]).to_f32();
+    let (d, dmin) = (half(0), half(2));
+    let scales = &block[4..4 + K_SCALE_BYTES];
+    let (qh, qs) = if five_bits {
+        let qh_start = 4 + K_SCALE_BYTES;
+        (&block[qh_start..qh_start + QK_K / 8], &block[qh_start + QK_K / 8..])
+    } else {
+        (&[][..], &block[4 + K_SCALE_BYTES..])
+    };
+    for run in 0..QK_K / 64 {
+        let q = &qs[run * 32..run * 32 + 32];
+        for half_run in 0..2 {
+            let (sc, m) = k_scale_min(2 * run + half_run, scales);
+            let (dl, ml) = (d * sc as f32, dmin * m as f32);
+            let shift = 4 * half_run;
+            let bit = 2 * run + half_run;
+            out.extend((0..32).map(|l| {
+                let mut v = (q[l] >> shift) & 0x0f;
+                if five_bits && qh[l] & (1 << bit) != 0 {
+                    v += 16;
+                }
+                dl * v as f32 - ml
+            }));
+        }
+    }
+}
+
+/// One Q6_K block: two halves of 128 values; value = d * scale[sub-block] * (q - 32), where q's
+/// low four bits come from ql and its high two from qh. Laid out as llama.cpp's `block_q6_K`.
+fn dequantize_q6_k(block: &[u8], out: &mut Vec<f32>) {
+    let (ql_all, rest) = block.split_at(QK_K / 2);
+    let (qh_all, rest) = rest.split_at(QK_K / 4);
+    let (sc_all, d) = rest.split_at(QK_K / 16);
+    let d = f16::from_le_bytes([d[0], d[1]]).to_f32();
+    for half in 0..2 {
+        let ql = &ql_all[half * 64..half * 64 + 64];
+        let qh = &qh_all[half * 32..half * 32 + 32];
+        let sc = &sc_all[half * 8..half * 8 + 8];
+        let start = out.len();
+        out.resize(start + 128, 0.0);
+        let y = &mut out[start..];
+        for l in 0..32 {
+            let is = l / 16;
+            let q = [
+                (ql[l] & 0x0f) | ((qh[l] & 3) << 4),
+                (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4),
+                (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+            ];
+            for (k, &qk) in q.iter().enumerate() {
+                let s = sc[is + 2 * k] as i8 as f32;
+                y[l + 32 * k] = d * s * (qk as i32 - 32) as f32;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
