@@ -822,13 +822,19 @@ pub(crate) mod tests {
             .to_string()
             .contains("not a GGUF file"));
         let unk = GgufBuilder::new()
-            .tensor("blk.0.ffn_up.weight", &[256, 1], 12, vec![0u8; 144])
+            .tensor("blk.0.ffn_up.weight", &[256, 1], 11, vec![0u8; 110])
             .write(dir.path(), "k.gguf");
         let msg = GgufFile::open(&unk).err().unwrap().to_string();
         assert!(
-            msg.contains("blk.0.ffn_up.weight") && msg.contains("Q4_K"),
+            msg.contains("blk.0.ffn_up.weight") && msg.contains("Q3_K") && msg.contains("Q6_K"),
             "{msg}"
         );
+        // K-quant rows are 256-element blocks.
+        let short = GgufBuilder::new()
+            .tensor("blk.0.ffn_up.weight", &[128, 2], 12, vec![0u8; 144])
+            .write(dir.path(), "short.gguf");
+        let msg = GgufFile::open(&short).err().unwrap().to_string();
+        assert!(msg.contains("not a multiple of the 256-element block"), "{msg}");
         // A tensor count that cannot fit the file: a corrupt header, said so.
         let mut corrupt = good.clone();
         corrupt[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
