@@ -397,7 +397,10 @@ fn k_quant_gguf_matches_gguf_package_and_transformers() {
             .zip(&want)
             .filter(|(a, b)| a.to_bits() != b.to_bits())
             .count();
-        assert_eq!(differ, 0, "{name} ({ty}): {differ} values differ from gguf's");
+        assert_eq!(
+            differ, 0,
+            "{name} ({ty}): {differ} values differ from gguf's"
+        );
     }
     assert_eq!(seen.len(), 3, "Q4_K, Q5_K and Q6_K all checked: {seen:?}");
 

@@ -341,13 +341,18 @@ fn eval_compares_routed_and_baseline_runs() {
     let png = std::fs::read(&plot).unwrap();
     assert_eq!(&png[1..4], b"PNG");
     let code = format!(
-        "import pandas as pd, json; d = pd.read_parquet({p:?}); \
+        "import pandas as pd, pyarrow as pa, pyarrow.parquet, json; d = pd.read_parquet({p:?}); \
          b = d[d['mode'] == 'baseline'].reset_index(); r = d[d.budget == 0.0].reset_index(); \
          print(json.dumps({{'n': len(d), 'same': bool((b.response == r.response).all()), \
          'cols': list(d.columns), 'acc': float(r.correct.mean()), \
          'skip_cost': int(d[d.budget == -1.0].cost.max()), \
          'static': int((d['mode'] == 'static').sum()), \
-         'choices': int(d.choice_logliks.map(len).min())}}))"
+         'choices': int(d.choice_logliks.map(len).min()), \
+         'path_cost': bool((d.path.map(sum) == d.cost).all()), \
+         'path_len': sorted(set(d.path.map(len))), \
+         'path_type': str(pa.parquet.read_schema({p:?}).field('path').type), \
+         'gold': sorted(set(d.gold)), 'model': sorted(set(d.model)), \
+         'fps': [sorted(set(d.model_fingerprint)), sorted(set(d.routers_fingerprint))]}}))"
     );
     let o = Command::new(python()).args(["-c", &code]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -358,6 +363,22 @@ fn eval_compares_routed_and_baseline_runs() {
     assert_eq!(v["same"], true);
     assert_eq!(v["skip_cost"], 0);
     assert_eq!(v["acc"].as_f64().unwrap(), r0["accuracy"].as_f64().unwrap());
+    // Paths as the paths dataset stores them: one uint8 count per block.
+    assert_eq!(v["path_type"], "list<item: uint8>");
+    assert_eq!(v["path_len"], serde_json::json!([30]));
+    assert_eq!(v["path_cost"], true);
+    assert!(
+        v["gold"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|g| ["A", "B", "C", "D", "E", "1", "2", "3", "4"].contains(&g.as_str().unwrap())),
+        "{v}"
+    );
+    assert_eq!(v["model"], serde_json::json!([s["model"]]));
+    assert_eq!(v["fps"][0], serde_json::json!([s["model_fingerprint"]]));
+    assert_eq!(v["fps"][1], serde_json::json!([s["routers_fingerprint"]]));
+    assert_eq!(s["routers_fingerprint"].as_str().unwrap().len(), 24);
     for c in [
         "task",
         "sample_id",

@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use arrow_array::types::Float64Type;
 use arrow_array::{
+    builder::{ListBuilder, UInt8Builder},
     ArrayRef, BooleanArray, Float64Array, ListArray, RecordBatch, StringArray, UInt32Array,
 };
 use drllm_eval::{answer_batch, prepare, EvalOptions, PathChoice, PreparedPrompt};
@@ -298,7 +299,14 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         .map(|p| p.parse().with_context(|| format!("--path {p}")))
         .collect::<Result<Vec<LayerPath>>>()?;
     let pkg = crate::routing::open_package(&a.routers)?;
+    let routers_fingerprint = drllm_router::Package::fingerprint(&pkg.0)
+        .with_context(|| format!("--routers {}", a.routers.display()))?;
     let lm = a.m.load()?;
+    let ids = Identity {
+        model: lm.source.name(),
+        model_fingerprint: lm.source.fingerprint()?,
+        routers_fingerprint,
+    };
     let n_layers = lm.model.num_layers();
     let statics: Vec<LayerPath> = statics
         .into_iter()
@@ -447,7 +455,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let summary = serde_json::json!({
         "split": split.to_string(), "reward": reward.name(), "style": style.name(), "template": a.template.as_ref().map(|p| p.display().to_string()), "batch": a.batch,
         "max_new_tokens": a.max_new_tokens, "budgets": a.budget, "num_layers": n_layers,
-        "model": lm.source.name(), "routers": a.routers.display().to_string(),
+        "model": ids.model, "model_fingerprint": ids.model_fingerprint,
+        "routers": a.routers.display().to_string(), "routers_fingerprint": ids.routers_fingerprint,
         "bootstrap": a.bootstrap,
         "tasks": runs.iter().map(|t| serde_json::json!({
             "task": t.task, "prompts": t.prompts.len(),
@@ -461,7 +470,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &a.out {
-        write_parquet(path, &runs).with_context(|| format!("writing {}", path.display()))?;
+        write_parquet(path, &runs, &ids).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &a.plot {
         fn routed(t: &TaskRuns) -> Vec<&Run> {
@@ -502,10 +511,20 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn write_parquet(path: &std::path::Path, runs: &[TaskRuns]) -> Result<()> {
+/// What made an evaluation's answers: written into every row of `--out` (so files of an array
+/// job can be concatenated and still told apart) and into the `--json` summary.
+struct Identity {
+    model: String,
+    model_fingerprint: String,
+    routers_fingerprint: String,
+}
+
+fn write_parquet(path: &std::path::Path, runs: &[TaskRuns], ids: &Identity) -> Result<()> {
     let (mut task, mut id, mut prompt, mut mode, mut budget) =
         (vec![], vec![], vec![], vec![], vec![]);
-    let (mut rpath, mut cost, mut response, mut correct) = (vec![], vec![], vec![], vec![]);
+    let (mut gold, mut cost, mut response, mut correct) = (vec![], vec![], vec![], vec![]);
+    // Counts per block, as the paths dataset stores them (list<uint8>).
+    let mut rpath = ListBuilder::new(UInt8Builder::new());
     let mut logliks: Vec<Option<Vec<Option<f64>>>> = vec![];
     for t in runs {
         for r in std::iter::once(&t.base).chain(&t.others) {
@@ -518,9 +537,11 @@ fn write_parquet(path: &std::path::Path, runs: &[TaskRuns]) -> Result<()> {
                 task.push(t.task.clone());
                 id.push(p.sample_id.clone());
                 prompt.push(p.text.clone());
+                gold.push(p.gold.to_string());
                 mode.push(m);
                 budget.push(r.budget);
-                rpath.push(r.paths[i].to_string());
+                rpath.values().append_slice(r.paths[i].counts());
+                rpath.append(true);
                 cost.push(r.paths[i].cost() as u32);
                 response.push(r.responses[i].clone());
                 correct.push(r.correct[i]);
@@ -529,14 +550,17 @@ fn write_parquet(path: &std::path::Path, runs: &[TaskRuns]) -> Result<()> {
             }
         }
     }
+    let rows = task.len();
     let s = |v: Vec<String>| Arc::new(StringArray::from(v)) as ArrayRef;
+    let same = |v: &str| Arc::new(StringArray::from(vec![v; rows])) as ArrayRef;
     let batch = RecordBatch::try_from_iter([
         ("task", s(task)),
         ("sample_id", s(id)),
         ("prompt", s(prompt)),
+        ("gold", s(gold)),
         ("mode", Arc::new(StringArray::from(mode)) as ArrayRef),
         ("budget", Arc::new(Float64Array::from(budget)) as ArrayRef),
-        ("path", s(rpath)),
+        ("path", Arc::new(rpath.finish()) as ArrayRef),
         ("cost", Arc::new(UInt32Array::from(cost)) as ArrayRef),
         ("response", s(response)),
         ("correct", Arc::new(BooleanArray::from(correct)) as ArrayRef),
@@ -544,6 +568,9 @@ fn write_parquet(path: &std::path::Path, runs: &[TaskRuns]) -> Result<()> {
             "choice_logliks",
             Arc::new(ListArray::from_iter_primitive::<Float64Type, _, _>(logliks)) as ArrayRef,
         ),
+        ("model", same(&ids.model)),
+        ("model_fingerprint", same(&ids.model_fingerprint)),
+        ("routers_fingerprint", same(&ids.routers_fingerprint)),
     ])?;
     // Written beside the target and renamed: an interrupted run leaves no half file behind.
     let tmp = path.with_extension("parquet.tmp");

@@ -257,6 +257,21 @@ impl Package {
         Ok(())
     }
 
+    /// Identifies the routers in the package at `dir`: SHA-256 of its weights file (first 12
+    /// bytes, hex, like the model's fingerprint), so evaluation outputs say which routers made
+    /// them even after the package is retrained in place.
+    pub fn fingerprint(dir: &Path) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let tpath = dir.join(TENSORS);
+        let mut h = Sha256::new();
+        let mut f = fs::File::open(&tpath).map_err(io(&tpath))?;
+        std::io::copy(&mut f, &mut h).map_err(io(&tpath))?;
+        Ok(h.finalize()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
     /// Reads a package, checking that its tensors are exactly the routers its manifest describes.
     pub fn load(dir: &Path) -> Result<Package> {
         let manifest = Self::read_manifest(dir)?;
@@ -474,6 +489,12 @@ mod tests {
             .max()
             .double_value(&[]);
         assert!(d < 0.05, "{d}");
+        // The fingerprint names the weights: the same routers saved twice agree, other weights
+        // (here bf16) differ.
+        let fp = Package::fingerprint(&out).unwrap();
+        assert_eq!(fp.len(), 24);
+        assert_eq!(fp, Package::fingerprint(&out).unwrap());
+        assert_ne!(fp, Package::fingerprint(&half).unwrap());
         fs::remove_dir_all(&half).unwrap();
         back.check_model(&out, "fp", 4, 6).unwrap();
         let e = back

@@ -537,7 +537,9 @@ pub fn dequantize(ty: GgmlType, data: &[u8]) -> Vec<f32> {
                 out.extend(qs.iter().map(|&q| (q & 0x0f) as f32 * d + m));
                 out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
             }
-            GgmlType::Q4_K | GgmlType::Q5_K => dequantize_q45_k(ty == GgmlType::Q5_K, block, &mut out),
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                dequantize_q45_k(ty == GgmlType::Q5_K, block, &mut out)
+            }
             GgmlType::Q6_K => dequantize_q6_k(block, &mut out),
         }
     }
@@ -567,7 +569,10 @@ fn dequantize_q45_k(five_bits: bool, block: &[u8], out: &mut Vec<f32>) {
     let scales = &block[4..4 + K_SCALE_BYTES];
     let (qh, qs) = if five_bits {
         let qh_start = 4 + K_SCALE_BYTES;
-        (&block[qh_start..qh_start + QK_K / 8], &block[qh_start + QK_K / 8..])
+        (
+            &block[qh_start..qh_start + QK_K / 8],
+            &block[qh_start + QK_K / 8..],
+        )
     } else {
         (&[][..], &block[4 + K_SCALE_BYTES..])
     };
@@ -834,7 +839,10 @@ pub(crate) mod tests {
             .tensor("blk.0.ffn_up.weight", &[128, 2], 12, vec![0u8; 144])
             .write(dir.path(), "short.gguf");
         let msg = GgufFile::open(&short).err().unwrap().to_string();
-        assert!(msg.contains("not a multiple of the 256-element block"), "{msg}");
+        assert!(
+            msg.contains("not a multiple of the 256-element block"),
+            "{msg}"
+        );
         // A tensor count that cannot fit the file: a corrupt header, said so.
         let mut corrupt = good.clone();
         corrupt[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
