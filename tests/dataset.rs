@@ -66,6 +66,9 @@ fn pandas_and_polars_read_the_dataset_unchanged() {
     let o = Command::new(python())
         .arg(root().join("tests/reference/read_dataset.py"))
         .arg(&out)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -89,6 +92,36 @@ fn pandas_and_polars_read_the_dataset_unchanged() {
         for (g, e) in data.iter().zip(&expect) {
             for (k, ev) in e.as_object().unwrap() {
                 assert_eq!(&g[k], ev, "{reader}: column {k} of {}", e["sample_id"]);
+            }
+        }
+    }
+    // Hugging Face `datasets` through the card: one config per task, every field.
+    let hf = &v["datasets"];
+    assert_eq!(
+        hf["configs"],
+        serde_json::json!(["arc_easy", "dart-1"]),
+        "{}",
+        std::fs::read_to_string(out.join("README.md")).unwrap()
+    );
+    for (config, want) in [("arc_easy", 5), ("dart-1", 4)] {
+        let got = &hf[config];
+        assert_eq!(got["split"], "train", "{config}");
+        assert_eq!(got["rows"], want, "{config}");
+        assert_eq!(
+            got["features"]["best_path"], "List(Value('uint8'))",
+            "{config}"
+        );
+        let expect_task: Vec<&serde_json::Value> =
+            expect.iter().filter(|e| e["task"] == config).collect();
+        for (g, e) in got["data"].as_array().unwrap().iter().zip(expect_task) {
+            for (k, ev) in e.as_object().unwrap() {
+                if k != "task" {
+                    assert_eq!(
+                        &g[k], ev,
+                        "datasets {config}: column {k} of {}",
+                        e["sample_id"]
+                    );
+                }
             }
         }
     }

@@ -1,7 +1,11 @@
-"""Reads a drllm paths dataset the way users do (pandas and Polars, unchanged calls) and prints
-what the Rust test checks: row counts, column types, and the rows as JSON."""
+"""Reads a drllm paths dataset the way users do (pandas, Polars and Hugging Face `datasets` through
+the dataset card, unchanged calls) and prints what the Rust test checks: row counts, column types,
+and the rows as JSON."""
 import json
+import os
 import sys
+
+import datasets
 
 import pandas as pd
 import polars as pl
@@ -31,7 +35,20 @@ def pd_rows(df):
     return sorted(rows, key=lambda r: (r["task"], r["sample_id"]))
 
 
+
+
+def hf_config(name):
+    """One config of the card, loaded offline into a cache beside the dataset."""
+    ds = datasets.load_dataset(out, name, cache_dir=os.path.join(os.path.dirname(out), "hf-cache"))
+    (split, d), = ds.items()
+    rows = [dict(r) for r in d]
+    return {"split": split, "rows": len(d), "features": {k: str(v) for k, v in d.features.items()},
+            "data": sorted(rows, key=lambda r: (r.get("task", ""), r["sample_id"]))}
+
+
+configs = datasets.get_dataset_config_names(out)
 print(json.dumps({
+    "datasets": {"configs": configs, **{c: hf_config(c) for c in configs}},
     "pandas": {
         "rows": len(pdf),
         "dtypes": {c: str(t) for c, t in pdf.dtypes.items()},

@@ -370,7 +370,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Writes `bytes` to `path` atomically (temp file beside it, fsync, rename, fsync directory).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
@@ -864,7 +866,20 @@ impl Dataset {
                 path: path.clone(),
                 msg: e.to_string(),
             })?;
-        write_atomic(&path, &text)
+        write_atomic(&path, &text)?;
+        self.write_card()
+    }
+
+    /// Rewrites the dataset card `OUT/README.md` (unless the user put their own there).
+    fn write_card(&self) -> Result<()> {
+        let path = self.out.join("README.md");
+        if let Ok(old) = fs::read_to_string(&path) {
+            if !old.contains(CARD_MARKER) {
+                tracing::warn!(path = %path.display(), "not rewriting a README.md drllm did not write (the dataset card)");
+                return Ok(());
+            }
+        }
+        write_atomic(&path, dataset_card(&self.manifest).as_bytes())
     }
 
     /// Commits `rows` (all of `task`, none committed before) as one part. On error nothing of
@@ -941,6 +956,100 @@ impl Dataset {
     }
 }
 
+/// Marks a README.md as the card drllm writes (and may rewrite).
+const CARD_MARKER: &str = "<!-- dataset card written by drllm; rewritten at every commit -->";
+
+/// The Hugging Face dataset card of a paths dataset: YAML `configs` with one config per task
+/// (its parts as `data_files`, the run's split as the split name), so
+/// `datasets.load_dataset(OUT, "arc_easy")` loads one task, then what the rows are. There is no
+/// all-tasks config: `datasets` does not read the `task=` directory as a column, so its rows
+/// could not be told apart.
+pub fn dataset_card(m: &Manifest) -> String {
+    let mut tasks: Vec<(&str, usize)> = vec![];
+    for p in &m.parts {
+        match tasks.iter_mut().find(|(t, _)| *t == p.task) {
+            Some((_, n)) => *n += p.rows,
+            None => tasks.push((&p.task, p.rows)),
+        }
+    }
+    tasks.sort();
+    // A split name must be a word for `datasets`; anything else is published as `train`.
+    let split = m.config["split"]
+        .as_str()
+        .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or("train");
+    let model = m.config["model"].as_str().unwrap_or("?");
+    let mut y = String::from("---\nconfigs:\n");
+    for (t, _) in &tasks {
+        y += &format!(
+            "- config_name: {t}\n  data_files:\n  - split: {split}\n    path: data/task={t}/*.parquet\n"
+        );
+    }
+    y += "tags:\n- drllm\n- layer-routing\n---\n";
+    y += CARD_MARKER;
+    y += &format!(
+        "\n\n# Layer paths of {model}\n\n\
+         Accuracy-preserving layer paths found by drllm's MCTS search, one row per sample \
+         ({} rows{}). Model fingerprint `{}`, drllm {}, format version {}; the run's full \
+         configuration is in `_manifest.json`.\n\n\
+         | task (config) | rows |\n| --- | ---: |\n",
+        m.rows,
+        if m.complete {
+            ", run complete"
+        } else {
+            ", run in progress"
+        },
+        m.model_fingerprint,
+        m.code_version,
+        m.format_version,
+    );
+    for (t, n) in &tasks {
+        y += &format!("| {t} | {n} |\n");
+    }
+    y += "\nColumns (the task is the `task=` directory; the `split` column names the source split):\n\n";
+    for (c, what) in CARD_COLUMNS {
+        y += &format!("- `{c}`: {what}\n");
+    }
+    y += "\n```python\nimport datasets\nds = datasets.load_dataset(\"path/to/OUT\", \"TASK\")\n```\n";
+    y
+}
+
+/// What each column holds, for the dataset card.
+const CARD_COLUMNS: [(&str, &str); 20] = [
+    ("sample_id", "the sample's id in its task"),
+    ("split", "the source split searched"),
+    ("question", "the question as in the source data"),
+    ("answer", "the reference answer"),
+    ("prompt", "the prompt exactly as the model saw it"),
+    ("model", "the model searched"),
+    ("num_layers", "blocks of the model (length of every path)"),
+    (
+        "default_correct",
+        "whether the all-execute path answers correctly",
+    ),
+    ("found", "whether a good path was found"),
+    (
+        "improved",
+        "whether the default path was wrong and a found path is right",
+    ),
+    (
+        "best_path",
+        "the best path: per block 0 skip, 1 execute, 2 repeat",
+    ),
+    ("best_cost", "block applications of the best path"),
+    (
+        "best_layers",
+        "the best path as the executed block indices in order",
+    ),
+    ("good_paths", "every good path found, best first"),
+    ("simulations", "MCTS simulations run"),
+    ("evaluations", "distinct path evaluations"),
+    ("search_ms", "search wall time in milliseconds"),
+    ("worker", "the worker that searched the sample"),
+    ("seed", "the sample's search seed"),
+    ("best_response", "the model's response along the best path"),
+];
+
 /// Rows shaped like real search outcomes, for the tests and benchmarks of the crates that move
 /// rows around (feature `fixtures`).
 #[cfg(any(test, feature = "fixtures"))]
@@ -988,6 +1097,53 @@ mod tests {
 
     fn cfg() -> serde_json::Value {
         serde_json::json!({"tasks": ["arc_easy"], "num_simulations": 50})
+    }
+
+    #[test]
+    fn the_card_names_every_task_and_column_and_spares_a_users_readme() {
+        let names: Vec<String> = schema().fields().iter().map(|f| f.name().clone()).collect();
+        let card_names: Vec<&str> = CARD_COLUMNS.iter().map(|(c, _)| *c).collect();
+        assert_eq!(
+            names, card_names,
+            "the card documents the schema's columns in order"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let cfg = serde_json::json!({"split": "dev", "model": "SmolLM2"});
+        let mut ds = Dataset::open(&out, "fp", cfg.clone(), false).unwrap();
+        ds.commit("arc_easy", &[row("arc_easy", "a", true)])
+            .unwrap();
+        ds.commit(
+            "gsm8k",
+            &[row("gsm8k", "b", true), row("gsm8k", "c", false)],
+        )
+        .unwrap();
+        let card = fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(
+            card.starts_with("---\nconfigs:\n- config_name: arc_easy\n"),
+            "{card}"
+        );
+        assert!(
+            card.contains("  - split: dev\n    path: data/task=gsm8k/*.parquet\n"),
+            "{card}"
+        );
+        assert!(
+            card.contains("| gsm8k | 2 |") && card.contains("run in progress"),
+            "{card}"
+        );
+        ds.finish().unwrap();
+        assert!(fs::read_to_string(out.join("README.md"))
+            .unwrap()
+            .contains("run complete"));
+        drop(ds);
+        // A README the user wrote is left alone.
+        fs::write(out.join("README.md"), "my notes").unwrap();
+        let mut ds = Dataset::open(&out, "fp", cfg, false).unwrap();
+        ds.commit("math", &[row("math", "d", true)]).unwrap();
+        assert_eq!(
+            fs::read_to_string(out.join("README.md")).unwrap(),
+            "my notes"
+        );
     }
 
     #[test]
