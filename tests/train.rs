@@ -233,6 +233,25 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
     assert_eq!((m.shape.router_hidden, m.windows), (128, 8));
     assert_eq!(m.epochs.len(), 4);
     assert!((1..=4).contains(&m.best_epoch));
+    // The per-epoch metrics also as CSV, the kept epoch marked.
+    let csv = std::fs::read_to_string(pkg.join("metrics.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 5, "{csv}");
+    assert!(
+        lines[0].starts_with("epoch,train_loss,val_macro_f1,val_f1_skip,"),
+        "{csv}"
+    );
+    assert!(
+        lines[0].ends_with(",val_routed_accuracy,val_routed_cost,lr,secs,kept"),
+        "{csv}"
+    );
+    let kept: Vec<&str> = lines[1..]
+        .iter()
+        .filter(|l| l.ends_with(",true"))
+        .copied()
+        .collect();
+    assert_eq!(kept.len(), 1, "{csv}");
+    assert!(kept[0].starts_with(&format!("{},", m.best_epoch)), "{csv}");
     let rows = read_rows(&run).unwrap();
     let labelled = rows.iter().filter(|r| r.best_path.is_some()).count() as u64;
     assert_eq!(m.label_counts.iter().sum::<u64>() % 30, 0);
@@ -387,6 +406,97 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
     );
     assert!(
         !ok && e.contains("routed validation") && e.contains("nodata"),
+        "{e}"
+    );
+}
+
+/// `drllm-train export --format dr-llm` writes the routers under the paper's tensor names; the
+/// paper's router blocks built from that file give our logits (prompt lengths that are multiples
+/// of 8, where both windowings agree), and a shape the paper's code cannot hold is refused.
+#[test]
+fn export_dr_llm_reproduces_the_routers_in_the_papers_layout() {
+    use drllm_router::pool_windows;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("smol-dr-llm.safetensors");
+    let o = Command::new(bin("drllm-train"))
+        .args(["export", "embedded", "--format", "dr-llm", "--out"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("T % 8") && stdout.contains("router_penalty -0.5"),
+        "{stdout}"
+    );
+
+    let pkg =
+        Package::load(&drllm_router::embedded::resolve(Path::new("embedded")).unwrap()).unwrap();
+    let h_size = pkg.manifest.shape.hidden_size as i64;
+    drllm::runtime::tch::manual_seed(5);
+    let mut inputs = vec![];
+    for t in [8i64, 24, 13] {
+        let h = Tensor::randn([t, h_size], (Kind::Float, Device::Cpu));
+        inputs.push((format!("h{t}"), h));
+    }
+    let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let inputs_file = dir.path().join("inputs.safetensors");
+    Tensor::write_safetensors(&refs, &inputs_file).unwrap();
+    let r = run_script(
+        "dr_llm_routers.py",
+        &serde_json::json!({"routers": file, "inputs": inputs_file}),
+    );
+    let names = r["names"].as_array().unwrap();
+    assert_eq!(names.len(), 4 * 30);
+    assert!(
+        names.iter().any(|n| n == "model.routers.29.linear2.bias"),
+        "{names:?}"
+    );
+    for (name, h) in &inputs {
+        let t = h.size()[0] as usize;
+        let pooled = pool_windows(&h.unsqueeze(0), &[t], pkg.manifest.windows);
+        // [1, L, W, H] -> our logits [1, L, 3], every block reading the same states.
+        let x = pooled.unsqueeze(1).expand([1, 30, 8, h_size], false);
+        let ours = pkg.routers.forward(&x).squeeze_dim(0);
+        let theirs = Tensor::from_slice(
+            &r["logits"][name]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|l| {
+                    l.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap() as f32)
+                })
+                .collect::<Vec<f32>>(),
+        )
+        .view([30, 3]);
+        let d = max_abs_diff(&ours, &theirs);
+        if t % 8 == 0 {
+            assert!(d < 1e-4, "{name}: max |logit diff| {d}");
+        } else {
+            // The documented difference: their windows drop the last T % 8 tokens.
+            assert!(d > 1e-4, "{name}: windows should differ, diff {d}");
+        }
+    }
+
+    // Routers the paper's code cannot hold are refused with the flags to change.
+    let small = dir.path().join("small");
+    let mut manifest = pkg.manifest.clone();
+    manifest.shape.router_hidden = 16;
+    let vs = drllm::runtime::tch::nn::VarStore::new(Device::Cpu);
+    let routers = drllm_router::Routers::new(&vs.root(), manifest.shape).snapshot();
+    Package { manifest, routers }.save(&small).unwrap();
+    let o = Command::new(bin("drllm-train"))
+        .args(["export", "--format", "dr-llm", "--out"])
+        .arg(dir.path().join("x.safetensors"))
+        .arg(&small)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("16 hidden units") && e.contains("--router-hidden 128"),
         "{e}"
     );
 }

@@ -10,12 +10,18 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::router::{RouterShape, Routers};
+use crate::router::{RouterShape, Routers, CLASSES};
 
 /// Version of the package layout; a newer one is refused.
 pub const FORMAT_VERSION: u32 = 1;
 const KIND: &str = "drllm-routers";
 const TENSORS: &str = "routers.safetensors";
+/// Router hidden units of the paper's code (its `RouterBlock` default).
+pub const DR_LLM_ROUTER_HIDDEN: usize = 128;
+/// Windows of the paper's code (`num_windows`).
+pub const DR_LLM_WINDOWS: usize = 8;
+/// The per-epoch training metrics as CSV, beside the manifest (for spreadsheets and plotting).
+pub const METRICS_CSV: &str = "metrics.csv";
 const MANIFEST: &str = "manifest.json";
 
 /// Why a package cannot be written, read or used.
@@ -177,6 +183,58 @@ impl PackageManifest {
     }
 }
 
+/// Writes the manifest's per-epoch metrics as CSV, one row per epoch (empty fields where a
+/// metric was not measured) with `kept` marking the epoch whose weights are in the package.
+fn write_metrics_csv(path: &Path, m: &PackageManifest) -> Result<()> {
+    let err = |e: csv::Error| PackageError::Manifest {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
+    let mut w = csv::Writer::from_path(path).map_err(err)?;
+    let mut header = vec![
+        "epoch".to_string(),
+        "train_loss".into(),
+        "val_macro_f1".into(),
+    ];
+    for what in ["val_f1", "val_recall"] {
+        header.extend(CLASSES.iter().map(|c| format!("{what}_{c}")));
+    }
+    header.extend(
+        [
+            "val_avg_cost",
+            "val_gold_cost",
+            "val_routed_accuracy",
+            "val_routed_cost",
+            "lr",
+            "secs",
+            "kept",
+        ]
+        .map(String::from),
+    );
+    w.write_record(&header).map_err(err)?;
+    let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+    for e in &m.epochs {
+        let mut row = vec![
+            e.epoch.to_string(),
+            e.train_loss.to_string(),
+            e.val_macro_f1.to_string(),
+        ];
+        row.extend(e.val_f1.iter().chain(&e.val_recall).map(f64::to_string));
+        row.extend([
+            e.val_avg_cost.to_string(),
+            e.val_gold_cost.to_string(),
+            opt(e.val_routed_accuracy),
+            opt(e.val_routed_cost),
+            e.lr.to_string(),
+            e.secs.to_string(),
+            (e.epoch == m.best_epoch).to_string(),
+        ]);
+        w.write_record(&row).map_err(err)?;
+    }
+    w.flush().map_err(|e| io(path)(e))?;
+    Ok(())
+}
+
 /// Trained routers with their manifest.
 #[derive(Debug)]
 pub struct Package {
@@ -233,7 +291,9 @@ impl Package {
                 msg: e.to_string(),
             })?;
         fs::write(&mpath, text).map_err(io(&mpath))?;
-        for f in [&tensors, &mpath] {
+        let csv_path = tmp.path().join(METRICS_CSV);
+        write_metrics_csv(&csv_path, &self.manifest)?;
+        for f in [&tensors, &mpath, &csv_path] {
             fs::File::open(f)
                 .and_then(|f| f.sync_all())
                 .map_err(io(f))?;
@@ -270,6 +330,44 @@ impl Package {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect())
+    }
+
+    /// Writes the routers in the layout of the paper's code (parameterlab/dr-llm: its modified
+    /// `LlamaModel`/`Qwen*Model` hold `routers.{i}` blocks of `linear1` (hidden -> 128), tanh-GELU
+    /// and `linear2` (128 -> 3), 8 windows): tensors `model.routers.{i}.linear1.weight` etc. in
+    /// f32, loadable with `load_state_dict(..., strict=False)`. That code hard-codes 128 hidden
+    /// units and 8 windows, so other shapes are refused. Its windows differ from ours: it pools
+    /// `T // 8` tokens per window and drops the last `T % 8` tokens (ours spread them over the
+    /// windows), so logits agree exactly only when the prompt length is a multiple of 8.
+    pub fn export_dr_llm(&self, dir: &Path, file: &Path) -> Result<()> {
+        let s = self.manifest.shape;
+        if s.router_hidden != DR_LLM_ROUTER_HIDDEN || self.manifest.windows != DR_LLM_WINDOWS {
+            return Err(PackageError::Mismatch {
+                path: dir.to_path_buf(),
+                msg: format!(
+                    "routers of {} hidden units over {} windows; the paper's code hard-codes \
+                     {DR_LLM_ROUTER_HIDDEN} and {DR_LLM_WINDOWS} (train with --router-hidden \
+                     {DR_LLM_ROUTER_HIDDEN} --windows {DR_LLM_WINDOWS} to export)",
+                    s.router_hidden, self.manifest.windows
+                ),
+            });
+        }
+        let named: Vec<(String, Tensor)> = self
+            .routers
+            .named_tensors()
+            .into_iter()
+            .map(|(n, t)| {
+                let n = n
+                    .replace(".fc1.", ".linear1.")
+                    .replace(".fc2.", ".linear2.");
+                (format!("model.{n}"), t.to_kind(tch::Kind::Float))
+            })
+            .collect();
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, file).map_err(|e| PackageError::Tensors {
+            path: file.to_path_buf(),
+            msg: e.to_string(),
+        })
     }
 
     /// Reads a package, checking that its tensors are exactly the routers its manifest describes.

@@ -2,7 +2,7 @@
 //! `drllm-train inspect PKG` prints a router package.
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use drllm_cli::LogArgs;
 use drllm_router::Package;
@@ -18,6 +18,7 @@ use drllm_train::pipeline::{print_epochs, print_sweep, run, TrainArgs};
   drllm-train --data runs/arc --data runs/dart --model embedded --out routers/smol
   drllm-train --data runs/arc --out routers/arc --epochs 50 --lr 5e-4 --val-fraction 0.1 --seed 1
   drllm-train inspect routers/smol
+  drllm-train export routers/smol --format dr-llm --out smol-dr-llm.safetensors
 
 Examples are the rows with a correct path, labelled with the cheapest one (all-execute when
 nothing cheaper was correct); improved rows (default wrong, a path right) are capped at
@@ -25,7 +26,7 @@ nothing cheaper was correct); improved rows (default wrong, a path right) are ca
 cached under $DRLLM_CACHE/features, keyed by model, examples and windows. After every epoch the
 routers route the held-out prompts for real (task data from --task-data) and the epoch with the
 best routed accuracy, then the lowest cost, is kept. The package (routers.safetensors +
-manifest.json) goes to --out."
+manifest.json, with the per-epoch metrics also as metrics.csv) goes to --out."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -46,6 +47,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write a package's routers in another implementation's layout.
+    Export {
+        /// Package directory (or `embedded`).
+        package: PathBuf,
+        /// Target layout: `dr-llm`, the paper's code (parameterlab/dr-llm): tensors
+        /// `model.routers.{i}.linear1/linear2.{weight,bias}` for its modified model classes.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Output file (.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// The paper's code.
+    DrLlm,
 }
 
 fn main() -> Result<()> {
@@ -54,8 +73,35 @@ fn main() -> Result<()> {
     drllm_runtime::keep_freed_memory();
     match cli.cmd {
         Some(Cmd::Inspect { package, json }) => inspect(&package, json),
+        Some(Cmd::Export {
+            package,
+            format: ExportFormat::DrLlm,
+            out,
+        }) => export_dr_llm(&package, &out),
         None => run(cli.train),
     }
+}
+
+fn export_dr_llm(spec: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let dir = drllm_router::embedded::resolve(spec)?;
+    let p = Package::load(&dir)?;
+    p.export_dr_llm(&dir, out)
+        .with_context(|| format!("exporting {}", spec.display()))?;
+    println!(
+        "wrote {} ({} routers, {} -> {} -> 3) in the layout of parameterlab/dr-llm",
+        out.display(),
+        p.manifest.shape.num_layers,
+        p.manifest.shape.hidden_size,
+        p.manifest.shape.router_hidden
+    );
+    println!(
+        "load into their model with model.load_state_dict(safetensors.torch.load_file(FILE), strict=False).\n\
+         Differences to keep in mind: their windows pool T // 8 tokens each and drop the last T % 8 \
+         (drllm spreads them), so logits match exactly only for prompts whose length is a multiple of 8; \
+         their router_penalty p interpolates probabilities, drllm's --budget shifts log-probabilities: \
+         the routers' plain argmax is budget 0 here and router_penalty -0.5 there; other values are not the same knob."
+    );
+    Ok(())
 }
 
 fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
