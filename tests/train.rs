@@ -473,7 +473,7 @@ fn export_dr_llm_reproduces_the_routers_in_the_papers_layout() {
         )
         .view([30, 3]);
         let d = max_abs_diff(&ours, &theirs);
-        if t % 8 == 0 {
+        if t.is_multiple_of(8) {
             assert!(d < 1e-4, "{name}: max |logit diff| {d}");
         } else {
             // The documented difference: their windows drop the last T % 8 tokens.
