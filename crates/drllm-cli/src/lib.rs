@@ -20,9 +20,13 @@ pub use search::{reward_parser, SearchArgs};
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Model: a Hugging Face model directory, a .gguf file, `embedded` (SmolLM2-135M-Instruct,
-    /// installed by scripts/setup.sh), or a repo id present in the local Hugging Face cache.
+    /// installed by scripts/setup.sh), or a repo id `org/name[@revision]` in the local Hugging
+    /// Face cache (HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME, as huggingface_hub finds it).
     #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
     pub model: String,
+    /// Revision (branch, tag or commit hash) of a repo id `--model` (default main).
+    #[arg(long, env = "DRLLM_REVISION")]
+    pub revision: Option<String>,
     /// cpu, cuda or cuda:N; `auto` picks the first GPU when one is visible.
     #[arg(long, env = "DRLLM_DEVICE", default_value = "auto")]
     pub device: String,
@@ -37,7 +41,15 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The model the flags name, resolved (not loaded): for fingerprints and early checks.
     pub fn source(&self) -> Result<ModelSource> {
-        Ok(ModelSource::resolve(&self.model)?)
+        Ok(ModelSource::resolve(&self.spec()?)?)
+    }
+
+    /// `--model` with `--revision` attached (`org/name@REV`): the spec other processes resolve.
+    pub fn spec(&self) -> Result<String> {
+        Ok(drllm_runtime::loader::with_revision(
+            &self.model,
+            self.revision.as_deref(),
+        )?)
     }
 
     /// Applies the thread setting, then loads model and tokenizer on the chosen device.

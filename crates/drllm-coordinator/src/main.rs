@@ -33,9 +33,13 @@ rows are committed first; run again to resume); 1 on an error (disk full, bad in
     mut_arg("dataset", |a| a.required(true))
 )]
 struct Cli {
-    /// Model: HF directory, .gguf file, `embedded`, or a cached repo id (workers load the same).
+    /// Model: HF directory, .gguf file, `embedded`, or a cached repo id `org/name[@revision]`
+    /// (workers load the same).
     #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
     model: String,
+    /// Revision (branch, tag or commit hash) of a repo id `--model` (default main).
+    #[arg(long, env = "DRLLM_REVISION")]
+    revision: Option<String>,
     /// Task prompts to search (local workers read the same data directory).
     #[command(flatten)]
     d: DataArgs,
@@ -105,7 +109,8 @@ async fn main() -> Result<()> {
             sample_id: s.id.clone(),
         }));
     }
-    let source = ModelSource::resolve(&a.model)?;
+    let model = drllm_runtime::loader::with_revision(&a.model, a.revision.as_deref())?;
+    let source = ModelSource::resolve(&model)?;
     let fingerprint = source.fingerprint()?;
     let num_layers = source.config()?.num_layers;
     if let Some(b) = run.search.skip_prior.iter().find(|&&b| b >= num_layers) {
@@ -170,7 +175,7 @@ async fn main() -> Result<()> {
                 .context("locating drllm-worker")?,
             count: workers,
             device: a.worker_device.clone(),
-            model: a.model.clone(),
+            model,
             data_dir: dir.clone(),
             concurrency: a.concurrency,
             prefix_cache_mb: a.prefix_cache_mb,

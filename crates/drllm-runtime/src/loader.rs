@@ -34,18 +34,119 @@ pub fn cache_dir() -> PathBuf {
     }
 }
 
-fn hf_cache_dirs() -> Vec<PathBuf> {
-    let mut v = vec![];
-    if let Some(d) = std::env::var_os("HF_HUB_CACHE") {
-        v.push(PathBuf::from(d));
+/// The Hugging Face hub cache, found as `huggingface_hub` finds it: `HF_HUB_CACHE`, else
+/// `HUGGINGFACE_HUB_CACHE`, else `HF_HOME/hub`, with `HF_HOME` defaulting to
+/// `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface` (a leading `~` expanded). `env`
+/// reads a variable (the process environment in [`hf_hub_cache`]; tests pass their own).
+pub fn hf_hub_cache_from(env: impl Fn(&str) -> Option<String>) -> PathBuf {
+    let var = |k: &str| env(k).filter(|v| !v.is_empty());
+    let expand = |v: String| match (v.strip_prefix("~/"), var("HOME")) {
+        (Some(rest), Some(home)) => Path::new(&home).join(rest),
+        _ => PathBuf::from(v),
+    };
+    if let Some(d) = var("HF_HUB_CACHE").or_else(|| var("HUGGINGFACE_HUB_CACHE")) {
+        return expand(d);
     }
-    if let Some(d) = std::env::var_os("HF_HOME") {
-        v.push(PathBuf::from(d).join("hub"));
+    let home = match var("HF_HOME") {
+        Some(h) => expand(h),
+        None => var("XDG_CACHE_HOME")
+            .map(expand)
+            .unwrap_or_else(|| expand("~/.cache".into()))
+            .join("huggingface"),
+    };
+    home.join("hub")
+}
+
+/// [`hf_hub_cache_from`] the process environment.
+pub fn hf_hub_cache() -> PathBuf {
+    hf_hub_cache_from(|k| std::env::var(k).ok())
+}
+
+/// Whether `HF_HUB_OFFLINE` is set to a true value (1, on, yes, true), as `huggingface_hub`
+/// reads it.
+pub fn hf_hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "on" | "yes" | "true"
+        )
+    })
+}
+
+/// Appends `--revision` to a `--model` spec (`org/name` becomes `org/name@REV`), the form that
+/// travels to workers; a revision for anything but a repo id is refused.
+pub fn with_revision(spec: &str, revision: Option<&str>) -> Result<String> {
+    let Some(rev) = revision.filter(|r| !r.is_empty()) else {
+        return Ok(spec.to_string());
+    };
+    // Local workers inherit DRLLM_REVISION with a spec that already carries it.
+    if spec.strip_suffix(rev).is_some_and(|r| r.ends_with('@')) && !Path::new(spec).exists() {
+        return Ok(spec.to_string());
     }
-    if let Some(h) = std::env::var_os("HOME") {
-        v.push(PathBuf::from(h).join(".cache/huggingface/hub"));
+    if spec.contains('@') || Path::new(spec).exists() || spec == "embedded" || !spec.contains('/') {
+        return Err(Error::ModelSpec {
+            spec: spec.to_string(),
+            msg: format!(
+                "--revision {rev} applies to a Hugging Face repo id (org/name) without an @revision of its own"
+            ),
+        });
     }
-    v
+    Ok(format!("{spec}@{rev}"))
+}
+
+/// The repo id of a snapshot directory of the hub cache (`.../models--org--name/snapshots/HASH`),
+/// so that models loaded from the cache are named by repo id, not by commit hash.
+fn repo_id_of_snapshot(dir: &Path) -> Option<String> {
+    let snapshots = dir.parent()?;
+    if snapshots.file_name()? != "snapshots" {
+        return None;
+    }
+    let folder = snapshots.parent()?.file_name()?.to_str()?;
+    let rest = folder.strip_prefix("models--")?;
+    Some(rest.replace("--", "/"))
+}
+
+/// The snapshot directory of `repo` at `revision` in the hub cache `cache`, looked up as
+/// `huggingface_hub` does offline: a 40-hex commit hash names its snapshot directly, anything
+/// else (a branch or tag) is read from `refs/`.
+fn hub_snapshot(cache: &Path, repo: &str, revision: &str) -> std::result::Result<PathBuf, String> {
+    let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
+    if !folder.is_dir() {
+        return Err(format!(
+            "{repo} is not in the Hugging Face cache {}",
+            cache.display()
+        ));
+    }
+    let is_hash = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
+    let commit = if is_hash {
+        revision.to_string()
+    } else {
+        let r = folder.join("refs").join(revision);
+        match std::fs::read_to_string(&r) {
+            Ok(c) => c.trim().to_string(),
+            Err(_) => {
+                let mut known: Vec<String> = std::fs::read_dir(folder.join("refs"))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect();
+                known.sort();
+                return Err(format!(
+                    "{repo} has no revision {revision} in the Hugging Face cache {} (cached refs: {})",
+                    cache.display(),
+                    if known.is_empty() { "none".into() } else { known.join(", ") }
+                ));
+            }
+        }
+    };
+    let snap = folder.join("snapshots").join(&commit);
+    if !snap.is_dir() {
+        return Err(format!(
+            "{repo}@{revision} (commit {commit}) has no snapshot in the Hugging Face cache {}",
+            cache.display()
+        ));
+    }
+    Ok(snap)
 }
 
 impl ModelSource {
@@ -57,12 +158,26 @@ impl ModelSource {
         }
     }
 
-    /// A short name: the directory or file name without extension.
+    /// A short name: the repo id for a snapshot of the hub cache (`org/name`, and
+    /// `org/name/FILE.gguf` for a GGUF file in one), else the directory or file name without
+    /// extension.
     pub fn name(&self) -> String {
         let p = match self {
             ModelSource::HfDir(d) => d.as_path(),
             ModelSource::Gguf(f) => f.as_path(),
         };
+        let repo = match self {
+            ModelSource::HfDir(d) => repo_id_of_snapshot(d),
+            ModelSource::Gguf(f) => f.parent().and_then(repo_id_of_snapshot).map(|r| {
+                format!(
+                    "{r}/{}",
+                    f.file_name().unwrap_or_default().to_string_lossy()
+                )
+            }),
+        };
+        if let Some(r) = repo {
+            return r;
+        }
         p.file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| p.display().to_string())
@@ -120,13 +235,14 @@ impl ModelSource {
             .collect())
     }
 
-    /// Resolves a `--model` argument.
+    /// Resolves a `--model` argument (repo ids in [`hf_hub_cache`]).
     pub fn resolve(spec: &str) -> Result<Self> {
-        Self::resolve_in(spec, &hf_cache_dirs())
+        Self::resolve_in(spec, &hf_hub_cache())
     }
 
-    /// Resolves a `--model` argument, looking up repo ids in the given Hugging Face hub caches.
-    pub fn resolve_in(spec: &str, hf_caches: &[PathBuf]) -> Result<Self> {
+    /// Resolves a `--model` argument: `embedded`, a file or directory, or a repo id
+    /// `org/name[@revision]` (default `main`) looked up in the hub cache `hf_cache`.
+    pub fn resolve_in(spec: &str, hf_cache: &Path) -> Result<Self> {
         let err = |msg: String| Error::ModelSpec {
             spec: spec.to_string(),
             msg,
@@ -166,23 +282,25 @@ impl ModelSource {
                 ))),
             };
         }
-        // A repo id such as "HuggingFaceTB/SmolLM2-135M-Instruct": look in the local HF cache.
-        if let Some((org, name)) = spec.split_once('/') {
-            if !org.is_empty() && !name.is_empty() && !name.contains('/') {
-                for cache in hf_caches {
-                    let repo = cache.join(format!("models--{org}--{name}"));
-                    let Ok(rev) = std::fs::read_to_string(repo.join("refs/main")) else {
-                        continue;
+        // A repo id such as "HuggingFaceTB/SmolLM2-135M-Instruct[@revision]": the hub cache.
+        let (repo, revision) = spec.split_once('@').unwrap_or((spec, "main"));
+        if let Some((org, name)) = repo.split_once('/') {
+            if !org.is_empty() && !name.is_empty() && !name.contains('/') && !revision.is_empty() {
+                let snap = hub_snapshot(hf_cache, repo, revision).map_err(|why| {
+                    let fix = if hf_hub_offline() {
+                        "HF_HUB_OFFLINE is set; download it where the hub is reachable"
+                    } else {
+                        "drllm reads the cache and does not download"
                     };
-                    let snap = repo.join("snapshots").join(rev.trim());
-                    if snap.join("config.json").is_file() {
-                        return Ok(ModelSource::HfDir(snap));
-                    }
+                    err(format!(
+                        "no such file or directory, and {why}; {fix}: `hf download {repo} --revision {revision}` \
+                         (huggingface_hub; HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME choose the cache)"
+                    ))
+                })?;
+                if snap.join("config.json").is_file() {
+                    return Ok(ModelSource::HfDir(snap));
                 }
-                return Err(err(format!(
-                    "no such file or directory, and not in the local Hugging Face cache (looked in {}); download it first, we load offline",
-                    hf_caches.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-                )));
+                return Self::resolve_in(&snap.display().to_string(), hf_cache);
             }
         }
         Err(err("no such file or directory (expected a model directory, a .gguf file, `embedded`, or a cached repo id)".into()))
@@ -343,50 +461,165 @@ impl LoadedModel {
 mod tests {
     use super::*;
 
+    /// A cache laid out as `huggingface_hub` lays it out: blobs, snapshots of symlinks, refs.
+    pub(crate) fn hub_layout(cache: &Path, repo: &str, refs: &[(&str, &str)], commits: &[&str]) {
+        let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
+        std::fs::create_dir_all(folder.join("blobs")).unwrap();
+        for (i, c) in commits.iter().enumerate() {
+            let blob = format!("{i:040x}");
+            std::fs::write(
+                folder.join("blobs").join(&blob),
+                format!("{{\"commit\": \"{c}\"}}"),
+            )
+            .unwrap();
+            let snap = folder.join("snapshots").join(c);
+            std::fs::create_dir_all(&snap).unwrap();
+            std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snap.join("config.json"))
+                .unwrap();
+        }
+        for (name, commit) in refs {
+            let r = folder.join("refs").join(name);
+            std::fs::create_dir_all(r.parent().unwrap()).unwrap();
+            std::fs::write(r, commit).unwrap();
+        }
+    }
+
     #[test]
-    fn resolves_repo_ids_from_the_hub_cache_offline() {
+    fn resolves_repo_ids_and_revisions_from_the_hub_cache() {
         let cache = tempfile::tempdir().unwrap();
-        let repo = cache
+        let (a, b) = ("a".repeat(40), "b".repeat(40));
+        let repo = "HuggingFaceTB/SmolLM2-135M-Instruct";
+        hub_layout(
+            cache.path(),
+            repo,
+            &[("main", &a), ("v2", &b), ("refs/pr/1", &b)],
+            &[&a, &b],
+        );
+        let snaps = cache
             .path()
-            .join("models--HuggingFaceTB--SmolLM2-135M-Instruct");
-        let snap = repo.join("snapshots/abc123");
-        std::fs::create_dir_all(&snap).unwrap();
-        std::fs::create_dir_all(repo.join("refs")).unwrap();
-        std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
-        std::fs::write(snap.join("config.json"), "{}").unwrap();
-        let caches = [
-            PathBuf::from("/nonexistent-cache"),
-            cache.path().to_path_buf(),
-        ];
-        let got = ModelSource::resolve_in("HuggingFaceTB/SmolLM2-135M-Instruct", &caches).unwrap();
-        assert_eq!(got, ModelSource::HfDir(snap));
-        let msg = ModelSource::resolve_in("HuggingFaceTB/Other", &caches)
+            .join("models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots");
+        for (spec, commit) in [
+            (repo.to_string(), &a),
+            (format!("{repo}@main"), &a),
+            (format!("{repo}@v2"), &b),
+            (format!("{repo}@refs/pr/1"), &b),
+            (format!("{repo}@{b}"), &b),
+        ] {
+            let got = ModelSource::resolve_in(&spec, cache.path()).unwrap();
+            assert_eq!(got, ModelSource::HfDir(snaps.join(commit)), "{spec}");
+            // Named by repo id, not by the snapshot's hash.
+            assert_eq!(got.name(), repo, "{spec}");
+        }
+        let msg = ModelSource::resolve_in(&format!("{repo}@v9"), cache.path())
             .unwrap_err()
             .to_string();
         assert!(
-            msg.contains("not in the local Hugging Face cache")
-                && msg.contains("/nonexistent-cache"),
+            msg.contains("no revision v9") && msg.contains("main, refs, v2"),
             "{msg}"
         );
+        let msg = ModelSource::resolve_in("HuggingFaceTB/Other", cache.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("HuggingFaceTB/Other is not in the Hugging Face cache")
+                && msg.contains(&cache.path().display().to_string())
+                && msg.contains("hf download HuggingFaceTB/Other --revision main"),
+            "{msg}"
+        );
+        let c = "c".repeat(40);
+        let msg = ModelSource::resolve_in(&format!("{repo}@{c}"), cache.path())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("has no snapshot"), "{msg}");
+        // A GGUF repo: the file is named inside its repo.
+        let g = "d".repeat(40);
+        let snap = cache
+            .path()
+            .join("models--org--tiny-GGUF/snapshots")
+            .join(&g);
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join("tiny.Q4_K_M.gguf"), b"").unwrap();
+        std::fs::create_dir_all(cache.path().join("models--org--tiny-GGUF/refs")).unwrap();
+        std::fs::write(cache.path().join("models--org--tiny-GGUF/refs/main"), &g).unwrap();
+        let got = ModelSource::resolve_in("org/tiny-GGUF", cache.path()).unwrap();
+        assert_eq!(got, ModelSource::Gguf(snap.join("tiny.Q4_K_M.gguf")));
+        assert_eq!(got.name(), "org/tiny-GGUF/tiny.Q4_K_M.gguf");
+    }
+
+    #[test]
+    fn the_hub_cache_is_found_as_huggingface_hub_finds_it() {
+        let find = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            hf_hub_cache_from(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+        };
+        let home = [("HOME", "/home/u")];
+        assert_eq!(find(&home), PathBuf::from("/home/u/.cache/huggingface/hub"));
+        assert_eq!(
+            find(&[("HOME", "/home/u"), ("XDG_CACHE_HOME", "/x")]),
+            PathBuf::from("/x/huggingface/hub")
+        );
+        assert_eq!(
+            find(&[
+                ("HOME", "/home/u"),
+                ("XDG_CACHE_HOME", "/x"),
+                ("HF_HOME", "~/hf")
+            ]),
+            PathBuf::from("/home/u/hf/hub")
+        );
+        assert_eq!(
+            find(&[("HF_HOME", "/h"), ("HUGGINGFACE_HUB_CACHE", "/old")]),
+            PathBuf::from("/old")
+        );
+        assert_eq!(
+            find(&[
+                ("HF_HOME", "/h"),
+                ("HUGGINGFACE_HUB_CACHE", "/old"),
+                ("HF_HUB_CACHE", "/new")
+            ]),
+            PathBuf::from("/new")
+        );
+        assert_eq!(
+            find(&[("HF_HUB_CACHE", ""), ("HF_HOME", "/h")]),
+            PathBuf::from("/h/hub")
+        );
+    }
+
+    #[test]
+    fn revisions_attach_to_repo_ids_only() {
+        assert_eq!(with_revision("org/m", Some("v1")).unwrap(), "org/m@v1");
+        assert_eq!(with_revision("org/m", None).unwrap(), "org/m");
+        assert_eq!(with_revision("org/m@v1", Some("v1")).unwrap(), "org/m@v1");
+        for bad in ["embedded", "org/m@v2", "model.gguf"] {
+            let e = with_revision(bad, Some("v1")).unwrap_err().to_string();
+            assert!(
+                e.contains("--revision v1 applies to a Hugging Face repo id"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
     fn resolves_directories_and_files() {
         let dir = tempfile::tempdir().unwrap();
-        let msg = ModelSource::resolve_in(dir.path().to_str().unwrap(), &[])
+        let msg = ModelSource::resolve_in(dir.path().to_str().unwrap(), Path::new("/nonexistent"))
             .unwrap_err()
             .to_string();
         assert!(msg.contains("neither config.json"), "{msg}");
         std::fs::write(dir.path().join("a.gguf"), b"").unwrap();
-        let got = ModelSource::resolve_in(dir.path().to_str().unwrap(), &[]).unwrap();
+        let got = ModelSource::resolve_in(dir.path().to_str().unwrap(), Path::new("/nonexistent"))
+            .unwrap();
         assert_eq!(got, ModelSource::Gguf(dir.path().join("a.gguf")));
         std::fs::write(dir.path().join("b.gguf"), b"").unwrap();
-        let msg = ModelSource::resolve_in(dir.path().to_str().unwrap(), &[])
+        let msg = ModelSource::resolve_in(dir.path().to_str().unwrap(), Path::new("/nonexistent"))
             .unwrap_err()
             .to_string();
         assert!(msg.contains("2 .gguf files"), "{msg}");
         std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
-        let got = ModelSource::resolve_in(dir.path().to_str().unwrap(), &[]).unwrap();
+        let got = ModelSource::resolve_in(dir.path().to_str().unwrap(), Path::new("/nonexistent"))
+            .unwrap();
         assert_eq!(got, ModelSource::HfDir(dir.path().to_path_buf()));
     }
 }
