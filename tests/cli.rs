@@ -206,12 +206,15 @@ fn bad_requests_are_refused_not_panicked() {
     let long = "word ".repeat(8200);
     let err = fails(&["generate", "--prompt", &long, "--max-new-tokens", "4"]);
     assert!(err.contains("context is 8192"), "{err}");
-    // Zero threads: libtorch would abort.
-    let err = fails(&["generate", "--prompt", "hi", "--threads", "0"]);
-    assert!(
-        err.contains("--threads") && err.contains("at least 1"),
-        "{err}"
-    );
+    // Zero threads (libtorch would abort) and more threads than CPUs (100,000 spawned OpenMP
+    // threads for minutes): refused before anything loads, naming the flag.
+    for n in ["0", "100000", "NaN"] {
+        let err = fails(&["generate", "--prompt", "hi", "--threads", n]);
+        assert!(
+            err.contains("--threads") && err.contains("expected"),
+            "{err}"
+        );
+    }
     // Flags are checked before the model loads.
     let err = fails(&[
         "generate",
@@ -274,6 +277,7 @@ fn gpu_check_script_runs_on_cpu() {
         .env("PYTHON", python())
         .env("GPU_CHECK_SHAPE", "tiny")
         .env("GPU_CHECK_DEVICE", "cpu")
+        .env("GPU_CHECK_DATA", data_dir())
         .env("OUT", tmp.path())
         .output()
         .unwrap();

@@ -72,7 +72,7 @@ fn cloze_log_likelihoods_match_lm_eval_with_transformers() {
     let job_rows: Vec<serde_json::Value> = rows
         .iter()
         .map(|s| {
-            let Question::MultipleChoice { stem, choices } = &s.question else {
+            let Question::MultipleChoice { stem, choices, .. } = &s.question else {
                 panic!("ARC is multiple choice")
             };
             serde_json::json!({"question": stem, "choices": choices.iter().map(|c| c.text.clone()).collect::<Vec<_>>()})
@@ -136,6 +136,73 @@ fn cloze_log_likelihoods_match_lm_eval_with_transformers() {
     }
     assert!(cache.stats().blocks_reused > 0);
     eprintln!("max |log-likelihood diff| vs transformers: {worst:.2e}");
+}
+
+/// PIQA, OpenBookQA, SciQ and BoolQ (and both ARC sets) as lm-evaluation-harness 0.4.13
+/// defines them, run by lm-eval itself with its `hf` backend on the same weights
+/// (tests/reference/lm_eval_tasks.py: lm-eval's registered task YAML, documents read there from
+/// the upstream files): the same documents in the same order, per-choice log-likelihoods, and
+/// every document's acc and acc_norm.
+#[test]
+fn commonsense_tasks_match_lm_eval_hf_backend() {
+    let lm = model();
+    let n = lm.model.num_layers();
+    let per_task = 6;
+    let tasks = [
+        TaskName::Piqa,
+        TaskName::OpenBookQa,
+        TaskName::Sciq,
+        TaskName::Boolq,
+        TaskName::ArcEasy,
+        TaskName::ArcChallenge,
+    ];
+    let job = serde_json::json!({
+        "gguf": embedded_gguf(), "data": data_dir(), "batch_size": 8,
+        "tasks": tasks.iter().map(|t| (t.to_string(), serde_json::json!(per_task))).collect::<serde_json::Map<_, _>>(),
+    });
+    let want = run_script("lm_eval_tasks.py", &job);
+    let template = Template::builtin_for(Family::MultipleChoice, Style::Base, RewardMode::Cloze);
+    let base = LayerPath::all_ones(n);
+    let mut worst: f64 = 0.0;
+    for task in tasks {
+        let rows = samples(task, Split::Dev, per_task);
+        let theirs = want[task.to_string()].as_array().unwrap();
+        assert_eq!(rows.len(), theirs.len(), "{task}");
+        for (s, t) in rows.iter().zip(theirs) {
+            assert_eq!(
+                s.id,
+                t["id"].as_str().unwrap(),
+                "{task}: documents in order"
+            );
+            for (mode, metric) in [
+                (RewardMode::Cloze, "acc"),
+                (RewardMode::ClozeNorm, "acc_norm"),
+            ] {
+                let Some(expected) = t[metric].as_f64() else {
+                    continue; // boolq reports acc only
+                };
+                let opts = cloze_opts(mode);
+                let p = prepare(&lm, s, &template, &opts).unwrap();
+                let (_, gold) = cloze_parts(&p);
+                assert_eq!(
+                    gold as u64,
+                    t["target"].as_u64().unwrap(),
+                    "{task} {}",
+                    s.id
+                );
+                let e = evaluate_alone(&lm, &p, &base, &opts).unwrap();
+                let lls = t["lls"].as_array().unwrap();
+                assert_eq!(e.logliks.len(), lls.len(), "{task} {}", s.id);
+                for (ours, theirs) in e.logliks.iter().zip(lls) {
+                    let d = (ours - theirs.as_f64().unwrap()).abs();
+                    worst = worst.max(d);
+                    assert!(d <= 2e-3, "{task} {}: {ours} vs {theirs}", s.id);
+                }
+                assert_eq!(e.reward, expected, "{task} {} {metric}", s.id);
+            }
+        }
+    }
+    eprintln!("max |log-likelihood diff| vs lm-eval's hf backend: {worst:.2e}");
 }
 
 /// Many prompts and paths in mixed batches (padding, prefix sharing, evictions): every choice's

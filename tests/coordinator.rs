@@ -10,6 +10,17 @@ use drllm::dist::{read_rows, PathRecord};
 
 /// The coordinator on the first `limit` ARC-Easy train prompts (8 simulations, seed 7).
 fn coordinator_cmd(out: &Path, workers: usize, limit: usize, concurrency: usize) -> Command {
+    coordinator_cmd_in(&data_dir(), out, workers, limit, concurrency)
+}
+
+/// [`coordinator_cmd`] over the task data in `data`.
+fn coordinator_cmd_in(
+    data: &Path,
+    out: &Path,
+    workers: usize,
+    limit: usize,
+    concurrency: usize,
+) -> Command {
     let mut c = Command::new(bin("drllm-coordinator"));
     c.args([
         "--model",
@@ -35,7 +46,7 @@ fn coordinator_cmd(out: &Path, workers: usize, limit: usize, concurrency: usize)
     ])
     .args(["--concurrency", &concurrency.to_string()])
     .arg("--data")
-    .arg(data_dir())
+    .arg(data)
     .arg("--out")
     .arg(out);
     c
@@ -193,21 +204,9 @@ fn intruders_are_refused_and_a_killed_worker_loses_nothing() {
             .output()
             .unwrap()
     };
-    let o = worker("wrong", &embedded_gguf());
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("refused") && err.contains("token"), "{err}");
-    // Same architecture and size, one byte different: another model.
-    let other = dir.path().join("other.gguf");
-    let mut bytes = std::fs::read(embedded_gguf()).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1;
-    std::fs::write(&other, bytes).unwrap();
-    let o = worker("s3cret", &other);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("fingerprint"), "{err}");
-    // Kill one local worker once it has registered (it takes a lease right away).
+    // Kill one local worker once it has registered (it takes a lease right away), before the
+    // intruders come: the killed worker's lease keeps the run alive for --lease-timeout-s, so
+    // the intruders always meet a running coordinator however long they take on a busy machine.
     let stderr = coord.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
@@ -227,12 +226,49 @@ fn intruders_are_refused_and_a_killed_worker_loses_nothing() {
         .iter()
         .any(|l| l.contains("worker registered") && l.contains("local-1"));
     assert!(registered, "local-1 never registered");
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(std::time::Duration::from_millis(500));
     let killed = Command::new("pkill")
         .args(["-9", "-f", &format!("127.0.0.1:{port} --worker-id local-1")])
         .status()
         .unwrap();
     assert!(killed.success(), "local-1 not found to kill");
+    let o = worker("wrong", &embedded_gguf());
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("refused") && err.contains("token"), "{err}");
+    // Same architecture and size, one byte of tensor data in the middle of the file different
+    // (where the fingerprint of name, size, first and last MiB did not look): another model,
+    // refused naming both fingerprints.
+    // (The same file name in another directory: the old fingerprint hashed the name too.)
+    std::fs::create_dir_all(dir.path().join("edited")).unwrap();
+    let other = dir
+        .path()
+        .join("edited")
+        .join(embedded_gguf().file_name().unwrap());
+    let mut bytes = std::fs::read(embedded_gguf()).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&other, bytes).unwrap();
+    let (ours, theirs) = (
+        drllm::runtime::ModelSource::Gguf(embedded_gguf())
+            .fingerprints()
+            .unwrap(),
+        drllm::runtime::ModelSource::Gguf(other.clone())
+            .fingerprints()
+            .unwrap(),
+    );
+    assert_eq!(ours.legacy, theirs.legacy, "the old fingerprint misses it");
+    assert_ne!(ours.current, theirs.current);
+    let o = worker("s3cret", &other);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "model fingerprint {} differs from the run's {}",
+            theirs.current, ours.current
+        )),
+        "{err}"
+    );
     let status = coord.wait().unwrap();
     let log = reader.join().unwrap();
     assert!(status.success(), "{log}");
@@ -446,4 +482,101 @@ cp -a "$MNT/run" "{full}/run"
     let (ok, err) = coordinator(&out, 1, 6, &[]);
     assert!(ok, "{err}");
     assert_eq!(comparable(&out), want);
+}
+
+/// Silent damage is refused by name (issue 32): a flipped bit in a committed part stops the
+/// resume and `drllm-data verify` names the part (restored, the run completes and verifies); a
+/// task file with a repeated line is refused naming both lines, or searched once per id with
+/// `--skip-duplicate-ids`.
+#[test]
+fn damaged_parts_and_duplicate_ids_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = coordinator_cmd(&out, 1, 3, 3)
+        .args(["--part-rows", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let verify = |out: &Path| {
+        let o = Command::new(bin("drllm-data"))
+            .arg("verify")
+            .arg(out)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let (ok, text) = verify(&out);
+    assert!(
+        ok && text.contains("3 parts (3 verified") && text.contains("intact"),
+        "{text}"
+    );
+    let part = parts(&out).into_iter().next().unwrap();
+    let orig = std::fs::read(&part).unwrap();
+    let mut bytes = orig.clone();
+    bytes[39] ^= 1;
+    std::fs::write(&part, &bytes).unwrap();
+    let (ok, err) = coordinator(&out, 1, 4, &[]);
+    assert!(!ok, "resumed over a damaged part");
+    assert!(
+        err.contains("damaged part") && err.contains(part.to_str().unwrap()),
+        "{err}"
+    );
+    let (ok, text) = verify(&out);
+    assert!(
+        !ok && text.contains(part.to_str().unwrap()) && text.contains("SHA-256"),
+        "{text}"
+    );
+    std::fs::write(&part, &orig).unwrap();
+    let (ok, err) = coordinator(&out, 1, 4, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(read_rows(&out).unwrap().len(), 4);
+    assert!(verify(&out).0);
+
+    // One ARC line repeated.
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("arc")).unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(data_dir().join("arc/ARC-Easy-Train.jsonl"))
+        .unwrap()
+        .lines()
+        .take(2)
+        .map(String::from)
+        .collect();
+    std::fs::write(
+        data.join("arc/ARC-Easy-Train.jsonl"),
+        format!("{}\n{}\n{}\n", lines[0], lines[1], lines[0]),
+    )
+    .unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        let o = coordinator_cmd_in(&data, out, 1, 3, 3)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let dup = dir.path().join("dup");
+    let (ok, err) = run(&dup, &[]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("duplicate sample id")
+            && err.contains("ARC-Easy-Train.jsonl:1")
+            && err.contains("ARC-Easy-Train.jsonl:3"),
+        "{err}"
+    );
+    let (ok, err) = run(&dup, &["--skip-duplicate-ids"]);
+    assert!(ok, "{err}");
+    let rows = read_rows(&dup).unwrap();
+    let mut ids: Vec<&str> = rows.iter().map(|r| r.sample_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!((rows.len(), ids.len()), (2, 2));
 }

@@ -22,6 +22,15 @@ fn every_real_row_parses() {
         (TaskName::ArcChallenge, Split::Dev, 299),
         (TaskName::Dart(None), Split::Train, 7500),
         (TaskName::Gsm8k, Split::Train, 7473),
+        // PIQA, SciQ and BoolQ: dev = every 4th validation row from the first, train = the rest.
+        (TaskName::Piqa, Split::Dev, 335),
+        (TaskName::Piqa, Split::Train, 1003),
+        (TaskName::OpenBookQa, Split::Dev, 500),
+        (TaskName::OpenBookQa, Split::Train, 4957),
+        (TaskName::Sciq, Split::Dev, 250),
+        (TaskName::Sciq, Split::Train, 750),
+        (TaskName::Boolq, Split::Dev, 693),
+        (TaskName::Boolq, Split::Train, 2077),
     ];
     for (task, split, n) in counts {
         let s = load(task, split);
@@ -30,6 +39,24 @@ fn every_real_row_parses() {
         ids.sort_unstable();
         ids.dedup();
         assert_eq!(ids.len(), n, "{task} {split}: sample ids must be unique");
+    }
+    // The carved splits do not overlap.
+    for task in [TaskName::Piqa, TaskName::Sciq, TaskName::Boolq] {
+        let dev: std::collections::HashSet<String> =
+            load(task, Split::Dev).into_iter().map(|s| s.id).collect();
+        assert!(
+            load(task, Split::Train)
+                .iter()
+                .all(|s| !dev.contains(&s.id)),
+            "{task}"
+        );
+    }
+    // Every answer of the two-way tasks occurs (PIQA sol1/sol2, BoolQ no/yes).
+    for task in [TaskName::Piqa, TaskName::Boolq] {
+        let s = load(task, Split::Train);
+        for g in ['A', 'B'] {
+            assert!(s.iter().any(|x| x.gold == Gold::Letter(g)), "{task} {g}");
+        }
     }
     // 3- and 5-choice ARC items keep all their choices; an E answer is gradable.
     let arc = load(TaskName::Arc, Split::Train);
@@ -370,6 +397,31 @@ fn hugging_face_parquet_layouts_load_like_the_jsonl() {
         .take(400)
         .collect();
     assert_eq!(math, want, "two snappy shards, in order");
+    // PIQA, OpenBookQA, SciQ and BoolQ with the Hugging Face datasets' columns read as their
+    // upstream files do (row-numbered ids differ by file name; the carve rule counts the same
+    // rows), in both carved splits.
+    for task in [
+        TaskName::Piqa,
+        TaskName::OpenBookQa,
+        TaskName::Sciq,
+        TaskName::Boolq,
+    ] {
+        let splits: &[Split] = if task == TaskName::OpenBookQa {
+            &[Split::Dev]
+        } else {
+            &[Split::Dev, Split::Train]
+        };
+        for &split in splits {
+            let (a, b) = (pq(task, split), load(task, split));
+            assert!(!a.is_empty() && a.len() == b.len(), "{task} {split}");
+            for (x, y) in a.iter().zip(&b) {
+                assert_eq!((&x.question, &x.gold), (&y.question, &y.gold), "{task}");
+                if matches!(task, TaskName::OpenBookQa | TaskName::Boolq) {
+                    assert_eq!(x.id, y.id, "{task}: ids from the rows");
+                }
+            }
+        }
+    }
     // A file that is not parquet is named.
     std::fs::write(
         tmp.path().join("math/train-00002-of-00002.parquet"),

@@ -338,6 +338,39 @@ fn eval_compares_routed_and_baseline_runs() {
         .unwrap()
         .iter()
         .all(|f| f["skip"] == 1.0));
+    // The per-cost prompt counts a merge redraws the histogram from.
+    let counts: u64 = r1["cost_counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c[1].as_u64().unwrap())
+        .sum();
+    assert_eq!(counts, 6);
+    // merge: one summary gives its table; the same run twice, or a file that is no summary,
+    // is refused naming the files.
+    let merge = |files: &[&str]| {
+        let o = Command::new(bin("drllm-infer"))
+            .arg("merge")
+            .args(files)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (ok, table, e) = merge(&[&j]);
+    assert!(ok, "{e}");
+    assert_eq!(table.lines().count(), 2 + 4, "{table}");
+    assert!(
+        table.contains("| arc_easy | routed | -1.00 | 6 |"),
+        "{table}"
+    );
+    let (ok, _, e) = merge(&[&j, &j]);
+    assert!(!ok && e.contains("merge each run once"), "{e}");
+    let (ok, _, e) = merge(&[&p]);
+    assert!(!ok && e.contains("not JSON"), "{e}");
     let png = std::fs::read(&plot).unwrap();
     assert_eq!(&png[1..4], b"PNG");
     let code = format!(
@@ -450,6 +483,26 @@ fn eval_compares_routed_and_baseline_runs() {
     let own_s = own.display().to_string();
     let (ok, _, e) = infer(&[&other[..], &["--template", &own_s]].concat());
     assert!(ok, "{e}");
+    // A package recording an older built-in source (the cloze template before it learned the
+    // commonsense tasks) routes ARC prompts, which both render alike.
+    let older = dir.path().join("older");
+    let spec = drllm_router::TemplateSpec {
+        family: "multiple_choice".into(),
+        name: "mc_cloze".into(),
+        source: "Question: {{ question }}\nAnswer:".into(),
+    };
+    save_with(
+        &older,
+        routers(1, Some(1)),
+        &fp,
+        Some(("cloze", "base")),
+        vec![spec],
+    );
+    let o = older.display().to_string();
+    let mut other = common.to_vec();
+    other[2] = &o;
+    let (ok, _, e) = infer(&other);
+    assert!(ok, "{e}");
     let (ok, _, e) = infer(&[&common[..], &["--path", "1,1"]].concat());
     assert!(!ok && e.contains("--path 1,1"), "{e}");
     let (ok, _, e) = infer(&[&common[..], &["--plot", "r.pdf"]].concat());
@@ -529,4 +582,142 @@ fn budget_runs_from_all_skip_through_the_routers_to_the_baseline() {
     assert_eq!(routed[0]["minus_baseline"]["accuracy"], 0.0);
     // The plain routers skip and repeat.
     assert!(off[4] > 0.0, "{off:?}");
+}
+
+/// The controls of issue 31 on real PIQA and BoolQ dev prompts: fixed paths alone (no router
+/// package), per-task paths, pooled rows, and with the reference routers the permuted and random
+/// controls (the routed paths' mix, resp. their costs), each paired with the baseline and with
+/// the routers; flags that cannot apply are refused by name.
+#[test]
+fn eval_controls_tell_routing_from_static_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir().display().to_string();
+    let json = dir.path().join("s.json");
+    let j = json.display().to_string();
+    let piqa_path = format!("piqa={STATIC_3}");
+    let boolq_path = format!(
+        "boolq={}",
+        (0..30)
+            .map(|i| if i == 26 { "0" } else { "1" })
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let common = [
+        "eval",
+        "--data",
+        &data,
+        "--dataset",
+        "piqa,boolq",
+        "--limit",
+        "4",
+        "--batch",
+        "4",
+    ];
+    let (ok, out, e) = infer(
+        &[
+            &common[..],
+            &[
+                "--path",
+                STATIC_3,
+                "--task-path",
+                &piqa_path,
+                "--task-path",
+                &boolq_path,
+                "--json",
+                &j,
+            ],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{e}");
+    assert!(
+        out.contains("routers none") && out.contains("task path #1"),
+        "{out}"
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(s["routers"].is_null() && s["routers_fingerprint"].is_null());
+    let (piqa, boolq, pooled) = (&s["tasks"][0], &s["tasks"][1], &s["pooled"]);
+    assert_eq!(piqa["static"].as_array().unwrap().len(), 2);
+    assert_eq!(piqa["static"][1]["mode"], "per_task_static");
+    assert_eq!(piqa["static"][1]["cost"], 27.0);
+    assert_eq!(boolq["static"][1]["cost"], 29.0);
+    assert_eq!(pooled["prompts"], 8);
+    // Pooled: the per-task path set costs the mean of its paths' costs over all prompts.
+    assert_eq!(pooled["static"][1]["cost"], 28.0);
+    let mean = |k: &str| {
+        (piqa["baseline"][k].as_f64().unwrap() + boolq["baseline"][k].as_f64().unwrap()) / 2.0
+    };
+    assert!((pooled["baseline"]["accuracy"].as_f64().unwrap() - mean("accuracy")).abs() < 1e-12);
+    assert!(piqa["static"][0]["routed_minus_this"].is_null());
+
+    for (flags, want) in [
+        (vec!["--budget", "0"], "pass --routers too"),
+        (vec!["--control", "permuted"], "pass --routers too"),
+        (vec!["--task-path", &piqa_path], "no path for boolq"),
+        (
+            vec!["--task-path", "arc_easy=1,1"],
+            "arc_easy is not among the evaluated tasks",
+        ),
+        (vec!["--task-path", "piqa"], "expected TASK=COUNTS"),
+        (
+            vec!["--control", "shuffled", "--routers", "embedded"],
+            "shuffled",
+        ),
+    ] {
+        let (ok, _, e) = infer(&[&common[..], &flags[..]].concat());
+        assert!(!ok && e.contains(want), "{flags:?}: {e}");
+    }
+
+    // The reference routers with both controls.
+    let parquet = dir.path().join("c.parquet");
+    let p = parquet.display().to_string();
+    let (ok, out, e) = infer(&[
+        "eval",
+        "--data",
+        &data,
+        "--dataset",
+        "piqa",
+        "--limit",
+        "12",
+        "--routers",
+        "embedded",
+        "--control",
+        "permuted,random",
+        "--json",
+        &j,
+        "--out",
+        &p,
+    ]);
+    assert!(ok, "{e}");
+    assert!(
+        out.contains("permuted +0.00") && out.contains("random +0.00"),
+        "{out}"
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let t = &s["tasks"][0];
+    let routed = &t["routed"][0];
+    for c in t["controls"].as_array().unwrap() {
+        assert_eq!(c["cost"], routed["cost"], "{c}");
+        assert!(c["routed_minus_this"]["paired_ci95"].is_array(), "{c}");
+        assert!(c["minus_baseline"]["paired_ci95"].is_array(), "{c}");
+    }
+    let code = format!(
+        "import pandas as pd, json; d = pd.read_parquet({p:?}); \
+         r = d[d['mode'] == 'routed'].reset_index(); q = d[d['mode'] == 'permuted'].reset_index(); \
+         x = d[d['mode'] == 'random'].reset_index(); k = lambda s: sorted(tuple(v) for v in s); \
+         print(json.dumps({{'mix': k(r.path) == k(q.path), 'n': [len(r), len(q), len(x)], \
+         'cost': bool((r.cost == x.cost).all()), \
+         'moved': int(sum(tuple(a) != tuple(b) for a, b in zip(r.path, q.path))), \
+         'ids': bool((r.sample_id == q.sample_id).all())}}))"
+    );
+    let o = Command::new(python()).args(["-c", &code]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["n"], serde_json::json!([12, 12, 12]));
+    assert_eq!(v["mix"], true, "{v}");
+    assert_eq!(v["cost"], true, "{v}");
+    assert_eq!(v["ids"], true, "{v}");
+    assert!(v["moved"].as_u64().unwrap() > 0, "{v}");
 }

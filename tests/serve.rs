@@ -235,7 +235,7 @@ fn echo_logprobs_are_lm_evals_loglikelihoods_and_routing_is_per_request() {
     .samples
     .iter()
     .map(|s| match &s.question {
-        Question::MultipleChoice { stem, choices } => json!({"question": stem,
+        Question::MultipleChoice { stem, choices, .. } => json!({"question": stem,
             "choices": choices.iter().map(|c| c.text.clone()).collect::<Vec<_>>()}),
         Question::Problem(_) => unreachable!("ARC is multiple choice"),
     })

@@ -197,6 +197,15 @@ fn train(args: &[&str], data: &[&Path], out: &Path, cache: &Path) -> (bool, Stri
 
 /// A copy of the dataset at `from` with its rows changed by `edit` (same model fingerprint).
 fn rewritten(from: &Path, to: &Path, edit: impl Fn(&mut drllm::dist::PathRecord)) {
+    try_rewritten(from, to, edit).unwrap()
+}
+
+/// [`rewritten`], returning the store's error.
+fn try_rewritten(
+    from: &Path,
+    to: &Path,
+    edit: impl Fn(&mut drllm::dist::PathRecord),
+) -> Result<(), drllm::dataset::DatasetError> {
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(from.join("_manifest.json")).unwrap())
             .unwrap();
@@ -204,7 +213,7 @@ fn rewritten(from: &Path, to: &Path, edit: impl Fn(&mut drllm::dist::PathRecord)
     let mut ds = Dataset::open(to, fp, m["config"].clone(), false).unwrap();
     let mut rows = read_rows(from).unwrap();
     rows.iter_mut().for_each(edit);
-    ds.commit("arc_easy", &rows).unwrap();
+    ds.commit("arc_easy", &rows)
 }
 
 #[test]
@@ -271,10 +280,15 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
         .iter()
         .find(|t| t.family == "multiple_choice")
         .unwrap();
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/drllm-tasks/templates/mc_cloze.j2"),
+    )
+    .unwrap();
     assert_eq!(
         (&mc.name[..], mc.source.trim()),
-        ("mc_cloze", "Question: {{ question }}\nAnswer:")
+        ("mc_cloze", shipped.trim())
     );
+    assert!(mc.source.contains("Question: {{ question }}\nAnswer:"));
     assert_eq!(prompts.templates.len(), 3);
     let outcomes: u64 = m.data["rows_by_outcome"]
         .as_object()
@@ -321,18 +335,28 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
     let (ok, _, stderr) = train(&margin, &[&run], &pkg, &cache);
     assert!(ok && stderr.contains(" 0 margins measured"), "{stderr}");
     let (ok, _, e) = train(&["--label-margin=-1"], &[&run], &pkg, &cache);
-    assert!(!ok && e.contains("--label-margin must be a share"), "{e}");
+    assert!(
+        !ok && e.contains("--label-margin") && e.contains("expected a number in [0"),
+        "{e}"
+    );
 
     // Bad input: no dataset there.
     let (ok, _, e) = train(&[], &[&dir.path().join("nope")], &pkg, &cache);
     assert!(!ok && e.contains("nope/_manifest.json"), "{e}");
     // A dataset of another model.
+    // (Made by the store itself: a hand-edited manifest fails its own checksum.)
     let other = dir.path().join("other");
-    std::fs::create_dir_all(&other).unwrap();
     let text = std::fs::read_to_string(run.join("_manifest.json")).unwrap();
-    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["model_fingerprint"] = "0123456789abcdef01234567".into();
-    std::fs::write(other.join("_manifest.json"), v.to_string()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    drop(
+        Dataset::open(
+            &other,
+            "0123456789abcdef01234567",
+            v["config"].clone(),
+            false,
+        )
+        .unwrap(),
+    );
     let (ok, _, e) = train(&[], &[&run, &other], &pkg, &cache);
     assert!(
         !ok && e.contains("other: made with model fingerprint 0123456789abcdef01234567"),
@@ -368,19 +392,19 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
         !ok && e.contains("no rows in") && e.contains("run the search first"),
         "{e}"
     );
-    // A label vector of the wrong length: refused where the rows are read, naming the part.
+    // A label vector of the wrong length never reaches a dataset: the store reads each part
+    // back before it commits it, and refuses it naming the row and the field.
     let short = dir.path().join("short");
-    rewritten(&run, &short, |r| {
+    let e = try_rewritten(&run, &short, |r| {
         if r.best_path.is_some() {
             r.best_path = Some(drllm::dataset::LayerPath::all_ones(12));
         }
-    });
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("best_path has 12 counts, expected 30"), "{e}");
     let (ok, _, e) = train(&[], &[&short], &pkg, &cache);
-    assert!(
-        !ok && e.contains("short/data/task=arc_easy/part-")
-            && e.contains("best_path has 12 counts, expected 30"),
-        "{e}"
-    );
+    assert!(!ok && e.contains("no rows in"), "{e}");
     // An output that is not a package is never overwritten; the package is still intact.
     let (ok, _, e) = train(&[], &[&run], &run, &cache);
     assert!(!ok && e.contains("is not a router package"), "{e}");

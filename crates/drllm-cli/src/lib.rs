@@ -12,16 +12,20 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use drllm_runtime::{parse_dtype, resolve_device, LoadedModel, ModelSource};
 use drllm_tasks::{data, LoadOptions, Loaded, Split, TaskName};
 
+mod numbers;
 mod search;
 
+pub use numbers::{fraction_below_one, number_in, positive_up_to, threads_parser};
 pub use search::{reward_parser, SearchArgs};
 
 /// Which model to load, where, and in which dtype.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Model: a Hugging Face model directory, a .gguf file, `embedded` (SmolLM2-135M-Instruct,
-    /// installed by scripts/setup.sh), or a repo id `org/name[@revision]` in the local Hugging
-    /// Face cache (HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME, as huggingface_hub finds it).
+    /// installed by scripts/setup.sh), or a repo id `org/name[/FILE.gguf][@revision]` from the
+    /// Hugging Face cache (HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME, as huggingface_hub finds
+    /// it), downloaded into it from the hub (HF_ENDPOINT, HF_TOKEN) when absent unless
+    /// HF_HUB_OFFLINE=1.
     #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
     pub model: String,
     /// Revision (branch, tag or commit hash) of a repo id `--model` (default main).
@@ -33,8 +37,9 @@ pub struct ModelArgs {
     /// Compute dtype: auto (f32 on CPU, bf16 on CUDA), f32, bf16, f16.
     #[arg(long, env = "DRLLM_DTYPE", default_value = "auto")]
     pub dtype: String,
-    /// CPU threads for libtorch (default: libtorch's choice).
-    #[arg(long, env = "DRLLM_THREADS")]
+    /// CPU threads for libtorch (default: libtorch's choice), at most the CPUs this process
+    /// may use.
+    #[arg(long, env = "DRLLM_THREADS", value_parser = threads_parser())]
     pub threads: Option<i32>,
 }
 
@@ -117,10 +122,15 @@ pub struct DataArgs {
     /// Split.
     #[arg(long, env = "DRLLM_SPLIT", default_value = "train", value_parser = split_parser())]
     pub split: Split,
-    /// Samples per task (after --offset).
+    /// Samples per task (after --offset); a composite task (`arc`, `dart`) takes this many of
+    /// each of its parts.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Skip this many samples of each task first.
+    /// Keep the first of task-data rows that share a sample id (and warn) instead of refusing
+    /// the data: ids name samples in the paths dataset, so each must be unique per task.
+    #[arg(long, env = "DRLLM_SKIP_DUPLICATE_IDS")]
+    pub skip_duplicate_ids: bool,
+    /// Skip this many samples of each task (of each part of a composite) first.
     #[arg(long, default_value_t = 0)]
     pub offset: usize,
 }
@@ -144,10 +154,14 @@ impl DataArgs {
                 let opts = LoadOptions {
                     offset: self.offset,
                     limit: self.limit,
+                    skip_duplicate_ids: self.skip_duplicate_ids,
                     ..Default::default()
                 };
                 let loaded = data::load(dir, task, self.split, &opts)
                     .with_context(|| format!("loading {task}/{}", self.split))?;
+                for d in &loaded.duplicates {
+                    tracing::warn!("{d}: skipped (--skip-duplicate-ids)");
+                }
                 Ok((task, loaded))
             })
             .collect()

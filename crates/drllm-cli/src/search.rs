@@ -39,13 +39,13 @@ pub struct SearchArgs {
     #[arg(long, env = "DRLLM_NUM_SIMULATIONS", default_value_t = 50)]
     pub num_simulations: usize,
     /// UCT exploration constant (the paper's code uses 1.8).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = crate::number_in(0.0, 1e6))]
     pub c: f64,
     /// Length penalty lambda (score -= lambda * cost / L).
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, value_parser = crate::number_in(0.0, 1e6))]
     pub length_penalty: f64,
     /// Probability of descending to a random child.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::number_in(0.0, 1.0))]
     pub random_child_prob: f64,
     /// Skip sizes (consecutive layer-list entries removed by one action).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
@@ -72,10 +72,10 @@ pub struct SearchArgs {
     #[arg(long, default_value = "pw")]
     pub selection: String,
     /// Progressive widening factor (with --selection pw).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = crate::positive_up_to(1e6))]
     pub widening: f64,
     /// Progressive widening exponent (with --selection pw), in (0, 1].
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = crate::positive_up_to(1.0))]
     pub widening_exp: f64,
     /// Expansion order of a node's edits: skip-first (once the default path is known correct,
     /// skips before repeats) or shuffled (the paper's).

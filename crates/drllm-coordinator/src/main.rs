@@ -33,8 +33,9 @@ rows are committed first; run again to resume); 1 on an error (disk full, bad in
     mut_arg("dataset", |a| a.required(true))
 )]
 struct Cli {
-    /// Model: HF directory, .gguf file, `embedded`, or a cached repo id `org/name[@revision]`
-    /// (workers load the same).
+    /// Model: HF directory, .gguf file, `embedded`, or a repo id `org/name[/FILE.gguf][@revision]`
+    /// (from the Hugging Face cache, downloaded into it when absent unless HF_HUB_OFFLINE=1;
+    /// workers load the same).
     #[arg(long, env = "DRLLM_MODEL", default_value = "embedded")]
     model: String,
     /// Revision (branch, tag or commit hash) of a repo id `--model` (default main).
@@ -111,7 +112,8 @@ async fn main() -> Result<()> {
     }
     let model = drllm_runtime::loader::with_revision(&a.model, a.revision.as_deref())?;
     let source = ModelSource::resolve(&model)?;
-    let fingerprint = source.fingerprint()?;
+    let fingerprints = source.fingerprints()?;
+    let fingerprint = fingerprints.current.clone();
     let num_layers = source.config()?.num_layers;
     if let Some(b) = run.search.skip_prior.iter().find(|&&b| b >= num_layers) {
         bail!("--skip-prior names block {b}, the model has {num_layers} blocks (0..{num_layers})");
@@ -123,7 +125,13 @@ async fn main() -> Result<()> {
         "model": source.name(),
         "run": run,
     });
-    let dataset = Dataset::open(&a.out, &fingerprint, config, a.force)?;
+    let dataset = Dataset::open_with_aliases(
+        &a.out,
+        &fingerprint,
+        std::slice::from_ref(&fingerprints.legacy),
+        config,
+        a.force,
+    )?;
     let total = samples.len();
     let lease = LeaseConfig {
         samples_per_lease: a.concurrency.max(1),

@@ -1,5 +1,5 @@
-//! `drllm-data`: dataset statistics, rendered prompts and answer grading (the grader benchmark
-//! is `drllm-data-bench`).
+//! `drllm-data`: dataset statistics, rendered prompts, answer grading and paths-dataset
+//! verification (the grader benchmark is `drllm-data-bench`).
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -16,6 +16,7 @@ use drllm_tasks::{data, Family, Gold, LoadOptions, RewardMode, Split, Style, Tas
   drllm-data stats
   drllm-data show --task arc_challenge --split dev --limit 3 --model embedded
   drllm-data grade --task dart-3 --response 'so \\boxed{0.5}' --gold '\\frac{1}{2}'
+  drllm-data verify runs/arc-paths
 Run `drllm-data <command> --help` for each command's flags."
 )]
 struct Cli {
@@ -64,6 +65,16 @@ enum Cmd {
         #[arg(long, default_value = "instruct")]
         style: String,
     },
+    /// Checks a paths dataset (a coordinator's OUT) against its checksums: the manifest, every
+    /// part byte for byte and value for value, unique sample ids, no unlisted parts. Exits 1
+    /// naming each problem (after copying a dataset between filesystems, say).
+    #[command(after_help = "Examples:
+  drllm-data verify runs/arc-paths
+  drllm-data verify /scratch/$USER/paths && rsync -a /scratch/$USER/paths/ ~/paths/ && drllm-data verify ~/paths")]
+    Verify {
+        /// The dataset directory (holding _manifest.json).
+        out: PathBuf,
+    },
 }
 
 /// Options of `show`.
@@ -102,6 +113,9 @@ struct ShowArgs {
     /// Count and skip malformed rows instead of failing.
     #[arg(long)]
     skip_bad_rows: bool,
+    /// Keep the first of rows sharing a sample id instead of failing.
+    #[arg(long)]
+    skip_duplicate_ids: bool,
 }
 
 fn stats(d: DataDirArgs) -> Result<()> {
@@ -153,6 +167,7 @@ fn show(a: ShowArgs) -> Result<()> {
         limit: Some(a.limit),
         shuffle_seed: a.seed,
         skip_bad_rows: a.skip_bad_rows,
+        skip_duplicate_ids: a.skip_duplicate_ids,
     };
     let loaded = data::load(&dir, task, a.split, &opts)?;
     let tokenizer = match &a.model {
@@ -224,5 +239,26 @@ fn main() -> Result<()> {
             reward,
             style,
         } => grade(task, &response, &gold, reward, &style),
+        Cmd::Verify { out } => verify(&out),
     }
+}
+
+fn verify(out: &std::path::Path) -> Result<()> {
+    let r = drllm_dataset::verify(out).with_context(|| format!("verifying {}", out.display()))?;
+    println!(
+        "{}: {} parts ({} verified, {} written before checksums and readable only), {} rows",
+        out.display(),
+        r.parts,
+        r.verified,
+        r.unverified,
+        r.rows
+    );
+    if r.problems.is_empty() {
+        println!("intact");
+        return Ok(());
+    }
+    for p in &r.problems {
+        eprintln!("{p}");
+    }
+    anyhow::bail!("{}: {} problem(s) found", out.display(), r.problems.len())
 }

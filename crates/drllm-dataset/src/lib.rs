@@ -11,6 +11,9 @@
 //! next open adopts it. Staging leftovers are deleted on open.
 #![warn(missing_docs)]
 
+mod integrity;
+pub use integrity::{file_sha256, verify, Checked, VerifyReport, CONTENT_KEY};
+
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::Write;
@@ -23,19 +26,21 @@ use arrow_array::builder::{
 };
 use arrow_array::cast::AsArray;
 use arrow_array::types::{UInt16Type, UInt32Type, UInt64Type, UInt8Type};
-use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
+use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
 /// The path type rows hold (re-exported so readers of rows need not name `drllm-path`).
 pub use drllm_path::LayerPath;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::{ArrowWriter, ProjectionMask};
+use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-/// Version of the manifest and column layout; a newer one on disk is refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the manifest and column layout; a newer one on disk is refused. 2: checksums
+/// (each part's SHA-256 in the manifest, a content checksum in each part's footer, the
+/// manifest's own); parts of format 1 are read unverified.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Errors of reading or writing a dataset; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +84,15 @@ pub enum DatasetError {
         path: PathBuf,
         /// Why it is not adopted.
         why: String,
+    },
+    /// A committed part differs from what was committed (a flipped bit, a truncated or edited
+    /// file): named and refused, never read or searched around.
+    #[error("{path}: damaged part: {what}; nothing was read from it. Restore the file from a copy of the dataset, or move it out of the output directory to search its samples again")]
+    Damaged {
+        /// The part.
+        path: PathBuf,
+        /// What differs.
+        what: String,
     },
     /// OUT holds a run made with another configuration or model.
     #[error("{path} was made by a different run: {what}; use another output directory, or --force to continue it under the new configuration")]
@@ -317,6 +331,9 @@ pub struct PartInfo {
     pub task: String,
     /// Rows in the file.
     pub rows: usize,
+    /// SHA-256 of the file's bytes when it was committed (absent for parts of format 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// A sample that could not be searched.
@@ -352,6 +369,9 @@ pub struct Manifest {
     pub failed: Vec<FailedSample>,
     /// Whether the run finished (then `_SUCCESS` exists too).
     pub complete: bool,
+    /// SHA-256 of this manifest's compact JSON with this field empty (absent in format 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
 }
 
 /// An output directory open for committing.
@@ -380,7 +400,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
-/// (task, sample_id) of every row of a part of `task`.
 /// Takes the exclusive lock on `out` (an OS file lock on `out/_lock`, held until the returned
 /// file is dropped or the process exits, so a killed run leaves no stale lock) and writes who
 /// holds it into the file.
@@ -512,67 +531,65 @@ fn check_stray(
     Ok(())
 }
 
-fn read_ids(path: &Path, task: &str) -> Result<Vec<(String, String)>> {
-    let perr = |msg: String| DatasetError::Parquet {
-        path: path.to_path_buf(),
-        msg,
-    };
-    let f = File::open(path).map_err(io(path))?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| perr(e.to_string()))?;
-    let mask = ProjectionMask::columns(b.parquet_schema(), ["sample_id"]);
-    let reader = b
-        .with_projection(mask)
-        .build()
-        .map_err(|e| perr(e.to_string()))?;
-    let mut out = vec![];
-    for batch in reader {
-        let batch = batch.map_err(|e| perr(e.to_string()))?;
-        let col = |name: &str| {
-            batch
-                .column_by_name(name)
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-                .cloned()
-                .ok_or_else(|| perr(format!("no string column {name:?}")))
-        };
-        let ids = col("sample_id")?;
-        for i in 0..ids.len() {
-            out.push((task.to_string(), ids.value(i).to_string()));
-        }
-    }
-    Ok(out)
-}
-
 /// Reads every committed row of the dataset in `out` (parts listed in its manifest, in commit
-/// order), e.g. for training or for comparing runs.
+/// order), e.g. for training or for comparing runs. Every part is checked against its checksums
+/// first: a damaged one is refused by name ([`DatasetError::Damaged`]); parts written before
+/// checksums are read unverified, with a warning.
 pub fn read_rows(out: &Path) -> Result<Vec<PathRecord>> {
     let m = read_manifest(out)?;
     let mut rows = vec![];
+    let mut unverified = 0;
     for p in &m.parts {
-        let path = out.join(&p.path);
-        let perr = |msg: String| DatasetError::Parquet {
-            path: path.clone(),
-            msg,
-        };
-        let f = File::open(&path).map_err(io(&path))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(f)
-            .and_then(|b| b.build())
-            .map_err(|e| perr(e.to_string()))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| perr(e.to_string()))?;
-            rows.extend(from_batch(&batch, &p.task).map_err(perr)?);
-        }
+        let (part, checked) = integrity::check_listed(out, p)?;
+        unverified += (checked == Checked::Unverified) as usize;
+        rows.extend(part.rows);
+    }
+    if unverified > 0 {
+        tracing::warn!(
+            dataset = %out.display(),
+            parts = unverified,
+            "parts written before checksums (format 1) were read unverified"
+        );
     }
     Ok(rows)
 }
 
-/// The manifest of the dataset at `out` (`OUT/_manifest.json`).
+/// The manifest of the dataset at `out` (`OUT/_manifest.json`), checked against its own
+/// checksum (manifests of format 1 have none).
 pub fn read_manifest(out: &Path) -> Result<Manifest> {
     let mpath = out.join("_manifest.json");
     let text = fs::read_to_string(&mpath).map_err(io(&mpath))?;
-    serde_json::from_str(&text).map_err(|e| DatasetError::Manifest {
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| DatasetError::Manifest {
         path: mpath.clone(),
         msg: format!("not a drllm manifest: {e}"),
-    })
+    })?;
+    if m.format_version > FORMAT_VERSION {
+        return Err(DatasetError::Manifest {
+            path: mpath,
+            msg: format!(
+                "format version {} is newer than this drllm's {FORMAT_VERSION}",
+                m.format_version
+            ),
+        });
+    }
+    if let Some(want) = &m.checksum {
+        let got = integrity::manifest_sha256(&m);
+        if &got != want {
+            return Err(DatasetError::Manifest {
+                path: mpath,
+                msg: format!(
+                    "its content hashes to {got}, its checksum says {want}: the file was damaged or edited after drllm wrote it"
+                ),
+            });
+        }
+    } else if m.format_version >= 2 {
+        return Err(DatasetError::Manifest {
+            path: mpath,
+            msg: "no checksum, which manifests of format 2 carry: the file was damaged or edited"
+                .into(),
+        });
+    }
+    Ok(m)
 }
 
 /// Rows of a record batch of [`schema`] (task from the partition).
@@ -727,6 +744,19 @@ impl Dataset {
         config: serde_json::Value,
         force: bool,
     ) -> Result<Dataset> {
+        Self::open_with_aliases(out, model_fingerprint, &[], config, force)
+    }
+
+    /// [`Dataset::open`] for a model that older runs may have recorded under other fingerprints
+    /// (`aliases`: the weaker fingerprint drllm used before it hashed whole files). A run
+    /// resumed under an alias keeps recording it, so its parts agree.
+    pub fn open_with_aliases(
+        out: &Path,
+        model_fingerprint: &str,
+        aliases: &[String],
+        config: serde_json::Value,
+        force: bool,
+    ) -> Result<Dataset> {
         let data = out.join("data");
         let staging = out.join("_staging");
         fs::create_dir_all(&data).map_err(io(&data))?;
@@ -737,21 +767,7 @@ impl Dataset {
         fs::create_dir_all(&staging).map_err(io(&staging))?;
         let mpath = out.join("_manifest.json");
         let mut manifest = if mpath.exists() {
-            let text = fs::read_to_string(&mpath).map_err(io(&mpath))?;
-            let m: Manifest = serde_json::from_str(&text).map_err(|e| DatasetError::Manifest {
-                path: mpath.clone(),
-                msg: format!("not a drllm manifest: {e}"),
-            })?;
-            if m.format_version > FORMAT_VERSION {
-                return Err(DatasetError::Manifest {
-                    path: mpath,
-                    msg: format!(
-                        "format version {} is newer than this drllm's {FORMAT_VERSION}",
-                        m.format_version
-                    ),
-                });
-            }
-            m
+            read_manifest(out)?
         } else {
             Manifest {
                 format_version: FORMAT_VERSION,
@@ -763,10 +779,13 @@ impl Dataset {
                 rows: 0,
                 failed: vec![],
                 complete: false,
+                checksum: None,
             }
         };
+        let same_model = manifest.model_fingerprint == model_fingerprint
+            || aliases.contains(&manifest.model_fingerprint);
         let mut what = vec![];
-        if manifest.model_fingerprint != model_fingerprint {
+        if !same_model {
             what.push(format!(
                 "model fingerprint {} (now {model_fingerprint})",
                 manifest.model_fingerprint
@@ -779,7 +798,7 @@ impl Dataset {
             ));
         }
         if !what.is_empty() {
-            if !force || manifest.model_fingerprint != model_fingerprint {
+            if !force || !same_model {
                 // A different model is never mixed into one dataset, even with --force.
                 return Err(DatasetError::ConfigMismatch {
                     path: mpath,
@@ -789,9 +808,12 @@ impl Dataset {
             let old = std::mem::replace(&mut manifest.config, config);
             manifest.previous_configs.push(old);
         }
+        // Every committed part is checked (bytes and values) before the run goes on: a damaged
+        // one stops the resume by name instead of being searched around.
         let mut committed = HashSet::new();
         for p in &manifest.parts {
-            committed.extend(read_ids(&out.join(&p.path), &p.task)?);
+            let (part, _) = integrity::check_listed(out, p)?;
+            committed.extend(part.rows.into_iter().map(|r| (r.task, r.sample_id)));
         }
         // Complete parts renamed in just before a crash, not yet in the manifest: adopt them.
         let listed: HashSet<String> = manifest.parts.iter().map(|p| p.path.clone()).collect();
@@ -815,7 +837,13 @@ impl Dataset {
                 if listed.contains(&rel) || f.extension().is_none_or(|e| e != "parquet") {
                     continue;
                 }
-                let ids = read_ids(&f, &task)?;
+                // Its own content checksum vouches for it (the manifest has no record of it).
+                let (part, _) = integrity::check_part(&f, &task, None, None)?;
+                let ids: Vec<(String, String)> = part
+                    .rows
+                    .into_iter()
+                    .map(|r| (r.task, r.sample_id))
+                    .collect();
                 check_stray(&f, &ids, &committed, &manifest)?;
                 tracing::info!(part = %rel, rows = ids.len(), "adopting a committed part the manifest missed");
                 manifest.rows += ids.len();
@@ -823,6 +851,7 @@ impl Dataset {
                     path: rel,
                     task: task.clone(),
                     rows: ids.len(),
+                    sha256: Some(integrity::file_sha256(&f)?),
                 });
                 committed.extend(ids);
             }
@@ -837,7 +866,7 @@ impl Dataset {
                 .unwrap_or(0)
                 ^ ((std::process::id() as u64) << 32)
         );
-        let ds = Dataset {
+        let mut ds = Dataset {
             out: out.to_path_buf(),
             manifest,
             committed,
@@ -859,8 +888,10 @@ impl Dataset {
             .contains(&(task.to_string(), sample_id.to_string()))
     }
 
-    fn write_manifest(&self) -> Result<()> {
+    fn write_manifest(&mut self) -> Result<()> {
         let path = self.out.join("_manifest.json");
+        self.manifest.format_version = FORMAT_VERSION;
+        self.manifest.checksum = Some(integrity::manifest_sha256(&self.manifest));
         let text =
             serde_json::to_vec_pretty(&self.manifest).map_err(|e| DatasetError::Manifest {
                 path: path.clone(),
@@ -901,17 +932,34 @@ impl Dataset {
                 r.sample_id, r.task
             )));
         }
+        // A sample is committed once: a second row for it (a duplicate id in the task data, a
+        // late result) is refused, never written beside the first.
+        let mut ids = HashSet::new();
+        for r in rows {
+            if self.is_committed(task, &r.sample_id) || !ids.insert(r.sample_id.as_str()) {
+                return Err(perr(format!(
+                    "sample {} of task {task} is already committed: a sample id occurs once per task",
+                    r.sample_id
+                )));
+            }
+        }
         let batch = to_batch(rows).map_err(perr)?;
+        let meta = [
+            self.manifest.config.to_string(),
+            self.manifest.model_fingerprint.clone(),
+            FORMAT_VERSION.to_string(),
+        ];
+        let content =
+            integrity::content_sha256(rows, &meta.iter().cloned().map(Some).collect::<Vec<_>>());
+        let mut kv: Vec<KeyValue> = integrity::META_KEYS
+            .iter()
+            .zip(meta)
+            .map(|(k, v)| KeyValue::new(k.to_string(), v))
+            .collect();
+        kv.push(KeyValue::new(CONTENT_KEY.into(), content));
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .set_key_value_metadata(Some(vec![
-                KeyValue::new("drllm.config".into(), self.manifest.config.to_string()),
-                KeyValue::new(
-                    "drllm.model_fingerprint".into(),
-                    self.manifest.model_fingerprint.clone(),
-                ),
-                KeyValue::new("drllm.format_version".into(), FORMAT_VERSION.to_string()),
-            ]))
+            .set_key_value_metadata(Some(kv))
             .build();
         let file = File::create(&staged).map_err(io(&staged))?;
         let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props))
@@ -920,6 +968,9 @@ impl Dataset {
         let file = w.into_inner().map_err(|e| perr(e.to_string()))?;
         file.sync_all().map_err(io(&staged))?;
         drop(file);
+        // Read back before it is committed: what lands in `data/` is what was meant.
+        integrity::check_part(&staged, task, None, Some(rows.len()))?;
+        let sha256 = Some(integrity::file_sha256(&staged)?);
         let dir = self.out.join("data").join(format!("task={task}"));
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let dest = dir.join(&name);
@@ -929,6 +980,7 @@ impl Dataset {
             path: format!("data/task={task}/{name}"),
             task: task.to_string(),
             rows: rows.len(),
+            sha256,
         });
         self.manifest.rows += rows.len();
         for r in rows {
@@ -1186,7 +1238,8 @@ mod tests {
     }
 
     /// A part whose columns disagree (edited, or written by another tool) is refused on read,
-    /// naming the file, the row and the column.
+    /// naming the file, the row and the column (read alone, as a part without checksums is;
+    /// in a dataset its checksum refuses it first).
     #[test]
     fn inconsistent_path_columns_are_refused_on_read() {
         use arrow_array::UInt32Array;
@@ -1207,7 +1260,12 @@ mod tests {
                 ArrowWriter::try_new(File::create(&part).unwrap(), b.schema(), None).unwrap();
             w.write(&b).unwrap();
             w.close().unwrap();
-            read_rows(&out).unwrap_err().to_string()
+            let e = read_rows(&out).unwrap_err().to_string();
+            assert!(e.contains("damaged part") && e.contains("SHA-256"), "{e}");
+            match integrity::check_part(&part, "arc_easy", None, None) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("read"),
+            }
         };
         let e = rewrite("best_cost", Arc::new(UInt32Array::from(vec![30])));
         assert!(e.contains(part.to_str().unwrap()), "{e}");

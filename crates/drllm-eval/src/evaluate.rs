@@ -5,6 +5,7 @@
 //! reward is decided). In `choice-logits` mode an evaluation is one prefill and no decoding; in
 //! `cloze` modes one prefill of the question and one batched pass over the choices.
 use drllm_path::LayerPath;
+use drllm_runtime::profile::{span, Phase};
 use drllm_runtime::{GenerateOptions, GenerateRequest, LoadedModel, PathBatch, Paths, PrefixCache};
 use drllm_tasks::{cloze_pick, decide, Gold, RewardMode, Verdict};
 
@@ -31,6 +32,7 @@ fn verdict(
     mode: RewardMode,
     finished: bool,
 ) -> Verdict {
+    let _g = span(Phase::Grade);
     let Ok(text) = lm.tokenizer.decode(tokens) else {
         return Verdict::Undecided;
     };
@@ -56,6 +58,7 @@ pub fn score_forward(
     last_logits: Option<&tch::Tensor>,
     logliks: &[f64],
 ) -> f64 {
+    let _g = span(Phase::Grade);
     let ok = match &p.scoring {
         Scoring::Generate => false,
         Scoring::ChoiceLogits(tokens) => {

@@ -37,6 +37,9 @@ pub struct BenchArgs {
     #[arg(long, env = "DRLLM_PYTHON")]
     python: Option<String>,
     /// Router package: measure routed against unrouted generation instead of transformers.
+    /// `random`: freshly initialised routers of the model's shape (the paper's sizes, seed 0),
+    /// to time routed decoding on a model without trained routers (e.g. the random 3B model of
+    /// scripts/gpu-check.sh); their paths are arbitrary, their speed is what is measured.
     #[arg(long)]
     routers: Option<PathBuf>,
     /// Router budget in [-1, 1] for --routers (< 0 toward skip).
@@ -199,10 +202,31 @@ fn run_routed(
     Ok((timing, router_s, b.paths().to_vec()))
 }
 
+/// Routers of `lm`'s shape as they are before training (Xavier weights, seed 0), on its device.
+fn random_policy(lm: &LoadedModel, budget: f64) -> Result<drllm_router::Policy> {
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(lm.model.device());
+    let shape = drllm_router::RouterShape {
+        num_layers: lm.model.num_layers(),
+        hidden_size: lm.model.cfg.hidden_size as usize,
+        router_hidden: drllm_router::package::DR_LLM_ROUTER_HIDDEN,
+    };
+    let routers = drllm_router::Routers::new(&vs.root(), shape).snapshot();
+    Ok(drllm_router::Policy::new(
+        routers,
+        drllm_router::package::DR_LLM_WINDOWS,
+        budget,
+    )?)
+}
+
 /// `--routers`: router overhead in prefill and routed vs baseline decode, side by side.
 fn bench_routed(a: &BenchArgs, lm: &LoadedModel, dir: &std::path::Path) -> Result<()> {
-    let policy = crate::routing::load_policy(lm, dir, a.budget)
-        .with_context(|| format!("--routers {}", dir.display()))?;
+    let policy = if dir.as_os_str() == "random" {
+        random_policy(lm, a.budget)?
+    } else {
+        crate::routing::load_policy(lm, dir, a.budget)
+            .with_context(|| format!("--routers {}", dir.display()))?
+    };
     let n_layers = lm.model.num_layers();
     println!(
         "model {} | routers {} | budget {} | {} threads | prompt {} tokens | {} decode steps | {} repeats (medians)",

@@ -1,8 +1,11 @@
 //! `drllm-infer eval`: a validation run. The same prompts are answered by the all-execute
-//! baseline and by the routed model at each requested budget (each in batches), graded with the
-//! task's answer check, and compared: accuracy with 95% bootstrap intervals, average cost and
-//! blocks saved, tokens/s and wall time, and how often each block is skipped, executed or
-//! repeated; optionally drawn (`--plot`).
+//! baseline, by fixed paths (one for every task, or one per task), by the routed model at each
+//! requested budget and by the controls that tell routing from a static path (routes permuted
+//! across prompts of a task, random paths of the routed cost), each in batches, graded with the
+//! task's answer check, and compared: accuracy with 95% bootstrap intervals, paired intervals
+//! against the baseline and the routers, average cost and blocks saved, tokens/s and wall time,
+//! per task and pooled, and how often each block is skipped, executed or repeated; optionally
+//! drawn (`--plot`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,26 +33,35 @@ pub struct EvalArgs {
     #[command(flatten)]
     m: ModelArgs,
     /// Router package (drllm-train --out), or `embedded` for the reference routers of the
-    /// embedded model shipped with drllm.
+    /// embedded model shipped with drllm. Without one, the baseline and the fixed paths
+    /// (`--path`, `--task-path`) are evaluated alone.
     #[arg(long, env = "DRLLM_ROUTERS")]
-    routers: PathBuf,
+    routers: Option<PathBuf>,
     /// Prompts to evaluate (out-of-domain evaluation is just another task name).
     #[command(flatten)]
     d: DataArgs,
     /// Router budgets in [-1, 1], comma separated (< 0 toward skip, > 0 toward execute, 1 = the
     /// baseline); the baseline runs once and each budget is compared with it on the same
-    /// prompts (a cost-vs-accuracy sweep).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "0",
-        allow_hyphen_values = true
-    )]
+    /// prompts (a cost-vs-accuracy sweep). Default 0 with --routers.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     budget: Vec<f64>,
     /// Static layer paths evaluated as extra modes on the same prompts (one count per block,
     /// comma separated; repeat the flag for several): the fixed-path controls routers must beat.
     #[arg(long = "path")]
     paths: Vec<String>,
+    /// A fixed path for one task, `TASK=COUNTS` (repeat the flag: every evaluated task needs
+    /// one; the k-th given for each task make up the k-th per-task mode): paths chosen per task
+    /// on train, the control for routing that only learns which task a prompt is from.
+    #[arg(long = "task-path")]
+    task_paths: Vec<String>,
+    /// Controls of each routed budget, comma separated: `permuted` (each prompt runs the path
+    /// the routers chose for another prompt of its task: the same mix of paths without the
+    /// prompt), `random` (a random path with the routed path's numbers of skips and repeats).
+    #[arg(long = "control", value_delimiter = ',', value_parser = ["permuted", "random"])]
+    controls: Vec<String>,
+    /// Seed of the controls' permutations and random paths.
+    #[arg(long, default_value_t = 0)]
+    control_seed: u64,
     /// Multiple-choice scoring: cloze (the gold choice's text is the most likely continuation,
     /// lm-eval's acc), cloze-norm (per character, acc_norm), strict (the paper's letter-only
     /// rule on decoded text), lenient (a leading letter), choice-logits (the letter's logit).
@@ -95,11 +107,45 @@ enum Mode<'a> {
     Static(LayerPath),
     /// Each prompt along the path the routers choose for it.
     Routed(&'a drllm_router::Policy),
+    /// Each prompt along its own given path (the controls).
+    Each(Vec<LayerPath>),
+}
+
+/// Which mode a run is, for tables, JSON and Parquet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Baseline,
+    /// A `--path` for every task.
+    Static,
+    /// The k-th per-task path set (`--task-path`).
+    PerTask(usize),
+    Routed,
+    /// Routes of the routed run at the same budget, permuted across the task's prompts.
+    Permuted,
+    /// Random paths with the routed paths' numbers of skips and repeats.
+    Random,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Baseline => "baseline",
+            Kind::Static => "static",
+            Kind::PerTask(_) => "per_task_static",
+            Kind::Routed => "routed",
+            Kind::Permuted => "permuted",
+            Kind::Random => "random",
+        }
+    }
+    fn is_control(self) -> bool {
+        matches!(self, Kind::Permuted | Kind::Random)
+    }
 }
 
 /// One mode's answers.
 struct Run {
-    /// None for fixed paths.
+    kind: Kind,
+    /// The budget of routed runs and their controls.
     budget: Option<f64>,
     /// The fixed path of a static mode.
     fixed: Option<LayerPath>,
@@ -113,26 +159,30 @@ struct Run {
     /// Accuracy minus the baseline's on the same prompts, with its 95% paired bootstrap interval
     /// (None for the baseline itself).
     diff: Option<(f64, f64, f64)>,
+    /// Routed accuracy (at this run's budget, else the first) minus this run's, paired: how much
+    /// routing beats this control (None for the baseline and routed runs, or without routers).
+    routed_minus: Option<(f64, f64, f64)>,
     new_tokens: usize,
     secs: f64,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_mode(
     lm: &LoadedModel,
     prompts: &[PreparedPrompt],
     a: &EvalArgs,
     opts: &EvalOptions,
     mode: &Mode<'_>,
+    kind: Kind,
+    budget: Option<f64>,
     bar: &indicatif::ProgressBar,
 ) -> Result<Run> {
     let mut run = Run {
-        budget: match mode {
-            Mode::Routed(p) => Some(p.budget()),
-            Mode::Static(_) => None,
-        },
+        kind,
+        budget,
         fixed: match mode {
             Mode::Static(p) => Some(p.clone()),
-            Mode::Routed(_) => None,
+            _ => None,
         },
         paths: vec![],
         responses: vec![],
@@ -140,6 +190,7 @@ fn run_mode(
         logliks: vec![],
         ci: (0.0, 0.0, 0.0),
         diff: None,
+        routed_minus: None,
         new_tokens: 0,
         secs: 0.0,
     };
@@ -154,12 +205,20 @@ fn run_mode(
     let route;
     let choice = match mode {
         Mode::Static(p) => PathChoice::Fixed(p.clone()),
+        Mode::Each(paths) => PathChoice::Each(paths.clone()),
         Mode::Routed(policy) => {
             route = |l: usize, h: &tch::Tensor, lens: &[usize]| policy.decide(l, h, lens);
             PathChoice::Routed(&route)
         }
     };
-    for chunk in prompts.chunks(step) {
+    for (k, chunk) in prompts.chunks(step).enumerate() {
+        let choice = match &choice {
+            PathChoice::Each(paths) => {
+                PathChoice::Each(paths[k * step..k * step + chunk.len()].to_vec())
+            }
+            PathChoice::Fixed(p) => PathChoice::Fixed(p.clone()),
+            PathChoice::Routed(r) => PathChoice::Routed(*r),
+        };
         for ans in answer_batch(lm, chunk, &choice, batch, opts)? {
             run.new_tokens += ans.new_tokens;
             run.correct.push(ans.correct);
@@ -228,11 +287,16 @@ impl Run {
         self.paths.len() as f64 / self.secs.max(1e-9)
     }
     fn label(&self) -> String {
-        match (&self.budget, &self.fixed) {
-            (Some(b), _) => format!("routed {b:+.2}"),
-            (None, Some(p)) if p.counts().iter().all(|&c| c == 1) => "baseline".into(),
-            (None, Some(p)) => format!("path -{}", p.num_layers() as i64 - p.cost() as i64),
-            (None, None) => "?".into(),
+        let b = self.budget.unwrap_or(0.0);
+        let saved = |p: &LayerPath| p.num_layers() as i64 - p.cost() as i64;
+        match (self.kind, &self.fixed) {
+            (Kind::Baseline, _) => "baseline".into(),
+            (Kind::Static, Some(p)) => format!("path -{}", saved(p)),
+            (Kind::PerTask(k), _) => format!("task path #{}", k + 1),
+            (Kind::Routed, _) => format!("routed {b:+.2}"),
+            (Kind::Permuted, _) => format!("permuted {b:+.2}"),
+            (Kind::Random, _) => format!("random {b:+.2}"),
+            (Kind::Static, None) => "path".into(),
         }
     }
     /// Per block: fraction of prompts that skip, execute, repeat it.
@@ -254,14 +318,32 @@ impl Run {
             "new_tokens": self.new_tokens, "tokens_per_s": self.tokens_per_s(),
             "prompts_per_s": self.prompts_per_s(), "wall_s": self.secs,
         });
+        v["mode"] = self.kind.name().into();
+        if let Kind::PerTask(k) = self.kind {
+            v["per_task_set"] = (k + 1).into();
+        }
         if let Some((d, lo, hi)) = self.diff {
             v["minus_baseline"] = serde_json::json!({"accuracy": d, "paired_ci95": [lo, hi]});
+        }
+        if let Some((d, lo, hi)) = self.routed_minus {
+            v["routed_minus_this"] = serde_json::json!({"accuracy": d, "paired_ci95": [lo, hi]});
         }
         if let Some(p) = &self.fixed {
             v["path"] = p.to_string().into();
         }
         if let Some(b) = self.budget {
             v["budget"] = b.into();
+        }
+        if self.kind == Kind::Routed {
+            // Prompts per path cost, so merged summaries can redraw the cost histogram.
+            let mut counts = std::collections::BTreeMap::<usize, usize>::new();
+            for p in &self.paths {
+                *counts.entry(p.cost()).or_default() += 1;
+            }
+            v["cost_counts"] = counts
+                .into_iter()
+                .map(|(c, n)| serde_json::json!([c, n]))
+                .collect();
             v["decision_frequencies"] = self
                 .frequencies(n_layers)
                 .iter()
@@ -270,6 +352,72 @@ impl Run {
         }
         v
     }
+}
+
+/// Routers opened for a run: the package's path as given, its policies (one per budget) and
+/// what it records of its training.
+struct Routing {
+    spec: PathBuf,
+    policies: Vec<drllm_router::Policy>,
+    trained: drllm_router::PackageManifest,
+}
+
+/// `--task-path TASK=COUNTS` flags: each task's paths in the order given (checked against the
+/// model's block count once it is loaded).
+fn parse_task_paths(flags: &[String]) -> Result<Vec<(String, Vec<LayerPath>)>> {
+    let mut out: Vec<(String, Vec<LayerPath>)> = vec![];
+    for f in flags {
+        let (task, counts) = f
+            .split_once('=')
+            .with_context(|| format!("--task-path {f}: expected TASK=COUNTS"))?;
+        let path: LayerPath = counts.parse().with_context(|| format!("--task-path {f}"))?;
+        match out.iter_mut().find(|(t, _)| t == task) {
+            Some((_, v)) => v.push(path),
+            None => out.push((task.to_string(), vec![path])),
+        }
+    }
+    Ok(out)
+}
+
+/// A seeded permutation of `0..n` without fixed points when `n >= 2` (Sattolo's algorithm draws
+/// a single cycle): every prompt gets another prompt's route.
+fn derangement(n: usize, seed: u64) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..n).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for i in (1..n).rev() {
+        let j = rng.random_range(0..i);
+        p.swap(i, j);
+    }
+    p
+}
+
+/// A random path with `like`'s numbers of skipped and repeated blocks (so its cost), placed
+/// uniformly over the blocks.
+fn random_like(like: &LayerPath, rng: &mut impl Rng) -> Result<LayerPath> {
+    let counts = like.counts();
+    let skips = counts.iter().filter(|&&c| c == 0).count();
+    let repeats = counts.iter().filter(|&&c| c == 2).count();
+    let mut blocks: Vec<usize> = (0..counts.len()).collect();
+    rand::seq::SliceRandom::shuffle(&mut blocks[..], rng);
+    let mut out = vec![1u8; counts.len()];
+    for &b in &blocks[..skips] {
+        out[b] = 0;
+    }
+    for &b in &blocks[skips..skips + repeats] {
+        out[b] = 2;
+    }
+    Ok(LayerPath::from_counts(out)?)
+}
+
+/// A stable seed for one task's and budget's control draws (FNV-1a over the task name, mixed
+/// with the run's seed and the budget's index; std's hasher is not stable across releases).
+fn control_seed(seed: u64, task: &str, budget_index: usize) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in task.bytes().chain((budget_index as u64).to_le_bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
@@ -284,6 +432,21 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(p) = &a.plot {
         crate::plot::Format::of(p)?;
     }
+    if a.routers.is_none() {
+        if !a.budget.is_empty() {
+            bail!("--budget sets the routers' budget: pass --routers too (without routers, --path and --task-path evaluate fixed paths alone)");
+        }
+        if !a.controls.is_empty() {
+            bail!("--control permutes or redraws the routers' paths: pass --routers too");
+        }
+        if a.plot.is_some() {
+            bail!("--plot draws the routing: pass --routers too");
+        }
+    }
+    let budgets: Vec<f64> = match (&a.routers, a.budget.is_empty()) {
+        (Some(_), true) => vec![0.0],
+        _ => a.budget.clone(),
+    };
     let dir = a.d.dir()?;
     let loaded = a.d.load(&dir)?;
     for (task, l) in &loaded {
@@ -298,9 +461,39 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         .iter()
         .map(|p| p.parse().with_context(|| format!("--path {p}")))
         .collect::<Result<Vec<LayerPath>>>()?;
-    let pkg = crate::routing::open_package(&a.routers)?;
-    let routers_fingerprint = drllm_router::Package::fingerprint(&pkg.0)
-        .with_context(|| format!("--routers {}", a.routers.display()))?;
+    let task_paths = parse_task_paths(&a.task_paths)?;
+    let per_task_sets = task_paths.first().map_or(0, |(_, v)| v.len());
+    for (t, v) in &task_paths {
+        if !names.contains(t) {
+            bail!(
+                "--task-path {t}=...: {t} is not among the evaluated tasks ({})",
+                names.join(", ")
+            );
+        }
+        if v.len() != per_task_sets {
+            bail!("--task-path: every task needs the same number of paths ({} has {}, {} has {per_task_sets})", t, v.len(), task_paths[0].0);
+        }
+    }
+    if per_task_sets > 0 {
+        if let Some(t) = names
+            .iter()
+            .find(|n| !task_paths.iter().any(|(t, _)| t == *n))
+        {
+            bail!("--task-path: no path for {t} (every evaluated task needs one)");
+        }
+    }
+    let pkg = a
+        .routers
+        .as_ref()
+        .map(|r| crate::routing::open_package(r).map(|p| (r, p)))
+        .transpose()?;
+    let routers_fingerprint = pkg
+        .as_ref()
+        .map(|(r, p)| {
+            drllm_router::Package::fingerprint(&p.0)
+                .with_context(|| format!("--routers {}", r.display()))
+        })
+        .transpose()?;
     let lm = a.m.load()?;
     let ids = Identity {
         model: lm.source.name(),
@@ -315,20 +508,38 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             crate::routing::path_for(Some(p), n_layers).with_context(|| format!("--path {s}"))
         })
         .collect::<Result<_>>()?;
+    for (t, v) in &task_paths {
+        for p in v {
+            p.check_len(n_layers)
+                .with_context(|| format!("--task-path {t}={p}"))?;
+        }
+    }
     // Every budget is checked (and the package with it) before any answer is generated.
-    let (policies, trained) = crate::routing::load_policies(&lm, &a.routers, pkg, &a.budget)
-        .with_context(|| format!("--routers {}", a.routers.display()))?;
+    let routing = match pkg {
+        Some((spec, pkg)) => {
+            let (policies, trained) = crate::routing::load_policies(&lm, spec, pkg, &budgets)
+                .with_context(|| format!("--routers {}", spec.display()))?;
+            Some(Routing {
+                spec: spec.clone(),
+                policies,
+                trained,
+            })
+        }
+        None => None,
+    };
     // Routers read the hidden states of the prompts they were trained on: refuse prompts of
     // another form (cloze and cloze-norm share theirs, as strict and lenient do).
-    if let Some(p) = &trained.prompts {
-        let (theirs, their_style): (RewardMode, Style) = (p.reward.parse()?, p.style.parse()?);
-        if theirs.prompt_form() != reward.prompt_form() || their_style != style {
-            bail!(
-                "--routers {}: trained on prompts of reward {theirs} and style {their_style}, \
-                 asked to route prompts of reward {reward} and style {style}: the routers would \
-                 read other tokens (pass --reward {theirs} --style {their_style})",
-                a.routers.display()
-            );
+    if let Some(r) = &routing {
+        if let Some(p) = &r.trained.prompts {
+            let (theirs, their_style): (RewardMode, Style) = (p.reward.parse()?, p.style.parse()?);
+            if theirs.prompt_form() != reward.prompt_form() || their_style != style {
+                bail!(
+                    "--routers {}: trained on prompts of reward {theirs} and style {their_style}, \
+                     asked to route prompts of reward {reward} and style {style}: the routers would \
+                     read other tokens (pass --reward {theirs} --style {their_style})",
+                    r.spec.display()
+                );
+            }
         }
     }
     // Each task's template, made once.
@@ -339,21 +550,37 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             None => Template::builtin_for(task.family(), style, reward),
         })
         .collect();
-    // ... and with the templates they were rendered with.
-    if let Some(p) = &trained.prompts {
-        for ((task, _), ours) in loaded.iter().zip(&templates) {
+    // ... and rendered as they were: each prompt here must render the same with the template
+    // the package records for its family (sources may differ where the prompts do not, e.g. a
+    // built-in that learned another task).
+    if let Some(p) = routing.as_ref().and_then(|r| r.trained.prompts.as_ref()) {
+        let spec = routing
+            .as_ref()
+            .map(|r| r.spec.display().to_string())
+            .unwrap_or_default();
+        for ((task, l), ours) in loaded.iter().zip(&templates) {
             let family = task.family();
-            let theirs = p.templates.iter().find(|t| t.family == family.name());
-            if let Some(t) = theirs.filter(|t| t.source != ours.source()) {
-                bail!(
-                    "--routers {}: trained on {} prompts rendered with the template {}, which \
-                     differs from {} used here: the routers would read other tokens (pass \
-                     --template with the search's template file)",
-                    a.routers.display(),
-                    family.name(),
-                    t.name,
-                    ours.name()
-                );
+            let Some(t) = p.templates.iter().find(|t| t.family == family.name()) else {
+                continue;
+            };
+            if t.source == ours.source() {
+                continue;
+            }
+            let theirs = Template::from_source(t.name.clone(), t.source.clone(), style)
+                .with_context(|| format!("--routers {spec}: its {} template", t.name))?;
+            for s in &l.samples {
+                let (x, y) = (theirs.render(s), ours.render(s));
+                if x.is_err() || y.is_err() || x.ok() != y.ok() {
+                    bail!(
+                        "--routers {spec}: trained on {} prompts rendered with the template {}, which \
+                         renders {task} sample {} otherwise than {} used here: the routers would \
+                         read other tokens (pass --template with the search's template file)",
+                        family.name(),
+                        t.name,
+                        s.id,
+                        ours.name()
+                    );
+                }
             }
         }
     }
@@ -375,12 +602,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         }
         prepared.push((name.clone(), prompts));
     }
-    let modes: Vec<Mode<'_>> = statics
-        .iter()
-        .map(|p| Mode::Static(p.clone()))
-        .chain(policies.iter().map(Mode::Routed))
-        .collect();
-    let answers: usize = prepared.iter().map(|(_, p)| p.len()).sum::<usize>() * (1 + modes.len());
+    let policies: &[drllm_router::Policy] = routing.as_ref().map_or(&[], |r| &r.policies);
+    let modes_per_task =
+        1 + statics.len() + per_task_sets + policies.len() * (1 + a.controls.len());
+    let answers: usize = prepared.iter().map(|(_, p)| p.len()).sum::<usize>() * modes_per_task;
     let bar = indicatif::ProgressBar::new(answers as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} answers [{elapsed} < {eta}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -391,13 +616,46 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let baseline = Mode::Static(LayerPath::all_ones(n_layers));
     let mut runs = vec![];
     for (task, prompts) in prepared {
-        let base = run_mode(&lm, &prompts, &a, &opts, &baseline, &bar)?;
+        let run = |mode: &Mode<'_>, kind: Kind, budget: Option<f64>| {
+            run_mode(&lm, &prompts, &a, &opts, mode, kind, budget, &bar)
+        };
+        let base = run(&baseline, Kind::Baseline, None)?;
         let mut others = vec![];
-        for m in &modes {
-            let mut r = run_mode(&lm, &prompts, &a, &opts, m, &bar)?;
-            r.diff = Some(paired_diff(&r.correct, &base.correct, a.bootstrap));
-            others.push(r);
+        for p in &statics {
+            others.push(run(&Mode::Static(p.clone()), Kind::Static, None)?);
         }
+        let mine = task_paths.iter().find(|(t, _)| *t == task).map(|(_, v)| v);
+        for (k, p) in mine.into_iter().flatten().enumerate() {
+            others.push(run(&Mode::Static(p.clone()), Kind::PerTask(k), None)?);
+        }
+        for (b, policy) in policies.iter().enumerate() {
+            let routed = run(&Mode::Routed(policy), Kind::Routed, Some(policy.budget()))?;
+            let seed = control_seed(a.control_seed, &task, b);
+            let mut controls = vec![];
+            for c in &a.controls {
+                let (paths, kind) = if c == "permuted" {
+                    let perm = derangement(routed.paths.len(), seed);
+                    (
+                        perm.iter().map(|&j| routed.paths[j].clone()).collect(),
+                        Kind::Permuted,
+                    )
+                } else {
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+                    (
+                        routed
+                            .paths
+                            .iter()
+                            .map(|p| random_like(p, &mut rng))
+                            .collect::<Result<Vec<_>>>()?,
+                        Kind::Random,
+                    )
+                };
+                controls.push(run(&Mode::Each(paths), kind, Some(policy.budget()))?);
+            }
+            others.push(routed);
+            others.extend(controls);
+        }
+        pair_up(&base, &mut others, a.bootstrap);
         runs.push(TaskRuns {
             task,
             prompts,
@@ -406,44 +664,57 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         });
     }
     bar.finish_and_clear();
+    let pooled = (runs.len() > 1).then(|| pool(&runs, a.bootstrap));
 
+    let routers_label = a
+        .routers
+        .as_ref()
+        .map_or("none".to_string(), |r| r.display().to_string());
     println!(
-        "{} split, reward {reward}, style {style}, batch {}, routers {}",
-        split,
-        a.batch,
-        a.routers.display()
+        "{} split, reward {reward}, style {style}, batch {}, routers {routers_label}",
+        split, a.batch,
     );
     let decodes = runs
         .iter()
         .any(|t| t.prompts.iter().any(PreparedPrompt::decodes));
     println!(
-        "{:<14} {:>7} {:<14} {:<22} {:<26} {:>7} {:>7} {:>9} {:>7}",
+        "{:<14} {:>7} {:<16} {:<22} {:<26} {:<26} {:>7} {:>7} {:>9} {:>7}",
         "task",
         "prompts",
         "mode",
         "accuracy [95% CI]",
         "- baseline [paired 95%]",
+        "routed - this [paired]",
         "cost",
         "saved",
         if decodes { "tokens/s" } else { "prompts/s" },
         "wall"
     );
-    for t in &runs {
-        for r in std::iter::once(&t.base).chain(&t.others) {
+    let table = runs
+        .iter()
+        .map(|t| (t.task.as_str(), t.prompts.len(), &t.base, &t.others))
+        .chain(
+            pooled
+                .iter()
+                .map(|(n, base, others)| ("pooled", *n, base, others)),
+        );
+    for (task, n, base, others) in table {
+        for r in std::iter::once(base).chain(others) {
             let (acc, lo, hi) = r.ci;
-            let diff = match r.diff {
+            let fmt = |d: Option<(f64, f64, f64)>| match d {
                 Some((d, lo, hi)) => format!("{:+.3} [{:+.3}, {:+.3}]", d, lo, hi),
                 None => String::new(),
             };
             println!(
-                "{:<14} {:>7} {:<14} {:.3} [{:.3}, {:.3}]   {:<26} {:>7.2} {:>6.1}% {:>9.1} {:>6.1}s",
-                t.task,
-                t.prompts.len(),
+                "{:<14} {:>7} {:<16} {:.3} [{:.3}, {:.3}]   {:<26} {:<26} {:>7.2} {:>6.1}% {:>9.1} {:>6.1}s",
+                task,
+                n,
                 r.label(),
                 acc,
                 lo,
                 hi,
-                diff,
+                fmt(r.diff),
+                fmt(r.routed_minus),
                 r.cost(),
                 100.0 * (1.0 - r.cost() / n_layers as f64),
                 if decodes { r.tokens_per_s() } else { r.prompts_per_s() },
@@ -451,19 +722,31 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             );
         }
     }
-    println!("cost = block applications per token (the baseline runs each of the {n_layers} blocks once)");
+    println!("cost = block applications per token (the baseline runs each of the {n_layers} blocks once); routed - this = the routers (at the control's budget, else the first) minus the mode on the same prompts");
+    let task_json = |task: &str, n: usize, base: &Run, others: &[Run]| {
+        let of = |f: &dyn Fn(&Run) -> bool| {
+            others
+                .iter()
+                .filter(|r| f(r))
+                .map(|r| r.summary(n_layers))
+                .collect::<Vec<_>>()
+        };
+        serde_json::json!({
+            "task": task, "prompts": n,
+            "baseline": base.summary(n_layers),
+            "static": of(&|r| matches!(r.kind, Kind::Static | Kind::PerTask(_))),
+            "routed": of(&|r| r.kind == Kind::Routed),
+            "controls": of(&|r| r.kind.is_control()),
+        })
+    };
     let summary = serde_json::json!({
         "split": split.to_string(), "reward": reward.name(), "style": style.name(), "template": a.template.as_ref().map(|p| p.display().to_string()), "batch": a.batch,
-        "max_new_tokens": a.max_new_tokens, "budgets": a.budget, "num_layers": n_layers,
+        "max_new_tokens": a.max_new_tokens, "budgets": budgets, "num_layers": n_layers,
         "model": ids.model, "model_fingerprint": ids.model_fingerprint,
-        "routers": a.routers.display().to_string(), "routers_fingerprint": ids.routers_fingerprint,
-        "bootstrap": a.bootstrap,
-        "tasks": runs.iter().map(|t| serde_json::json!({
-            "task": t.task, "prompts": t.prompts.len(),
-            "baseline": t.base.summary(n_layers),
-            "static": t.others.iter().filter(|r| r.budget.is_none()).map(|r| r.summary(n_layers)).collect::<Vec<_>>(),
-            "routed": t.others.iter().filter(|r| r.budget.is_some()).map(|r| r.summary(n_layers)).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
+        "routers": a.routers.as_ref().map(|r| r.display().to_string()), "routers_fingerprint": ids.routers_fingerprint,
+        "bootstrap": a.bootstrap, "controls": a.controls, "control_seed": a.control_seed,
+        "tasks": runs.iter().map(|t| task_json(&t.task, t.prompts.len(), &t.base, &t.others)).collect::<Vec<_>>(),
+        "pooled": pooled.as_ref().map(|(n, base, others)| task_json("pooled", *n, base, others)),
     });
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)
@@ -474,7 +757,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     if let Some(path) = &a.plot {
         fn routed(t: &TaskRuns) -> Vec<&Run> {
-            t.others.iter().filter(|r| r.budget.is_some()).collect()
+            t.others.iter().filter(|r| r.kind == Kind::Routed).collect()
         }
         let data = crate::plot::PlotData {
             title: format!(
@@ -484,7 +767,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                 split,
             ),
             num_layers: n_layers,
-            budget: a.budget[0],
+            budget: budgets[0],
             tasks: runs
                 .iter()
                 .map(|t| crate::plot::TaskPlot {
@@ -499,7 +782,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                     statics: t
                         .others
                         .iter()
-                        .filter(|r| r.budget.is_none())
+                        .filter(|r| matches!(r.kind, Kind::Static | Kind::PerTask(_)))
                         .map(|r| (r.cost(), r.ci.0))
                         .collect(),
                 })
@@ -511,12 +794,78 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// Pairs every mode with the baseline, and every mode that is not routed with the routers (at
+/// the same budget for the controls, at the first budget for fixed paths).
+fn pair_up(base: &Run, others: &mut [Run], resamples: usize) {
+    let routed: Vec<(f64, Vec<bool>)> = others
+        .iter()
+        .filter(|r| r.kind == Kind::Routed)
+        .filter_map(|r| Some((r.budget?, r.correct.clone())))
+        .collect();
+    for r in others.iter_mut() {
+        r.diff = Some(paired_diff(&r.correct, &base.correct, resamples));
+        if r.kind == Kind::Routed {
+            continue;
+        }
+        let against = match r.budget {
+            Some(b) => routed.iter().find(|(x, _)| *x == b),
+            None => routed.first(),
+        };
+        if let Some((_, c)) = against {
+            r.routed_minus = Some(paired_diff(c, &r.correct, resamples));
+        }
+    }
+}
+
+/// Every task's modes pooled (the modes line up: each task runs the same list), with their
+/// intervals recomputed over all prompts: (prompts, baseline, other modes).
+fn pool(runs: &[TaskRuns], resamples: usize) -> (usize, Run, Vec<Run>) {
+    let join = |pick: &dyn Fn(&TaskRuns) -> &Run| {
+        let first = pick(&runs[0]);
+        let mut r = Run {
+            kind: first.kind,
+            budget: first.budget,
+            fixed: match first.kind {
+                // A per-task mode has no one path.
+                Kind::PerTask(_) => None,
+                _ => first.fixed.clone(),
+            },
+            paths: vec![],
+            responses: vec![],
+            correct: vec![],
+            logliks: vec![],
+            ci: (0.0, 0.0, 0.0),
+            diff: None,
+            routed_minus: None,
+            new_tokens: 0,
+            secs: 0.0,
+        };
+        for t in runs {
+            let x = pick(t);
+            r.paths.extend(x.paths.iter().cloned());
+            r.correct.extend(&x.correct);
+            r.new_tokens += x.new_tokens;
+            r.secs += x.secs;
+        }
+        r.ci = accuracy_ci(&r.correct, resamples);
+        r
+    };
+    let n = runs.iter().map(|t| t.prompts.len()).sum();
+    let base = join(&|t| &t.base);
+    let mut others: Vec<Run> = (0..runs[0].others.len())
+        .map(|i| join(&|t| &t.others[i]))
+        .collect();
+    pair_up(&base, &mut others, resamples);
+    (n, base, others)
+}
+
 /// What made an evaluation's answers: written into every row of `--out` (so files of an array
 /// job can be concatenated and still told apart) and into the `--json` summary.
 struct Identity {
     model: String,
     model_fingerprint: String,
-    routers_fingerprint: String,
+    /// None without routers.
+    routers_fingerprint: Option<String>,
 }
 
 fn write_parquet(path: &std::path::Path, runs: &[TaskRuns], ids: &Identity) -> Result<()> {
@@ -528,11 +877,7 @@ fn write_parquet(path: &std::path::Path, runs: &[TaskRuns], ids: &Identity) -> R
     let mut logliks: Vec<Option<Vec<Option<f64>>>> = vec![];
     for t in runs {
         for r in std::iter::once(&t.base).chain(&t.others) {
-            let m = match (r.budget, &r.fixed) {
-                (Some(_), _) => "routed",
-                (None, Some(p)) if p.counts().iter().all(|&c| c == 1) => "baseline",
-                _ => "static",
-            };
+            let m = r.kind.name();
             for (i, p) in t.prompts.iter().enumerate() {
                 task.push(t.task.clone());
                 id.push(p.sample_id.clone());
@@ -570,7 +915,13 @@ fn write_parquet(path: &std::path::Path, runs: &[TaskRuns], ids: &Identity) -> R
         ),
         ("model", same(&ids.model)),
         ("model_fingerprint", same(&ids.model_fingerprint)),
-        ("routers_fingerprint", same(&ids.routers_fingerprint)),
+        (
+            "routers_fingerprint",
+            Arc::new(StringArray::from(vec![
+                ids.routers_fingerprint.as_deref();
+                rows
+            ])) as ArrayRef,
+        ),
     ])?;
     // Written beside the target and renamed: an interrupted run leaves no half file behind.
     let tmp = path.with_extension("parquet.tmp");
@@ -586,6 +937,38 @@ fn write_parquet(path: &std::path::Path, runs: &[TaskRuns], ids: &Identity) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn controls_keep_the_mix_and_the_cost() {
+        // Every prompt gets another's route, and every route is used once.
+        for n in [2, 3, 10, 57] {
+            let p = derangement(n, 7);
+            assert!(p.iter().enumerate().all(|(i, &j)| i != j), "{p:?}");
+            let mut q = p.clone();
+            q.sort_unstable();
+            assert_eq!(q, (0..n).collect::<Vec<_>>());
+            assert_eq!(p, derangement(n, 7), "seeded");
+        }
+        assert_eq!(derangement(1, 0), [0]);
+        // Random paths keep the numbers of skips and repeats, not the blocks.
+        let like: LayerPath = "1,0,1,2,0,1,1,1,1,1".parse().unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut moved = false;
+        for _ in 0..20 {
+            let r = random_like(&like, &mut rng).unwrap();
+            let c = r.counts();
+            assert_eq!(r.cost(), like.cost());
+            assert_eq!(c.iter().filter(|&&x| x == 0).count(), 2);
+            assert_eq!(c.iter().filter(|&&x| x == 2).count(), 1);
+            moved |= r != like;
+        }
+        assert!(moved);
+        assert_ne!(control_seed(0, "piqa", 0), control_seed(0, "piqa", 1));
+        assert_ne!(control_seed(0, "piqa", 0), control_seed(0, "boolq", 0));
+        let t = parse_task_paths(&["a=1,0".into(), "b=1,1".into(), "a=0,1".into()]).unwrap();
+        assert_eq!(t[0].1.len(), 2);
+        assert!(parse_task_paths(&["a".into()]).is_err());
+    }
 
     #[test]
     fn paired_interval_is_tighter_than_unpaired_when_modes_agree() {

@@ -5,5 +5,6 @@
 pub mod bench;
 pub mod eval;
 pub mod generate;
+pub mod merge;
 pub mod plot;
 pub mod routing;

@@ -44,12 +44,21 @@ enum Cmd {
   drllm-infer logits --ids-file prompts.json --out logits.safetensors     # prompts.json: [[1, 2, 3], [4, 5]]
   drllm-infer logits --model dir --device cuda --dtype bf16 --ids-file p.json --path 1,0,2,... --out l.safetensors")]
     Logits(LogitsArgs),
-    /// Validation run: routed vs all-execute baseline on the same task prompts.
+    /// Validation run: routed vs all-execute baseline, fixed paths and controls on the same task
+    /// prompts.
     #[command(after_help = "Examples:
   drllm-infer eval --routers PKG --dataset arc_easy --split dev --limit 50
   drllm-infer eval --routers PKG --dataset arc_challenge --split dev --budget -0.3 --json s.json --out samples.parquet
-  drllm-infer eval --routers PKG --dataset arc_easy,arc_challenge --budget 0,-0.2,-0.4 --plot routing.png   # budget sweep")]
-    Eval(eval::EvalArgs),
+  drllm-infer eval --routers PKG --dataset arc_easy,arc_challenge --budget 0,-0.2,-0.4 --plot routing.png   # budget sweep
+  drllm-infer eval --dataset piqa,boolq --path 1,1,0,... --task-path piqa=1,0,1,... --task-path boolq=0,1,1,...   # fixed paths alone
+  drllm-infer eval --routers PKG --dataset piqa,sciq --control permuted,random   # routes permuted across prompts, random paths of equal cost")]
+    Eval(Box<eval::EvalArgs>),
+    /// Merge `eval --json` summaries (e.g. one per task and budget of an array job) into one
+    /// table, CSV and plot.
+    #[command(after_help = "Examples:
+  drllm-infer merge evals/*.json
+  drllm-infer merge evals/*.json --csv evals.csv --plot evals.png")]
+    Merge(drllm_infer::merge::MergeArgs),
 }
 
 #[derive(clap::Args)]
@@ -222,6 +231,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Generate(a) => generate(a),
         Cmd::Logits(a) => logits(a),
-        Cmd::Eval(a) => eval::eval(a),
+        Cmd::Eval(a) => eval::eval(*a),
+        Cmd::Merge(a) => drllm_infer::merge::run(a),
     }
 }

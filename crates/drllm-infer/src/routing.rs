@@ -43,10 +43,10 @@ pub fn load_policies(
     budgets: &[f64],
 ) -> Result<(Vec<Policy>, drllm_router::PackageManifest)> {
     let dir = &dir;
-    let fingerprint = lm.source.fingerprint()?;
+    let fp = lm.source.fingerprints()?;
     pkg.check_model(
         dir,
-        &fingerprint,
+        &[&fp.current, &fp.legacy],
         lm.model.num_layers(),
         lm.model.cfg.hidden_size as usize,
     )?;

@@ -155,6 +155,10 @@ pub struct PackageManifest {
     /// How the training prompts were rendered (absent in packages of older versions).
     #[serde(default)]
     pub prompts: Option<PromptSpec>,
+    /// SHA-256 of `routers.safetensors` as written (hex), checked on every load: weights edited
+    /// or damaged after training are refused (absent in packages of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_sha256: Option<String>,
 }
 
 impl PackageManifest {
@@ -179,8 +183,18 @@ impl PackageManifest {
             epochs: vec![],
             best_epoch: 0,
             prompts: None,
+            weights_sha256: None,
         }
     }
+}
+
+/// SHA-256 of a file (hex).
+fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut f = fs::File::open(path).map_err(io(path))?;
+    std::io::copy(&mut f, &mut h).map_err(io(path))?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Writes the manifest's per-epoch metrics as CSV, one row per epoch (empty fields where a
@@ -285,11 +299,12 @@ impl Package {
             msg: e.to_string(),
         })?;
         let mpath = tmp.path().join(MANIFEST);
-        let text =
-            serde_json::to_string_pretty(&self.manifest).map_err(|e| PackageError::Manifest {
-                path: mpath.clone(),
-                msg: e.to_string(),
-            })?;
+        let mut manifest = self.manifest.clone();
+        manifest.weights_sha256 = Some(sha256_file(&tensors)?);
+        let text = serde_json::to_string_pretty(&manifest).map_err(|e| PackageError::Manifest {
+            path: mpath.clone(),
+            msg: e.to_string(),
+        })?;
         fs::write(&mpath, text).map_err(io(&mpath))?;
         let csv_path = tmp.path().join(METRICS_CSV);
         write_metrics_csv(&csv_path, &self.manifest)?;
@@ -321,15 +336,7 @@ impl Package {
     /// bytes, hex, like the model's fingerprint), so evaluation outputs say which routers made
     /// them even after the package is retrained in place.
     pub fn fingerprint(dir: &Path) -> Result<String> {
-        use sha2::{Digest, Sha256};
-        let tpath = dir.join(TENSORS);
-        let mut h = Sha256::new();
-        let mut f = fs::File::open(&tpath).map_err(io(&tpath))?;
-        std::io::copy(&mut f, &mut h).map_err(io(&tpath))?;
-        Ok(h.finalize()[..12]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect())
+        Ok(sha256_file(&dir.join(TENSORS))?[..24].to_string())
     }
 
     /// Writes the routers in the layout of the paper's code (parameterlab/dr-llm: its modified
@@ -385,6 +392,16 @@ impl Package {
             path: tpath.clone(),
             msg,
         };
+        if let Some(want) = &manifest.weights_sha256 {
+            let got = sha256_file(&tpath)?;
+            if &got != want {
+                return Err(terr(format!(
+                    "its SHA-256 is {got}, the manifest recorded {want} when the package was \
+                     written: the weights were edited or damaged since (retrain, or restore the \
+                     package from a copy)"
+                )));
+            }
+        }
         let named = Tensor::read_safetensors(&tpath).map_err(|e| {
             terr(match truncation(&tpath) {
                 Some(why) => format!("truncated: {why}"),
@@ -488,7 +505,7 @@ impl Package {
     pub fn check_model(
         &self,
         dir: &Path,
-        fingerprint: &str,
+        fingerprints: &[&str],
         num_layers: usize,
         hidden_size: usize,
     ) -> Result<()> {
@@ -497,7 +514,8 @@ impl Package {
             path: dir.to_path_buf(),
             msg,
         };
-        if m.model_fingerprint != fingerprint {
+        let fingerprint = fingerprints.first().copied().unwrap_or_default();
+        if !fingerprints.contains(&m.model_fingerprint.as_str()) {
             return Err(mis(format!(
                 "trained for model {} (fingerprint {}), not this model (fingerprint {fingerprint})",
                 m.model_name, m.model_fingerprint
@@ -573,7 +591,17 @@ mod tests {
         // Saving again replaces the package.
         pkg.save(&out).unwrap();
         let back = Package::load(&out).unwrap();
-        assert_eq!(back.manifest, pkg.manifest);
+        assert_eq!(
+            back.manifest.weights_sha256.as_deref(),
+            Some(sha256_file(&out.join(TENSORS)).unwrap().as_str())
+        );
+        assert_eq!(
+            PackageManifest {
+                weights_sha256: None,
+                ..back.manifest.clone()
+            },
+            pkg.manifest
+        );
         let x = Tensor::randn([3, 4, 8, 6], (tch::Kind::Float, tch::Device::Cpu));
         assert!(back.routers.forward(&x).equal(&pkg.routers.forward(&x)));
         // Stored in bf16: logits within bf16 rounding.
@@ -594,13 +622,17 @@ mod tests {
         assert_eq!(fp, Package::fingerprint(&out).unwrap());
         assert_ne!(fp, Package::fingerprint(&half).unwrap());
         fs::remove_dir_all(&half).unwrap();
-        back.check_model(&out, "fp", 4, 6).unwrap();
+        back.check_model(&out, &["fp"], 4, 6).unwrap();
+        back.check_model(&out, &["new", "fp"], 4, 6).unwrap();
         let e = back
-            .check_model(&out, "other", 4, 6)
+            .check_model(&out, &["other"], 4, 6)
             .unwrap_err()
             .to_string();
         assert!(e.contains("trained for model tiny (fingerprint fp)"), "{e}");
-        let e = back.check_model(&out, "fp", 5, 6).unwrap_err().to_string();
+        let e = back
+            .check_model(&out, &["fp"], 5, 6)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("4 blocks of width 6"), "{e}");
         // Nothing but the package is left in the parent.
         let names: Vec<_> = fs::read_dir(dir.path())
@@ -635,12 +667,46 @@ mod tests {
         }
     }
 
+    /// A package as drllm wrote it before it recorded the weights' checksum.
+    fn without_checksum(dir: &Path) {
+        let p = dir.join(MANIFEST);
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("weights_sha256");
+        fs::write(&p, v.to_string()).unwrap();
+    }
+
+    /// Weights edited after training, finite and of the right shapes (what the structural checks
+    /// cannot see), are refused by the checksum, naming both hashes.
+    #[test]
+    fn edited_weights_are_refused_by_their_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkg = package();
+        let out = dir.path().join("pkg");
+        pkg.save(&out).unwrap();
+        let named = pkg.routers.named_tensors();
+        let _ = named[0].1.get(0).get(0).fill_(0.5);
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, out.join(TENSORS)).unwrap();
+        let e = Package::load(&out).unwrap_err().to_string();
+        assert!(
+            e.contains("routers.safetensors")
+                && e.contains("the manifest recorded")
+                && e.contains("edited or damaged"),
+            "{e}"
+        );
+        // A package from before checksums loads with what it has.
+        without_checksum(&out);
+        Package::load(&out).unwrap();
+    }
+
     #[test]
     fn damaged_packages_are_named_and_refused() {
         let dir = tempfile::tempdir().unwrap();
         let pkg = package();
         let out = dir.path().join("pkg");
         pkg.save(&out).unwrap();
+        // The structural checks, as a package without a checksum meets them.
+        without_checksum(&out);
         let tensors = out.join(TENSORS);
         // A renamed tensor.
         let mut named = pkg.routers.named_tensors();
@@ -671,6 +737,7 @@ mod tests {
         assert!(e.contains("routers.0.fc2.weight holds NaN"), "{e}");
         // Cut short, in the tensors and in the header.
         pkg.save(&out).unwrap();
+        without_checksum(&out);
         let full = fs::read(&tensors).unwrap();
         for cut in [full.len() / 2, 20] {
             fs::write(&tensors, &full[..cut]).unwrap();

@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::model::{Attn, Kv, Model};
 use crate::prefix::{PrefixCache, Resume};
+use crate::profile::{span, Phase};
 use drllm_path::LayerPath;
 
 /// A router as the executor sees it: given block `l` and the hidden state entering it
@@ -251,6 +252,7 @@ impl<'m> PathBatch<'m> {
             return forward_rows(block, cfg, h, rope, mask, idx, &mut slot.kv);
         }
         let rs = resume.unwrap_or_default();
+        let cache_in = span(Phase::CacheIn);
         let kv_of = |i: usize, which: usize| -> Tensor {
             let (k, v) = &rs[slot_rows[i]].kv[l][rep];
             left_pad(if which == 0 { k } else { v }, 1, t)
@@ -261,11 +263,13 @@ impl<'m> PathBatch<'m> {
             slot.kv = Some((k_cached, v_cached));
             return h.shallow_clone();
         }
+        drop(cache_in);
         let global: Vec<usize> = computed.iter().map(|&i| slot_rows[i]).collect();
         let idx = index_tensor(&global, dev);
         let mut kv: Kv = None;
         let h = forward_rows(block, cfg, h, rope, mask, Some(&idx), &mut kv);
         let (kc, vc) = kv.expect("a block's forward always fills its KV");
+        let _c = span(Phase::CacheIn);
         let mut shape = kc.size();
         shape[0] = slot_rows.len() as i64;
         let (ci, hi) = (index_tensor(&computed, dev), index_tensor(&cached, dev));
@@ -321,6 +325,7 @@ impl<'m> PathBatch<'m> {
 
     /// Prefills left-padded prompts; returns final-normed hidden states `[B, T, H]`.
     pub fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<Tensor> {
+        let _p = span(Phase::Prefill);
         let (ids, valid, padded) = self.layout(prompts)?;
         Ok(self.step(&ids, &valid, padded, None, false, None).0)
     }
@@ -394,13 +399,17 @@ impl<'m> PathBatch<'m> {
         prompts: &[Vec<u32>],
         cache: &mut PrefixCache,
     ) -> Result<Tensor> {
+        let _p = span(Phase::Prefill);
         let (ids, valid, padded) = self.layout(prompts)?;
         if cache.budget_bytes() == 0 {
             return Ok(self.step(&ids, &valid, padded, None, false, None).0);
         }
-        let resume: Vec<Resume> = (0..self.batch)
-            .map(|r| cache.lookup(&prompts[r], self.paths[r].counts()))
-            .collect();
+        let resume: Vec<Resume> = {
+            let _c = span(Phase::CacheIn);
+            (0..self.batch)
+                .map(|r| cache.lookup(&prompts[r], self.paths[r].counts()))
+                .collect()
+        };
         let (h, rec) = self.step(&ids, &valid, padded, Some(&resume), true, None);
         self.reused = (0..self.batch)
             .map(|r| {
@@ -411,6 +420,7 @@ impl<'m> PathBatch<'m> {
             })
             .collect();
         let t = ids.size()[1];
+        let _c = span(Phase::CacheOut);
         // Store every new prefix, long to short (shorter ones end up more recent).
         for r in 0..self.batch {
             let counts = self.paths[r].counts();
@@ -448,6 +458,7 @@ impl<'m> PathBatch<'m> {
     /// positions, `T` the longest row; a row's real tokens come first. Used to score several
     /// continuations of one prefilled prompt (see [`Model::continuation_logliks`]).
     pub fn extend(&mut self, rows: &[Vec<u32>]) -> Result<Tensor> {
+        let _p = span(Phase::Choices);
         if rows.len() != self.batch {
             return Err(Error::Request(format!(
                 "{} token rows for a batch of {}",
@@ -490,6 +501,7 @@ impl<'m> PathBatch<'m> {
 
     /// Feeds one token per row; returns logits `[B, V]` (f32) for the next token.
     pub fn decode_step(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let _p = span(Phase::Decode);
         if tokens.len() != self.batch {
             return Err(Error::Request(format!(
                 "{} tokens for a batch of {}",
@@ -536,6 +548,7 @@ fn forward_rows(
 
 /// `h` with the rows that resume at block `l` replaced by their cached hidden state.
 fn resumed_states(h: Tensor, rs: &[Resume], l: usize, t: i64) -> Tensor {
+    let _c = span(Phase::CacheIn);
     let rows: Vec<usize> = (0..rs.len()).filter(|&r| rs[r].start == l).collect();
     let states: Vec<Tensor> = rows
         .iter()
@@ -572,6 +585,7 @@ impl<'m> PathBatch<'m> {
     /// decoded equally) into one, rows in order; shorter caches are left-padded. Lets prompts
     /// prefill in groups of similar length and then decode together.
     pub fn concat(parts: Vec<PathBatch<'m>>) -> Result<PathBatch<'m>> {
+        let _b = span(Phase::Batch);
         let Some(first) = parts.first() else {
             return Err(Error::Request("concat of no batches".into()));
         };
@@ -668,6 +682,7 @@ impl<'m> PathBatch<'m> {
     /// longer rows left the batch), so a batch that keeps admitting and retiring rows does not
     /// keep their length. Positions are per row, so nothing else changes.
     pub fn trim_padding(&mut self) {
+        let _b = span(Phase::Batch);
         let total = self.key_valid.size()[1];
         if total == 0 || self.batch == 0 {
             return;
@@ -767,6 +782,7 @@ impl<'m> PathBatch<'m> {
 
     /// Keeps the rows `keep` (checked by the caller: in range), in that order.
     fn take_rows(&mut self, keep: &[usize]) {
+        let _b = span(Phase::Batch);
         if keep.len() == self.batch && keep.iter().enumerate().all(|(i, &k)| i == k) {
             return;
         }

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::exec::{GroupRouteFn, PathBatch, RouteFn};
 use crate::model::Model;
 use crate::prefix::PrefixCache;
+use crate::profile::{span, Phase};
 use drllm_path::LayerPath;
 
 /// Options of greedy generation.
@@ -171,7 +172,10 @@ impl Model {
             }
             Paths::Cached { paths, cache } => {
                 let (batch, logits, order) = self.prefill_grouped(prompts, paths, cache)?;
-                let first = argmax_tokens(&logits)?;
+                let first = {
+                    let _p = span(Phase::Prefill);
+                    argmax_tokens(&logits)?
+                };
                 let outputs = self.decode_prefilled(batch, first, order, &opts, until)?;
                 Ok(Generation {
                     outputs,
@@ -292,6 +296,7 @@ impl Model {
             batch.retain(&keep)?;
             active = keep.iter().map(|&r| active[r]).collect();
             let feed: Vec<u32> = keep.iter().map(|&r| next[r]).collect();
+            let _d = span(Phase::Decode);
             next = argmax_tokens(&batch.decode_step(&feed)?)?;
         }
         Ok(out)

@@ -7,11 +7,14 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod exec;
+pub mod fingerprint;
 pub mod generate;
 pub mod gguf;
+pub mod hub;
 pub mod loader;
 pub mod model;
 pub mod prefix;
+pub mod profile;
 pub mod score;
 pub mod tokenizer;
 pub mod weights;
@@ -21,6 +24,7 @@ pub use config::{Arch, ModelConfig};
 pub use drllm_path::{LayerPath, PathError};
 pub use error::{Error, Result};
 pub use exec::{GroupRouteFn, PathBatch, RouteFn};
+pub use fingerprint::ModelFingerprint;
 pub use generate::{
     argmax_tokens, path_order, GenerateOptions, GenerateRequest, Generated, Generation, Paths,
     UntilFn,

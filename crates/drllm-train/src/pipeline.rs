@@ -41,7 +41,7 @@ pub struct TrainArgs {
     #[arg(long)]
     no_feature_cache: bool,
     /// Fraction of samples held out for validation (by a seeded hash of the sample id).
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = drllm_cli::fraction_below_one())]
     val_fraction: f64,
     /// Epochs.
     #[arg(long, default_value_t = 25)]
@@ -50,30 +50,30 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     /// Peak learning rate (AdamW).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = drllm_cli::positive_up_to(10.0))]
     lr: f64,
     /// AdamW weight decay.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = drllm_cli::number_in(0.0, 10.0))]
     weight_decay: f64,
     /// Fraction of steps of linear warm-up before the cosine decay.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = drllm_cli::number_in(0.0, 1.0))]
     warmup: f64,
-    /// Focal loss gamma.
-    #[arg(long, default_value_t = 2.0)]
+    /// Focal loss gamma (0 = cross-entropy).
+    #[arg(long, default_value_t = 2.0, value_parser = drllm_cli::number_in(0.0, 20.0))]
     focal_gamma: f64,
     /// Effective-number beta of the class weights.
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = 0.999, value_parser = drllm_cli::fraction_below_one())]
     class_beta: f64,
     /// Class weights come from the label proportions scaled to this many labels (the paper's
     /// 126,812), so they stay as flat as the paper's ([0.92, 0.91, 1.18]) at any dataset size;
     /// 0 uses the raw counts, which on a small dataset is inverse frequency (every router
     /// learns to skip).
-    #[arg(long, default_value_t = PAPER_LABELS)]
+    #[arg(long, default_value_t = PAPER_LABELS, value_parser = drllm_cli::number_in(0.0, 1e15))]
     class_weight_total: f64,
     /// Most improved examples (default path wrong, another right) as a share of all examples
     /// (the paper targets 0.3; with a weak model many are luck); 1 keeps them all. Which ones are
     /// kept is decided by a seeded hash of the sample id.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, value_parser = drllm_cli::number_in(0.0, 1.0))]
     max_improved_share: f64,
     /// Margin-aware labels (cloze rewards): a default-correct prompt is labelled with a cheaper
     /// correct path only when that path keeps at least this share of the default path's margin
@@ -81,7 +81,7 @@ pub struct TrainArgs {
     /// other correct paths that does, else all-execute (a fragile prompt). 0 takes any correct
     /// path, as the search's 0/1 verdict does. Margins are measured once and cached next to the
     /// features.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = drllm_cli::number_in(0.0, 1e3))]
     label_margin: f64,
     /// Which epoch is shipped: routed-accuracy (the routers route the held-out prompts; best
     /// accuracy, then lowest cost) or macro-f1 (teacher-forced validation macro-F1).
@@ -190,32 +190,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let Some(out) = a.out.clone() else {
         bail!("--out is required");
     };
-    if !(0.0..1.0).contains(&a.val_fraction) {
-        bail!("--val-fraction must be in [0, 1), got {}", a.val_fraction);
-    }
     if a.windows == 0 || a.epochs == 0 || a.batch_size == 0 {
         bail!("--windows, --epochs and --batch-size must be positive");
     }
-    if !(0.0..=1.0).contains(&a.max_improved_share) {
-        bail!(
-            "--max-improved-share must be in [0, 1], got {}",
-            a.max_improved_share
-        );
-    }
-    if !(a.label_margin.is_finite() && a.label_margin >= 0.0) {
-        bail!(
-            "--label-margin must be a share >= 0, got {}",
-            a.label_margin
-        );
-    }
     if let Some(b) = a.val_budgets.iter().find(|b| !(-1.0..=1.0).contains(*b)) {
         bail!("--val-budgets: {b} is outside [-1, 1]");
-    }
-    if a.class_weight_total.is_nan() || a.class_weight_total < 0.0 {
-        bail!(
-            "--class-weight-total must be >= 0, got {}",
-            a.class_weight_total
-        );
     }
     let weights_kind = match a.weights_dtype.as_str() {
         "f32" => tch::Kind::Float,
@@ -238,7 +217,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     a.m.device_and_kind()?;
     let source = a.m.source()?;
-    let fingerprint = source.fingerprint()?;
+    let fingerprints = source.fingerprints()?;
+    let fingerprint = fingerprints.current.clone();
     let name = source.name();
     let model_cfg = source.config()?;
     let n_layers = model_cfg.num_layers;
@@ -246,7 +226,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         max_improved_share: a.max_improved_share,
         seed: a.seed,
     };
-    let mut set = load_examples(&a.data, &fingerprint, &name, n_layers, &mix)?;
+    let mut set = load_examples(
+        &a.data,
+        &[&fingerprints.current, &fingerprints.legacy],
+        &name,
+        n_layers,
+        &mix,
+    )?;
 
     // The model is needed for margin labels, routed validation, or the feature pass on a cache
     // miss.

@@ -41,6 +41,10 @@ struct Cli {
     /// Reward mode.
     #[arg(long, default_value = "strict", value_parser = reward_parser())]
     reward: RewardMode,
+    /// Prompt style: instruct (chat template), base (plain text; for models without a chat
+    /// template), or auto (base for the cloze rewards, else instruct).
+    #[arg(long, default_value = "auto")]
+    style: String,
     /// Token budget per evaluation (the paper code's is 10).
     #[arg(long, default_value_t = 10)]
     max_new_tokens: usize,
@@ -50,6 +54,9 @@ struct Cli {
     /// Prefix cache budget of the shared engine, in MiB.
     #[arg(long, default_value_t = 1024)]
     prefix_cache_mb: usize,
+    /// Paths per search scored ahead by the last engine (see drllm-worker --lookahead).
+    #[arg(long, default_value_t = 4)]
+    lookahead: usize,
     /// Measure only the batched engines.
     #[arg(long)]
     skip_alone: bool,
@@ -134,7 +141,8 @@ fn main() -> Result<()> {
         max_new_tokens: a.max_new_tokens,
     };
     // The prompts the reward mode is searched with (cloze: the question alone, as plain text).
-    let template = Template::builtin_for(Family::MultipleChoice, Style::default_for(mode), mode);
+    let style = Style::resolve(&a.style, mode)?;
+    let template = Template::builtin_for(Family::MultipleChoice, style, mode);
     let prompts: Vec<PreparedPrompt> = samples
         .iter()
         .map(|s| prepare(&lm, s, &template, &eval))
@@ -162,9 +170,18 @@ fn main() -> Result<()> {
     // (seconds, evaluations, results by sample id) of each batched engine.
     type Run = (f64, usize, Vec<(String, SearchResult)>);
     let mut runs: Vec<Run> = vec![];
-    for (name, cache_mb) in [
-        ("batched + early stop", 0),
-        ("batched + shared prefixes + early stop", a.prefix_cache_mb),
+    let ahead_name = format!(
+        "batched + shared prefixes + early stop + {} paths ahead",
+        a.lookahead
+    );
+    for (name, cache_mb, lookahead) in [
+        ("batched + early stop", 0, 0),
+        (
+            "batched + shared prefixes + early stop",
+            a.prefix_cache_mb,
+            0,
+        ),
+        (ahead_name.as_str(), a.prefix_cache_mb, a.lookahead),
     ] {
         let opts = DriverOptions {
             search: search.clone(),
@@ -172,6 +189,7 @@ fn main() -> Result<()> {
             concurrency: a.concurrency,
             eval: eval.clone(),
             prefix_cache_bytes: cache_mb << 20,
+            lookahead,
         };
         let mut results: Vec<(String, SearchResult)> = vec![];
         let t0 = Instant::now();
@@ -189,6 +207,7 @@ fn main() -> Result<()> {
             .map(|&(p, c, d, r)| candidate_flops(&lm.model.cfg, p, c, d, r))
             .sum();
         let n = stats.evaluations.max(1) as f64;
+        let used = stats.useful_evaluations();
         let decoded = stats.work.iter().map(|w| w.2).sum::<usize>() as f64 / n;
         let shared = if cache_mb > 0 {
             format!(
@@ -201,20 +220,36 @@ fn main() -> Result<()> {
             String::new()
         };
         println!(
-            "{name}: {} evaluations in {secs:.1}s = {:.2} evals/s ({} batches, {decoded:.2} tokens decoded per evaluation, {} decode steps{shared}), compute {:.0}% of matmul peak",
+            "{name}: {used} evaluations used ({} scored) in {secs:.1}s = {:.2} evals/s ({} batches, {decoded:.2} tokens decoded per evaluation, {} decode steps{shared}), compute {:.0}% of matmul peak",
             stats.evaluations,
-            stats.evaluations as f64 / secs,
+            used as f64 / secs,
             stats.batches,
             stats.decode_steps,
             100.0 * flops / secs / peak
         );
+        println!("  {}", stats.breakdown());
         results.sort_by(|x, y| x.0.cmp(&y.0));
-        runs.push((secs, stats.evaluations, results));
+        runs.push((secs, used, results));
     }
+    let rate = |r: &Run| r.1 as f64 / r.0;
+    let same_results = |x: &[(String, SearchResult)], y: &[(String, SearchResult)]| {
+        x.len() == y.len()
+            && x.iter().zip(y).all(|((ia, ra), (ib, rb))| {
+                ia == ib
+                    && ra.good_paths == rb.good_paths
+                    && ra.simulations == rb.simulations
+                    && ra.evaluations == rb.evaluations
+                    && ra.default_reward == rb.default_reward
+            })
+    };
+    let ahead_same = same_results(&runs[2].2, &runs[1].2);
     println!(
-        "prefix sharing: {:.2}x (evals/s, shared vs unshared batched)",
-        (runs[1].1 as f64 / runs[1].0) / (runs[0].1 as f64 / runs[0].0)
+        "prefix sharing: {:.2}x (evals/s, shared vs unshared batched); scoring ahead: {:.2}x over shared (identical search results: {})",
+        rate(&runs[1]) / rate(&runs[0]),
+        rate(&runs[2]) / rate(&runs[1]),
+        if ahead_same { "yes" } else { "NO" }
     );
+    ensure!(ahead_same, "scoring ahead changed search results");
     if a.skip_alone {
         println!("peak RSS {:.0} MiB", peak_rss_mib());
         return Ok(());
@@ -248,20 +283,13 @@ fn main() -> Result<()> {
     );
     // Same searches, same answers: the speed-up is not bought with different results.
     alone.sort_by(|x, y| x.0.cmp(&y.0));
-    let same_as_alone = |b: &[(String, SearchResult)]| {
-        b.iter().zip(&alone).all(|((ia, ra), (ib, rb))| {
-            ia == ib
-                && ra.good_paths == rb.good_paths
-                && ra.simulations == rb.simulations
-                && ra.default_reward == rb.default_reward
-        })
-    };
-    let same = runs.iter().all(|r| same_as_alone(&r.2));
+    let same = runs.iter().all(|r| same_results(&r.2, &alone));
     let rate_a = evals_a as f64 / secs_a;
     println!(
-        "speed-up vs one at a time (evals/s): batched {:.2}x, batched + shared {:.2}x; identical search results: {}; peak RSS {:.0} MiB",
-        (runs[0].1 as f64 / runs[0].0) / rate_a,
-        (runs[1].1 as f64 / runs[1].0) / rate_a,
+        "speed-up vs one at a time (evals/s): batched {:.2}x, batched + shared {:.2}x, + ahead {:.2}x; identical search results: {}; peak RSS {:.0} MiB",
+        rate(&runs[0]) / rate_a,
+        rate(&runs[1]) / rate_a,
+        rate(&runs[2]) / rate_a,
         if same { "yes" } else { "NO" },
         peak_rss_mib()
     );

@@ -5,10 +5,11 @@
 //!
 //! Candidates are scored by an [`Evaluator`]: [`ModelEvaluator`] runs the model (batched, with
 //! prefix sharing); tests drive the same loop with an in-process oracle, in milliseconds.
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 
 use drllm_path::LayerPath;
+use drllm_runtime::profile::{self, Phase, Profile};
 use drllm_runtime::{LoadedModel, PrefixCache, PrefixStats};
 use drllm_search::{sample_seed, PathSearch, Search, SearchConfig, SearchResult, Step};
 
@@ -38,6 +39,10 @@ pub struct DriverOptions {
     pub eval: EvalOptions,
     /// Memory budget of the prefix cache in bytes (0 = no prefix sharing).
     pub prefix_cache_bytes: usize,
+    /// Paths per search scored ahead of their turn, in the same batch as its pending one,
+    /// where the search's order does not depend on rewards ([`PathSearch::upcoming`]): fuller
+    /// batches, the same search results (0 = off).
+    pub lookahead: usize,
 }
 
 impl DriverOptions {
@@ -50,8 +55,10 @@ impl DriverOptions {
 /// Work done by a run, for throughput and FLOP accounting.
 #[derive(Debug, Clone, Default)]
 pub struct RunStats {
-    /// Candidates evaluated.
+    /// Candidates evaluated (those scored ahead included).
     pub evaluations: usize,
+    /// Of those, scored ahead and never asked for (their search stopped first).
+    pub ahead_unused: usize,
     /// Evaluator calls (batches).
     pub batches: usize,
     /// Decoding steps run (each over every row still undecided in its batch).
@@ -63,9 +70,64 @@ pub struct RunStats {
     pub prefix: PrefixStats,
     /// Most bytes the prefix cache held after any batch.
     pub prefix_peak_bytes: usize,
+    /// Wall time of the run (model load and sample preparation excluded).
+    pub wall: std::time::Duration,
+    /// Where the run's time went, by phase (the rest of `wall` is the feed, scheduling and
+    /// idling).
+    pub profile: Profile,
 }
 
 impl RunStats {
+    /// Evaluations the searches used: [`RunStats::evaluations`] less those scored ahead in vain.
+    pub fn useful_evaluations(&self) -> usize {
+        self.evaluations - self.ahead_unused
+    }
+
+    /// Tokens decoded over every evaluation.
+    pub fn tokens_decoded(&self) -> usize {
+        self.work.iter().map(|w| w.2).sum()
+    }
+
+    /// Seconds per phase (report order), then the rest of the wall time as `other`.
+    pub fn phase_seconds(&self) -> Vec<(&'static str, f64)> {
+        let mut v: Vec<(&'static str, f64)> = Phase::ALL
+            .iter()
+            .map(|&p| (p.name(), self.profile.time(p).as_secs_f64()))
+            .collect();
+        let rest = self.wall.saturating_sub(self.profile.total());
+        v.push(("other", rest.as_secs_f64()));
+        v
+    }
+
+    /// The time per evaluation by phase, one line per phase (ms and share of the wall time),
+    /// for reports.
+    pub fn breakdown(&self) -> String {
+        let n = self.useful_evaluations().max(1) as f64;
+        let wall = self.wall.as_secs_f64().max(1e-9);
+        let mut out = format!(
+            "time per evaluation {:.1} ms ({} evaluations used, {} scored ahead in vain, {:.2} tokens decoded each, {} decode steps in {} batches):",
+            1e3 * wall / n,
+            self.useful_evaluations(),
+            self.ahead_unused,
+            self.tokens_decoded() as f64 / self.evaluations.max(1) as f64,
+            self.decode_steps,
+            self.batches
+        );
+        for (name, s) in self.phase_seconds() {
+            let name = if name == "other" {
+                "other (feed, scheduling, idle)"
+            } else {
+                name
+            };
+            out += &format!(
+                "\n  {name:<31} {:>8.2} ms {:>5.1}%",
+                1e3 * s / n,
+                100.0 * s / wall
+            );
+        }
+        out
+    }
+
     /// Counts one evaluator call: its candidates and their evaluations, in order.
     fn record(&mut self, items: &[(&PreparedPrompt, &LayerPath)], evals: &[Evaluation]) {
         self.batches += 1;
@@ -188,6 +250,8 @@ struct Active<S> {
     index: usize,
     prompt: PreparedPrompt,
     search: S,
+    /// Rewards of paths scored ahead of their turn, until the search asks for them.
+    ahead: HashMap<LayerPath, f64>,
 }
 
 /// Where a run's samples come from and where their outcomes go.
@@ -282,6 +346,8 @@ pub fn drive_with<E: Evaluator, F: Feed, S: PathSearch>(
     mut new_search: impl FnMut(usize, u64) -> S,
 ) -> Result<RunStats, F::Error> {
     let mut stats = RunStats::default();
+    let started = std::time::Instant::now();
+    profile::start();
     let n_layers = evaluator.num_layers();
     let concurrency = opts.concurrency.max(1);
     let mut queue: VecDeque<(usize, Result<PreparedPrompt, EvalError>)> = VecDeque::new();
@@ -322,6 +388,7 @@ pub fn drive_with<E: Evaluator, F: Feed, S: PathSearch>(
                         index,
                         prompt,
                         search,
+                        ahead: HashMap::new(),
                     });
                 }
             }
@@ -329,22 +396,49 @@ pub fn drive_with<E: Evaluator, F: Feed, S: PathSearch>(
         if active.is_empty() {
             if exhausted && queue.is_empty() {
                 stats.prefix = evaluator.prefix_stats();
+                stats.profile = profile::stop();
+                stats.wall = started.elapsed();
                 return Ok(stats);
             }
             continue;
         }
-        // Advance every search to its next request (`requests[i]` is `active[i]`'s); finished
-        // ones leave.
+        // Advance every search to its next request not scored ahead (`requests[i]` is
+        // `active[i]`'s), and list the paths to score ahead with it (`ahead`: search, path);
+        // finished searches leave.
         let mut requests: Vec<LayerPath> = Vec::with_capacity(active.len());
+        let mut ahead: Vec<(usize, LayerPath)> = vec![];
         let mut i = 0;
         while i < active.len() {
-            match active[i].search.next_step() {
+            let step = {
+                let _s = profile::span(Phase::Search);
+                let a = &mut active[i];
+                loop {
+                    match a.search.next_step() {
+                        Step::Evaluate(p) => match a.ahead.remove(&p) {
+                            Some(r) => a.search.provide(r),
+                            None => break Step::Evaluate(p),
+                        },
+                        done => break done,
+                    }
+                }
+            };
+            match step {
                 Step::Evaluate(p) => {
+                    if opts.lookahead > 0 {
+                        let a = &active[i];
+                        let _s = profile::span(Phase::Search);
+                        for q in a.search.upcoming(opts.lookahead) {
+                            if !a.ahead.contains_key(&q) {
+                                ahead.push((i, q));
+                            }
+                        }
+                    }
                     requests.push(p);
                     i += 1;
                 }
                 Step::Done(r) => {
                     let a = active.swap_remove(i);
+                    stats.ahead_unused += a.ahead.len();
                     evaluator.forget(&a.prompt);
                     feed.done(SampleOutcome {
                         index: a.index,
@@ -357,19 +451,26 @@ pub fn drive_with<E: Evaluator, F: Feed, S: PathSearch>(
         if active.is_empty() {
             continue;
         }
-        let items: Vec<(&PreparedPrompt, &LayerPath)> =
+        let mut items: Vec<(&PreparedPrompt, &LayerPath)> =
             active.iter().map(|a| &a.prompt).zip(&requests).collect();
+        items.extend(ahead.iter().map(|(i, p)| (&active[*i].prompt, p)));
         let result = evaluator.evaluate(&items);
         stats.prefix_peak_bytes = stats.prefix_peak_bytes.max(evaluator.prefix_bytes());
         match result {
             Ok(evals) => {
                 stats.record(&items, &evals);
-                for (a, e) in active.iter_mut().zip(evals) {
+                let _s = profile::span(Phase::Search);
+                let mut evals = evals.into_iter();
+                for (a, e) in active.iter_mut().zip(evals.by_ref()) {
                     a.search.provide(e.reward);
+                }
+                for ((i, p), e) in ahead.into_iter().zip(evals) {
+                    active[i].ahead.insert(p, e.reward);
                 }
             }
             Err(batch_err) => {
                 // Find the candidates at fault: evaluate each alone; only those searches fail.
+                // Paths meant to be scored ahead are left to their turn.
                 tracing::warn!(error = %batch_err, "batched evaluation failed; retrying candidates one by one");
                 let mut k = 0;
                 while k < active.len() {
@@ -383,6 +484,7 @@ pub fn drive_with<E: Evaluator, F: Feed, S: PathSearch>(
                         Err(e) => {
                             requests.swap_remove(k);
                             let a = active.swap_remove(k);
+                            stats.ahead_unused += a.ahead.len();
                             evaluator.forget(&a.prompt);
                             feed.done(SampleOutcome {
                                 index: a.index,
@@ -483,6 +585,7 @@ mod tests {
                 max_new_tokens: 4,
             },
             prefix_cache_bytes: 0,
+            lookahead: 0,
         }
     }
 
@@ -514,13 +617,26 @@ mod tests {
         prompts: Vec<Result<PreparedPrompt, EvalError>>,
         concurrency: usize,
     ) -> (Vec<SampleOutcome>, RunStats, Oracle) {
+        run_ahead(prompts, concurrency, 0)
+    }
+
+    /// [`run`], scoring up to `lookahead` paths per search ahead.
+    fn run_ahead(
+        prompts: Vec<Result<PreparedPrompt, EvalError>>,
+        concurrency: usize,
+        lookahead: usize,
+    ) -> (Vec<SampleOutcome>, RunStats, Oracle) {
         let mut oracle = Oracle::default();
         let mut out = vec![];
         let mut feed = ListFeed {
             prompts: Some(prompts),
             on_done: |o| out.push(o),
         };
-        let stats = match drive(&mut oracle, &mut feed, &opts(concurrency)) {
+        let o = DriverOptions {
+            lookahead,
+            ..opts(concurrency)
+        };
+        let stats = match drive(&mut oracle, &mut feed, &o) {
             Ok(s) => s,
             Err(never) => match never {},
         };
@@ -566,12 +682,48 @@ mod tests {
                 .sum();
             assert_eq!(stats.evaluations, evaluations);
             assert_eq!(stats.work.len(), evaluations);
+            // The oracle runs no model: of the phases only the search's own is entered, and
+            // the phases never add up to more than the run's wall time.
+            assert!(stats.profile.entries(Phase::Search) >= evaluations as u64);
+            assert_eq!(stats.profile.entries(Phase::Prefill), 0);
+            assert!(stats.profile.total() <= stats.wall);
+            let rest = stats.phase_seconds().last().copied().unwrap();
+            assert_eq!(rest.0, "other");
+            assert!(rest.1 >= 0.0);
             // Each finished search releases its state once.
             let mut forgotten = oracle.forgotten.clone();
             forgotten.sort();
             let mut want = ids.clone();
             want.sort();
             assert_eq!(forgotten, want);
+        }
+    }
+
+    #[test]
+    fn scoring_ahead_changes_no_result_and_fills_batches() {
+        let ids = ids(6);
+        let prompts = || ids.iter().map(|id| Ok(prompt(id))).collect();
+        let (base, base_stats, base_oracle) = run(prompts(), 3);
+        for lookahead in [1, 4] {
+            let (ahead, stats, oracle) = run_ahead(prompts(), 3, lookahead);
+            for (a, b) in base.iter().zip(&ahead) {
+                assert_eq!(a.sample_id, b.sample_id);
+                let (a, b) = (a.result.as_ref().unwrap(), b.result.as_ref().unwrap());
+                assert_eq!(key(a), key(b), "{lookahead} ahead");
+            }
+            // The searches used what they used before; the rest was scored in vain.
+            assert_eq!(stats.useful_evaluations(), base_stats.evaluations);
+            assert_eq!(stats.work.len(), stats.evaluations);
+            assert!(stats.evaluations >= base_stats.evaluations);
+            assert!(stats.ahead_unused <= ids.len() * lookahead);
+            // Fewer, fuller batches, each at most (1 + lookahead) paths per search.
+            assert!(
+                oracle.batches.len() < base_oracle.batches.len(),
+                "{} vs {} batches",
+                oracle.batches.len(),
+                base_oracle.batches.len()
+            );
+            assert!(oracle.batches.iter().all(|&b| b <= 3 * (1 + lookahead)));
         }
     }
 

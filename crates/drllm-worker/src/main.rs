@@ -55,9 +55,18 @@ struct Cli {
     /// in MiB; least recently used entries are evicted. 0 turns prefix sharing off.
     #[arg(long, env = "DRLLM_PREFIX_CACHE_MB", default_value_t = 1024)]
     prefix_cache_mb: usize,
+    /// Paths per search scored ahead of their turn, batched with its pending one, where the
+    /// search's order does not depend on rewards (UCT expanding the root): fuller batches, the
+    /// same results; an early stop can leave a few unused. 0 turns it off.
+    #[arg(long, env = "DRLLM_LOOKAHEAD", default_value_t = 4)]
+    lookahead: usize,
     /// Output JSON-lines file (one line per sample; with --standalone).
     #[arg(long, required_unless_present = "connect")]
     out: Option<PathBuf>,
+    /// Also write the run's throughput and its time by phase (prefill, cache copies, decode,
+    /// grading, search, other) as JSON (with --standalone).
+    #[arg(long, conflicts_with = "connect")]
+    stats: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -82,6 +91,7 @@ fn main() -> Result<()> {
             data_dir: dir,
             concurrency: a.concurrency.max(1),
             prefix_cache_bytes: a.prefix_cache_mb << 20,
+            lookahead: a.lookahead,
             connect_timeout: std::time::Duration::from_secs(120),
         };
         let s = run_remote(&lm, &o)?;
@@ -123,6 +133,7 @@ fn main() -> Result<()> {
         concurrency: a.concurrency.max(1),
         eval,
         prefix_cache_bytes: a.prefix_cache_mb << 20,
+        lookahead: a.lookahead,
     };
     let file = std::fs::File::create(out_path)
         .with_context(|| format!("creating {}", out_path.display()))?;
@@ -133,7 +144,7 @@ fn main() -> Result<()> {
     let (mut found, mut failed) = (0usize, 0usize);
     let mut write_err = None;
     let started = std::time::Instant::now();
-    run_searches(&lm, prompts, &opts, |o| {
+    let stats = run_searches(&lm, prompts, &opts, |o| {
         let line = match &o.result {
             Ok(r) => {
                 found += r.found as usize;
@@ -191,5 +202,35 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64(),
         out_path.display()
     );
+    eprintln!("{}", stats.breakdown());
+    if let Some(path) = &a.stats {
+        let phases: serde_json::Map<String, serde_json::Value> = stats
+            .phase_seconds()
+            .into_iter()
+            .filter(|(name, _)| *name != "other")
+            .map(|(name, s)| (name.to_string(), s.into()))
+            .collect();
+        let v = serde_json::json!({
+            "samples": n,
+            "found": found,
+            "failed": failed,
+            "evaluations": stats.useful_evaluations(),
+            "evaluations_scored": stats.evaluations,
+            "evaluated_ahead_unused": stats.ahead_unused,
+            "lookahead": a.lookahead,
+            "batches": stats.batches,
+            "decode_steps": stats.decode_steps,
+            "tokens_decoded": stats.tokens_decoded(),
+            "wall_s": stats.wall.as_secs_f64(),
+            "phases_s": phases,
+            "prefix_blocks_reused": stats.prefix.blocks_reused,
+            "prefix_blocks_requested": stats.prefix.blocks_requested,
+            "prefix_peak_bytes": stats.prefix_peak_bytes,
+            "threads": tch::get_num_threads(),
+            "device": format!("{:?}", lm.model.device()),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }

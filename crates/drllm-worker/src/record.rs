@@ -6,12 +6,20 @@ use drllm_tasks::{Question, Sample, Split};
 
 use drllm_eval::{decision_point, evaluate_alone, EvalError, EvalOptions, PreparedPrompt};
 
-/// The question as text: the stem, then one `(X) text` line per choice.
+/// The question as text: the context paragraph if any, the stem, then one `(X) text` line per
+/// choice.
 pub fn question_text(q: &Question) -> String {
     match q {
         Question::Problem(p) => p.clone(),
-        Question::MultipleChoice { stem, choices } => {
-            let mut s = stem.clone();
+        Question::MultipleChoice {
+            stem,
+            choices,
+            context,
+        } => {
+            let mut s = match context.as_deref().filter(|c| !c.is_empty()) {
+                Some(c) => format!("{c}\n\n{stem}"),
+                None => stem.clone(),
+            };
             for c in choices {
                 s.push_str(&format!("\n({}) {}", c.label, c.text));
             }

@@ -104,6 +104,8 @@ pub struct RemoteOptions {
     pub concurrency: usize,
     /// Prefix cache budget in bytes.
     pub prefix_cache_bytes: usize,
+    /// Paths per search scored ahead of their turn ([`DriverOptions::lookahead`]).
+    pub lookahead: usize,
     /// Give up connecting after this long.
     pub connect_timeout: Duration,
 }
@@ -165,7 +167,14 @@ fn lookup<'a>(
     if !index.contains_key(&key) {
         let t: TaskName = task.parse()?;
         let s: Split = split.parse()?;
-        let loaded = data::load(dir, t, s, &LoadOptions::default())
+        // The coordinator owns the sample list and has refused repeated ids already (or was told
+        // to keep the first of each): here samples are only looked up by id, the first of a
+        // repeated id being the one it kept.
+        let opts = LoadOptions {
+            skip_duplicate_ids: true,
+            ..Default::default()
+        };
+        let loaded = data::load(dir, t, s, &opts)
             .with_context(|| format!("loading {task}/{split} from {}", dir.display()))?;
         let by_id = loaded
             .samples
@@ -423,6 +432,7 @@ pub fn run_remote_with<M: WorkerModel, E: Evaluator>(
         concurrency: o.concurrency.max(1),
         eval: eval.clone(),
         prefix_cache_bytes: o.prefix_cache_bytes,
+        lookahead: o.lookahead,
     };
     let mut feed = RemoteFeed {
         rt: &rt,

@@ -182,7 +182,7 @@ impl Oracle {
         let run = a.search.run_config()?;
         let dir = a.d.dir()?;
         let source = a.m.source()?;
-        let fingerprint = source.fingerprint()?;
+        let fingerprints = source.fingerprints()?;
         let lm = a.m.load_source(source)?;
         let eval = run.eval();
         let n_layers = lm.model.num_layers();
@@ -197,12 +197,17 @@ impl Oracle {
                 keys.push(format!("{task}/{}", s.id));
             }
         }
-        // The memo holds rewards of one model, dtype and prompting only.
-        let header = serde_json::json!({
-            "model": fingerprint, "reward": run.reward, "style": run.style,
-            "template": run.template, "max_new_tokens": run.max_new_tokens,
-            "dtype": format!("{:?}", lm.model.kind()),
-        });
+        // The memo holds rewards of one model, dtype and prompting only (a memo begun before
+        // drllm hashed whole model files names the model by its older fingerprint).
+        let header_for = |fp: &str| {
+            serde_json::json!({
+                "model": fp, "reward": run.reward, "style": run.style,
+                "template": run.template, "max_new_tokens": run.max_new_tokens,
+                "dtype": format!("{:?}", lm.model.kind()),
+            })
+        };
+        let header = header_for(&fingerprints.current);
+        let legacy_header = header_for(&fingerprints.legacy);
         let mut memo: HashMap<(String, LayerPath), f64> = HashMap::new();
         let mut memo_out = None;
         if let Some(path) = &a.memo {
@@ -215,7 +220,7 @@ impl Oracle {
                     let v: serde_json::Value = serde_json::from_str(&line)
                         .with_context(|| format!("{}: not JSON", at()))?;
                     if i == 0 {
-                        if v != header {
+                        if v != header && v != legacy_header {
                             bail!(
                                 "{}: made for {v}, this run is {header}: use another --memo",
                                 at()

@@ -177,6 +177,7 @@ fn worker(addr: SocketAddr, id: &str, fake: Fake) -> anyhow::Result<RemoteSummar
         data_dir: data_dir(),
         concurrency: 3,
         prefix_cache_bytes: 0,
+        lookahead: 2,
         connect_timeout: Duration::from_secs(10),
     };
     run_remote_with(&fake, |_| RewardFn::new(LAYERS, reward), &o)
