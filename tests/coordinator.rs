@@ -309,15 +309,8 @@ fn a_killed_coordinator_resumes_without_loss_or_duplicates() {
             .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
             .unwrap_or_default()
     };
-    let mut first = vec![];
-    for _ in 0..600 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        first = parts(&out);
-        if !first.is_empty() {
-            break;
-        }
-    }
-    assert!(!first.is_empty(), "no part was committed");
+    wait_for(|| Some(parts(&out)).filter(|p| !p.is_empty()))
+        .expect("no part was committed (hang guard)");
     // A second coordinator on the same OUT while the first runs: refused, naming the holder,
     // before it starts a worker or touches a file.
     let (ok, err) = coordinator(&out, 1, 6, &[]);
@@ -384,18 +377,14 @@ fn interrupted_and_disk_full_runs_keep_what_was_committed_and_resume() {
         .spawn()
         .unwrap();
     let log = out.join("_logs/local-0.log");
-    let mut reported = 0;
-    for _ in 0..1200 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        // Each result the coordinator accepted is a "reported" line in the worker's log.
-        reported = std::fs::read_to_string(&log)
+    // Each result the coordinator accepted is a "reported" line in the worker's log.
+    wait_for(|| {
+        let reported = std::fs::read_to_string(&log)
             .map(|s| s.matches("reported").count())
             .unwrap_or(0);
-        if reported >= 2 {
-            break;
-        }
-    }
-    assert!(reported >= 2, "the worker never reported twice");
+        (reported >= 2).then_some(())
+    })
+    .expect("the worker never reported twice (hang guard)");
     assert!(
         parts(&out).is_empty(),
         "rows were written before the interrupt"

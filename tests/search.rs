@@ -371,3 +371,70 @@ fn an_impossible_budget_is_refused_before_any_work() {
     ]);
     assert!(!ok && err.contains("--max-count = 3"), "{err}");
 }
+
+/// `drllm-search-bench predict` on real prompts of two tasks: every block and task reported
+/// with AUCs in range, the rewards reused from its memo on a rerun (same figures), and too few
+/// answered prompts refused before any probe is fitted.
+#[test]
+fn the_routing_diagnostic_reports_every_block_and_reuses_its_memo() {
+    let dir = tempfile::tempdir().unwrap();
+    let memo = dir.path().join("memo.jsonl");
+    let run = |limit: &str, json: &std::path::Path| {
+        let o = Command::new(bin("drllm-search-bench"))
+            .args(["predict", "--data"])
+            .arg(data_dir())
+            .args(["--dataset", "arc_easy,piqa", "--split", "train"])
+            .args(["--limit", limit, "--folds", "2", "--bootstrap", "50"])
+            .args(["--threads", "2", "--memo"])
+            .arg(&memo)
+            .arg("--json")
+            .arg(json)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (first, second) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let (ok, out, err) = run("10", &first);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("620 rewards computed"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&first).unwrap()).unwrap();
+    assert_eq!(v["prompts"], 20);
+    let kept = v["default_correct"].as_u64().unwrap();
+    assert!(kept >= 4, "{v}");
+    assert_eq!(v["blocks"].as_array().unwrap().len(), 30);
+    for b in v["blocks"].as_array().unwrap() {
+        let lost = b["lost"].as_u64().unwrap();
+        assert!(lost <= kept);
+        if let Some(a) = b["probe_auc"].as_array() {
+            assert!((0.0..=1.0).contains(&a[0].as_f64().unwrap()), "{b}");
+        }
+    }
+    let groups: Vec<&str> = v["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["task"].as_str().unwrap())
+        .collect();
+    assert_eq!(groups, ["arc_easy", "piqa", "pooled"]);
+    let keep = &v["groups"][2]["one_skip_keep"];
+    for k in ["probe", "static"] {
+        assert!(
+            (0.0..=1.0).contains(&keep[k][0].as_f64().unwrap()),
+            "{keep}"
+        );
+    }
+    // A rerun computes nothing and reports the same.
+    let (ok, out, err) = run("10", &second);
+    assert!(ok && out.contains("0 rewards computed"), "{out}\n{err}");
+    let w: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&second).unwrap()).unwrap();
+    assert_eq!(v, w);
+    // Too few answered prompts for the folds.
+    let (ok, _, err) = run("1", &second);
+    assert!(!ok && err.contains("too few for 2 folds"), "{err}");
+}

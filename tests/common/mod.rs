@@ -157,3 +157,20 @@ pub fn generate_fixed(
     let req = GenerateRequest::new(prompts, Paths::Fixed(paths), opts.clone());
     lm.model.generate(req).unwrap().outputs
 }
+
+/// How long a test waits for an event before it calls the run hung: many minutes, because CI
+/// and users' machines are rarely idle (an event is waited on, never a fixed short deadline).
+pub const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Polls `probe` every 100 ms until it returns `Some`, or [`HANG_GUARD`] passes (`None`).
+#[allow(dead_code)]
+pub fn wait_for<T>(mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < HANG_GUARD {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
+}

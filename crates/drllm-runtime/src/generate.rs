@@ -1,8 +1,9 @@
 //! Greedy generation on top of the path executor ([`PathBatch`]): one request type for every
 //! way a prompt's path is chosen (given, given with prefix sharing, routed during prefill in one
 //! batch, or routed in batches and decoded in groups of similar paths), with optional early
-//! stopping per row. Search workers, evaluation, `drllm-infer` and a server all call
-//! [`Model::generate`].
+//! stopping per row. Candidate evaluation (`drllm-eval`, hence the search workers) and
+//! `drllm-infer` call [`Model::generate`]; the server steps a [`PathBatch`] itself, since its
+//! batch changes between steps as requests join and leave.
 use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};

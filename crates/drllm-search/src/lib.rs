@@ -5,7 +5,7 @@
 //! searches at once and evaluate their requests in one batch; each search still runs one
 //! simulation at a time, so its result is identical to running it alone ([`run`]).
 //!
-//! Semantics follow DESIGN.md: the root is the default path; a node's untried actions are
+//! Semantics (README "Searching paths"): the root is the default path; a node's untried actions are
 //! generated once (skip 1 or 2 consecutive entries of the layer-index list, or repeat one entry),
 //! deduplicated and without no-ops, then shuffled with the search's seeded RNG; selection is UCT
 //! with a length penalty (or, with [`Selection::Chain`], the paper code's leaf-only descent);

@@ -7,6 +7,12 @@
 //! - `static`: the best fixed paths on (train) prompts: blocks ranked by how often skipping each
 //!   alone keeps answers right (a skip prior for the search), then greedy skip sets of growing
 //!   size (the static controls routers must beat).
+//! - `predict`: the diagnostic before any new router supervision: whether the routers' inputs
+//!   (the pooled hidden state entering each block along the default path) predict which single
+//!   skips keep a prompt's answer better than the block's and the task's keep rate, cross-fitted
+//!   over folds of prompts (`predict.rs`).
+mod predict;
+
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -28,6 +34,7 @@ use drllm_search::{sample_seed, Search, SearchConfig, SearchResult, Step};
   drllm-search-bench compare --dataset arc_easy --limit 200 --sims 50,100,200 \\
       --config uct --config chain --config pw,order=skip-first,c=0.5,stop=4 --memo memo.jsonl
   drllm-search-bench static --dataset arc_easy,arc_challenge --limit 200 --blocks 6 --memo memo.jsonl
+  drllm-search-bench predict --dataset arc_easy,piqa,sciq --limit 200 --memo memo.jsonl --json predict.json
 
 Every reward is evaluated once per run (and read from --memo when present)."
 )]
@@ -41,6 +48,22 @@ improve (true/false: stop at the first path beating a wrong default), widening, 
     Compare(CompareArgs),
     /// Rank blocks by single-skip accuracy and grow the best static skip set greedily.
     Static(StaticArgs),
+    /// Whether the routers' inputs tell which single skips keep a prompt's answer (the
+    /// diagnostic before training new routers): cross-fitted probes against the prompt-blind
+    /// keep rate, per block, per task and pooled, and the one-skip routing they would give.
+    #[command(
+        after_help = "On the prompts whose default path is correct, each (prompt, block) pair's outcome is whether
+skipping that block alone keeps the answer. A ridge probe per block reads the pooled hidden
+state entering the block (what a router reads, --windows windows) and is cross-fitted over
+--folds folds of prompts (its ridge strength chosen inside the training folds); the prompt-blind
+predictor is the keep rate of the block within the task on the other folds. Reported: AUCs with
+95% bootstrap intervals over prompts and the paired difference, and the keep rate of routing one
+skip per prompt by the probe against the best single skip chosen on the other folds.
+A block whose skip loses few answers (column `lost`) gives noisy AUCs, and estimates fitted on the
+other folds are anti-correlated with the held-out outcomes when one class is rare (an AUC well
+below 0.5 there is that artifact, for both predictors): read the pooled rows."
+    )]
+    Predict(PredictArgs),
 }
 
 #[derive(clap::Args)]
@@ -70,6 +93,24 @@ struct StaticArgs {
     #[arg(long, default_value_t = 10)]
     shortlist: usize,
     /// Write the ranking and the paths as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct PredictArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Windows the hidden state is pooled over (as the routers read it).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    windows: u16,
+    /// Folds of prompts for cross-fitting.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(2..=50))]
+    folds: u16,
+    /// Bootstrap resamples for the intervals.
+    #[arg(long, default_value_t = 1000)]
+    bootstrap: usize,
+    /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -333,6 +374,10 @@ fn main() -> Result<()> {
             a.common.log.init("warn");
             static_paths(a)
         }
+        Cli::Predict(a) => {
+            a.common.log.init("warn");
+            predict_keeps(a)
+        }
     }
 }
 
@@ -563,4 +608,248 @@ fn static_paths(a: StaticArgs) -> Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+/// The pooled hidden state entering every block along the default path: per block `[N, W * H]`.
+fn block_features(o: &Oracle, windows: usize, batch: usize) -> Result<Vec<tch::Tensor>> {
+    let n_layers = o.lm.model.num_layers();
+    let np = o.prompts.len() as i64;
+    let mut order: Vec<usize> = (0..o.prompts.len()).collect();
+    order.sort_by_key(|&i| o.prompts[i].ids.len());
+    let mut out: Vec<tch::Tensor> = vec![];
+    let bar = drllm_cli::progress_bar(order.len() as u64, "features");
+    let _g = tch::no_grad_guard();
+    for chunk in order.chunks(batch.max(1)) {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| o.prompts[i].ids.clone()).collect();
+        let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+        let paths = vec![LayerPath::all_ones(n_layers); chunk.len()];
+        let mut b = drllm_runtime::PathBatch::new(&o.lm.model, &paths)?;
+        let inputs = b.prefill_block_inputs(&ids)?;
+        let idx = tch::Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        for (l, h) in inputs.iter().enumerate() {
+            let pooled = drllm_router::pool_windows(h, &lens, windows)
+                .to_device(tch::Device::Cpu)
+                .flatten(1, -1);
+            if out.len() <= l {
+                out.push(tch::Tensor::zeros(
+                    [np, pooled.size()[1]],
+                    (tch::Kind::Float, tch::Device::Cpu),
+                ));
+            }
+            let _ = out[l].index_copy_(0, &idx, &pooled);
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+fn predict_keeps(a: PredictArgs) -> Result<()> {
+    use predict::{compare_auc, fold_ids, group_rate, mean_ci, Kernel};
+    let mut o = Oracle::open(&a.common)?;
+    let n = o.lm.model.num_layers();
+    let np = o.prompts.len();
+    let base = LayerPath::all_ones(n);
+    let singles: Vec<LayerPath> = (0..n).map(|b| skipping(n, &[b])).collect::<Result<_>>()?;
+    let bar = drllm_cli::progress_bar(0, "paths");
+    let wanted: Vec<(usize, LayerPath)> = std::iter::once(&base)
+        .chain(&singles)
+        .flat_map(|p| (0..np).map(move |i| (i, p.clone())))
+        .collect();
+    o.fill(wanted, &bar)?;
+    bar.finish_and_clear();
+    // The prompts whose default is correct: the routing question is which skips keep them.
+    let kept: Vec<usize> = (0..np)
+        .filter(|&i| o.get(i, &base).unwrap_or(0.0) >= 1.0)
+        .collect();
+    if kept.len() < 2 * a.folds as usize {
+        bail!(
+            "{} of {np} prompts have a correct default path: too few for {} folds (raise --limit)",
+            kept.len(),
+            a.folds
+        );
+    }
+    let tasks: Vec<String> = o
+        .keys
+        .iter()
+        .map(|k| k.split('/').next().unwrap_or_default().to_string())
+        .collect();
+    let mut task_names: Vec<String> = tasks.clone();
+    task_names.sort();
+    task_names.dedup();
+    let task_of: Vec<usize> = tasks
+        .iter()
+        .map(|t| task_names.iter().position(|x| x == t).unwrap_or(0))
+        .collect();
+    let feats = block_features(&o, a.windows as usize, o.batch)?;
+    let fold = fold_ids(np, a.folds as usize, o.run.seed);
+    let lambdas = [0.01, 0.1, 1.0, 10.0, 100.0];
+    // Per block: outcome, probe score and prompt-blind score of every kept prompt.
+    let mut y = vec![vec![0.0; np]; n];
+    let mut probe = vec![vec![0.0; np]; n];
+    let mut blind = vec![vec![0.0; np]; n];
+    let bar = drllm_cli::progress_bar(n as u64, "probes");
+    for b in 0..n {
+        for &i in &kept {
+            y[b][i] = o.get(i, &singles[b]).unwrap_or(0.0).min(1.0);
+        }
+        let k = Kernel::new(&feats[b]);
+        probe[b] = k.cross_fit(&kept, &y[b], &fold, &lambdas);
+        blind[b] = group_rate(&kept, &y[b], &fold, &task_of);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    drop(feats);
+    println!("{}", o.header(&a.common.d));
+    println!(
+        "{} of {np} prompts answered correctly along the default path; outcome: the answer kept when one block is skipped",
+        kept.len()
+    );
+    let pairs = |sel: &dyn Fn(usize) -> bool, blocks: &[usize]| {
+        let (mut s1, mut s2, mut l, mut p) = (vec![], vec![], vec![], vec![]);
+        for &b in blocks {
+            for &i in kept.iter().filter(|&&i| sel(i)) {
+                s1.push(probe[b][i]);
+                s2.push(blind[b][i]);
+                l.push(y[b][i] > 0.5);
+                p.push(i);
+            }
+        }
+        (s1, s2, l, p)
+    };
+    let fmt = |c: (f64, f64, f64)| format!("{:.3} [{:.3}, {:.3}]", c.0, c.1, c.2);
+    println!(
+        "\nper block (kept prompts, pooled over tasks): AUC of the probe and of the prompt-blind rate"
+    );
+    println!(
+        "{:>5} {:>6} {:>5} {:>22} {:>22} {:>25}",
+        "block", "keep", "lost", "probe AUC", "blind AUC", "probe - blind"
+    );
+    let mut json_blocks = vec![];
+    for b in 0..n {
+        let (s1, s2, l, p) = pairs(&|_| true, &[b]);
+        let lost = l.iter().filter(|&&x| !x).count();
+        let keep = 1.0 - lost as f64 / l.len().max(1) as f64;
+        match compare_auc(&s1, &s2, &l, &p, np, a.bootstrap) {
+            Some(c) => {
+                println!(
+                    "{b:>5} {keep:>6.3} {lost:>5} {:>22} {:>22} {:>25}",
+                    fmt(c.a),
+                    fmt(c.b),
+                    fmt(c.diff)
+                );
+                json_blocks.push(
+                    serde_json::json!({"block": b, "keep_rate": keep, "lost": lost,
+                    "probe_auc": c.a, "blind_auc": c.b, "difference": c.diff}),
+                );
+            }
+            None => {
+                println!("{b:>5} {keep:>6.3} {lost:>5} {:>22}", "(one class only)");
+                json_blocks.push(serde_json::json!({"block": b, "keep_rate": keep, "lost": lost}));
+            }
+        }
+    }
+    // Pooled over blocks: the probe against the block's (and task's) keep rate, which is
+    // what a static ranking (the skip prior) knows.
+    let all: Vec<usize> = (0..n).collect();
+    let mut json_tasks = vec![];
+    println!("\npooled over (prompt, block) pairs");
+    println!(
+        "{:<14} {:>7} {:>22} {:>22} {:>25}",
+        "task", "prompts", "probe AUC", "blind AUC", "probe - blind"
+    );
+    // Each task, then all of them (a task index, or None for the pooled row).
+    let mut groups: Vec<(String, Option<usize>)> = task_names
+        .iter()
+        .enumerate()
+        .map(|(t, name)| (name.clone(), Some(t)))
+        .collect();
+    if task_names.len() > 1 {
+        groups.push(("pooled".into(), None));
+    }
+    // One skip per prompt: the probe's highest-scored block against the block with the highest
+    // keep rate on the other folds (per fold, pooled over tasks), on the same prompts.
+    let rates: Vec<Vec<f64>> = (0..a.folds as usize)
+        .map(|f| {
+            (0..n)
+                .map(|b| rate_outside(&kept, &y[b], &fold, f))
+                .collect()
+        })
+        .collect();
+    let static_choice: Vec<usize> = (0..np)
+        .map(|i| {
+            let r = &rates[fold[i]];
+            (0..n)
+                .max_by(|&x, &z| r[x].total_cmp(&r[z]).then(z.cmp(&x)))
+                .unwrap_or(0)
+        })
+        .collect();
+    let routed_choice: Vec<usize> = (0..np)
+        .map(|i| {
+            (0..n)
+                .max_by(|&x, &z| probe[x][i].total_cmp(&probe[z][i]).then(z.cmp(&x)))
+                .unwrap_or(0)
+        })
+        .collect();
+    for (name, task) in &groups {
+        let sel = |i: usize| task.is_none_or(|t| task_of[i] == t);
+        let (s1, s2, l, p) = pairs(&sel, &all);
+        let prompts = kept.iter().filter(|&&i| sel(i)).count();
+        let c = compare_auc(&s1, &s2, &l, &p, np, a.bootstrap);
+        let ids: Vec<usize> = kept.iter().copied().filter(|&i| sel(i)).collect();
+        let routed: Vec<f64> = ids.iter().map(|&i| y[routed_choice[i]][i]).collect();
+        let fixed: Vec<f64> = ids.iter().map(|&i| y[static_choice[i]][i]).collect();
+        let diff: Vec<f64> = routed.iter().zip(&fixed).map(|(r, f)| r - f).collect();
+        let (r, f, d) = (
+            mean_ci(&routed, a.bootstrap),
+            mean_ci(&fixed, a.bootstrap),
+            mean_ci(&diff, a.bootstrap),
+        );
+        match &c {
+            Some(c) => println!(
+                "{name:<14} {prompts:>7} {:>22} {:>22} {:>25}",
+                fmt(c.a),
+                fmt(c.b),
+                fmt(c.diff)
+            ),
+            None => println!("{name:<14} {prompts:>7} (one class only)"),
+        }
+        println!(
+            "{:<14} {:>7} one skip per prompt keeps: probe's choice {}, best static skip {}, paired {}",
+            "", "", fmt(r), fmt(f), fmt(d)
+        );
+        json_tasks.push(serde_json::json!({
+            "task": name, "prompts": prompts,
+            "probe_auc": c.as_ref().map(|c| c.a), "blind_auc": c.as_ref().map(|c| c.b),
+            "difference": c.as_ref().map(|c| c.diff),
+            "one_skip_keep": {"probe": r, "static": f, "probe_minus_static": d},
+        }));
+    }
+    println!("intervals: 95% percentile bootstrap over prompts ({} resamples); probe - blind and the one-skip difference are paired", a.bootstrap);
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({
+            "prompts": np, "default_correct": kept.len(), "windows": a.windows, "folds": a.folds,
+            "model": o.lm.source.name(), "reward": o.run.reward.to_string(), "style": o.run.style.to_string(),
+            "blocks": json_blocks, "groups": json_tasks,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// The keep rate of a block (outcomes `y`) over the kept prompts outside fold `f`.
+fn rate_outside(kept: &[usize], y: &[f64], fold: &[usize], f: usize) -> f64 {
+    let (mut s, mut n) = (0.0, 0.0);
+    for &j in kept {
+        if fold[j] != f {
+            s += y[j];
+            n += 1.0;
+        }
+    }
+    if n > 0.0 {
+        s / n
+    } else {
+        0.0
+    }
 }
