@@ -67,13 +67,30 @@ impl Kernel {
         Kernel(z.matmul(&z.tr()) / d)
     }
 
-    /// Ridge fit on the prompts `train` with targets `y` (intercept = their mean), scores of the
-    /// prompts `test`. `lambda` is relative to the kernel's mean diagonal.
-    pub fn ridge(&self, train: &[usize], y: &[f64], test: &[usize], lambda: f64) -> Vec<f64> {
+    /// Ridge fit on the prompts `train` with targets `y`, scores of the prompts `test`. The
+    /// intercept is per group (`group[i]`, e.g. the task): the mean of `y` over the training
+    /// prompts of the group (of all of them for a group absent there), so the features are asked
+    /// only for what the group's rate does not already say. `lambda` is relative to the
+    /// kernel's mean diagonal.
+    pub fn ridge(
+        &self,
+        train: &[usize],
+        y: &[f64],
+        test: &[usize],
+        lambda: f64,
+        group: &[usize],
+    ) -> Vec<f64> {
         if train.is_empty() {
             return vec![0.0; test.len()];
         }
-        let mean = train.iter().map(|&i| y[i]).sum::<f64>() / train.len() as f64;
+        let overall = train.iter().map(|&i| y[i]).sum::<f64>() / train.len() as f64;
+        let mut sums: std::collections::HashMap<usize, (f64, f64)> = Default::default();
+        for &i in train {
+            let e = sums.entry(group[i]).or_default();
+            e.0 += y[i];
+            e.1 += 1.0;
+        }
+        let mean = |i: usize| sums.get(&group[i]).map_or(overall, |(s, n)| s / n);
         let ti = index(train);
         let vi = index(test);
         let ktt = self.0.index_select(0, &ti).index_select(1, &ti);
@@ -84,7 +101,7 @@ impl Kernel {
             .max(1e-12);
         let n = train.len() as i64;
         let a = ktt + Tensor::eye(n, (Kind::Double, Device::Cpu)) * (lambda * scale);
-        let r = Tensor::from_slice(&train.iter().map(|&i| y[i] - mean).collect::<Vec<_>>())
+        let r = Tensor::from_slice(&train.iter().map(|&i| y[i] - mean(i)).collect::<Vec<_>>())
             .view([n, 1]);
         let alpha = Tensor::linalg_solve(&a, &r, true);
         let kvt = self.0.index_select(0, &vi).index_select(1, &ti);
@@ -92,18 +109,20 @@ impl Kernel {
         Vec::<f64>::try_from(&s)
             .unwrap_or_default()
             .into_iter()
-            .map(|v| v + mean)
+            .zip(test)
+            .map(|(v, &i)| v + mean(i))
             .collect()
     }
 
-    /// Cross-fitted scores of `items` (outcomes `y`, folds `fold`): each fold scored by a fit on
-    /// the others, with the ridge strength of `lambdas` that maximises the AUC of an inner
-    /// cross-validation on those others alone.
+    /// Cross-fitted scores of `items` (outcomes `y`, folds `fold`, intercept groups `group`):
+    /// each fold scored by a fit on the others, with the ridge strength of `lambdas` that
+    /// maximises the AUC of an inner cross-validation on those others alone.
     pub fn cross_fit(
         &self,
         items: &[usize],
         y: &[f64],
         fold: &[usize],
+        group: &[usize],
         lambdas: &[f64],
     ) -> Vec<f64> {
         let folds = items.iter().map(|&i| fold[i]).max().map_or(0, |f| f + 1);
@@ -114,22 +133,22 @@ impl Kernel {
             if test.is_empty() {
                 continue;
             }
-            let lambda = self.choose_lambda(&train, y, fold, f, lambdas);
-            for (i, s) in test.iter().zip(self.ridge(&train, y, &test, lambda)) {
+            let lambda = self.choose_lambda(&train, y, fold, group, lambdas);
+            for (i, s) in test.iter().zip(self.ridge(&train, y, &test, lambda, group)) {
                 out[*i] = s;
             }
         }
         out
     }
 
-    /// The ridge strength of `lambdas` best by inner cross-validated AUC on `train` (whose
-    /// items are in folds other than `outer`).
+    /// The ridge strength of `lambdas` best by inner cross-validated AUC on `train` (the
+    /// training folds of one outer fold; the inner folds are theirs).
     fn choose_lambda(
         &self,
         train: &[usize],
         y: &[f64],
         fold: &[usize],
-        outer: usize,
+        group: &[usize],
         lambdas: &[f64],
     ) -> f64 {
         let mut best = (f64::NEG_INFINITY, lambdas.first().copied().unwrap_or(1.0));
@@ -142,10 +161,10 @@ impl Kernel {
         for &lambda in lambdas {
             let mut scores = vec![];
             let mut labels = vec![];
-            for &g in inner.iter().filter(|&&g| g != outer) {
+            for &g in &inner {
                 let tr: Vec<usize> = train.iter().copied().filter(|&i| fold[i] != g).collect();
                 let te: Vec<usize> = train.iter().copied().filter(|&i| fold[i] == g).collect();
-                scores.extend(self.ridge(&tr, y, &te, lambda));
+                scores.extend(self.ridge(&tr, y, &te, lambda, group));
                 labels.extend(te.iter().map(|&i| y[i] > 0.5));
             }
             if let Some(a) = auc(&scores, &labels) {
@@ -307,11 +326,17 @@ mod tests {
         let fold = fold_ids(n, 5, 0);
         let items: Vec<usize> = (0..n).collect();
         let lambdas = [0.1, 1.0, 10.0, 100.0];
-        let s = Kernel::new(&signal).cross_fit(&items, &y, &fold, &lambdas);
+        let one = vec![0; n];
+        let s = Kernel::new(&signal).cross_fit(&items, &y, &fold, &one, &lambdas);
         assert!(auc(&s, &labels).unwrap() > 0.9, "{:?}", auc(&s, &labels));
-        let s = Kernel::new(&noise).cross_fit(&items, &y, &fold, &lambdas);
+        let s = Kernel::new(&noise).cross_fit(&items, &y, &fold, &one, &lambdas);
         let a = auc(&s, &labels).unwrap();
         assert!((0.3..0.7).contains(&a), "{a}");
+        // With group intercepts, an outcome that is the group alone is scored by its rate,
+        // from noise features.
+        let group: Vec<usize> = (0..n).map(|i| i % 2).collect();
+        let s = Kernel::new(&noise).cross_fit(&items, &y, &fold, &group, &lambdas);
+        assert_eq!(auc(&s, &labels), Some(1.0));
     }
 
     #[test]

@@ -53,10 +53,11 @@ improve (true/false: stop at the first path beating a wrong default), widening, 
     /// keep rate, per block, per task and pooled, and the one-skip routing they would give.
     #[command(
         after_help = "On the prompts whose default path is correct, each (prompt, block) pair's outcome is whether
-skipping that block alone keeps the answer. A ridge probe per block reads the pooled hidden
-state entering the block (what a router reads, --windows windows) and is cross-fitted over
---folds folds of prompts (its ridge strength chosen inside the training folds); the prompt-blind
-predictor is the keep rate of the block within the task on the other folds. Reported: AUCs with
+skipping that block alone keeps the answer. The prompt-blind predictor is the keep rate of the
+block within the task on the other folds; the probe starts from that same rate and adds a ridge
+regression on the pooled hidden state entering the block (what a router reads, --windows
+windows), cross-fitted over --folds folds of prompts with its ridge strength chosen inside the
+training folds: it can only beat the blind rate with information from the prompt. Reported: AUCs with
 95% bootstrap intervals over prompts and the paired difference, and the keep rate of routing one
 skip per prompt by the probe against the best single skip chosen on the other folds.
 A block whose skip loses few answers (column `lost`) gives noisy AUCs, and estimates fitted on the
@@ -694,7 +695,7 @@ fn predict_keeps(a: PredictArgs) -> Result<()> {
             y[b][i] = o.get(i, &singles[b]).unwrap_or(0.0).min(1.0);
         }
         let k = Kernel::new(&feats[b]);
-        probe[b] = k.cross_fit(&kept, &y[b], &fold, &lambdas);
+        probe[b] = k.cross_fit(&kept, &y[b], &fold, &task_of, &lambdas);
         blind[b] = group_rate(&kept, &y[b], &fold, &task_of);
         bar.inc(1);
     }
