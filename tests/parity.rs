@@ -365,8 +365,8 @@ fn tiny_random_models_match_transformers() {
     assert!(msg.contains("tokenizer.json"), "{msg}");
 }
 
-/// K-quants (Q4_K, Q5_K, Q6_K: the matrices of the hub's Q4_K_M / Q5_K_M files): a tiny LLaMA GGUF
-/// of random blocks, written by the `gguf` package. Every tensor dequantizes to the package's own
+/// K-quants (Q4_K, Q5_K, Q6_K: the matrices of the hub's Q4_K_M / Q5_K_M files) and Q5_0 / Q5_1
+/// (which some of those mixes hold): a tiny LLaMA GGUF of random blocks, written by the `gguf` package. Every tensor dequantizes to the package's own
 /// values bit for bit, and the loaded model's logits equal transformers' on the same file.
 #[test]
 fn k_quant_gguf_matches_gguf_package_and_transformers() {
@@ -402,7 +402,11 @@ fn k_quant_gguf_matches_gguf_package_and_transformers() {
             "{name} ({ty}): {differ} values differ from gguf's"
         );
     }
-    assert_eq!(seen.len(), 3, "Q4_K, Q5_K and Q6_K all checked: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        5,
+        "Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 all checked: {seen:?}"
+    );
 
     let lm = LoadedModel::load(ModelSource::Gguf(path.clone()), Device::Cpu, Kind::Float).unwrap();
     let n = lm.model.num_layers();

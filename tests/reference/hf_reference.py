@@ -11,7 +11,7 @@ summary to stdout. Jobs:
   tiny   -- create tiny random models (LLaMA + llama3 RoPE scaling, Qwen2 with biases, Qwen3 with
             q/k norm, Gemma with its 1 + w norms, scaled embeddings and GELU; one sharded) in a
             directory, and their logits along paths.
-  kquant -- write a tiny LLaMA GGUF whose matrices are random Q4_K / Q5_K / Q6_K blocks (the
+  kquant -- write a tiny LLaMA GGUF whose matrices are random Q4_K / Q5_K / Q6_K / Q5_0 / Q5_1 blocks (the
             embedded file's tokenizer), with the `gguf` package's dequantization of every tensor
             and transformers' logits of the file.
 
@@ -246,6 +246,11 @@ def random_kquant_blocks(rng, qtype, rows, cols):
         return rng.normal(0, scale, size=(blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
     if qtype == Q.Q6_K:
         blocks[:, -2:] = f16(1.2e-5)
+    elif qtype == Q.Q5_0:
+        blocks[:, 0:2] = f16(3e-3)
+    elif qtype == Q.Q5_1:
+        blocks[:, 0:2] = f16(3e-3)
+        blocks[:, 2:4] = f16(4e-2)
     else:
         blocks[:, 0:2] = f16(1e-4)
         blocks[:, 2:4] = np.abs(f16(8e-4).view(np.float16)).view(np.uint8)
@@ -285,6 +290,9 @@ def job_kquant(job, tensors):
             f"blk.{b}.ffn_up.weight": (ffn, hidden, Q.Q5_K),
             f"blk.{b}.ffn_down.weight": (hidden, ffn, Q.Q5_K),
         })
+    # The 32-element five-bit types (Q5_0, Q5_1) as llama.cpp's mixes place them.
+    mats["blk.1.attn_k.weight"] = (kv_heads * head_dim, hidden, Q.Q5_0)
+    mats["blk.1.attn_output.weight"] = (hidden, hidden, Q.Q5_1)
     for name, (rows, cols, qtype) in mats.items():
         data = random_kquant_blocks(rng, qtype, rows, cols)
         w.add_tensor(name, data, raw_dtype=qtype)

@@ -95,6 +95,11 @@ pub enum GgmlType {
     Q4_0,
     /// 32-element blocks: f16 scale + f16 minimum + 16 bytes of 4-bit values.
     Q4_1,
+    /// 32-element blocks: f16 scale, a 32-bit plane of fifth bits, 16 bytes of low nibbles;
+    /// values offset by 16 (in Q5_0 files and in some K-quant mixes' attention matrices).
+    Q5_0,
+    /// As Q5_0 with an f16 minimum after the scale instead of the offset.
+    Q5_1,
     /// 256-element super-blocks: f16 scale and minimum, eight 6-bit sub-block scales and minima,
     /// 4-bit values (the weights of Q4_K_M / Q4_K_S files).
     Q4_K,
@@ -115,8 +120,8 @@ impl GgmlType {
             3 => GgmlType::Q4_1,
             8 => GgmlType::Q8_0,
             30 => GgmlType::BF16,
-            6 => return Err("Q5_0"),
-            7 => return Err("Q5_1"),
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             9 => return Err("Q8_1"),
             10 => return Err("Q2_K"),
             11 => return Err("Q3_K"),
@@ -141,6 +146,8 @@ impl GgmlType {
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
             GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
             GgmlType::Q4_K => 12,
             GgmlType::Q5_K => 13,
@@ -152,7 +159,9 @@ impl GgmlType {
     pub fn block_elems(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 => QK,
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                QK
+            }
             GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => QK_K,
         }
     }
@@ -164,6 +173,8 @@ impl GgmlType {
             GgmlType::Q8_0 => 2 + QK,
             GgmlType::Q4_0 => 2 + QK / 2,
             GgmlType::Q4_1 => 4 + QK / 2,
+            GgmlType::Q5_0 => 2 + 4 + QK / 2,
+            GgmlType::Q5_1 => 4 + 4 + QK / 2,
             GgmlType::Q4_K => 4 + K_SCALE_BYTES + QK_K / 2,
             GgmlType::Q5_K => 4 + K_SCALE_BYTES + QK_K / 8 + QK_K / 2,
             GgmlType::Q6_K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
@@ -537,6 +548,13 @@ pub fn dequantize(ty: GgmlType, data: &[u8]) -> Vec<f32> {
                 out.extend(qs.iter().map(|&q| (q & 0x0f) as f32 * d + m));
                 out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
             }
+            GgmlType::Q5_0 => dequantize_q5(half(&block[0..2]), None, &block[2..], &mut out),
+            GgmlType::Q5_1 => dequantize_q5(
+                half(&block[0..2]),
+                Some(half(&block[2..4])),
+                &block[4..],
+                &mut out,
+            ),
             GgmlType::Q4_K | GgmlType::Q5_K => {
                 dequantize_q45_k(ty == GgmlType::Q5_K, block, &mut out)
             }
@@ -544,6 +562,28 @@ pub fn dequantize(ty: GgmlType, data: &[u8]) -> Vec<f32> {
         }
     }
     out
+}
+
+/// One Q5_0 (no `min`: values offset by 16) or Q5_1 block after its f16 header: `rest` is a
+/// little-endian u32 of fifth bits, then 16 bytes whose low nibbles are values 0..16 and high
+/// nibbles values 16..32; value `i`'s fifth bit is bit `i` of the u32. Laid out as llama.cpp's
+/// `block_q5_0` / `block_q5_1`.
+fn dequantize_q5(d: f32, min: Option<f32>, rest: &[u8], out: &mut Vec<f32>) {
+    let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+    let qs = &rest[4..4 + QK / 2];
+    let value = |i: usize, nibble: u8| {
+        let q = (nibble | ((((qh >> i) & 1) as u8) << 4)) as i32;
+        match min {
+            Some(m) => q as f32 * d + m,
+            None => (q - 16) as f32 * d,
+        }
+    };
+    out.extend(qs.iter().enumerate().map(|(j, &q)| value(j, q & 0x0f)));
+    out.extend(
+        qs.iter()
+            .enumerate()
+            .map(|(j, &q)| value(j + QK / 2, q >> 4)),
+    );
 }
 
 /// Scale and minimum of sub-block `j` (0..8) from the 12 packed bytes of a Q4_K / Q5_K block:
