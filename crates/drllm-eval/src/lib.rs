@@ -9,6 +9,7 @@
 pub mod config;
 pub mod evaluate;
 pub mod prompt;
+pub mod stats;
 
 pub use config::RunConfig;
 pub use evaluate::{

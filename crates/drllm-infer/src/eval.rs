@@ -17,6 +17,7 @@ use arrow_array::{
     builder::{ListBuilder, UInt8Builder},
     ArrayRef, BooleanArray, Float64Array, ListArray, RecordBatch, StringArray, UInt32Array,
 };
+use drllm_eval::stats::mean_ci;
 use drllm_eval::{answer_batch, prepare, EvalOptions, PathChoice, PreparedPrompt};
 use drllm_runtime::{LayerPath, LoadedModel};
 use drllm_tasks::{RewardMode, Style, Template};
@@ -166,6 +167,26 @@ struct Run {
     secs: f64,
 }
 
+impl Run {
+    /// A run of `kind` with nothing measured yet.
+    fn empty(kind: Kind, budget: Option<f64>, fixed: Option<LayerPath>) -> Run {
+        Run {
+            kind,
+            budget,
+            fixed,
+            paths: vec![],
+            responses: vec![],
+            correct: vec![],
+            logliks: vec![],
+            ci: (0.0, 0.0, 0.0),
+            diff: None,
+            routed_minus: None,
+            new_tokens: 0,
+            secs: 0.0,
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_mode(
     lm: &LoadedModel,
@@ -177,23 +198,11 @@ fn run_mode(
     budget: Option<f64>,
     bar: &indicatif::ProgressBar,
 ) -> Result<Run> {
-    let mut run = Run {
-        kind,
-        budget,
-        fixed: match mode {
-            Mode::Static(p) => Some(p.clone()),
-            _ => None,
-        },
-        paths: vec![],
-        responses: vec![],
-        correct: vec![],
-        logliks: vec![],
-        ci: (0.0, 0.0, 0.0),
-        diff: None,
-        routed_minus: None,
-        new_tokens: 0,
-        secs: 0.0,
+    let fixed = match mode {
+        Mode::Static(p) => Some(p.clone()),
+        _ => None,
     };
+    let mut run = Run::empty(kind, budget, fixed);
     let t0 = Instant::now();
     let batch = a.batch.max(1);
     let decodes = prompts.iter().any(PreparedPrompt::decodes);
@@ -237,23 +246,6 @@ fn run_mode(
 fn accuracy_ci(correct: &[bool], resamples: usize) -> (f64, f64, f64) {
     let x: Vec<f64> = correct.iter().map(|&c| c as u8 as f64).collect();
     mean_ci(&x, resamples)
-}
-
-/// Mean of `x` and its 95% percentile-bootstrap interval over resampled rows (seeded). Applied to
-/// per-prompt differences of two modes on the same prompts it is the paired interval.
-fn mean_ci(x: &[f64], resamples: usize) -> (f64, f64, f64) {
-    let n = x.len();
-    if n == 0 {
-        return (0.0, 0.0, 0.0);
-    }
-    let mean = x.iter().sum::<f64>() / n as f64;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let mut stats: Vec<f64> = (0..resamples.max(1))
-        .map(|_| (0..n).map(|_| x[rng.random_range(0..n)]).sum::<f64>() / n as f64)
-        .collect();
-    stats.sort_by(f64::total_cmp);
-    let q = |f: f64| stats[((stats.len() - 1) as f64 * f).round() as usize];
-    (mean, q(0.025), q(0.975))
 }
 
 /// Per-prompt `a - b` of two modes' correctness on the same prompts, with its 95% paired
@@ -822,24 +814,12 @@ fn pair_up(base: &Run, others: &mut [Run], resamples: usize) {
 fn pool(runs: &[TaskRuns], resamples: usize) -> (usize, Run, Vec<Run>) {
     let join = |pick: &dyn Fn(&TaskRuns) -> &Run| {
         let first = pick(&runs[0]);
-        let mut r = Run {
-            kind: first.kind,
-            budget: first.budget,
-            fixed: match first.kind {
-                // A per-task mode has no one path.
-                Kind::PerTask(_) => None,
-                _ => first.fixed.clone(),
-            },
-            paths: vec![],
-            responses: vec![],
-            correct: vec![],
-            logliks: vec![],
-            ci: (0.0, 0.0, 0.0),
-            diff: None,
-            routed_minus: None,
-            new_tokens: 0,
-            secs: 0.0,
+        let fixed = match first.kind {
+            // A per-task mode has no one path.
+            Kind::PerTask(_) => None,
+            _ => first.fixed.clone(),
         };
+        let mut r = Run::empty(first.kind, first.budget, fixed);
         for t in runs {
             let x = pick(t);
             r.paths.extend(x.paths.iter().cloned());

@@ -256,22 +256,7 @@ pub fn compare_auc(
     })
 }
 
-/// Mean of `x` with its 95% percentile bootstrap interval (seeded); for per-prompt differences
-/// the paired interval.
-pub fn mean_ci(x: &[f64], resamples: usize) -> (f64, f64, f64) {
-    let n = x.len();
-    if n == 0 {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    let mean = x.iter().sum::<f64>() / n as f64;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let mut s: Vec<f64> = (0..resamples.max(1))
-        .map(|_| (0..n).map(|_| x[rng.random_range(0..n)]).sum::<f64>() / n as f64)
-        .collect();
-    s.sort_by(f64::total_cmp);
-    let q = |f: f64| s[((s.len() - 1) as f64 * f).round() as usize];
-    (mean, q(0.025), q(0.975))
-}
+pub use drllm_eval::stats::mean_ci;
 
 #[cfg(test)]
 mod tests {
