@@ -70,9 +70,9 @@ if [ "$want_test" = 1 ]; then
     pip_q "transformers==5.23.0" "gguf==0.19.0" "accelerate==1.15.0" numpy safetensors "pyarrow==26.0.1" \
       "pandas==3.1.1" "polars==2.1.0"
   fi
-  if ! "$py" -c 'import openai, lm_eval, tenacity' 2>/dev/null; then
-    log "installing the openai client and lm-evaluation-harness (drllm-serve's tests)"
-    pip_q "openai==3.60.0" "lm-eval[api]==0.4.13"
+  if ! "$py" -c 'import openai, lm_eval, tenacity, prometheus_client' 2>/dev/null; then
+    log "installing the openai client, lm-evaluation-harness and prometheus_client (drllm-serve's tests)"
+    pip_q "openai==3.60.0" "lm-eval[api]==0.4.13" "prometheus_client==0.26.0"
   fi
 fi
 log "ready: venv=$venv model=$model"

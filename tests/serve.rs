@@ -22,6 +22,8 @@ const KEY: &str = "test-key";
 struct Server {
     child: Child,
     base: String,
+    /// The server's log so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -47,8 +49,36 @@ impl Server {
             }
         };
         // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server { child, base }
+        let log = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                kept.lock().unwrap().push(l);
+            }
+        });
+        Server { child, base, log }
+    }
+
+    fn log_has(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    /// Sends `signal` and waits at most `within` for the exit.
+    fn signal_and_wait(
+        &mut self,
+        signal: &str,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args([signal, &pid]).status().unwrap();
+        let t = std::time::Instant::now();
+        while t.elapsed() < within {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
     }
 
     fn stop(mut self) -> std::process::ExitStatus {
@@ -481,6 +511,237 @@ fn bad_requests_get_openai_errors_and_a_full_queue_gets_503() {
     assert!(!ok && err.contains("--api-key"), "{err}");
     let (ok, _, err) = outcome(Command::new(bin("drllm-serve")).args(["--api-key", ""]));
     assert!(!ok && err.contains("empty"), "{err}");
+}
+
+/// A long greedy completion: counting, which the model keeps up for hundreds of tokens.
+fn counting(max_tokens: usize) -> Value {
+    completion(
+        json!("1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"),
+        max_tokens,
+        json!({}),
+    )
+}
+
+#[test]
+fn the_server_is_bounded_under_abuse_and_observable() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let mut server = Server::start(&[
+        "--max-connections",
+        "6",
+        "--header-timeout",
+        "1",
+        "--drain-timeout",
+        "2",
+    ]);
+    // Idle connections fill the cap; the header timeout closes them, so /health answers again
+    // within seconds, and the cap was logged.
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let idle: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let health = client(
+        &server.base,
+        json!({"requests": [{"method": "GET", "path": "/health"}]}),
+    );
+    assert_eq!(health[0]["status"], 200, "{health}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    for mut c in idle {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = vec![];
+        c.read_to_end(&mut buf)
+            .expect("an idle connection is closed by the header timeout");
+    }
+    assert!(server.log_has("connection cap reached"));
+    // Errors axum makes itself, and requests this server refuses, in OpenAI's shape.
+    let c = |body: Value| json!({"path": "/v1/completions", "json": body});
+    let chat = |body: Value| json!({"path": "/v1/chat/completions", "json": body});
+    let cases = vec![
+        (
+            json!({"method": "GET", "path": "/v1/completions"}),
+            405,
+            Value::Null,
+            "method_not_allowed",
+        ),
+        (
+            json!({"path": "/v1/completions", "raw": "x".repeat(3 << 20)}),
+            413,
+            Value::Null,
+            "request_too_large",
+        ),
+        // Longer than the context can hold whatever it says: refused before tokenizing.
+        (
+            c(json!({"prompt": "word ".repeat(200_000), "max_tokens": 1})),
+            400,
+            json!("prompt"),
+            "",
+        ),
+        // Tokenized, then over the context.
+        (
+            c(json!({"prompt": "word ".repeat(12_000), "max_tokens": 1})),
+            400,
+            json!("prompt"),
+            "",
+        ),
+        (
+            chat(json!({"messages": [{"role": "wizard", "content": "hi"}]})),
+            400,
+            json!("messages"),
+            "",
+        ),
+        (
+            chat(json!({"messages": [{"role": "user"}]})),
+            400,
+            json!("messages"),
+            "",
+        ),
+        (
+            chat(
+                json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true,
+                "top_logprobs": 1000}),
+            ),
+            400,
+            json!("top_logprobs"),
+            "",
+        ),
+    ];
+    let reqs: Vec<Value> = cases.iter().map(|c| c.0.clone()).collect();
+    let got = client(&server.base, json!({"requests": reqs}));
+    for ((req, status, param, code), g) in cases.iter().zip(got.as_array().unwrap()) {
+        let req = req.to_string();
+        let req = &req[..req.len().min(120)];
+        assert_eq!(&g["status"], status, "{req} -> {g}");
+        let err = &g["body"]["error"];
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{g}"
+        );
+        assert_eq!(&err["param"], param, "{req} -> {g}");
+        if !code.is_empty() {
+            assert_eq!(err["code"], *code, "{req} -> {g}");
+        }
+    }
+    let too_long = got[2]["body"]["error"]["message"].as_str().unwrap();
+    assert!(too_long.contains("bytes"), "{too_long}");
+    // Answers and a client that leaves mid-stream, as /metrics and /drllm/stats count them.
+    let reqs: Vec<Value> = [3usize, 5, 8].iter().map(|&m| counting(m)).collect();
+    let answered = client(&server.base, json!({"requests": reqs}));
+    let generated: u64 = answered
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["body"]["usage"]["completion_tokens"].as_u64().unwrap())
+        .sum();
+    let mut hangup = counting(4000);
+    hangup["stream"] = json!(true);
+    hangup["hangup"] = json!(true);
+    hangup["json"]["stream"] = json!(true);
+    let left = client(&server.base, json!({"requests": [hangup]}));
+    assert_eq!(left[0]["status"], 200, "{left}");
+    let t = Instant::now();
+    let cancelled = loop {
+        let st = client(
+            &server.base,
+            json!({"requests": [{"method": "GET", "path": "/drllm/stats"}]}),
+        );
+        let n = st[0]["body"]["cancelled"].as_u64().unwrap();
+        if n >= 1 || t.elapsed() > Duration::from_secs(60) {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(cancelled, 1, "the client that left is counted once");
+    let m = client(&server.base, json!({"metrics": true}));
+    assert!(
+        m["content_type"]
+            .as_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"),
+        "{m}"
+    );
+    for (family, kind) in [
+        ("drllm_requests", "counter"),
+        ("drllm_requests_waiting", "gauge"),
+        ("drllm_requests_running", "gauge"),
+        ("drllm_prompt_tokens", "counter"),
+        ("drllm_generation_tokens", "counter"),
+        ("drllm_time_to_first_token_seconds", "histogram"),
+        ("drllm_time_per_output_token_seconds", "histogram"),
+        ("drllm_request_duration_seconds", "histogram"),
+        ("drllm_requests_cancelled", "counter"),
+        ("drllm_routing_cost_blocks", "histogram"),
+    ] {
+        assert_eq!(m["families"][family], kind, "{family}: {}", m["families"]);
+    }
+    let sample = |name: &str, labels: Value| -> f64 {
+        m["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s[0] == name && (labels.is_null() || s[1] == labels))
+            .unwrap_or_else(|| panic!("no {name} {labels} in {m}"))[2]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(
+        sample("drllm_generation_tokens_total", Value::Null),
+        generated as f64
+    );
+    assert_eq!(sample("drllm_routing_cost_blocks_count", Value::Null), 3.0);
+    assert_eq!(sample("drllm_routing_cost_blocks_sum", Value::Null), 90.0);
+    assert_eq!(
+        sample("drllm_time_to_first_token_seconds_count", Value::Null),
+        3.0
+    );
+    assert_eq!(sample("drllm_requests_cancelled_total", Value::Null), 1.0);
+    // The three answers, the stream that was left, and the refused chat and completions.
+    assert_eq!(
+        sample(
+            "drllm_requests_total",
+            json!({"route": "/v1/completions", "status": "200"})
+        ),
+        4.0
+    );
+    assert_eq!(
+        sample(
+            "drllm_requests_total",
+            json!({"route": "/v1/chat/completions", "status": "400"})
+        ),
+        3.0
+    );
+    assert!(
+        server.log_has("drllm_serve::access"),
+        "an access line per request"
+    );
+    assert!(server.log_has("status=413"));
+    // SIGTERM with a request that outlives the drain deadline: it gets 503, the server exits.
+    let base = server.base.clone();
+    let long = std::thread::spawn(move || client(&base, json!({"requests": [counting(4000)]})));
+    std::thread::sleep(Duration::from_millis(1500));
+    let exit = server.signal_and_wait("-TERM", Duration::from_secs(20));
+    let answered = long.join().unwrap();
+    assert_eq!(answered[0]["status"], 503, "{answered}");
+    assert_eq!(
+        answered[0]["body"]["error"]["code"], "unavailable",
+        "{answered}"
+    );
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    assert!(server.log_has("drain deadline passed"));
+    // A second signal exits at once, whatever is in flight.
+    let mut server = Server::start(&["--drain-timeout", "600"]);
+    let base = server.base.clone();
+    let long = std::thread::spawn(move || client(&base, json!({"requests": [counting(4000)]})));
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = server.child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let exit = server.signal_and_wait("-TERM", Duration::from_secs(10));
+    assert_eq!(exit.and_then(|s| s.code()), Some(130), "{exit:?}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let _ = long.join();
 }
 
 /// Writes the local lm-eval task YAMLs (tests/reference/lm_eval/) with the data directory.

@@ -5,8 +5,13 @@ run would, and prints what came back as JSON. A JSON job on stdin:
       REQ = {"method": "POST", "path": "/v1/completions", "json": {...}} (or "raw": "text" for
       a body that is not JSON; "key": "..." overrides the job's key for this request; "stream":
       true reads server-sent events). Answers: [{"status", "body" | "events", "retry_after"}].
+      "hangup": true on a streamed request closes the connection after the first event
+      (a client that leaves).
   {"base": ..., "key": ..., "openai": true}
       the official `openai` client: a completion, a chat completion, and both streamed.
+  {"base": ..., "metrics": true}
+      GET /metrics parsed by prometheus_client's OpenMetrics parser (the strict one):
+      {"content_type", "families": {name: type}, "samples": [[name, labels, value], ...]}.
 """
 import json
 import sys
@@ -29,6 +34,10 @@ def send(base, key, req):
         headers["Authorization"] = f"Bearer {k}"
     r = urllib.request.Request(base + req["path"], data=data, headers=headers,
                                method=req.get("method", "POST" if data else "GET"))
+    if req.get("hangup"):
+        with urllib.request.urlopen(r, timeout=600) as resp:
+            first = resp.readline()
+            return {"status": resp.status, "first": first.decode()}
     try:
         with urllib.request.urlopen(r, timeout=600) as resp:
             status, text, retry = resp.status, resp.read().decode(), resp.headers.get("Retry-After")
@@ -77,8 +86,22 @@ def with_openai(job):
     return out
 
 
+def metrics(job):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+    with urllib.request.urlopen(job["base"] + "/metrics", timeout=60) as resp:
+        ctype, text = resp.headers.get("Content-Type"), resp.read().decode()
+    families, samples = {}, []
+    for fam in text_string_to_metric_families(text):
+        families[fam.name] = fam.type
+        samples += [[s.name, s.labels, s.value] for s in fam.samples]
+    return {"content_type": ctype, "families": families, "samples": samples}
+
+
 def main():
     job = json.load(sys.stdin)
+    if job.get("metrics"):
+        print(json.dumps(metrics(job)))
+        return
     if job.get("openai"):
         print(json.dumps(with_openai(job)))
         return

@@ -297,6 +297,21 @@ impl Tokenizer {
         v
     }
 
+    /// An upper bound on the bytes of input text one token covers: the longest token's text,
+    /// plus one (SentencePiece drops a leading space when a token is decoded alone), times 4
+    /// when the tokenizer normalizes text first (NFC composes up to 3 UTF-8 characters into
+    /// one of 3 bytes). Text longer than `n` times this is more than `n` tokens, so servers
+    /// refuse such prompts before tokenizing them. Decodes every token once (about a second
+    /// for 150k tokens).
+    pub fn max_bytes_per_token(&self) -> usize {
+        let longest = (0..self.inner.get_vocab_size(true) as u32)
+            .map(|id| self.inner.decode(&[id], false).map_or(0, |t| t.len()))
+            .max()
+            .unwrap_or(0);
+        let normalizes = self.inner.get_normalizer().is_some();
+        (longest + 1) * if normalizes { 4 } else { 1 }
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -82,6 +82,26 @@ impl ApiError {
         }
     }
 
+    /// 503 with a reason (the server is stopping).
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 503,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some("unavailable"),
+        }
+    }
+
+    /// An error of `status` from the engine: 400, 503, else 500.
+    pub fn from_status(status: u16, message: impl Into<String>) -> ApiError {
+        match status {
+            400 => ApiError::bad_request(message),
+            503 => ApiError::unavailable(message),
+            _ => ApiError::internal(message),
+        }
+    }
+
     /// 500.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError {
@@ -277,6 +297,9 @@ pub fn prompts(v: Option<&Value>) -> Result<Vec<Prompt>, ApiError> {
     Ok(out)
 }
 
+/// Chat roles this server takes (OpenAI's, less tool and function messages).
+pub const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
+
 /// A chat message of `messages`: role and text content (a string, or a list of text parts).
 pub fn messages(v: Option<&Value>) -> Result<Vec<drllm_runtime::Message>, ApiError> {
     let bad = |what: String| ApiError::invalid("messages", what);
@@ -293,6 +316,12 @@ pub fn messages(v: Option<&Value>) -> Result<Vec<drllm_runtime::Message>, ApiErr
                 .get("role")
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad(format!("messages[{i}] has no string 'role'")))?;
+            if !ROLES.contains(&role) {
+                return Err(bad(format!(
+                    "messages[{i}].role is `{role}`: one of {} (tool calls are not supported)",
+                    ROLES.join(", ")
+                )));
+            }
             let content = match m.get("content") {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(parts)) => parts
@@ -304,7 +333,11 @@ pub fn messages(v: Option<&Value>) -> Result<Vec<drllm_runtime::Message>, ApiErr
                     })
                     .collect::<Result<Vec<_>, _>>()?
                     .concat(),
-                Some(Value::Null) | None => String::new(),
+                Some(Value::Null) | None => {
+                    return Err(bad(format!(
+                        "messages[{i}] ({role}) has no 'content': a string or a list of text parts"
+                    )))
+                }
                 Some(other) => {
                     return Err(bad(format!(
                         "messages[{i}].content must be a string, got {}",
@@ -313,7 +346,8 @@ pub fn messages(v: Option<&Value>) -> Result<Vec<drllm_runtime::Message>, ApiErr
                 }
             };
             Ok(drllm_runtime::Message {
-                role: role.to_string(),
+                // OpenAI's newer name for the system message; chat templates know `system`.
+                role: if role == "developer" { "system" } else { role }.to_string(),
                 content,
             })
         })

@@ -4,12 +4,16 @@
 //! row keeping its own path and KV caches. Finished rows (stop token, stop string, token budget,
 //! client gone) leave the batch at once. Events stream back to each request's handler.
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use drllm_router::Policy;
 use drllm_runtime::{LayerPath, LoadedModel, PathBatch};
 use rand::{Rng, SeedableRng};
 use tch::{Kind, Tensor};
 use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
 
 /// How a request's path is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -125,12 +129,13 @@ pub enum Event {
         /// Tokens generated (up to a stop token, which is not counted).
         completion_tokens: usize,
     },
-    /// The job could not run; `client` says whether the request was at fault.
+    /// The job could not run.
     Failed {
         /// What went wrong.
         message: String,
-        /// A bad request (400) rather than a server error (500).
-        client: bool,
+        /// The HTTP status it answers with: 400 (the request was at fault), 500 (the server
+        /// was) or 503 (the server is shutting down and its drain deadline passed).
+        status: u16,
     },
 }
 
@@ -145,6 +150,28 @@ pub struct EngineConfig {
     /// model thread itself: the count is per thread.
     pub threads: Option<i32>,
 }
+
+/// What the model thread shares with the HTTP side.
+#[derive(Clone)]
+pub struct Shared {
+    /// Metrics the model thread keeps current (running batch, queue, cancellations).
+    pub metrics: Metrics,
+    /// Set when the drain deadline passes: every job in the batch or the queue, and every
+    /// later one, fails with 503 at once.
+    pub abort: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// Fresh metrics for a model of `num_layers` blocks, not aborted.
+    pub fn new(num_layers: usize) -> Shared {
+        Shared {
+            metrics: Metrics::new(num_layers),
+            abort: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+const ABORTED: &str = "the server is shutting down and its drain deadline passed";
 
 /// Budgets besides the default whose policies are kept at once.
 const MAX_BUDGETS: usize = 16;
@@ -241,7 +268,9 @@ pub fn run(
     mut routers: Option<Routers>,
     mut jobs: mpsc::Receiver<Job>,
     cfg: EngineConfig,
+    shared: Shared,
 ) {
+    let m = &shared.metrics;
     let _g = tch::no_grad_guard();
     tracing::debug!(
         default_threads = tch::get_num_threads(),
@@ -259,8 +288,31 @@ pub fn run(
         // A panic (a libtorch error surfacing as one) fails the requests in the batch, not
         // the server.
         let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> bool {
+            if shared.abort.load(Ordering::Relaxed) {
+                for r in &mut rows {
+                    fail(r, ABORTED, 503);
+                }
+                rows.clear();
+                batch = None;
+                for j in waiting
+                    .take()
+                    .into_iter()
+                    .chain(std::iter::from_fn(|| jobs.try_recv().ok()))
+                {
+                    fail_job(j, ABORTED, 503);
+                }
+                m.running.set(0);
+                m.waiting.set(0);
+                return match jobs.blocking_recv() {
+                    Some(j) => {
+                        fail_job(j, ABORTED, 503);
+                        true
+                    }
+                    None => false,
+                };
+            }
             // Rows that ended at the last step (or whose client left) leave first.
-            batch = retire(&lm, batch.take(), &mut rows);
+            batch = retire(&lm, batch.take(), &mut rows, m);
             // Admit: block when idle, else take what is queued, up to the limits.
             let mut new: Vec<Job> = vec![];
             let mut held: usize = rows.iter().map(Row::tokens_held).sum();
@@ -275,6 +327,7 @@ pub fn run(
                     break;
                 };
                 if j.events.is_closed() {
+                    m.cancelled.inc();
                     continue;
                 }
                 let need = j.prompt.len().saturating_add(j.max_tokens);
@@ -292,7 +345,7 @@ pub fn run(
                 match admit(&lm, routers.as_mut(), new, &stop_ids) {
                     Ok(Some((b, mut new_rows))) => {
                         // Rows that ended at prefill never join the running batch.
-                        let b = retire(&lm, Some(b), &mut new_rows);
+                        let b = retire(&lm, Some(b), &mut new_rows, m);
                         let joined = match (batch.take(), b) {
                             (Some(running), Some(b)) => PathBatch::concat(vec![running, b]),
                             (Some(only), None) | (None, Some(only)) => Ok(only),
@@ -315,6 +368,9 @@ pub fn run(
                     Err(e) => tracing::error!("prefill failed: {e}"),
                 }
             }
+            m.running.set(rows.len() as i64);
+            m.waiting
+                .set((jobs.len() + usize::from(waiting.is_some())) as i64);
             let Some(b) = batch.as_mut() else {
                 return true;
             };
@@ -360,6 +416,7 @@ fn retire<'m>(
     lm: &LoadedModel,
     batch: Option<PathBatch<'m>>,
     rows: &mut Vec<Row>,
+    m: &Metrics,
 ) -> Option<PathBatch<'m>> {
     let keep: Vec<usize> = (0..rows.len())
         .filter(|&i| rows[i].finish.is_none() && !rows[i].job.events.is_closed())
@@ -372,6 +429,9 @@ fn retire<'m>(
         if keep.binary_search(&i).is_ok() {
             rows.push(r);
         } else {
+            if r.finish.is_none() {
+                m.cancelled.inc();
+            }
             finish(&mut r, lm);
         }
     }
@@ -417,19 +477,19 @@ fn admit<'m>(
                 let paths = vec![LayerPath::all_ones(n); group.len()];
                 PathBatch::new(&lm.model, &paths)
                     .and_then(|mut b| b.prefill(&prompts).map(|h| (b, h)))
-                    .map_err(|e| (e.to_string(), false))
+                    .map_err(|e| (e.to_string(), 500))
             }
             Route::Budget(budget) => match routers.as_deref_mut() {
-                None => Err(("this server has no routers".to_string(), true)),
+                None => Err(("this server has no routers".to_string(), 400)),
                 Some(r) => match r.policy(budget) {
-                    Err(e) => Err((e, true)),
+                    Err(e) => Err((e, 400)),
                     Ok(policy) => {
                         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
                         let mut b = PathBatch::new_routed(&lm.model, group.len());
                         let mut route = |l: usize, h: &Tensor| policy.decide(l, h, &lens);
                         b.prefill_routed(&prompts, &mut route)
                             .map(|h| (b, h))
-                            .map_err(|e| (e.to_string(), false))
+                            .map_err(|e| (e.to_string(), 500))
                     }
                 },
             },
@@ -437,12 +497,9 @@ fn admit<'m>(
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let (b, h) = match prefilled {
             Ok(x) => x,
-            Err((msg, client)) => {
+            Err((msg, status)) => {
                 for j in group {
-                    let _ = j.events.send(Event::Failed {
-                        message: msg.clone(),
-                        client,
-                    });
+                    fail_job(j, &msg, status);
                 }
                 continue;
             }
@@ -454,7 +511,7 @@ fn admit<'m>(
             .collect();
         if let Err(e) = prompt_events(lm, &mut rows, &h) {
             for r in &mut rows {
-                fail(r, &e, false);
+                fail(r, &e, 500);
             }
             continue;
         }
@@ -698,18 +755,25 @@ fn finish(r: &mut Row, lm: &LoadedModel) {
     });
 }
 
-fn fail(r: &mut Row, msg: &str, client: bool) {
+fn fail(r: &mut Row, msg: &str, status: u16) {
     r.finish = Some(Finish::Stop);
     let _ = r.job.events.send(Event::Failed {
         message: msg.to_string(),
-        client,
+        status,
+    });
+}
+
+fn fail_job(j: Job, msg: &str, status: u16) {
+    let _ = j.events.send(Event::Failed {
+        message: msg.to_string(),
+        status,
     });
 }
 
 fn fail_all(rows: &mut [Row], msg: &str) {
     tracing::error!("{msg}");
     for r in rows {
-        fail(r, msg, false);
+        fail(r, msg, 500);
     }
 }
 

@@ -1,15 +1,19 @@
 //! The HTTP API (axum): OpenAI's `/v1/completions`, `/v1/chat/completions` (both with SSE
 //! streaming) and `/v1/models`, `/health`, and the tokenizer endpoints lm-evaluation-harness's
-//! remote tokenizer calls (`/tokenizer_info`, `/tokenize`, `/detokenize`). Handlers check and
-//! tokenize requests, queue one engine job per prompt, and shape the engine's events into
-//! OpenAI's responses; a request's error never touches another request.
+//! remote tokenizer calls (`/tokenizer_info`, `/tokenize`, `/detokenize`), and `/metrics`
+//! (Prometheus). Handlers check and tokenize requests (off the async threads, a few at a
+//! time), queue one engine job per prompt, and shape the engine's events into OpenAI's
+//! responses; a request's error never touches another request. Every answer is counted and
+//! logged (one access line per request), and every error, axum's own included, has OpenAI's
+//! shape.
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,10 +21,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use drllm_runtime::Tokenizer;
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::api::{self, ApiError, Fields, Prompt};
-use crate::engine::{Event, Finish, Job, Route, Sampling, TokenLogprob};
+use crate::engine::{Event, Finish, Job, Route, Sampling, Shared, TokenLogprob};
 
 /// What the handlers know about the model and the server.
 pub struct ServerInfo {
@@ -40,6 +44,11 @@ pub struct ServerInfo {
     pub has_routers: bool,
     /// Requests must carry `Authorization: Bearer <key>` when set.
     pub api_key: Option<String>,
+    /// Most bytes of a request body.
+    pub max_body_bytes: usize,
+    /// Most bytes of one prompt's text: longer text is more tokens than the context holds,
+    /// whatever it says, and is refused before it is tokenized.
+    pub max_prompt_bytes: usize,
 }
 
 /// Shared state of the handlers.
@@ -49,6 +58,9 @@ pub struct AppState {
     jobs: mpsc::Sender<Job>,
     ids: Arc<AtomicU64>,
     stats: Arc<Mutex<BTreeMap<String, RouteStats>>>,
+    shared: Shared,
+    /// Tokenizations running at once (each on a blocking thread).
+    tokenizing: Arc<Semaphore>,
 }
 
 /// What one route served so far (`GET /drllm/stats`): lm-evaluation-harness and other clients
@@ -71,18 +83,37 @@ fn route_label(route: Route) -> String {
 }
 
 impl AppState {
-    /// State over the engine's job queue.
-    pub fn new(info: ServerInfo, jobs: mpsc::Sender<Job>) -> AppState {
+    /// State over the engine's job queue, sharing `shared` with the engine.
+    pub fn new(info: ServerInfo, jobs: mpsc::Sender<Job>, shared: Shared) -> AppState {
         AppState {
             info: Arc::new(info),
             jobs,
             ids: Arc::new(AtomicU64::new(0)),
             stats: Arc::new(Mutex::new(BTreeMap::new())),
+            shared,
+            tokenizing: Arc::new(Semaphore::new(TOKENIZING)),
         }
     }
 
-    fn record(&self, route: Route, prompt_tokens: usize, o: &Outcome) {
+    /// The flag that fails every request in flight (set at the drain deadline).
+    pub fn abort(&self) -> &Arc<AtomicBool> {
+        &self.shared.abort
+    }
+
+    /// Counts one prompt answered on `route`, which arrived at `arrived`.
+    fn record(&self, route: Route, prompt_tokens: usize, o: &Outcome, arrived: Instant) {
         let Some(path) = &o.path else { return };
+        let m = &self.shared.metrics;
+        m.prompt_tokens.inc_by(prompt_tokens as u64);
+        m.generation_tokens.inc_by(o.completion_tokens as u64);
+        m.routing_cost.observe(path.cost() as f64);
+        let now = Instant::now();
+        let first = o.first.unwrap_or(now);
+        m.timings(
+            first.saturating_duration_since(arrived),
+            now.saturating_duration_since(arrived),
+            o.completion_tokens,
+        );
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         let s = stats.entry(route_label(route)).or_default();
         s.prompts += 1;
@@ -91,7 +122,39 @@ impl AppState {
         s.cost += path.cost() as u64;
         s.num_layers = path.num_layers();
     }
+
+    /// Tokenizes `text` on a blocking thread (a few at a time, so that long prompts never
+    /// hold the async threads that answer `/health` and the others), after refusing text
+    /// longer than the context can hold.
+    async fn encode(&self, text: String, special: bool, param: &str) -> Result<Vec<u32>, ApiError> {
+        let info = &self.info;
+        if text.len() > info.max_prompt_bytes {
+            return Err(ApiError::invalid(
+                param,
+                format!(
+                    "the text is {} bytes, more than this model's context of {} tokens can hold \
+                     (at most {} bytes)",
+                    text.len(),
+                    info.context,
+                    info.max_prompt_bytes
+                ),
+            ));
+        }
+        let _slot = self
+            .tokenizing
+            .acquire()
+            .await
+            .map_err(|_| ApiError::unavailable("the server is stopping"))?;
+        let info = self.info.clone();
+        tokio::task::spawn_blocking(move || info.tokenizer.encode(&text, special))
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?
+            .map_err(|e| ApiError::internal(e.to_string()))
+    }
 }
+
+/// Tokenizations at once: the model thread holds the cores, so more would only add memory.
+const TOKENIZING: usize = 2;
 
 /// The routes; every one but `/health` needs the API key when the server has one.
 pub fn router(state: AppState) -> Router {
@@ -105,9 +168,100 @@ pub fn router(state: AppState) -> Router {
         .route("/drllm/stats", get(stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(64 << 20))
+        .layer(DefaultBodyLimit::max(state.info.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// Counts and logs every answer, and gives the errors axum makes itself (413, 405, 415, ...)
+/// OpenAI's shape.
+async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().chars().take(200).collect::<String>();
+    // The route pattern, never the raw path, labels the metrics.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("other", |p| p.as_str())
+        .to_string();
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_default();
+    let resp = next.run(req).await;
+    let resp = openai_shaped(&s, &method, &path, resp).await;
+    let status = resp.status().as_u16();
+    s.shared.metrics.request(&route, status);
+    tracing::info!(
+        target: "drllm_serve::access",
+        %peer,
+        method = %method,
+        path,
+        status,
+        ms = (started.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+        "request"
+    );
+    resp
+}
+
+async fn openai_shaped(
+    s: &AppState,
+    method: &axum::http::Method,
+    path: &str,
+    resp: Response,
+) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.as_u16() < 400 || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let (message, code) = match status.as_u16() {
+        413 => (
+            format!(
+                "The request body is larger than this server's limit of {} bytes \
+                 (--max-body-bytes)",
+                s.info.max_body_bytes
+            ),
+            Some("request_too_large"),
+        ),
+        405 => (
+            format!("{method} is not allowed on {path}"),
+            Some("method_not_allowed"),
+        ),
+        _ if text.is_empty() => (
+            status.canonical_reason().unwrap_or("error").to_string(),
+            None,
+        ),
+        _ => (text, None),
+    };
+    let e = ApiError {
+        status: status.as_u16(),
+        message,
+        kind: if status.is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        },
+        param: None,
+        code,
+    };
+    let mut r = e.into_response();
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            r.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    r
 }
 
 fn json_response(status: u16, v: &Value) -> Response {
@@ -184,6 +338,21 @@ async fn health() -> Response {
     json_response(200, &json!({"status": "ok"}))
 }
 
+async fn metrics(State(s): State<AppState>) -> Response {
+    match s.shared.metrics.encode() {
+        Ok(text) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError::internal(format!("encoding the metrics: {e}")).into_response(),
+    }
+}
+
 async fn models(State(s): State<AppState>) -> Response {
     let mut ids = vec![s.info.name.clone()];
     if let Route::Budget(b) = s.info.default_route {
@@ -216,7 +385,10 @@ async fn stats(State(s): State<AppState>) -> Response {
             )
         })
         .collect();
-    json_response(200, &json!({"routes": routes}))
+    json_response(
+        200,
+        &json!({"routes": routes, "cancelled": s.shared.metrics.cancelled.get()}),
+    )
 }
 
 async fn tokenizer_info(State(s): State<AppState>) -> Response {
@@ -243,11 +415,7 @@ async fn tokenize(State(s): State<AppState>, body: Bytes) -> Result<Response, Ap
         .str("prompt")?
         .ok_or_else(|| ApiError::invalid("prompt", "'prompt' (a string) is required"))?;
     let special = f.bool("add_special_tokens")?.unwrap_or(true);
-    let ids = s
-        .info
-        .tokenizer
-        .encode(text, special)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let ids = s.encode(text.to_string(), special, "prompt").await?;
     let v = json!({"tokens": ids, "count": ids.len(), "max_model_len": s.info.context});
     Ok(json_response(200, &v))
 }
@@ -480,6 +648,8 @@ struct Outcome {
     finish: Option<Finish>,
     path: Option<drllm_runtime::LayerPath>,
     completion_tokens: usize,
+    /// When the first generated token arrived.
+    first: Option<Instant>,
 }
 
 async fn gather(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Outcome, ApiError> {
@@ -488,6 +658,7 @@ async fn gather(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Outcome, ApiEr
         match ev {
             Event::Prompt(p) => o.prompt = p,
             Event::Delta { text, tokens } => {
+                o.first.get_or_insert_with(Instant::now);
                 o.text.push_str(&text);
                 o.tokens.extend(tokens);
             }
@@ -501,12 +672,8 @@ async fn gather(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Outcome, ApiEr
                 o.completion_tokens = completion_tokens;
                 return Ok(o);
             }
-            Event::Failed { message, client } => {
-                return Err(if client {
-                    ApiError::bad_request(message)
-                } else {
-                    ApiError::internal(message)
-                })
+            Event::Failed { message, status } => {
+                return Err(ApiError::from_status(status, message))
             }
         }
     }
@@ -551,6 +718,7 @@ fn completion_logprobs(t: &Tokenizer, toks: &[TokenLogprob], start: usize) -> Va
 }
 
 async fn completions(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
     let s = &s;
     let obj = api::object(&body)?;
     let f = Fields(&obj);
@@ -569,10 +737,7 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Result<Response,
     for p in api::prompts(f.value("prompt"))? {
         let (p_ids, text) = match p {
             Prompt::Text(t) => {
-                let ids = info
-                    .tokenizer
-                    .encode(&t, true)
-                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                let ids = s.encode(t.clone(), true, "prompt").await?;
                 check_ids(info, &ids, "prompt")?;
                 (ids, t)
             }
@@ -605,13 +770,14 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Result<Response,
             Kind::Completion,
             texts,
             echo,
+            arrived,
         ));
     }
     let mut choices = vec![];
     let mut completion_tokens = 0;
     for (i, rx) in rxs.into_iter().enumerate() {
         let o = gather(rx).await?;
-        s.record(c.route, lens[i], &o);
+        s.record(c.route, lens[i], &o, arrived);
         let prefix = if echo {
             texts[i].clone()
         } else {
@@ -648,20 +814,30 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Result<Response,
 }
 
 async fn chat_completions(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
     let s = &s;
     let obj = api::object(&body)?;
     let f = Fields(&obj);
     let info = &s.info;
     let c = common(info, &f, info.context)?;
     let msgs = api::messages(f.value("messages"))?;
+    let logprobs = match f.bool("logprobs")?.unwrap_or(false) {
+        true => match f.usize("top_logprobs")?.unwrap_or(0) {
+            k if k > 20 => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "'top_logprobs' must be at most 20",
+                ))
+            }
+            k => Some(k),
+        },
+        false => None,
+    };
     let rendered = info
         .tokenizer
         .apply_chat_template(&msgs)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let ids = info
-        .tokenizer
-        .encode(&rendered, false)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let ids = s.encode(rendered, false, "messages").await?;
     check_ids(info, &ids, "messages")?;
     // Without max_tokens, the completion may fill the context.
     let max_tokens =
@@ -672,10 +848,6 @@ async fn chat_completions(State(s): State<AppState>, body: Bytes) -> Result<Resp
         };
     let c = Common { max_tokens, ..c };
     check_context(info, ids.len(), c.max_tokens)?;
-    let logprobs = match f.bool("logprobs")?.unwrap_or(false) {
-        true => Some(f.usize("top_logprobs")?.unwrap_or(0).min(20)),
-        false => None,
-    };
     let prompt_len = ids.len();
     let model = f.str("model")?.unwrap_or(&info.name).to_string();
     let id = format!("chatcmpl-{}", s.ids.fetch_add(1, Ordering::Relaxed));
@@ -691,13 +863,14 @@ async fn chat_completions(State(s): State<AppState>, body: Bytes) -> Result<Resp
             Kind::Chat,
             vec![],
             false,
+            arrived,
         ));
     }
     let Some(rx) = rxs.into_iter().next() else {
         return Err(ApiError::internal("no job was queued"));
     };
     let o = gather(rx).await?;
-    s.record(c.route, prompt_len, &o);
+    s.record(c.route, prompt_len, &o, arrived);
     let lp = logprobs.map(|_| chat_logprobs(&info.tokenizer, &o.tokens));
     Ok(json_response(
         200,
@@ -758,6 +931,7 @@ fn stream(
     kind: Kind,
     texts: Vec<String>,
     echo: bool,
+    arrived: Instant,
 ) -> Response {
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
     let created = now();
@@ -794,10 +968,12 @@ fn stream(
             if let Some(p) = prefix {
                 let _ = tx.send(chunk(index, json!(p), None, Value::Null));
             }
+            let mut first = None;
             while let Some(ev) = events.recv().await {
                 match ev {
                     Event::Prompt(_) => {}
                     Event::Delta { text, .. } => {
+                        first.get_or_insert_with(Instant::now);
                         let delta = match kind {
                             Kind::Completion => json!(text),
                             Kind::Chat => json!({"content": text}),
@@ -814,9 +990,10 @@ fn stream(
                         let o = Outcome {
                             path: Some(path.clone()),
                             completion_tokens,
+                            first,
                             ..Outcome::default()
                         };
-                        state.record(route, lens[index], &o);
+                        state.record(route, lens[index], &o, arrived);
                         let empty = match kind {
                             Kind::Completion => json!(""),
                             Kind::Chat => json!({}),
@@ -829,12 +1006,8 @@ fn stream(
                         ));
                         break;
                     }
-                    Event::Failed { message, client } => {
-                        let e = if client {
-                            ApiError::bad_request(message)
-                        } else {
-                            ApiError::internal(message)
-                        };
+                    Event::Failed { message, status } => {
+                        let e = ApiError::from_status(status, message);
                         let _ = tx.send(Bytes::from(format!("data: {}\n\n", e.body())));
                         break;
                     }

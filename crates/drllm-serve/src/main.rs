@@ -6,7 +6,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use drllm_cli::{LogArgs, ModelArgs};
 use drllm_infer::routing::{load_policy, open_package};
-use drllm_serve::{spawn_engine, AppState, EngineConfig, Route, Routers, ServerInfo};
+use drllm_serve::{
+    spawn_engine, AppState, ConnLimits, EngineConfig, Route, Routers, ServerInfo, Shared,
+};
 
 #[derive(Parser)]
 #[command(
@@ -18,7 +20,9 @@ use drllm_serve::{spawn_engine, AppState, EngineConfig, Route, Routers, ServerIn
   drllm-serve --routers embedded --budget -0.3 --served-model-name routed
       # model \"routed\" = routers at -0.3, \"routed@-0.5\" = at -0.5; a request's `drllm`
       # field ({\"budget\": b} or {\"routers\": false}) overrides it
-  drllm-serve --host 0.0.0.0 --port 8000 --api-key $KEY   # reachable from other hosts
+  DRLLM_API_KEY=$KEY drllm-serve --host 0.0.0.0          # reachable from other hosts (the key
+      # from the environment or --api-key-file, not --api-key, which `ps` shows to every user)
+  curl -s localhost:8000/metrics                          # Prometheus (OpenMetrics text)
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
       -d '{\"prompt\": \"The capital of France is\", \"max_tokens\": 8, \"temperature\": 0}'
   lm_eval --model local-completions --model_args model=routed,base_url=http://127.0.0.1:8000/v1/completions,tokenizer_backend=remote \\
@@ -26,7 +30,9 @@ use drllm_serve::{spawn_engine, AppState, EngineConfig, Route, Routers, ServerIn
 
 Each choice carries a `drllm` field: the layer path the request took, its cost (block
 applications) and the budget. SIGTERM or Ctrl-C stops accepting connections, answers the
-requests in flight, and exits."
+requests in flight for up to --drain-timeout seconds (then they get 503), and exits; a second
+signal exits at once. /health and /metrics need no key. Every request is logged on one line
+(target drllm_serve::access; JSON with --log-json)."
 )]
 struct Cli {
     #[command(flatten)]
@@ -55,9 +61,29 @@ struct Cli {
     /// Port (0 = any free port; the address is printed).
     #[arg(long, env = "DRLLM_PORT", default_value_t = 8000)]
     port: u16,
-    /// Requests must send `Authorization: Bearer <key>`.
+    /// Requests must send `Authorization: Bearer <key>`. Prefer DRLLM_API_KEY or
+    /// --api-key-file: a key on the command line shows in `ps`.
     #[arg(long, env = "DRLLM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// A file holding the API key (its first line).
+    #[arg(long, env = "DRLLM_API_KEY_FILE", conflicts_with = "api_key")]
+    api_key_file: Option<PathBuf>,
+    /// Most bytes of a request body (default: room for --max-batch prompts of the model's
+    /// full context at 8 bytes a token, at least 1 MiB).
+    #[arg(long, env = "DRLLM_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Seconds a connection may take to send a request's headers, counted from its opening
+    /// and, on a kept-alive connection, from the last answer (so also the idle timeout).
+    #[arg(long, env = "DRLLM_HEADER_TIMEOUT", default_value_t = 30.0)]
+    header_timeout: f64,
+    /// Most open connections; more wait in the listen backlog until one closes (keep it
+    /// under the process's open-file limit, `ulimit -n`).
+    #[arg(long, env = "DRLLM_MAX_CONNECTIONS", default_value_t = 512)]
+    max_connections: usize,
+    /// Seconds the requests in flight get to finish after SIGTERM or Ctrl-C; then they get
+    /// 503 and the server exits.
+    #[arg(long, env = "DRLLM_DRAIN_TIMEOUT", default_value_t = 30.0)]
+    drain_timeout: f64,
     /// Most requests decoding together (each joins the running batch at a step boundary).
     #[arg(long, env = "DRLLM_MAX_BATCH", default_value_t = 32)]
     max_batch: usize,
@@ -75,10 +101,30 @@ async fn main() -> Result<()> {
     let a = Cli::parse();
     a.log.init("info");
     let addr = SocketAddr::new(a.host, a.port);
-    if a.api_key.as_deref() == Some("") {
-        bail!("--api-key (DRLLM_API_KEY) is empty: give a key, or leave it unset");
+    let api_key = match &a.api_key_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the API key file {}", f.display()))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string(),
+        ),
+        None => a.api_key.clone(),
+    };
+    if api_key.as_deref() == Some("") {
+        bail!("the API key (--api-key, DRLLM_API_KEY or --api-key-file) is empty: give a key, or leave it unset");
     }
-    if !a.host.is_loopback() && a.api_key.is_none() {
+    for (name, v) in [
+        ("--header-timeout", a.header_timeout),
+        ("--drain-timeout", a.drain_timeout),
+    ] {
+        if !(0.0..=86_400.0).contains(&v) {
+            bail!("{name} {v} is not a number of seconds in [0, 86400]");
+        }
+    }
+    if !a.host.is_loopback() && api_key.is_none() {
         bail!(
             "--host {} accepts connections from other hosts: set --api-key (or DRLLM_API_KEY)",
             a.host
@@ -96,6 +142,17 @@ async fn main() -> Result<()> {
         Some(spec) => Some(Routers::new(load_policy(&lm, spec, a.budget)?)),
         None => None,
     };
+    let context = lm.model.cfg.max_position_embeddings.max(1) as usize;
+    let max_batch = a.max_batch.max(1);
+    let max_body_bytes = a
+        .max_body_bytes
+        .unwrap_or_else(|| (max_batch * context * 8).max(1 << 20));
+    // Text over this many bytes is more tokens than the context, whatever it says.
+    let max_prompt_bytes = context
+        .saturating_mul(lm.tokenizer.max_bytes_per_token())
+        .min(max_body_bytes);
+    tracing::debug!(max_body_bytes, max_prompt_bytes, "request bounds");
+    let num_layers = lm.model.num_layers();
     let name = a
         .served_model_name
         .clone()
@@ -103,26 +160,29 @@ async fn main() -> Result<()> {
     let info = ServerInfo {
         name: name.clone(),
         tokenizer: lm.tokenizer.clone(),
-        context: lm.model.cfg.max_position_embeddings.max(1) as usize,
+        context,
         vocab: lm.model.cfg.vocab_size.max(0) as usize,
-        num_layers: lm.model.num_layers(),
+        num_layers,
         default_route: if routers.is_some() {
             Route::Budget(a.budget)
         } else {
             Route::AllExecute
         },
         has_routers: routers.is_some(),
-        api_key: a.api_key.clone(),
+        api_key,
+        max_body_bytes,
+        max_prompt_bytes,
     };
     let cfg = EngineConfig {
-        max_batch: a.max_batch.max(1),
+        max_batch,
         max_batch_tokens: a.max_batch_tokens.max(1),
         // The count is per thread: the model thread gets this one's (measured 1.6x faster
         // prefill than libtorch's default there, docs/benchmarks.md).
         threads: Some(a.m.threads.unwrap_or_else(tch::get_num_threads)),
     };
-    let (jobs, engine) =
-        spawn_engine(lm, routers, cfg, a.max_queue).context("starting the model thread")?;
+    let shared = Shared::new(num_layers);
+    let (jobs, engine) = spawn_engine(lm, routers, cfg, a.max_queue, shared.clone())
+        .context("starting the model thread")?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
@@ -139,10 +199,32 @@ async fn main() -> Result<()> {
         }
     );
     let stop = drllm_serve_stop()?;
-    drllm_serve::serve(listener, AppState::new(info, jobs), stop)
-        .await
-        .context("serving")?;
-    // Every handler has answered and the queue's last sender is gone: the engine finishes.
+    let limits = ConnLimits {
+        header_timeout: std::time::Duration::from_secs_f64(a.header_timeout),
+        max_connections: a.max_connections.max(1),
+        drain_timeout: std::time::Duration::from_secs_f64(a.drain_timeout),
+    };
+    drllm_serve::serve(
+        listener,
+        AppState::new(info, jobs, shared.clone()),
+        limits,
+        stop,
+    )
+    .await
+    .context("serving")?;
+    // Every handler has answered and the queue's last sender is gone: the engine finishes. A
+    // connection that outlived the drain deadline may still hold a sender: then it is not
+    // waited for.
+    let waited = std::time::Instant::now();
+    while !engine.is_finished() {
+        if shared.abort.load(std::sync::atomic::Ordering::Relaxed)
+            && waited.elapsed() > std::time::Duration::from_secs(5)
+        {
+            eprintln!("stopped (the model thread was still busy)");
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     engine
         .join()
         .map_err(|_| anyhow::anyhow!("the model thread panicked"))?;
@@ -150,7 +232,7 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
+/// Resolves on the first SIGINT or SIGTERM; a second one exits the process at once.
 fn drllm_serve_stop() -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -160,6 +242,14 @@ fn drllm_serve_stop() -> Result<impl std::future::Future<Output = ()> + Send + '
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
-        tracing::info!("stopping: answering the requests in flight");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            tracing::warn!("second signal: exiting without waiting for the requests in flight");
+            eprintln!("stopped (second signal)");
+            std::process::exit(130);
+        });
     })
 }
