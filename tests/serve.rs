@@ -716,6 +716,54 @@ fn the_server_is_bounded_under_abuse_and_observable() {
         "an access line per request"
     );
     assert!(server.log_has("status=413"));
+    // Streamed chunks carry the log-probabilities the plain answer has (echo included), in
+    // pieces: completions and chat.
+    let mut plain = counting(12);
+    plain["json"]["logprobs"] = json!(2);
+    plain["json"]["echo"] = json!(true);
+    let mut streamed = plain.clone();
+    streamed["stream"] = json!(true);
+    streamed["json"]["stream"] = json!(true);
+    let msgs = json!([{"role": "user", "content": "Count to ten."}]);
+    let chat_plain = chat(json!({"messages": msgs, "max_tokens": 8, "temperature": 0,
+        "logprobs": true, "top_logprobs": 2}));
+    let mut chat_streamed = chat_plain.clone();
+    chat_streamed["stream"] = json!(true);
+    chat_streamed["json"]["stream"] = json!(true);
+    let got = client(
+        &server.base,
+        json!({"requests": [plain, streamed, chat_plain, chat_streamed]}),
+    );
+    let want = &got[0]["body"]["choices"][0]["logprobs"];
+    let events = got[1]["events"].as_array().unwrap();
+    let mut joined =
+        json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+    for e in events.iter().filter(|e| e.is_object()) {
+        let lp = &e["choices"][0]["logprobs"];
+        if lp.is_null() {
+            continue;
+        }
+        for k in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            let more = lp[k].as_array().unwrap().clone();
+            joined[k].as_array_mut().unwrap().extend(more);
+        }
+    }
+    assert!(want["tokens"].as_array().unwrap().len() > 12, "{want}");
+    assert_eq!(&joined, want, "streamed vs plain completion logprobs");
+    let want = &got[2]["body"]["choices"][0]["logprobs"]["content"];
+    let joined: Vec<Value> = got[3]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.is_object())
+        .filter_map(|e| e["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(
+        &Value::from(joined),
+        want,
+        "streamed vs plain chat logprobs"
+    );
     // SIGTERM with a request that outlives the drain deadline: it gets 503, the server exits.
     let base = server.base.clone();
     let long = std::thread::spawn(move || client(&base, json!({"requests": [counting(4000)]})));

@@ -228,6 +228,14 @@ struct Row {
     /// Tokens generated so far, and their log-probabilities when asked for.
     tokens: Vec<u32>,
     logprobs: Vec<TokenLogprob>,
+    /// The text of `tokens[..read_offset]`, decoded incrementally: each step decodes only the
+    /// tokens since `prefix_offset` (a window that starts a few tokens back, so that merges
+    /// and multi-byte characters across the boundary come out as a whole decode gives them).
+    text: String,
+    prefix_offset: usize,
+    read_offset: usize,
+    /// Bytes of `text` already searched for stop strings.
+    searched: usize,
     /// Bytes of the decoded text and tokens already sent.
     sent_text: usize,
     sent_tokens: usize,
@@ -249,10 +257,39 @@ impl Row {
             rng,
             tokens: vec![],
             logprobs: vec![],
+            text: String::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            searched: 0,
             sent_text: 0,
             sent_tokens: 0,
             finish: None,
             at_stop_string: false,
+        }
+    }
+
+    /// Appends the text of the tokens since the last call to `text`, once it is whole (not
+    /// ending in an unfinished character), or in any case with `last`. Decoding only the
+    /// window keeps a step's cost independent of the length generated so far.
+    fn decode_new(&mut self, lm: &LoadedModel, last: bool) {
+        if self.read_offset >= self.tokens.len() {
+            return;
+        }
+        let t = &lm.tokenizer;
+        let before = t
+            .decode(&self.tokens[self.prefix_offset..self.read_offset])
+            .unwrap_or_default();
+        let after = t
+            .decode(&self.tokens[self.prefix_offset..])
+            .unwrap_or_default();
+        // (byte-fallback tokenizers decode each byte of an unfinished character to U+FFFD)
+        if (last || !after.ends_with('\u{FFFD}'))
+            && after.len() >= before.len()
+            && after.is_char_boundary(before.len())
+        {
+            self.text.push_str(&after[before.len()..]);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.tokens.len();
         }
     }
 
@@ -668,25 +705,29 @@ fn accept_step(
 /// Sends the row's new text (holding back what could be the start of a stop string), or ends
 /// it at a stop string.
 fn emit(r: &mut Row, lm: &LoadedModel) {
-    let text = lm.tokenizer.decode(&r.tokens).unwrap_or_default();
+    r.decode_new(lm, false);
+    let text = &r.text;
     let mut end = text.len();
+    // Only where a stop string can newly appear: no match ends before what was searched.
+    let longest = r.job.stop.iter().map(String::len).max().unwrap_or(0);
+    let mut from = r.searched.saturating_sub(longest.saturating_sub(1));
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    r.searched = text.len();
     if let Some(pos) = r
         .job
         .stop
         .iter()
         .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
+        .filter_map(|s| text[from..].find(s.as_str()).map(|p| p + from))
         .min()
     {
         end = pos;
         r.finish = Some(Finish::Stop);
         r.at_stop_string = true;
     } else {
-        // An incomplete character, or a suffix that may grow into a stop string, waits.
-        // (byte-fallback tokenizers decode each byte of an unfinished character to one).
-        while text[..end].ends_with('\u{FFFD}') {
-            end -= '\u{FFFD}'.len_utf8();
-        }
+        // A suffix that may grow into a stop string waits.
         let held = r
             .job
             .stop
@@ -701,7 +742,7 @@ fn emit(r: &mut Row, lm: &LoadedModel) {
         end -= held;
     }
     if end > r.sent_text && text.is_char_boundary(end) && text.is_char_boundary(r.sent_text) {
-        let delta = text[r.sent_text..end].to_string();
+        let delta = r.text[r.sent_text..end].to_string();
         let tokens = new_tokens(r);
         r.sent_text = end;
         let _ = r.job.events.send(Event::Delta {
@@ -735,11 +776,11 @@ fn finish(r: &mut Row, lm: &LoadedModel) {
     let text = if r.at_stop_string {
         String::new()
     } else {
-        let text = lm.tokenizer.decode(&r.tokens).unwrap_or_default();
-        let from = r.sent_text.min(text.len());
-        if text.is_char_boundary(from) {
-            r.sent_text = text.len();
-            text[from..].to_string()
+        r.decode_new(lm, true);
+        let from = r.sent_text.min(r.text.len());
+        if r.text.is_char_boundary(from) {
+            r.sent_text = r.text.len();
+            r.text[from..].to_string()
         } else {
             String::new()
         }

@@ -693,8 +693,9 @@ fn path_ext(path: Option<&drllm_runtime::LayerPath>, route: Route) -> Value {
     }
 }
 
-/// The legacy completions `logprobs` object over `toks` (text offsets from `start`).
-fn completion_logprobs(t: &Tokenizer, toks: &[TokenLogprob], start: usize) -> Value {
+/// The legacy completions `logprobs` object over `toks` (text offsets from `start`), and the
+/// offset after them.
+fn completion_logprobs(t: &Tokenizer, toks: &[TokenLogprob], start: usize) -> (Value, usize) {
     let mut offset = start;
     let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
     for tok in toks {
@@ -714,7 +715,10 @@ fn completion_logprobs(t: &Tokenizer, toks: &[TokenLogprob], start: usize) -> Va
             }
         });
     }
-    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+    (
+        json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}),
+        offset,
+    )
 }
 
 async fn completions(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
@@ -770,6 +774,7 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Result<Response,
             Kind::Completion,
             texts,
             echo,
+            logprobs.is_some(),
             arrived,
         ));
     }
@@ -785,7 +790,7 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Result<Response,
         };
         let lp = logprobs.map(|_| {
             let all: Vec<TokenLogprob> = o.prompt.iter().chain(&o.tokens).cloned().collect();
-            completion_logprobs(&info.tokenizer, &all, 0)
+            completion_logprobs(&info.tokenizer, &all, 0).0
         });
         completion_tokens += o.completion_tokens;
         choices.push(json!({
@@ -863,6 +868,7 @@ async fn chat_completions(State(s): State<AppState>, body: Bytes) -> Result<Resp
             Kind::Chat,
             vec![],
             false,
+            logprobs.is_some(),
             arrived,
         ));
     }
@@ -931,6 +937,7 @@ fn stream(
     kind: Kind,
     texts: Vec<String>,
     echo: bool,
+    logprobs: bool,
     arrived: Instant,
 ) -> Response {
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
@@ -939,11 +946,11 @@ fn stream(
         Kind::Completion => "text_completion",
         Kind::Chat => "chat.completion.chunk",
     };
-    let chunk = move |index: usize, delta: Value, finish: Option<&str>, ext: Value| -> Bytes {
+    let chunk = move |index: usize, delta: Value, lp: Value, finish: Option<&str>, ext: Value| {
         let choice = match kind {
-            Kind::Completion => json!({"index": index, "text": delta, "logprobs": null,
+            Kind::Completion => json!({"index": index, "text": delta, "logprobs": lp,
                 "finish_reason": finish, "drllm": ext}),
-            Kind::Chat => json!({"index": index, "delta": delta, "logprobs": null,
+            Kind::Chat => json!({"index": index, "delta": delta, "logprobs": lp,
                 "finish_reason": finish, "drllm": ext}),
         };
         let v = json!({"id": id, "object": object, "created": created, "model": model,
@@ -961,24 +968,48 @@ fn stream(
                 let _ = tx.send(chunk(
                     index,
                     json!({"role": "assistant", "content": ""}),
+                    Value::Null,
                     None,
                     Value::Null,
                 ));
             }
-            if let Some(p) = prefix {
-                let _ = tx.send(chunk(index, json!(p), None, Value::Null));
+            let tok = &state.info.tokenizer;
+            // With log-probabilities, the echoed prompt goes out with its own (from the
+            // prompt's event); without, at once.
+            let mut prefix = prefix;
+            if !logprobs {
+                if let Some(p) = prefix.take() {
+                    let _ = tx.send(chunk(index, json!(p), Value::Null, None, Value::Null));
+                }
             }
+            // Text offset of the next token (completions' `text_offset`).
+            let mut offset = 0;
             let mut first = None;
             while let Some(ev) = events.recv().await {
                 match ev {
-                    Event::Prompt(_) => {}
-                    Event::Delta { text, .. } => {
+                    Event::Prompt(p) => {
+                        if let Some(text) = prefix.take() {
+                            let (lp, next) = completion_logprobs(tok, &p, offset);
+                            offset = next;
+                            let _ = tx.send(chunk(index, json!(text), lp, None, Value::Null));
+                        }
+                    }
+                    Event::Delta { text, tokens } => {
                         first.get_or_insert_with(Instant::now);
                         let delta = match kind {
                             Kind::Completion => json!(text),
                             Kind::Chat => json!({"content": text}),
                         };
-                        if tx.send(chunk(index, delta, None, Value::Null)).is_err() {
+                        let lp = match (logprobs, kind) {
+                            (false, _) => Value::Null,
+                            (true, Kind::Completion) => {
+                                let (lp, next) = completion_logprobs(tok, &tokens, offset);
+                                offset = next;
+                                lp
+                            }
+                            (true, Kind::Chat) => chat_logprobs(tok, &tokens),
+                        };
+                        if tx.send(chunk(index, delta, lp, None, Value::Null)).is_err() {
                             return; // The client left: dropping `events` ends the job.
                         }
                     }
@@ -1001,6 +1032,7 @@ fn stream(
                         let _ = tx.send(chunk(
                             index,
                             empty,
+                            Value::Null,
                             Some(finish.as_str()),
                             path_ext(Some(&path), route),
                         ));
