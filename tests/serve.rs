@@ -32,6 +32,8 @@ impl Server {
             .args(["--port", "0", "--threads", "2"])
             .args(args)
             .env_remove("DRLLM_API_KEY")
+            // The engine's debug lines say how prompts were prefilled.
+            .env("DRLLM_LOG", "info,drllm_serve::engine=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -322,6 +324,8 @@ fn echo_logprobs_are_lm_evals_loglikelihoods_and_routing_is_per_request() {
             assert!(tops[0].is_null() && tops[1].as_object().unwrap().len() == 1);
         }
     }
+    // The choices of a question share its tokens: prefilled and scored once for all of them.
+    assert!(server.log_has("scored with shared prefixes"));
 
     // Routing per request: the embedded routers at the default budget, at another one, and
     // off; each routed greedy answer equals the runtime's routed generation of that prompt.
