@@ -2,13 +2,15 @@
 """drllm-serve throughput and latency, measured side by side in one run (docs/benchmarks.md).
 
 Starts target/release/drllm-serve on the embedded model (or --model), sends the same greedy
-completion requests (real ARC-Easy dev questions) one at a time and then from 8 and 64
-concurrent clients, and prints per setting: requests, errors, answers equal to the one-at-a-time
+completion requests (real ARC-Easy dev questions) one at a time and then from more concurrent
+clients (--clients, default 1,8,32: equal total work), and prints per setting: requests, errors, answers equal to the one-at-a-time
 answer, p50 / p99 latency, generated tokens/s and the speed-up over one at a time. With
 --lm-eval it also times lm-evaluation-harness on ARC-Easy dev (local task) against the server
-(`local-completions`) and against its own transformers backend on the same weights.
+(`local-completions`) and against its own transformers backend on the same weights, --repeats
+times alternating, and prints the medians and the median of the per-repeat ratios.
 
-  .venv/bin/python scripts/serve_bench.py [--requests 64] [--max-tokens 32] [--threads 2] [--lm-eval]
+  .venv/bin/python scripts/serve_bench.py [--requests 64] [--max-tokens 32] [--threads 2] [--clients 1,8,32]
+      [--lm-eval [--repeats 3]] [--no-load]
 """
 import argparse
 import json
@@ -79,13 +81,16 @@ def main():
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--lm-eval", action="store_true")
     ap.add_argument("--lm-eval-limit", type=int, default=40)
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-load", action="store_true", help="skip the concurrency table")
     args = ap.parse_args()
     proc, base = start(args, ["--max-batch", str(args.max_batch), "--served-model-name", "m"])
     try:
         prompts = questions(args.requests)
         post(base, {"prompt": prompts[0], "max_tokens": 2, "temperature": 0})  # warm-up
         rows, solo = [], None
-        for clients in (1, 8, 64):
+        for clients in ([] if args.no_load else [int(c) for c in args.clients.split(",")]):
             wall, res = run(base, prompts, args.max_tokens, clients)
             ok = [r for r in res if r[1] is not None]
             if solo is None:
@@ -98,11 +103,11 @@ def main():
         print(f"drllm-serve, {args.requests} ARC-Easy dev questions, greedy, max_tokens "
               f"{args.max_tokens}, --threads {args.threads}, --max-batch {args.max_batch}")
         print("| clients | requests | errors | equal to one-at-a-time | p50 latency s | "
-              "p99 latency s | tokens/s | speed-up |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for c, n, err, same, p50, p99, tps, _ in rows:
+              "p99 latency s | tokens/s | wall s | speed-up |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for c, n, err, same, p50, p99, tps, wall in rows:
             print(f"| {c} | {n} | {err} | {same}/{n} | {p50:.2f} | {p99:.2f} | {tps:.1f} | "
-                  f"{tps / rows[0][6]:.2f}x |")
+                  f"{wall:.1f} | {tps / rows[0][6]:.2f}x |")
         if args.lm_eval:
             with tempfile.TemporaryDirectory() as tmp:
                 data = os.path.realpath(os.path.join(ROOT, "..", "shared", "data"))
@@ -113,18 +118,28 @@ def main():
                        "tasks_dir": tmp, "task": "arc_easy_drllm", "limit": args.lm_eval_limit,
                        "batch_size": 8, "hf": True, "threads": args.threads,
                        "servers": {"server": {"base": base, "model": "m"}}}
-                out = subprocess.run([sys.executable,
-                                      os.path.join(ROOT, "tests/reference/lm_eval_compare.py")],
-                                     input=json.dumps(job), capture_output=True, text=True)
-                if out.returncode != 0:
-                    sys.exit(out.stderr[-2000:])
-                r = json.loads(out.stdout)
-                s, h = r["server"], r["hf"]
-                print(f"\nlm-eval arc_easy_drllm, {args.lm_eval_limit} docs, batch 8: "
-                      f"local-completions against drllm-serve {s['wall_s']:.1f}s "
-                      f"(acc {s['metrics']['acc,none']}), --model hf {h['wall_s']:.1f}s "
-                      f"(acc {h['metrics']['acc,none']}): hf / server = "
-                      f"{h['wall_s'] / s['wall_s']:.2f}x")
+                walls_s, walls_h = [], []
+                for _ in range(args.repeats):
+                    out = subprocess.run([sys.executable,
+                                          os.path.join(ROOT, "tests/reference/lm_eval_compare.py")],
+                                         input=json.dumps(job), capture_output=True, text=True)
+                    if out.returncode != 0:
+                        sys.exit(out.stderr[-2000:])
+                    r = json.loads(out.stdout)
+                    s, h = r["server"], r["hf"]
+                    walls_s.append(s["wall_s"])
+                    walls_h.append(h["wall_s"])
+                    print(f"lm-eval run: server {s['wall_s']:.1f}s (acc {s['metrics']['acc,none']}, "
+                          f"acc_norm {s['metrics']['acc_norm,none']}), hf {h['wall_s']:.1f}s "
+                          f"(acc {h['metrics']['acc,none']}, acc_norm {h['metrics']['acc_norm,none']})",
+                          flush=True)
+                ratios = [h / s for h, s in zip(walls_h, walls_s)]
+                print(f"\nlm-eval arc_easy_drllm, {args.lm_eval_limit} docs, batch 8, {args.repeats} "
+                      f"runs: local-completions against drllm-serve median "
+                      f"{statistics.median(walls_s):.1f}s, --model hf median "
+                      f"{statistics.median(walls_h):.1f}s: hf / server = median "
+                      f"{statistics.median(ratios):.2f}x (runs: "
+                      f"{', '.join(f'{x:.2f}' for x in ratios)})")
     finally:
         proc.terminate()
         proc.wait()
