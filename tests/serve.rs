@@ -562,7 +562,7 @@ fn the_server_is_bounded_under_abuse_and_observable() {
     // Errors axum makes itself, and requests this server refuses, in OpenAI's shape.
     let c = |body: Value| json!({"path": "/v1/completions", "json": body});
     let chat = |body: Value| json!({"path": "/v1/chat/completions", "json": body});
-    let cases = vec![
+    let cases = [
         (
             json!({"method": "GET", "path": "/v1/completions"}),
             405,
