@@ -14,11 +14,11 @@ pub(super) const ECHO_CHUNK: i64 = 512;
 pub(super) const MIN_SHARED: usize = 8;
 
 /// Answers the jobs of `jobs` that only score their prompt (at most one token, lm-eval's
-/// log-likelihood requests) and share a prefix of at least [`MIN_SHARED`] tokens with another,
-/// all along every block: each shared prefix is prefilled, and its log-probabilities computed,
-/// once, and every prompt resumes from it with its own rest. lm-eval sends a question with each
-/// of its answer choices, so this prefills and scores the question once instead of once per
-/// choice. Returns the jobs it did not take.
+/// log-likelihood requests), all along every block, when at least two of them share a prefix
+/// of [`MIN_SHARED`] tokens or more: each shared prefix is prefilled, and its log-probabilities
+/// computed, once, and every prompt resumes from it with its own rest. lm-eval sends a question
+/// with each of its answer choices, so this prefills and scores the question once instead of
+/// once per choice. Returns the jobs it did not take.
 pub(super) fn score_shared(lm: &LoadedModel, jobs: Vec<Job>, stop_ids: &[u32]) -> Vec<Job> {
     let (scoring, mut rest): (Vec<Job>, Vec<Job>) = jobs
         .into_iter()
@@ -44,13 +44,14 @@ pub(super) fn score_shared(lm: &LoadedModel, jobs: Vec<Job>, stop_ids: &[u32]) -
         }
         clusters.push((p.len() - 1, vec![i]));
     }
-    let (shared, single): (Vec<_>, Vec<_>) = clusters.into_iter().partition(|c| c.1.len() > 1);
-    for (_, members) in single {
-        rest.extend(members.into_iter().filter_map(|i| scoring[i].take()));
-    }
-    if shared.is_empty() {
+    // Once two prompts share a prefix, the others join as clusters of one (all but their last
+    // token as the prefix): the group then takes two passes (prefixes, then the prompts' own
+    // tokens) rather than a third for the prompts left alone.
+    if clusters.iter().all(|c| c.1.len() == 1) {
+        rest.extend(scoring.into_iter().flatten());
         return rest;
     }
+    let shared = clusters;
     let jobs: Vec<(usize, Job)> = shared
         .iter()
         .enumerate()
