@@ -181,6 +181,20 @@ impl Shared {
 
 const ABORTED: &str = "the server is shutting down and its drain deadline passed";
 
+/// What can fail in the model thread; the requests it fails get it as text.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The runtime refused or failed a batch operation (prefill, decode, joining, shrinking).
+    #[error(transparent)]
+    Runtime(#[from] drllm_runtime::Error),
+    /// A tensor could not be read back.
+    #[error("reading a tensor: {0}")]
+    Tensor(#[from] tch::TchError),
+    /// The routers could not be set at a budget a request asked for.
+    #[error(transparent)]
+    Budget(#[from] drllm_router::BudgetError),
+}
+
 /// Budgets besides the default whose policies are kept at once.
 const MAX_BUDGETS: usize = 16;
 
@@ -205,7 +219,7 @@ impl Routers {
         self.default.budget()
     }
 
-    fn policy(&mut self, budget: f64) -> Result<&Policy, String> {
+    fn policy(&mut self, budget: f64) -> Result<&Policy, EngineError> {
         if budget.to_bits() == self.default.budget().to_bits() {
             return Ok(&self.default);
         }
@@ -220,8 +234,7 @@ impl Routers {
                     self.default.routers.snapshot(),
                     self.default.windows,
                     budget,
-                )
-                .map_err(|e| e.to_string())?;
+                )?;
                 Ok(e.insert(p))
             }
         }
@@ -327,7 +340,7 @@ pub fn run(
                 }
             };
             if let Err(e) = accept_step(&lm, &mut rows, &logits, &stop_ids) {
-                fail_all(&mut rows, &e);
+                fail_all(&mut rows, &e.to_string());
                 rows.clear();
                 batch = None;
             }
@@ -397,7 +410,7 @@ fn admit<'m>(
     mut routers: Option<&mut Routers>,
     jobs: Vec<Job>,
     stop_ids: &[u32],
-) -> Result<Option<(PathBatch<'m>, Vec<Row>)>, String> {
+) -> Result<Option<(PathBatch<'m>, Vec<Row>)>, EngineError> {
     let mut groups: Vec<(Route, Vec<Job>)> = vec![];
     for j in jobs {
         match groups.iter_mut().find(|(r, _)| r.key() == j.route.key()) {
@@ -426,7 +439,7 @@ fn admit<'m>(
             Route::Budget(budget) => match routers.as_deref_mut() {
                 None => Err(("this server has no routers".to_string(), 400)),
                 Some(r) => match r.policy(budget) {
-                    Err(e) => Err((e, 400)),
+                    Err(e) => Err((e.to_string(), 400)),
                     Ok(policy) => {
                         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
                         let mut b = PathBatch::new_routed(&lm.model, group.len());
@@ -454,6 +467,7 @@ fn admit<'m>(
             .map(|(j, p)| Row::new(j, p))
             .collect();
         if let Err(e) = prompt_events(lm, &mut rows, &h) {
+            let e = e.to_string();
             for r in &mut rows {
                 fail(r, &e, 500);
             }
@@ -480,7 +494,7 @@ fn admit<'m>(
     if parts.is_empty() {
         return Ok(None);
     }
-    let joined = PathBatch::concat(parts).map_err(|e| e.to_string())?;
+    let joined = PathBatch::concat(parts)?;
     Ok(Some((joined, all_rows)))
 }
 

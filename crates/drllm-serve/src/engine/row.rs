@@ -93,9 +93,8 @@ pub(super) fn accept_step(
     rows: &mut [Row],
     logits: &Tensor,
     stop_ids: &[u32],
-) -> Result<(), String> {
-    let greedy = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(tch::Device::Cpu))
-        .map_err(|e| e.to_string())?;
+) -> Result<(), EngineError> {
+    let greedy = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(tch::Device::Cpu))?;
     let want_lp = rows.iter().any(|r| r.job.logprobs.is_some());
     let lp = want_lp.then(|| logits.log_softmax(-1, Kind::Float));
     for (i, r) in rows.iter_mut().enumerate() {
@@ -106,8 +105,7 @@ pub(super) fn accept_step(
         let tok = if s.temperature <= 0.0 {
             greedy[i] as u32
         } else {
-            let row = Vec::<f32>::try_from(logits.get(i as i64).to_device(tch::Device::Cpu))
-                .map_err(|e| e.to_string())?;
+            let row = Vec::<f32>::try_from(logits.get(i as i64).to_device(tch::Device::Cpu))?;
             sample(&row, &s, &mut r.rng)
         };
         if let (Some(k), Some(lp)) = (r.job.logprobs, &lp) {

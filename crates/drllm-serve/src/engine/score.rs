@@ -76,14 +76,19 @@ pub(super) fn score_shared(lm: &LoadedModel, jobs: Vec<Job>, stop_ids: &[u32]) -
             for r in rows.iter_mut().filter(|r| r.job.max_tokens == 0) {
                 r.finish = Some(Finish::Length);
             }
-            if let Err(e) = accept_step(lm, &mut rows, &last, stop_ids) {
-                for r in &mut rows {
-                    fail(r, &e, 500);
+            match accept_step(lm, &mut rows, &last, stop_ids) {
+                Ok(()) => {
+                    for r in &mut rows {
+                        r.finish.get_or_insert(Finish::Length);
+                        finish(r, lm);
+                    }
                 }
-            }
-            for r in &mut rows {
-                r.finish.get_or_insert(Finish::Length);
-                finish(r, lm);
+                Err(e) => {
+                    let e = e.to_string();
+                    for r in &mut rows {
+                        fail(r, &e, 500);
+                    }
+                }
             }
             tracing::debug!(
                 rows = rows.len(),
@@ -94,6 +99,7 @@ pub(super) fn score_shared(lm: &LoadedModel, jobs: Vec<Job>, stop_ids: &[u32]) -
         }
         Err(e) => {
             tracing::error!("scoring with shared prefixes: {e}");
+            let e = e.to_string();
             for r in &mut rows {
                 fail(r, &e, 500);
             }
@@ -109,22 +115,21 @@ pub(super) fn score_shared_rows(
     lm: &LoadedModel,
     jobs: &[(usize, Job)],
     plens: &[usize],
-) -> Result<(Vec<Option<Vec<TokenLogprob>>>, Tensor), String> {
+) -> Result<(Vec<Option<Vec<TokenLogprob>>>, Tensor), EngineError> {
     let n = lm.model.num_layers();
     let first = |c: usize| jobs.iter().find(|(cc, _)| *cc == c).map(|(_, j)| j);
     let prefixes: Vec<Vec<u32>> = (0..plens.len())
         .map(|c| first(c).map_or(vec![], |j| j.prompt[..plens[c]].to_vec()))
         .collect();
-    let mut pb = PathBatch::new(&lm.model, &vec![LayerPath::all_ones(n); prefixes.len()])
-        .map_err(|e| e.to_string())?;
-    let hp = pb.prefill(&prefixes).map_err(|e| e.to_string())?;
+    let mut pb = PathBatch::new(&lm.model, &vec![LayerPath::all_ones(n); prefixes.len()])?;
+    let hp = pb.prefill(&prefixes)?;
     let rows: Vec<usize> = jobs.iter().map(|(c, _)| *c).collect();
-    let mut rb = pb.select_rows(&rows).map_err(|e| e.to_string())?;
+    let mut rb = pb.select_rows(&rows)?;
     let rests: Vec<Vec<u32>> = jobs
         .iter()
         .map(|(c, j)| j.prompt[plens[*c]..].to_vec())
         .collect();
-    let hs = rb.extend(&rests).map_err(|e| e.to_string())?;
+    let hs = rb.extend(&rests)?;
     // Per cluster, once: the log-probabilities of the prefix's own tokens, and the
     // distribution after it (each member's first own token is scored from it).
     let tp = hp.size()[1];
@@ -211,7 +216,7 @@ pub(super) fn position_logprobs(
     h: &Tensor,
     targets: &[u32],
     k: usize,
-) -> Result<PositionLogprobs, String> {
+) -> Result<PositionLogprobs, EngineError> {
     let len = targets.len() as i64;
     let (mut chosen, mut tops) = (vec![], vec![]);
     let mut from = 0i64;
@@ -226,14 +231,11 @@ pub(super) fn position_logprobs(
             .map(|&x| x as i64)
             .collect();
         let idx = Tensor::from_slice(&ids).to_device(lp.device()).unsqueeze(1);
-        chosen.extend(
-            Vec::<f32>::try_from(
-                lp.gather(1, &idx, false)
-                    .squeeze_dim(1)
-                    .to_device(tch::Device::Cpu),
-            )
-            .map_err(|e| e.to_string())?,
-        );
+        chosen.extend(Vec::<f32>::try_from(
+            lp.gather(1, &idx, false)
+                .squeeze_dim(1)
+                .to_device(tch::Device::Cpu),
+        )?);
         tops.extend(top_k(&lp, k)?);
         from += n;
     }
@@ -242,7 +244,11 @@ pub(super) fn position_logprobs(
 
 /// Sends each echo row its prompt's tokens (with log-probabilities when asked for), from the
 /// prefill's final hidden states `h` `[B, T, H]` (left-padded).
-pub(super) fn prompt_events(lm: &LoadedModel, rows: &mut [Row], h: &Tensor) -> Result<(), String> {
+pub(super) fn prompt_events(
+    lm: &LoadedModel,
+    rows: &mut [Row],
+    h: &Tensor,
+) -> Result<(), EngineError> {
     let t = h.size()[1];
     for (i, r) in rows.iter_mut().enumerate() {
         if !r.job.echo {
@@ -277,8 +283,7 @@ pub(super) fn prompt_events(lm: &LoadedModel, rows: &mut [Row], h: &Tensor) -> R
                     lp.gather(1, &idx, false)
                         .squeeze_dim(1)
                         .to_device(tch::Device::Cpu),
-                )
-                .map_err(|e| e.to_string())?;
+                )?;
                 let tops = top_k(&lp, k)?;
                 for (j, (c, top)) in chosen.into_iter().zip(tops).enumerate() {
                     let pos = 1 + from as usize + j;
@@ -294,16 +299,14 @@ pub(super) fn prompt_events(lm: &LoadedModel, rows: &mut [Row], h: &Tensor) -> R
 }
 
 /// The `k` most probable `(id, logprob)` of each row of `lp` `[N, V]`.
-pub(super) fn top_k(lp: &Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>, String> {
+pub(super) fn top_k(lp: &Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>, EngineError> {
     let n = lp.size()[0] as usize;
     if k == 0 {
         return Ok(vec![vec![]; n]);
     }
     let (v, i) = lp.topk(k as i64, -1, true, true);
-    let v = Vec::<f32>::try_from(v.to_device(tch::Device::Cpu).reshape([-1]))
-        .map_err(|e| e.to_string())?;
-    let i = Vec::<i64>::try_from(i.to_device(tch::Device::Cpu).reshape([-1]))
-        .map_err(|e| e.to_string())?;
+    let v = Vec::<f32>::try_from(v.to_device(tch::Device::Cpu).reshape([-1]))?;
+    let i = Vec::<i64>::try_from(i.to_device(tch::Device::Cpu).reshape([-1]))?;
     Ok((0..n)
         .map(|r| {
             (0..k)
