@@ -296,9 +296,43 @@ fn echo_logprobs_are_lm_evals_loglikelihoods_and_routing_is_per_request() {
         let req = json!({"path": "/v1/completions", "json": {"model": "routed",
             "drllm": {"routers": false}, "prompt": prompts, "max_tokens": 1, "echo": true,
             "logprobs": 1, "temperature": 0, "seed": 1234}});
-        let got = client(&server.base, json!({"requests": [req]}));
+        let got = client(&server.base, json!({"requests": [req.clone()]}));
         assert_eq!(got[0]["status"], 200, "{got}");
         let choices = got[0]["body"]["choices"].as_array().unwrap();
+        // Sent together the choices share the question's prefill (the shared-prefix path);
+        // alone each takes the plain path: every position's log-probability agrees.
+        let alone: Vec<Value> = prompts
+            .iter()
+            .map(|p| {
+                let mut r = req.clone();
+                r["json"]["prompt"] = json!(p);
+                r
+            })
+            .collect();
+        let alone = client(&server.base, json!({"requests": alone}));
+        for (i, a) in alone.as_array().unwrap().iter().enumerate() {
+            let together = choices.iter().find(|x| x["index"] == i).unwrap();
+            let (x, y) = (
+                together["logprobs"]["token_logprobs"].as_array().unwrap(),
+                a["body"]["choices"][0]["logprobs"]["token_logprobs"]
+                    .as_array()
+                    .unwrap(),
+            );
+            assert_eq!(x.len(), y.len());
+            for (p, (u, v)) in x.iter().zip(y).enumerate() {
+                match (u.as_f64(), v.as_f64()) {
+                    (Some(u), Some(v)) => assert!(
+                        (u - v).abs() < 1e-4,
+                        "choice {i} position {p}: shared {u} vs alone {v}"
+                    ),
+                    (u, v) => assert_eq!(u, v, "choice {i} position {p}"),
+                }
+            }
+            assert_eq!(
+                together["logprobs"]["tokens"],
+                a["body"]["choices"][0]["logprobs"]["tokens"]
+            );
+        }
         for (i, ((c, p), want)) in conts
             .iter()
             .zip(&prompts)
@@ -700,6 +734,7 @@ fn the_server_is_bounded_under_abuse_and_observable() {
         3.0
     );
     assert_eq!(sample("drllm_requests_cancelled_total", Value::Null), 1.0);
+    assert_eq!(sample("drllm_requests_running", Value::Null), 0.0, "idle");
     // The three answers, the stream that was left, and the refused chat and completions.
     assert_eq!(
         sample(

@@ -287,6 +287,8 @@ pub fn run(
             }
             // Rows that ended at the last step (or whose client left) leave first.
             batch = retire(&lm, batch.take(), &mut rows, m);
+            m.running.set(rows.len() as i64);
+            m.waiting.set(queue.len() as i64);
             // Admit: block when idle, else take what is queued, up to the limits.
             if rows.is_empty() && queue.wait().is_none() {
                 return false;

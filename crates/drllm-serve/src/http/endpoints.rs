@@ -111,7 +111,9 @@ pub(super) async fn tokenize(State(s): State<AppState>, body: Bytes) -> Result<R
         .str("prompt")?
         .ok_or_else(|| ApiError::invalid("prompt", "'prompt' (a string) is required"))?;
     let special = f.bool("add_special_tokens")?.unwrap_or(true);
-    let ids = s.encode(text.to_string(), special, "prompt").await?;
+    let ids = s
+        .encode_bounded(text.to_string(), special, "prompt", false)
+        .await?;
     let v = json!({"tokens": ids, "count": ids.len(), "max_model_len": s.info.context});
     Ok(json_response(200, &v))
 }
@@ -232,8 +234,12 @@ pub(super) async fn completions(
     }
     let mut choices = vec![];
     let mut completion_tokens = 0;
-    for (i, rx) in rxs.into_iter().enumerate() {
-        let o = gather(rx).await?;
+    // Gathered at once, so that each prompt's timings are its own.
+    let gathered: Vec<_> = rxs.into_iter().map(|rx| tokio::spawn(gather(rx))).collect();
+    for (i, g) in gathered.into_iter().enumerate() {
+        let o = g
+            .await
+            .map_err(|e| ApiError::internal(format!("gathering an answer: {e}")))??;
         s.record(c.route, lens[i], &o, arrived);
         let prefix = if echo {
             texts[i].clone()

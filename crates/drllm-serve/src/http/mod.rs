@@ -132,10 +132,21 @@ impl AppState {
 
     /// Tokenizes `text` on a blocking thread (a few at a time, so that long prompts never
     /// hold the async threads that answer `/health` and the others), after refusing text
-    /// longer than the context can hold.
+    /// longer than the context can hold when it is a prompt (`/tokenize` takes any text the
+    /// body limit lets through: lm-eval's rolling log-likelihoods tokenize whole documents).
     async fn encode(&self, text: String, special: bool, param: &str) -> Result<Vec<u32>, ApiError> {
+        self.encode_bounded(text, special, param, true).await
+    }
+
+    async fn encode_bounded(
+        &self,
+        text: String,
+        special: bool,
+        param: &str,
+        prompt: bool,
+    ) -> Result<Vec<u32>, ApiError> {
         let info = &self.info;
-        if text.len() > info.max_prompt_bytes {
+        if prompt && text.len() > info.max_prompt_bytes {
             return Err(ApiError::invalid(
                 param,
                 format!(
@@ -147,16 +158,23 @@ impl AppState {
                 ),
             ));
         }
-        let _slot = self
+        // The slot goes with the work: a client that leaves does not free it while its text is
+        // still being tokenized.
+        let slot = self
             .tokenizing
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| ApiError::unavailable("the server is stopping"))?;
         let info = self.info.clone();
-        tokio::task::spawn_blocking(move || info.tokenizer.encode(&text, special))
-            .await
-            .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?
-            .map_err(|e| ApiError::internal(e.to_string()))
+        tokio::task::spawn_blocking(move || {
+            let ids = info.tokenizer.encode(&text, special);
+            drop(slot);
+            ids
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?
+        .map_err(|e| ApiError::internal(e.to_string()))
     }
 }
 
