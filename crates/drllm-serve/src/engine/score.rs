@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 use super::*;
 
 /// Prompt positions whose log-probabilities are computed at once.
-pub(super) const ECHO_CHUNK: i64 = 512;
+const ECHO_CHUNK: i64 = 512;
 
 /// Shortest prefix worth sharing between prompts (a second forward pass costs more than a
 /// few positions).
@@ -170,15 +170,7 @@ pub(super) fn score_shared_rows(
             events.push(None);
             continue;
         }
-        let mut out: Vec<TokenLogprob> = job
-            .prompt
-            .iter()
-            .map(|&id| TokenLogprob {
-                id,
-                logprob: None,
-                top: vec![],
-            })
-            .collect();
+        let mut out = unscored(&job.prompt);
         if let (Some(k), Some((chosen, tops, after, top_after))) = (job.logprobs, &shared[*c]) {
             // Tokens 1..plen from the prefix, token plen from the distribution after it, the
             // rest from the row's own positions.
@@ -204,6 +196,18 @@ pub(super) fn score_shared_rows(
         events.push(Some(out));
     }
     Ok((events, lm.model.logits(&Tensor::stack(&last_h, 0))))
+}
+
+/// A prompt's tokens without log-probabilities (filled in where they are asked for).
+fn unscored(prompt: &[u32]) -> Vec<TokenLogprob> {
+    prompt
+        .iter()
+        .map(|&id| TokenLogprob {
+            id,
+            logprob: None,
+            top: vec![],
+        })
+        .collect()
 }
 
 /// Each position's log-probability of its target, and its top tokens.
@@ -255,42 +259,14 @@ pub(super) fn prompt_events(
             continue;
         }
         let p = &r.job.prompt;
-        let mut out: Vec<TokenLogprob> = p
-            .iter()
-            .map(|&id| TokenLogprob {
-                id,
-                logprob: None,
-                top: vec![],
-            })
-            .collect();
+        let mut out = unscored(p);
         if let (Some(k), true) = (r.job.logprobs, p.len() > 1) {
             let len = p.len() as i64;
             let row = h.get(i as i64).narrow(0, t - len, len - 1);
-            // In chunks of positions: [positions, vocab] logits of a long prompt are large.
-            let mut from = 0i64;
-            while from < len - 1 {
-                let n = ECHO_CHUNK.min(len - 1 - from);
-                let lp = lm
-                    .model
-                    .logits(&row.narrow(0, from, n))
-                    .log_softmax(-1, Kind::Float);
-                let ids: Vec<i64> = p[1 + from as usize..1 + (from + n) as usize]
-                    .iter()
-                    .map(|&x| x as i64)
-                    .collect();
-                let idx = Tensor::from_slice(&ids).to_device(lp.device()).unsqueeze(1);
-                let chosen = Vec::<f32>::try_from(
-                    lp.gather(1, &idx, false)
-                        .squeeze_dim(1)
-                        .to_device(tch::Device::Cpu),
-                )?;
-                let tops = top_k(&lp, k)?;
-                for (j, (c, top)) in chosen.into_iter().zip(tops).enumerate() {
-                    let pos = 1 + from as usize + j;
-                    out[pos].logprob = Some(c);
-                    out[pos].top = top;
-                }
-                from += n;
+            let (chosen, tops) = position_logprobs(lm, &row, &p[1..], k)?;
+            for (j, (c, top)) in chosen.into_iter().zip(tops).enumerate() {
+                out[1 + j].logprob = Some(c);
+                out[1 + j].top = top;
             }
         }
         let _ = r.job.events.send(Event::Prompt(out));
