@@ -88,6 +88,79 @@ fn block_inputs_are_the_teacher_forced_states() {
     }
 }
 
+/// The gated prefill that distillation trains through: hard gates are paths (1 executes, 0 skips
+/// exactly as a count of 0 does, alone and in a padded batch), and a loss on its output has a
+/// gradient with respect to soft gates.
+#[test]
+fn gated_prefill_is_a_path_at_hard_gates_and_differentiable() {
+    let lm =
+        LoadedModel::load(ModelSource::Gguf(embedded_gguf()), Device::Cpu, Kind::Float).unwrap();
+    let n = lm.model.num_layers();
+    let prompts: Vec<Vec<u32>> = ["Which gas do plants take in from the air?", "2 + 2 ="]
+        .iter()
+        .map(|t| lm.tokenizer.encode(t, true).unwrap())
+        .collect();
+    let skipped = [3usize, 11, 17];
+    let mut counts = vec![1u8; n];
+    for &l in &skipped {
+        counts[l] = 0;
+    }
+    let path = LayerPath::from_counts(counts).unwrap();
+    let want = {
+        let _g = drllm::runtime::tch::no_grad_guard();
+        PathBatch::new(&lm.model, &[LayerPath::all_ones(n), path.clone()])
+            .unwrap()
+            .prefill(&prompts)
+            .unwrap()
+    };
+    // Row 0 executes every block, row 1 skips `skipped`.
+    let mut hard = |l: usize, _h: &Tensor| -> Tensor {
+        Tensor::from_slice(&[1f32, if skipped.contains(&l) { 0.0 } else { 1.0 }])
+    };
+    let got = {
+        let _g = drllm::runtime::tch::no_grad_guard();
+        PathBatch::new_routed(&lm.model, 2)
+            .prefill_gated(&prompts, &mut hard)
+            .unwrap()
+    };
+    let d = max_abs_diff(&got, &want);
+    assert!(d < 1e-3, "gated vs path prefill: {d}");
+
+    // Soft gates: a leaf per block, every one reached by the gradient of the output's logits.
+    let leaves: Vec<Tensor> = (0..n)
+        .map(|_| Tensor::from_slice(&[0.9f32, 0.9]).set_requires_grad(true))
+        .collect();
+    let mut soft = |l: usize, _h: &Tensor| -> Tensor { leaves[l].shallow_clone() };
+    let h = PathBatch::new_routed(&lm.model, 2)
+        .prefill_gated(&prompts, &mut soft)
+        .unwrap();
+    let loss = lm
+        .model
+        .logits(&h)
+        .log_softmax(-1, Kind::Float)
+        .select(-1, 42)
+        .sum(Kind::Float);
+    loss.backward();
+    for (l, g) in leaves.iter().enumerate() {
+        let grad = g.grad();
+        let v: Vec<f32> = Vec::try_from(&grad).unwrap();
+        assert!(
+            v.iter().all(|x| x.is_finite()) && v.iter().any(|&x| x != 0.0),
+            "block {l}: {v:?}"
+        );
+    }
+    // A batch that already holds state is refused.
+    let mut b = PathBatch::new_routed(&lm.model, 2);
+    let _ = b.prefill_gated(&prompts, &mut hard).unwrap();
+    assert!(b.prefill_gated(&prompts, &mut hard).is_err());
+    // A gate of the wrong shape is refused, not broadcast.
+    let mut wrong = |_l: usize, _h: &Tensor| -> Tensor { Tensor::from_slice(&[1f32]) };
+    let e = PathBatch::new_routed(&lm.model, 2)
+        .prefill_gated(&prompts, &mut wrong)
+        .unwrap_err();
+    assert!(e.to_string().contains("expected [2]"), "{e}");
+}
+
 /// The block inputs match transformers' hidden states on the same weights, along the default
 /// path and along a path with skips and repeats (the last block executed, so no state is the
 /// final-normed one transformers reports last).
@@ -523,4 +596,102 @@ fn export_dr_llm_reproduces_the_routers_in_the_papers_layout() {
         !o.status.success() && e.contains("16 hidden units") && e.contains("--router-hidden 128"),
         "{e}"
     );
+}
+
+/// `drllm-train distill` trains distillation gates on real task prompts (no paths dataset),
+/// writes a package that drllm-infer routes with, measures the budget sweep on held-out prompts
+/// (budget 1 is the baseline exactly), and refuses bad flags.
+#[test]
+fn drllm_train_distill_writes_a_package_that_routes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = tmp.path().join("distilled");
+    let distill = |extra: &[&str], out: &Path| {
+        outcome(
+            Command::new(bin("drllm-train"))
+                .args(["distill", "--dataset", "arc_easy,piqa", "--split", "train"])
+                .args([
+                    "--limit",
+                    "10",
+                    "--epochs",
+                    "1",
+                    "--batch-size",
+                    "4",
+                    "--threads",
+                    "2",
+                ])
+                .arg("--data")
+                .arg(data_dir())
+                .args(extra)
+                .arg("--out")
+                .arg(out),
+        )
+    };
+    let (ok, stdout, stderr) = distill(&["--val-fraction", "0.4", "--val-budgets", "0,1"], &pkg);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("KL (nats/pos)") && stdout.contains("budget +1.00"),
+        "{stdout}"
+    );
+    let p = Package::load(&pkg).unwrap();
+    let m = &p.manifest;
+    assert_eq!(m.training["supervision"], "distill");
+    assert_eq!(m.best_epoch, 1);
+    assert_eq!(m.prompts.as_ref().unwrap().reward, "cloze");
+    // Repeat is never chosen.
+    let rep: Vec<f32> = Vec::try_from(p.routers.b2.select(1, 2)).unwrap();
+    assert!(rep.iter().all(|&b| b <= -29.0), "{rep:?}");
+    let base = m.data["routed_val_baseline_accuracy"].as_f64().unwrap();
+    let sweep = m.data["routed_val_budgets"].as_array().unwrap();
+    let at1 = sweep.iter().find(|s| s["budget"] == 1.0).unwrap();
+    assert_eq!(at1["accuracy"].as_f64().unwrap(), base);
+    assert_eq!(at1["cost"].as_f64().unwrap(), 30.0);
+    let n_val = m.data["routed_val_prompts"].as_u64().unwrap();
+    assert!(
+        n_val > 0 && m.data["train"].as_u64().unwrap() + n_val == 20,
+        "{}",
+        m.data
+    );
+    // drllm-infer evaluates it like any package.
+    let (ok, out, err) = outcome(
+        Command::new(bin("drllm-infer"))
+            .args([
+                "eval",
+                "--dataset",
+                "arc_easy",
+                "--split",
+                "dev",
+                "--limit",
+                "4",
+            ])
+            .arg("--data")
+            .arg(data_dir())
+            .arg("--routers")
+            .arg(&pkg),
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("routed"), "{out}");
+    // inspect prints the distillation epochs.
+    let (ok, out, err) = outcome(Command::new(bin("drllm-train")).arg("inspect").arg(&pkg));
+    assert!(ok && out.contains("distillation gates"), "{out}{err}");
+
+    // Bad input: an existing directory that is not a package, zero sizes, a budget outside
+    // [-1, 1], no task.
+    let other = tmp.path().join("not-a-package");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), "keep me").unwrap();
+    let (ok, _, err) = distill(&[], &other);
+    assert!(!ok && err.contains("is not a router package"), "{err}");
+    assert!(other.join("notes.txt").is_file());
+    let (ok, _, err) = distill(&["--batch-tokens", "0"], &tmp.path().join("x"));
+    assert!(!ok && err.contains("must be positive"), "{err}");
+    let (ok, _, err) = distill(&["--val-budgets", "2"], &tmp.path().join("x"));
+    assert!(!ok && err.contains("outside [-1, 1]"), "{err}");
+    let (ok, _, err) = outcome(
+        Command::new(bin("drllm-train"))
+            .args(["distill", "--out"])
+            .arg(tmp.path().join("y"))
+            .arg("--data")
+            .arg(data_dir()),
+    );
+    assert!(!ok && err.contains("--dataset"), "{err}");
 }

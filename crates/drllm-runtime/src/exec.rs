@@ -13,6 +13,9 @@ use crate::prefix::{PrefixCache, Resume};
 use crate::profile::{span, Phase};
 use drllm_path::LayerPath;
 
+mod gated;
+pub use gated::GateFn;
+
 /// A router as the executor sees it: given block `l` and the hidden state entering it
 /// (`[B, T, H]`, left-padded), each row's count for that block (0, 1 or 2).
 pub type RouteFn<'a> = dyn FnMut(usize, &Tensor) -> Vec<u8> + 'a;

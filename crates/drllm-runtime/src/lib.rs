@@ -23,7 +23,7 @@ pub use chat::Message;
 pub use config::{Arch, ModelConfig};
 pub use drllm_path::{LayerPath, PathError};
 pub use error::{Error, Result};
-pub use exec::{GroupRouteFn, PathBatch, RouteFn};
+pub use exec::{GateFn, GroupRouteFn, PathBatch, RouteFn};
 pub use fingerprint::ModelFingerprint;
 pub use generate::{
     argmax_tokens, path_order, GenerateOptions, GenerateRequest, Generated, Generation, Paths,

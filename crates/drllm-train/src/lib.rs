@@ -4,6 +4,8 @@
 //! alone, and written as a router package (`drllm-router`).
 #![warn(missing_docs)]
 
+pub mod distill;
+pub mod distill_run;
 pub mod examples;
 pub mod features;
 pub mod margin;
@@ -12,6 +14,7 @@ pub mod pipeline;
 pub mod trainer;
 pub mod validate;
 
+pub use distill::{distill, DistillConfig, DistillEpoch, Distilled};
 pub use examples::{
     load_examples, split_of, Example, ExampleSet, LabelMix, RowKind, SourceInfo, TrainDataError,
 };

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use drllm_cli::LogArgs;
 use drllm_router::Package;
+use drllm_train::distill_run::{run_distill, DistillArgs};
 use drllm_train::pipeline::{print_epochs, print_sweep, run, TrainArgs};
 
 #[derive(Parser)]
@@ -18,6 +19,7 @@ use drllm_train::pipeline::{print_epochs, print_sweep, run, TrainArgs};
   drllm-train --data runs/arc --data runs/dart --model embedded --out routers/smol
   drllm-train --data runs/arc --out routers/arc --epochs 50 --lr 5e-4 --val-fraction 0.1 --seed 1
   drllm-train inspect routers/smol
+  drllm-train distill --dataset arc_easy,piqa,sciq --limit 400 --penalty 2 --out routers/distill
   drllm-train export routers/smol --format dr-llm --out smol-dr-llm.safetensors
 
 Examples are the rows with a correct path, labelled with the cheapest one (all-execute when
@@ -47,6 +49,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Distillation gates: routers trained so that the routed model keeps the full model's
+    /// next-token distribution on task prompts (KL) under a compute penalty; needs no paths
+    /// dataset and no answers.
+    #[command(after_help = "Examples:
+  drllm-train distill --dataset arc_easy,piqa,sciq --split train --limit 400 --penalty 2 --out routers/distill
+  drllm-train distill --dataset arc_easy,gsm8k --limit 200 --epochs 2 --out routers/d --model qwen2.5-coder-1.5b-instruct
+
+The prompts are rendered as drllm-infer eval renders them (--reward, --style), so the package
+routes the same text there. --val-fraction of them (by a seeded hash of task and sample id) are
+held out; those of multiple-choice tasks are routed for real after each epoch and at
+--val-budgets, and the package recommends the cheapest budget that keeps their baseline accuracy.
+The last epoch is kept: --penalty, not the epoch, sets the trade-off.")]
+    Distill(Box<DistillArgs>),
     /// Write a package's routers in another implementation's layout.
     Export {
         /// Package directory (or `embedded`).
@@ -78,6 +93,7 @@ fn main() -> Result<()> {
             format: ExportFormat::DrLlm,
             out,
         }) => export_dr_llm(&package, &out),
+        Some(Cmd::Distill(a)) => run_distill(*a),
         None => run(cli.train),
     }
 }

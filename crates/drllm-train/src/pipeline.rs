@@ -125,6 +125,9 @@ pub struct TrainArgs {
 
 /// The package's metrics per epoch, the kept one starred.
 pub fn print_epochs(m: &PackageManifest) {
+    if crate::distill_run::print_distill_epochs(m) {
+        return;
+    }
     println!(
         "\nepoch  train loss  val macro-F1  F1 skip/exec/rep   recall skip/exec/rep  cost (gold)   routed acc  cost"
     );

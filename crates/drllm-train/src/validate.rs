@@ -117,6 +117,18 @@ impl RoutedValidation {
         batch: usize,
     ) -> Result<Self, TrainError> {
         let (prompts, opts) = prepare_examples(lm, set, held_out, data_dir, "routed validation")?;
+        Self::from_prompts(lm, prompts, opts, windows, batch)
+    }
+
+    /// Held-out prompts already prepared (e.g. read from task data rather than a paths
+    /// dataset), answered along the default path for the baseline.
+    pub fn from_prompts(
+        lm: &LoadedModel,
+        prompts: Vec<PreparedPrompt>,
+        opts: EvalOptions,
+        windows: usize,
+        batch: usize,
+    ) -> Result<Self, TrainError> {
         let mut v = RoutedValidation {
             prompts,
             opts,
