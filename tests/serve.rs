@@ -571,6 +571,8 @@ fn the_server_is_bounded_under_abuse_and_observable() {
         "1",
         "--drain-timeout",
         "2",
+        "--body-timeout",
+        "1",
     ]);
     // Idle connections fill the cap; the header timeout closes them, so /health answers again
     // within seconds, and the cap was logged.
@@ -593,6 +595,25 @@ fn the_server_is_bounded_under_abuse_and_observable() {
             .expect("an idle connection is closed by the header timeout");
     }
     assert!(server.log_has("connection cap reached"));
+    // A body that stops arriving after its headers: 408 in OpenAI's shape, then the connection
+    // is free again.
+    {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.write_all(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"prompt\"",
+        )
+        .unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t = Instant::now();
+        let mut buf = [0u8; 4096];
+        let n = c.read(&mut buf).expect("an answer before the read timeout");
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("request_timeout"), "{text}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
     // Errors axum makes itself, and requests this server refuses, in OpenAI's shape.
     let c = |body: Value| json!({"path": "/v1/completions", "json": body});
     let chat = |body: Value| json!({"path": "/v1/chat/completions", "json": body});

@@ -125,6 +125,23 @@ fn gated_prefill_is_a_path_at_hard_gates_and_differentiable() {
     };
     let d = max_abs_diff(&got, &want);
     assert!(d < 1e-3, "gated vs path prefill: {d}");
+    // Alone (the same kernels as the path's batch), hard gates give the path's states exactly,
+    // also in bf16, where `h + g * (out - h)` would not.
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let lm = LoadedModel::load(ModelSource::Gguf(embedded_gguf()), Device::Cpu, kind).unwrap();
+        let _g = drllm::runtime::tch::no_grad_guard();
+        let want = PathBatch::new(&lm.model, std::slice::from_ref(&path))
+            .unwrap()
+            .prefill(&prompts[..1])
+            .unwrap();
+        let mut one = |l: usize, _h: &Tensor| -> Tensor {
+            Tensor::from_slice(&[if skipped.contains(&l) { 0f32 } else { 1.0 }])
+        };
+        let got = PathBatch::new_routed(&lm.model, 1)
+            .prefill_gated(&prompts[..1], &mut one)
+            .unwrap();
+        assert!(got.equal(&want), "{kind:?}: {}", max_abs_diff(&got, &want));
+    }
 
     // Soft gates: a leaf per block, every one reached by the gradient of the output's logits.
     let leaves: Vec<Tensor> = (0..n)
@@ -149,10 +166,9 @@ fn gated_prefill_is_a_path_at_hard_gates_and_differentiable() {
             "block {l}: {v:?}"
         );
     }
-    // A batch that already holds state is refused.
-    let mut b = PathBatch::new_routed(&lm.model, 2);
-    let _ = b.prefill_gated(&prompts, &mut hard).unwrap();
-    assert!(b.prefill_gated(&prompts, &mut hard).is_err());
+    // A batch made for fixed paths is refused.
+    let fixed = PathBatch::new(&lm.model, &[path.clone(), path.clone()]).unwrap();
+    assert!(fixed.prefill_gated(&prompts, &mut hard).is_err());
     // A gate of the wrong shape is refused, not broadcast.
     let mut wrong = |_l: usize, _h: &Tensor| -> Tensor { Tensor::from_slice(&[1f32]) };
     let e = PathBatch::new_routed(&lm.model, 2)
@@ -595,6 +611,67 @@ fn export_dr_llm_reproduces_the_routers_in_the_papers_layout() {
     assert!(
         !o.status.success() && e.contains("16 hidden units") && e.contains("--router-hidden 128"),
         "{e}"
+    );
+}
+
+/// Distillation moves the gates the way its loss says, and what training believes the routers
+/// do is what routed inference does: without a penalty the gates stay open at zero KL; with a
+/// large one they close; the trained routers' hard gates are the paths `Policy` routes at
+/// budget 0, with no repeat.
+#[test]
+fn distillation_trains_the_gates_routed_inference_follows() {
+    use drllm_train::distill::{distill, gated_paths, DistillConfig};
+    let lm =
+        LoadedModel::load(ModelSource::Gguf(embedded_gguf()), Device::Cpu, Kind::Float).unwrap();
+    let n = lm.model.num_layers();
+    let prompts: Vec<Vec<u32>> = [
+        "Which gas do plants take in from the air? Carbon dioxide.",
+        "A student pushes a cart. What makes it speed up?",
+        "The sun is a star. Which planet is closest to it?",
+        "Water boils at",
+        "Frogs lay their eggs in",
+        "Which tool measures temperature?",
+    ]
+    .iter()
+    .map(|t| lm.tokenizer.encode(t, true).unwrap())
+    .collect();
+    // One step per epoch: an epoch's figures are its step's forward pass, before the update.
+    let cfg = |penalty: f64, epochs: usize| DistillConfig {
+        epochs,
+        batch_size: prompts.len(),
+        lr: 0.1,
+        warmup: 0.0,
+        penalty,
+        noise: 0.0,
+        init_execute: 0.3,
+        ..DistillConfig::default()
+    };
+    let run =
+        |c: &DistillConfig| distill(&lm, &prompts, c, |_, _| Ok(None), |_, _| {}, |_| {}).unwrap();
+    // Open gates: the routed pass is the full model's, bit for bit.
+    let free = run(&cfg(0.0, 1));
+    assert_eq!(free.epochs[0].executed, 1.0, "{:?}", free.epochs);
+    assert!(free.epochs[0].kl.abs() < 1e-5, "{:?}", free.epochs);
+    // A heavy penalty closes them, and the KL they cost shows.
+    let taxed = run(&cfg(50.0, 4));
+    assert_eq!(taxed.epochs[0].executed, 1.0, "{:?}", taxed.epochs);
+    let closed = taxed.epochs.iter().skip(1).find(|e| e.executed < 0.5);
+    assert!(closed.is_some_and(|e| e.kl > 0.01), "{:?}", taxed.epochs);
+    // Training's view of the routers against routed inference.
+    let want = gated_paths(&lm, &taxed.routers, 8, &prompts).unwrap();
+    let policy = drllm_router::Policy::new(taxed.routers.snapshot(), 8, 0.0).unwrap();
+    let mut batch = PathBatch::new_routed(&lm.model, prompts.len());
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut route = |l: usize, h: &Tensor| policy.decide(l, h, &lens);
+    let _g = drllm::runtime::tch::no_grad_guard();
+    let _ = batch.prefill_routed(&prompts, &mut route).unwrap();
+    let got: Vec<Vec<u8>> = batch.paths().iter().map(|p| p.counts().to_vec()).collect();
+    assert_eq!(got, want);
+    assert!(got.iter().flatten().all(|&c| c < 2));
+    assert!(
+        got.iter()
+            .any(|p| p.iter().filter(|&&c| c == 0).count() > n / 2),
+        "{got:?}"
     );
 }
 

@@ -76,6 +76,10 @@ struct Cli {
     /// and, on a kept-alive connection, from the last answer (so also the idle timeout).
     #[arg(long, env = "DRLLM_HEADER_TIMEOUT", default_value_t = 30.0)]
     header_timeout: f64,
+    /// Seconds a request's body may take to arrive after its headers (then 408): a client
+    /// that trickles a body cannot hold a connection longer.
+    #[arg(long, env = "DRLLM_BODY_TIMEOUT", default_value_t = 60.0)]
+    body_timeout: f64,
     /// Most open connections; more wait in the listen backlog until one closes (keep it
     /// under the process's open-file limit, `ulimit -n`).
     #[arg(long, env = "DRLLM_MAX_CONNECTIONS", default_value_t = 512)]
@@ -118,6 +122,7 @@ async fn main() -> Result<()> {
     }
     for (name, v) in [
         ("--header-timeout", a.header_timeout),
+        ("--body-timeout", a.body_timeout),
         ("--drain-timeout", a.drain_timeout),
     ] {
         if !(0.0..=86_400.0).contains(&v) {
@@ -171,6 +176,7 @@ async fn main() -> Result<()> {
         has_routers: routers.is_some(),
         api_key,
         max_body_bytes,
+        body_timeout: std::time::Duration::from_secs_f64(a.body_timeout),
         max_prompt_bytes,
     };
     let cfg = EngineConfig {

@@ -7,9 +7,10 @@
 //! inference, and its execute-minus-skip logit sets a hard gate in the forward pass (the block
 //! runs or is skipped exactly as a path count of 1 or 0) with the gradient of a sigmoid of that
 //! logit (straight-through); logistic noise on the logit during training makes the gates
-//! explore. The loss is the KL divergence of the routed model's next-token distribution from the
-//! all-execute model's, averaged over prompt positions, plus `penalty` x the executed share of
-//! blocks. Repeat is never chosen (its logit is pinned far below the others).
+//! explore. The router input is detached: no gradient reaches a gate through a later router's
+//! input. The loss is KL(full || routed) of the next-token distributions, averaged over the
+//! batch's prompt positions (a longer prompt weighs more), plus `penalty` x the executed share
+//! of blocks. Repeat is never chosen (its logit is pinned far below the others).
 
 use std::time::Instant;
 
@@ -42,8 +43,9 @@ pub struct DistillConfig {
     pub weight_decay: f64,
     /// Fraction of steps of warm-up.
     pub warmup: f64,
-    /// Weight of the executed share of blocks in the loss (nats of KL per share): a block is
-    /// worth skipping when the KL it adds is below `penalty / blocks`.
+    /// Weight of the executed share of blocks in the loss (nats of KL per share): for a batch of
+    /// prompts of equal length, a block is worth skipping when the KL it adds is below
+    /// `penalty / blocks`.
     pub penalty: f64,
     /// Scale of the logistic noise added to the gate logits in training (0 = none).
     pub noise: f64,
@@ -142,6 +144,55 @@ fn valid_mask(lens: &[usize], t: usize, device: tch::Device) -> Tensor {
         .to_device(device)
 }
 
+/// Block `l`'s gate for each row of `h` `[B, T, H]` (pooled with `pool` `[B, W, T]`): 1 where
+/// the router's execute logit exceeds its skip logit after logistic noise of scale `noise`, else
+/// 0, with the gradient of the sigmoid of the difference (straight-through). At noise 0 this is
+/// the decision [`drllm_router::Policy`] makes at budget 0 (repeat pinned off).
+pub fn gate_of(routers: &Routers, l: usize, h: &Tensor, pool: &Tensor, noise: f64) -> Tensor {
+    let pooled = pool.bmm(&h.detach().to_kind(Kind::Float));
+    let logits = routers.forward_block(l, &pooled);
+    let d = logits.select(1, 1) - logits.select(1, 0);
+    let d = if noise > 0.0 {
+        let u = Tensor::rand([d.size()[0]], (Kind::Float, d.device())).clamp(1e-6, 1.0 - 1e-6);
+        d + (u.log() - (-&u + 1.0).log()) * noise
+    } else {
+        d
+    };
+    let soft = d.sigmoid();
+    let hard = d.gt(0.0).to_kind(Kind::Float);
+    &hard + &soft - soft.detach()
+}
+
+/// The paths distillation's hard gates give `prompts` without noise (0 skip, 1 execute per
+/// block): what training believes the routers do, to check against routed inference.
+pub fn gated_paths(
+    lm: &LoadedModel,
+    routers: &Routers,
+    windows: usize,
+    prompts: &[Vec<u32>],
+) -> Result<Vec<Vec<u8>>, TrainError> {
+    let _g = tch::no_grad_guard();
+    let model = &lm.model;
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let t = lens.iter().copied().max().unwrap_or(0);
+    let pool = drllm_router::pool::pool_weights(&lens, t, windows, model.device());
+    let routers = routers.to_device(model.device());
+    let mut gates: Vec<Tensor> = vec![];
+    let mut gate = |l: usize, h: &Tensor| -> Tensor {
+        let g = gate_of(&routers, l, h, &pool, 0.0);
+        gates.push(g.shallow_clone());
+        g
+    };
+    let _ = PathBatch::new_routed(model, prompts.len())
+        .prefill_gated(prompts, &mut gate)
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let g = Tensor::stack(&gates, 1).to_device(tch::Device::Cpu);
+    let v: Vec<f32> = Vec::try_from(g.flatten(0, -1)).map_err(TrainError::Torch)?;
+    Ok(v.chunks(gates.len().max(1))
+        .map(|r| r.iter().map(|&x| u8::from(x > 0.5)).collect())
+        .collect())
+}
+
 /// One step's forward: the all-execute model's log-probabilities (no gradient), then the gated
 /// pass. Returns (KL per real position, executed share, loss).
 fn step_loss(
@@ -169,23 +220,11 @@ fn step_loss(
     let pool = drllm_router::pool::pool_weights(&lens, t, cfg.windows, dev);
     let mut gates: Vec<Tensor> = Vec::with_capacity(n_layers);
     let mut gate = |l: usize, h: &Tensor| -> Tensor {
-        let pooled = pool.bmm(&h.detach().to_kind(Kind::Float));
-        let logits = routers.forward_block(l, &pooled);
-        let d = logits.select(1, 1) - logits.select(1, 0);
-        let d = if cfg.noise > 0.0 {
-            let u = Tensor::rand([b as i64], (Kind::Float, dev)).clamp(1e-6, 1.0 - 1e-6);
-            d + (u.log() - (-&u + 1.0).log()) * cfg.noise
-        } else {
-            d
-        };
-        let soft = d.sigmoid();
-        let hard = d.gt(0.0).to_kind(Kind::Float);
-        let g = &hard + &soft - soft.detach();
+        let g = gate_of(routers, l, h, &pool, cfg.noise);
         gates.push(g.shallow_clone());
         g
     };
-    let mut batch = PathBatch::new_routed(model, b);
-    let h = batch
+    let h = PathBatch::new_routed(model, b)
         .prefill_gated(prompts, &mut gate)
         .map_err(|e| TrainError::Model(e.to_string()))?;
     let student = model.logits(&h).log_softmax(-1, Kind::Float);

@@ -54,8 +54,9 @@ pub struct DistillArgs {
     /// Fraction of steps of linear warm-up before the cosine decay.
     #[arg(long, default_value_t = 0.05, value_parser = drllm_cli::number_in(0.0, 1.0))]
     warmup: f64,
-    /// Compute penalty: the loss is KL + PENALTY x the executed share of blocks, so a block is
-    /// skipped when the KL it adds (nats per prompt position) is below PENALTY / blocks.
+    /// Compute penalty: the loss is KL(full || routed), in nats per prompt position, + PENALTY x
+    /// the executed share of blocks; for prompts of equal length a block is skipped when the KL
+    /// it adds is below PENALTY / blocks.
     #[arg(long, default_value_t = 1.0, value_parser = drllm_cli::number_in(0.0, 1e6))]
     penalty: f64,
     /// Scale of the logistic noise on the gate logits during training (0 = none).
@@ -149,7 +150,6 @@ pub fn run_distill(a: DistillArgs) -> Result<()> {
     let fingerprint = source.fingerprints()?.current;
     let name = source.name();
     let lm = a.m.load_source(source)?;
-    let ctx = lm.model.cfg.max_position_embeddings as usize;
     let opts = EvalOptions {
         mode: a.reward,
         max_new_tokens: 64,
@@ -158,28 +158,33 @@ pub fn run_distill(a: DistillArgs) -> Result<()> {
     let mut per_task = vec![];
     for (task, l) in &loaded {
         let template = Template::builtin_for(task.family(), style, a.reward);
-        let (mut tr, mut va) = (0, 0);
+        let (mut tr, mut va, mut skipped) = (0, 0, 0);
         for s in &l.samples {
-            let p = prepare(&lm, s, &template, &opts)
-                .with_context(|| format!("{task} sample {}", s.id))?;
-            if p.ids.len() > ctx {
-                tracing::warn!(task = %task, sample = %s.id, tokens = p.ids.len(), "longer than the context: left out");
-                continue;
-            }
-            if split_of(&format!("{task}/{}", s.id), a.seed, a.val_fraction) {
-                // Routed validation grades by one forward pass; decoded answers are slow and
-                // their prompts serve training just as well.
-                if !p.decodes() {
-                    held_out.push(p);
-                    va += 1;
+            // A prompt that does not fit the context (with its answer) is left out, as eval
+            // leaves it out.
+            let p = match prepare(&lm, s, &template, &opts) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(task = %task, sample = %s.id, error = %e, "sample left out");
+                    skipped += 1;
+                    continue;
                 }
+            };
+            // Routed validation grades by one forward pass: held-out prompts whose answers are
+            // decoded (GSM8K, MATH) are trained on instead.
+            if !p.decodes() && split_of(&format!("{task}/{}", s.id), a.seed, a.val_fraction) {
+                held_out.push(p);
+                va += 1;
             } else {
                 train_ids.push(p.ids);
                 tr += 1;
             }
         }
-        eprintln!("{task}/{}: {tr} train prompts, {va} held out", a.data.split);
-        per_task.push(serde_json::json!({"task": task.to_string(), "train": tr, "held_out": va}));
+        eprintln!(
+            "{task}/{}: {tr} train prompts, {va} held out, {skipped} left out",
+            a.data.split
+        );
+        per_task.push(serde_json::json!({"task": task.to_string(), "train": tr, "held_out": va, "left_out": skipped}));
     }
     if train_ids.is_empty() {
         bail!("no training prompts: raise --limit or lower --val-fraction");

@@ -1,7 +1,7 @@
 //! A differentiable prefill with soft per-prompt gates: what distillation trains routers
-//! through. Each block's update is scaled by the row's gate, `h + g * (block(h) - h)`, so a gate
-//! of 1 executes the block and 0 skips it exactly as a path count of 0 does; in between, the
-//! gradient of a loss on the output reaches the gates.
+//! through. Each row's state after a block is `g * block(h) + (1 - g) * h`: a gate of exactly 1
+//! gives the block's output and 0 its input unchanged (as a path count of 0 does), in any dtype;
+//! in between, the gradient of a loss on the output reaches the gates.
 
 use tch::Tensor;
 
@@ -17,8 +17,10 @@ impl PathBatch<'_> {
     /// row by `gate(l, h)`; no KV cache is kept (prompts only, for training). Autograd records
     /// the pass unless the caller holds a no-grad guard, so a loss on the result has gradients
     /// with respect to whatever the gates were computed from. Needs a batch made by
-    /// [`PathBatch::new_routed`]. Returns final-normed hidden states `[B, T, H]`.
-    pub fn prefill_gated(&mut self, prompts: &[Vec<u32>], gate: &mut GateFn<'_>) -> Result<Tensor> {
+    /// [`PathBatch::new_routed`], and consumes it: it holds no cache to decode from. A gate on
+    /// another device than the model is moved to it. Returns final-normed hidden states
+    /// `[B, T, H]`.
+    pub fn prefill_gated(mut self, prompts: &[Vec<u32>], gate: &mut GateFn<'_>) -> Result<Tensor> {
         if !self.slots.is_empty() || self.key_valid.size()[1] != 0 {
             return Err(Error::Request(
                 "prefill_gated needs a fresh batch from PathBatch::new_routed".into(),
@@ -44,8 +46,8 @@ impl PathBatch<'_> {
                 )));
             }
             let out = block.forward(&model.cfg, &h, &rope, &mask, &mut None);
-            let g = g.to_kind(h.kind()).view([b, 1, 1]);
-            h = &h + g * (out - &h);
+            let g = g.to_device(h.device()).to_kind(h.kind()).view([b, 1, 1]);
+            h = &out * &g + &h * (-&g + 1.0);
         }
         Ok(model.final_norm(&h))
     }

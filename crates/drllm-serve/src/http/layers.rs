@@ -45,6 +45,52 @@ pub(super) async fn observe(State(s): State<AppState>, req: Request, next: Next)
     resp
 }
 
+/// Reads the request body within `--body-timeout`, at most `--max-body-bytes` of it: a client
+/// that sends its headers and then trickles its body, or stops, is answered 408 instead of
+/// holding its connection (and, on a full server, another client's place) indefinitely.
+pub(super) async fn body_in_time(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let limit = s.info.max_body_bytes;
+    match tokio::time::timeout(s.info.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e)) => {
+            // Over the limit, or the client went away mid-body (then nobody reads the answer).
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|src| src.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError {
+                    status: 413,
+                    message: format!(
+                        "The request body is larger than this server's limit of {limit} bytes \
+                         (--max-body-bytes)"
+                    ),
+                    kind: "invalid_request_error",
+                    param: None,
+                    code: Some("request_too_large"),
+                }
+                .into_response()
+            } else {
+                ApiError::bad_request(format!("the request body could not be read: {e}"))
+                    .into_response()
+            }
+        }
+        Err(_) => ApiError {
+            status: 408,
+            message: format!(
+                "The request body did not arrive within {:.0} s (--body-timeout)",
+                s.info.body_timeout.as_secs_f64()
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+        }
+        .into_response(),
+    }
+}
+
 pub(super) async fn openai_shaped(
     s: &AppState,
     method: &axum::http::Method,

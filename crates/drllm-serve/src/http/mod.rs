@@ -30,7 +30,7 @@ mod stream;
 mod validate;
 
 use endpoints::*;
-use layers::{observe, require_key};
+use layers::{body_in_time, observe, require_key};
 use validate::Common;
 
 /// What the handlers know about the model and the server.
@@ -53,6 +53,8 @@ pub struct ServerInfo {
     pub api_key: Option<String>,
     /// Most bytes of a request body.
     pub max_body_bytes: usize,
+    /// Time a request's body may take to arrive, from the end of its headers.
+    pub body_timeout: std::time::Duration,
     /// Most bytes of one prompt's text: longer text is more tokens than the context holds,
     /// whatever it says, and is refused before it is tokenized.
     pub max_prompt_bytes: usize,
@@ -196,6 +198,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.info.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), body_in_time))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
