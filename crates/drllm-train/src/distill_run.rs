@@ -129,20 +129,8 @@ pub fn run_distill(a: DistillArgs) -> Result<()> {
     if a.windows == 0 || a.epochs == 0 || a.batch_size == 0 || a.batch_tokens == 0 {
         bail!("--windows, --epochs, --batch-size and --batch-tokens must be positive");
     }
-    if let Some(b) = a.val_budgets.iter().find(|b| !(-1.0..=1.0).contains(*b)) {
-        bail!("--val-budgets: {b} is outside [-1, 1]");
-    }
-    let weights_kind = match a.weights_dtype.as_str() {
-        "f32" => tch::Kind::Float,
-        "bf16" => tch::Kind::BFloat16,
-        other => bail!("--weights-dtype {other:?}: expected f32 or bf16"),
-    };
-    if a.out.exists() && !a.out.join("manifest.json").is_file() {
-        bail!(
-            "{} exists and is not a router package; choose another --out",
-            a.out.display()
-        );
-    }
+    let weights_kind =
+        crate::pipeline::check_output_flags(&a.val_budgets, &a.weights_dtype, &a.out)?;
     let style = Style::resolve(&a.style, a.reward).context("--style")?;
     let dir = a.data.dir()?;
     let loaded = a.data.load(&dir)?;
@@ -256,23 +244,13 @@ pub fn run_distill(a: DistillArgs) -> Result<()> {
     let n_layers = lm.model.num_layers();
     let last = out.epochs.last().context("at least one epoch")?;
 
-    let mut sweep = vec![];
-    if let Some(v) = &routed_val {
-        for &b in &a.val_budgets {
-            let (acc, cost) = match (b, last.routed_accuracy, last.routed_cost) {
-                (0.0, Some(acc), Some(cost)) => (acc, cost),
-                _ => v.measure(&lm, &out.routers, b)?,
-            };
-            sweep.push((b, acc, cost));
+    let (sweep, recommended) = match &routed_val {
+        Some(v) => {
+            let at_zero = last.routed_accuracy.zip(last.routed_cost);
+            v.sweep(&lm, &out.routers, &a.val_budgets, at_zero)?
         }
-    }
-    let recommended = routed_val.as_ref().and_then(|v| {
-        sweep
-            .iter()
-            .filter(|s| s.1 >= v.baseline_accuracy)
-            .min_by(|x, y| x.2.total_cmp(&y.2))
-            .map(|s| s.0)
-    });
+        None => (vec![], None),
+    };
 
     let mut manifest = PackageManifest::new(fingerprint, name, out.routers.shape, a.windows);
     manifest.prompts = Some(PromptSpec {

@@ -186,6 +186,31 @@ pub fn print_sweep(m: &PackageManifest) {
     }
 }
 
+/// The checks both training commands make of their output flags before loading anything: the
+/// budgets in [-1, 1], the package dtype, and an `--out` that is new or a package (never another
+/// directory that would be overwritten). Returns the weights' dtype.
+pub(crate) fn check_output_flags(
+    val_budgets: &[f64],
+    weights_dtype: &str,
+    out: &std::path::Path,
+) -> Result<tch::Kind> {
+    if let Some(b) = val_budgets.iter().find(|b| !(-1.0..=1.0).contains(*b)) {
+        bail!("--val-budgets: {b} is outside [-1, 1]");
+    }
+    let kind = match weights_dtype {
+        "f32" => tch::Kind::Float,
+        "bf16" => tch::Kind::BFloat16,
+        other => bail!("--weights-dtype {other:?}: expected f32 or bf16"),
+    };
+    if out.exists() && !out.join("manifest.json").is_file() {
+        bail!(
+            "{} exists and is not a router package; choose another --out",
+            out.display()
+        );
+    }
+    Ok(kind)
+}
+
 /// A training run: examples from the paths datasets (label mix, optional margin labels), the
 /// feature pass (cached), training with routed validation, the budget sweep, and the package
 /// written to `--out`; progress on stderr, the summary on stdout.
@@ -196,14 +221,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.windows == 0 || a.epochs == 0 || a.batch_size == 0 {
         bail!("--windows, --epochs and --batch-size must be positive");
     }
-    if let Some(b) = a.val_budgets.iter().find(|b| !(-1.0..=1.0).contains(*b)) {
-        bail!("--val-budgets: {b} is outside [-1, 1]");
-    }
-    let weights_kind = match a.weights_dtype.as_str() {
-        "f32" => tch::Kind::Float,
-        "bf16" => tch::Kind::BFloat16,
-        other => bail!("--weights-dtype {other:?}: expected f32 or bf16"),
-    };
+    let weights_kind = check_output_flags(&a.val_budgets, &a.weights_dtype, &out)?;
     let mut select = match a.select.as_str() {
         "routed-accuracy" => Select::RoutedAccuracy,
         "macro-f1" => Select::MacroF1,
@@ -211,12 +229,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     if a.routed_every == 0 {
         select = Select::MacroF1;
-    }
-    if out.exists() && !out.join("manifest.json").is_file() {
-        bail!(
-            "{} exists and is not a router package; choose another --out",
-            out.display()
-        );
     }
     a.m.device_and_kind()?;
     let source = a.m.source()?;
@@ -478,25 +490,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     // The kept routers at several budgets on the held-out prompts: the operating point is chosen
     // here, on training data, never on the evaluation split.
-    let mut sweep = vec![];
-    if let (Some(v), Some(lm)) = (&routed_val, &lm) {
-        let kept = &trained.epochs[trained.best_epoch - 1];
-        for &b in &a.val_budgets {
+    let (sweep, recommended) = match (&routed_val, &lm) {
+        (Some(v), Some(lm)) => {
             // Budget 0 was measured during training.
-            let (acc, cost) = match (b, kept.val_routed_accuracy, kept.val_routed_cost) {
-                (0.0, Some(acc), Some(cost)) => (acc, cost),
-                _ => v.measure(lm, &trained.routers, b)?,
-            };
-            sweep.push((b, acc, cost));
+            let kept = &trained.epochs[trained.best_epoch - 1];
+            let at_zero = kept.val_routed_accuracy.zip(kept.val_routed_cost);
+            v.sweep(lm, &trained.routers, &a.val_budgets, at_zero)?
         }
-    }
-    let recommended = routed_val.as_ref().and_then(|v| {
-        sweep
-            .iter()
-            .filter(|s| s.1 >= v.baseline_accuracy)
-            .min_by(|x, y| x.2.total_cmp(&y.2))
-            .map(|s| s.0)
-    });
+        _ => (vec![], None),
+    };
 
     let mut manifest = PackageManifest::new(fingerprint, name, trained.routers.shape, a.windows);
     manifest.label_counts = trained.label_counts;

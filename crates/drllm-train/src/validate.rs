@@ -186,3 +186,35 @@ impl RoutedValidation {
         Ok(score(&answers))
     }
 }
+
+/// Each budget's (budget, accuracy, cost) on the held-out prompts, and the cheapest budget that
+/// kept the baseline's accuracy.
+pub type Sweep = (Vec<(f64, f64, f64)>, Option<f64>);
+
+impl RoutedValidation {
+    /// The kept routers at every budget of `budgets` (`at_zero`: budget 0's accuracy and cost
+    /// when already measured): the operating point is chosen here, on training data, never on
+    /// the evaluation split.
+    pub fn sweep(
+        &self,
+        lm: &LoadedModel,
+        routers: &Routers,
+        budgets: &[f64],
+        at_zero: Option<(f64, f64)>,
+    ) -> Result<Sweep, TrainError> {
+        let mut sweep = vec![];
+        for &b in budgets {
+            let (acc, cost) = match (b, at_zero) {
+                (0.0, Some(m)) => m,
+                _ => self.measure(lm, routers, b)?,
+            };
+            sweep.push((b, acc, cost));
+        }
+        let recommended = sweep
+            .iter()
+            .filter(|s| s.1 >= self.baseline_accuracy)
+            .min_by(|x, y| x.2.total_cmp(&y.2))
+            .map(|s| s.0);
+        Ok((sweep, recommended))
+    }
+}
