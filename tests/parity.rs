@@ -365,8 +365,8 @@ fn tiny_random_models_match_transformers() {
     assert!(msg.contains("tokenizer.json"), "{msg}");
 }
 
-/// K-quants (Q4_K, Q5_K, Q6_K: the matrices of the hub's Q4_K_M / Q5_K_M files) and Q5_0 / Q5_1
-/// (which some of those mixes hold): a tiny LLaMA GGUF of random blocks, written by the `gguf` package. Every tensor dequantizes to the package's own
+/// K-quants (Q4_K, Q5_K, Q6_K: the matrices of the hub's Q4_K_M / Q5_K_M files; Q2_K and Q3_K:
+/// those of Q2_K / Q3_K_M files) and Q5_0 / Q5_1 (which some of those mixes hold): a tiny LLaMA GGUF of random blocks, written by the `gguf` package. Every tensor dequantizes to the package's own
 /// values bit for bit, and the loaded model's logits equal transformers' on the same file.
 #[test]
 fn k_quant_gguf_matches_gguf_package_and_transformers() {
@@ -404,8 +404,8 @@ fn k_quant_gguf_matches_gguf_package_and_transformers() {
     }
     assert_eq!(
         seen.len(),
-        5,
-        "Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 all checked: {seen:?}"
+        7,
+        "Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 all checked: {seen:?}"
     );
 
     let lm = LoadedModel::load(ModelSource::Gguf(path.clone()), Device::Cpu, Kind::Float).unwrap();

@@ -11,7 +11,7 @@ summary to stdout. Jobs:
   tiny   -- create tiny random models (LLaMA + llama3 RoPE scaling, Qwen2 with biases, Qwen3 with
             q/k norm, Gemma with its 1 + w norms, scaled embeddings and GELU; one sharded) in a
             directory, and their logits along paths.
-  kquant -- write a tiny LLaMA GGUF whose matrices are random Q4_K / Q5_K / Q6_K / Q5_0 / Q5_1 blocks (the
+  kquant -- write a tiny LLaMA GGUF whose matrices are random Q4_K / Q5_K / Q6_K / Q5_0 / Q5_1 / Q2_K / Q3_K blocks (the
             embedded file's tokenizer), with the `gguf` package's dequantization of every tensor
             and transformers' logits of the file.
 
@@ -251,6 +251,11 @@ def random_kquant_blocks(rng, qtype, rows, cols):
     elif qtype == Q.Q5_1:
         blocks[:, 0:2] = f16(3e-3)
         blocks[:, 2:4] = f16(4e-2)
+    elif qtype == Q.Q2_K:  # scale and minimum last
+        blocks[:, -4:-2] = f16(1.5e-3)
+        blocks[:, -2:] = np.abs(f16(3e-3).view(np.float16)).view(np.uint8)
+    elif qtype == Q.Q3_K:  # scale last
+        blocks[:, -2:] = f16(4e-4)
     else:
         blocks[:, 0:2] = f16(1e-4)
         blocks[:, 2:4] = np.abs(f16(8e-4).view(np.float16)).view(np.uint8)
@@ -293,6 +298,9 @@ def job_kquant(job, tensors):
     # The 32-element five-bit types (Q5_0, Q5_1) as llama.cpp's mixes place them.
     mats["blk.1.attn_k.weight"] = (kv_heads * head_dim, hidden, Q.Q5_0)
     mats["blk.1.attn_output.weight"] = (hidden, hidden, Q.Q5_1)
+    # The 2- and 3-bit K-quants of Q2_K / Q3_K_M files.
+    mats["blk.0.ffn_gate.weight"] = (ffn, hidden, Q.Q2_K)
+    mats["blk.1.ffn_down.weight"] = (hidden, ffn, Q.Q3_K)
     for name, (rows, cols, qtype) in mats.items():
         data = random_kquant_blocks(rng, qtype, rows, cols)
         w.add_tensor(name, data, raw_dtype=qtype)

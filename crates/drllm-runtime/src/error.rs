@@ -36,7 +36,7 @@ pub enum Error {
         len: u64,
     },
     /// A tensor stored in a type we do not decode.
-    #[error("{path}: tensor {tensor} has type {type_name} (id {type_id}); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K")]
+    #[error("{path}: tensor {tensor} has type {type_name} (id {type_id}); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K")]
     UnsupportedTensorType {
         /// The file at fault.
         path: PathBuf,

@@ -108,6 +108,12 @@ pub enum GgmlType {
     /// 256-element super-blocks: 4 low + 2 high bits per value, sixteen i8 sub-block scales, f16
     /// scale; values offset by 32.
     Q6_K,
+    /// 256-element super-blocks: sixteen 4-bit sub-block scales and minima, 2-bit values, f16
+    /// scale and minimum (the matrices of Q2_K files).
+    Q2_K,
+    /// 256-element super-blocks: a plane of high bits, 2 low bits per value, sixteen 6-bit signed
+    /// sub-block scales, f16 scale; values in -4..4 (the matrices of Q3_K_S/M/L files).
+    Q3_K,
 }
 
 impl GgmlType {
@@ -123,8 +129,8 @@ impl GgmlType {
             6 => GgmlType::Q5_0,
             7 => GgmlType::Q5_1,
             9 => return Err("Q8_1"),
-            10 => return Err("Q2_K"),
-            11 => return Err("Q3_K"),
+            10 => GgmlType::Q2_K,
+            11 => GgmlType::Q3_K,
             12 => GgmlType::Q4_K,
             13 => GgmlType::Q5_K,
             14 => GgmlType::Q6_K,
@@ -152,6 +158,8 @@ impl GgmlType {
             GgmlType::Q4_K => 12,
             GgmlType::Q5_K => 13,
             GgmlType::Q6_K => 14,
+            GgmlType::Q2_K => 10,
+            GgmlType::Q3_K => 11,
             GgmlType::BF16 => 30,
         }
     }
@@ -162,7 +170,9 @@ impl GgmlType {
             GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
                 QK
             }
-            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => QK_K,
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K | GgmlType::Q2_K | GgmlType::Q3_K => {
+                QK_K
+            }
         }
     }
     /// Bytes per block.
@@ -178,6 +188,8 @@ impl GgmlType {
             GgmlType::Q4_K => 4 + K_SCALE_BYTES + QK_K / 2,
             GgmlType::Q5_K => 4 + K_SCALE_BYTES + QK_K / 8 + QK_K / 2,
             GgmlType::Q6_K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
+            GgmlType::Q2_K => QK_K / 16 + QK_K / 4 + 2 + 2,
+            GgmlType::Q3_K => QK_K / 8 + QK_K / 4 + K_SCALE_BYTES + 2,
         }
     }
 }
@@ -559,6 +571,8 @@ pub fn dequantize(ty: GgmlType, data: &[u8]) -> Vec<f32> {
                 dequantize_q45_k(ty == GgmlType::Q5_K, block, &mut out)
             }
             GgmlType::Q6_K => dequantize_q6_k(block, &mut out),
+            GgmlType::Q2_K => dequantize_q2_k(block, &mut out),
+            GgmlType::Q3_K => dequantize_q3_k(block, &mut out),
         }
     }
     out
@@ -662,6 +676,50 @@ fn dequantize_q6_k(block: &[u8], out: &mut Vec<f32>) {
             }
         }
     }
+}
+
+/// The 2-bit values of a Q2_K / Q3_K block in output order: two halves of 128 values, each four
+/// runs of 32 taking bits 0-1, 2-3, 4-5 and 6-7 of the half's 32 bytes of `qs`.
+fn k_two_bits(qs: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    (0..QK_K).map(move |v| (qs[(v / 128) * 32 + v % 32] >> (2 * ((v % 128) / 32))) & 3)
+}
+
+/// One Q2_K block (sixteen scale bytes, 64 bytes of 2-bit values, f16 scale, f16 minimum): value
+/// = d * (scale & 15) * q - dmin * (scale >> 4), one scale byte per 16 values. Laid out as
+/// llama.cpp's `block_q2_K`.
+fn dequantize_q2_k(block: &[u8], out: &mut Vec<f32>) {
+    let (scales, rest) = block.split_at(QK_K / 16);
+    let (qs, rest) = rest.split_at(QK_K / 4);
+    let d = f16::from_le_bytes([rest[0], rest[1]]).to_f32();
+    let dmin = f16::from_le_bytes([rest[2], rest[3]]).to_f32();
+    out.extend(k_two_bits(qs).enumerate().map(|(v, q)| {
+        let sc = scales[v / 16];
+        let (dl, ml) = (d * (sc & 0x0f) as f32, dmin * (sc >> 4) as f32);
+        dl * q as f32 - ml
+    }));
+}
+
+/// Signed 6-bit scale `i` (0..16) of a Q3_K block: its low nibble from byte `i % 8` (bits 0-3
+/// for i < 8, 4-7 above), its top two bits from byte `8 + i % 4` (bits `2 * (i / 4)`), minus 32.
+fn q3_k_scale(i: usize, s: &[u8]) -> f32 {
+    let low = (s[i % 8] >> (4 * (i / 8))) & 0x0f;
+    let high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    ((low | (high << 4)) as i8 - 32) as f32
+}
+
+/// One Q3_K block (32-byte high-bit plane, 64 bytes of low 2-bit values, 12 bytes of packed
+/// scales, f16 scale): value = d * scale * q with q = low - 4 when its high bit is clear (llama.cpp
+/// stores the bit inverted), one scale per 16 values. Laid out as llama.cpp's `block_q3_K`.
+fn dequantize_q3_k(block: &[u8], out: &mut Vec<f32>) {
+    let (hmask, rest) = block.split_at(QK_K / 8);
+    let (qs, rest) = rest.split_at(QK_K / 4);
+    let (scales, d) = rest.split_at(K_SCALE_BYTES);
+    let d = f16::from_le_bytes([d[0], d[1]]).to_f32();
+    out.extend(k_two_bits(qs).enumerate().map(|(v, low)| {
+        let high = (hmask[v % 32] >> (v / 32)) & 1;
+        let q = low as i32 - if high == 0 { 4 } else { 0 };
+        (d * q3_k_scale(v / 16, scales)) * q as f32
+    }));
 }
 
 #[cfg(test)]
