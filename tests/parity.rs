@@ -265,7 +265,7 @@ fn tiny_random_models_match_transformers() {
     ];
     let job = serde_json::json!({
         "job": "tiny", "gguf": embedded_gguf(), "dir": tmp.path(), "steps": 8,
-        "archs": ["llama", "qwen2", "qwen3", "gemma"], "sharded": "qwen2",
+        "archs": ["llama", "qwen2", "qwen3", "gemma", "gemma3"], "sharded": "qwen2",
         "prompts": prompts,
         "paths": [serde_json::Value::Null, path_json(&paths[1]), path_json(&paths[2])],
     });
@@ -276,7 +276,7 @@ fn tiny_random_models_match_transformers() {
             .exists(),
         "qwen2 should be saved sharded"
     );
-    for arch in ["llama", "qwen2", "qwen3", "gemma"] {
+    for arch in ["llama", "qwen2", "qwen3", "gemma", "gemma3"] {
         let lm = LoadedModel::load(
             ModelSource::resolve(tmp.path().join(arch).to_str().unwrap()).unwrap(),
             Device::Cpu,

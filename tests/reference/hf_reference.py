@@ -9,7 +9,8 @@ summary to stdout. Jobs:
             rows: context/continuation token ids by lm-eval's split, and the summed log-probability
             of each choice's continuation, optionally along layer paths.
   tiny   -- create tiny random models (LLaMA + llama3 RoPE scaling, Qwen2 with biases, Qwen3 with
-            q/k norm, Gemma with its 1 + w norms, scaled embeddings and GELU; one sharded) in a
+            q/k norm, Gemma with its 1 + w norms, scaled embeddings and GELU; Gemma 3 with four norms a block, q/k
+            norms, local sliding-window blocks between global ones; one sharded) in a
             directory, and their logits along paths.
   kquant -- write a tiny LLaMA GGUF whose matrices are random Q4_K / Q5_K / Q6_K / Q5_0 / Q5_1 / Q2_K / Q3_K blocks (the
             embedded file's tokenizer), with the `gguf` package's dequantization of every tensor
@@ -209,6 +210,15 @@ def tiny_config(arch, vocab):
         # Tied embeddings and gelu_pytorch_tanh are GemmaConfig's defaults.
         from transformers import GemmaConfig
         return GemmaConfig(**common, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if arch == "gemma3":
+        # A window shorter than the prompts, so local blocks hide keys; local and global
+        # blocks interleaved; the query scale off head_dim; two RoPE bases.
+        from transformers import Gemma3TextConfig
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                             "sliding_attention", "full_attention", "sliding_attention"],
+                                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     raise SystemExit(f"unknown arch {arch}")
 
 
@@ -223,7 +233,7 @@ def job_tiny(job, tensors):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
         # Biases are zero at init; make them matter. Norm scales near 1 (Gemma's weights w
         # scale as 1 + w, so near 0 there).
-        norm_mean = 0.0 if arch == "gemma" else 1.0
+        norm_mean = 0.0 if arch.startswith("gemma") else 1.0
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.data.normal_(norm_mean if "norm" in name else 0.0, 0.1)

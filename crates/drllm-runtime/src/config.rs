@@ -1,5 +1,5 @@
 //! Model configuration: the fields of Hugging Face `config.json` we use (LlamaConfig,
-//! Qwen2Config, Qwen3Config, GemmaConfig), also built from GGUF metadata so both formats give one
+//! Qwen2Config, Qwen3Config, GemmaConfig, Gemma3TextConfig), also built from GGUF metadata so both formats give one
 //! struct.
 use std::path::Path;
 
@@ -19,6 +19,9 @@ pub enum Arch {
     Qwen3,
     /// Gemma (1): norms scale by 1 + w, embeddings by sqrt(hidden), GELU (tanh) MLP.
     Gemma,
+    /// Gemma 3 (text): Gemma's traits, q/k norms, norms after attention and MLP too, local
+    /// sliding-window blocks interleaved with global ones.
+    Gemma3,
 }
 
 /// The MLP's gate activation (`hidden_act`).
@@ -74,10 +77,16 @@ pub struct Family {
     /// Whether the LM head is the embedding matrix when `config.json` does not say
     /// (transformers omits `tie_word_embeddings` when it equals the family's default).
     pub tied_embeddings: bool,
+    /// Four norms per block: the attention's and the MLP's outputs are normed too before their
+    /// residual adds, and the MLP's input norm is `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// Local (sliding-window) blocks interleaved with global ones, each kind with its own RoPE
+    /// base, and queries scaled by `query_pre_attn_scalar` (see [`LocalAttention`]).
+    pub local_global: bool,
 }
 
 /// Every family drllm runs, in the order of [`Arch`]'s variants.
-pub const FAMILIES: [Family; 4] = [
+pub const FAMILIES: [Family; 5] = [
     Family {
         arch: Arch::Llama,
         names: &["llama", "smollm", "mistral"],
@@ -89,6 +98,8 @@ pub const FAMILIES: [Family; 4] = [
         embed_scale: false,
         act: Act::Silu,
         tied_embeddings: false,
+        sandwich_norms: false,
+        local_global: false,
     },
     Family {
         arch: Arch::Qwen2,
@@ -101,6 +112,8 @@ pub const FAMILIES: [Family; 4] = [
         embed_scale: false,
         act: Act::Silu,
         tied_embeddings: false,
+        sandwich_norms: false,
+        local_global: false,
     },
     Family {
         arch: Arch::Qwen3,
@@ -113,6 +126,8 @@ pub const FAMILIES: [Family; 4] = [
         embed_scale: false,
         act: Act::Silu,
         tied_embeddings: false,
+        sandwich_norms: false,
+        local_global: false,
     },
     // llama.cpp's Gemma files store the norms with the 1 already added; not read yet.
     Family {
@@ -126,6 +141,22 @@ pub const FAMILIES: [Family; 4] = [
         embed_scale: true,
         act: Act::GeluTanh,
         tied_embeddings: true,
+        sandwich_norms: false,
+        local_global: false,
+    },
+    Family {
+        arch: Arch::Gemma3,
+        names: &["gemma3_text"],
+        qkv_bias: false,
+        qk_norm: true,
+        gguf_permuted_qk: false,
+        gguf: false,
+        norm_one_plus: true,
+        embed_scale: true,
+        act: Act::GeluTanh,
+        tied_embeddings: true,
+        sandwich_norms: true,
+        local_global: true,
     },
 ];
 
@@ -175,6 +206,23 @@ pub enum RopeScaling {
         /// Context length the model was pretrained with.
         original_max_position_embeddings: f64,
     },
+    /// Positions divided by `factor` (Gemma 3's global blocks from 4B up).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+}
+
+/// Local attention interleaved with global attention (Gemma 3): a local block's query sees the
+/// keys fewer than `window` positions back (itself included), and its RoPE has its own base.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalAttention {
+    /// Sliding-window length in positions.
+    pub window: i64,
+    /// Which blocks are local, one entry per block (the others attend to every key).
+    pub layers: Vec<bool>,
+    /// RoPE base of the local blocks (the global ones use [`ModelConfig::rope_theta`]).
+    pub rope_theta: f64,
 }
 
 /// The resolved configuration of a decoder model.
@@ -214,6 +262,11 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<i64>,
     /// Beginning-of-sequence id from the config, if any.
     pub bos_token_id: Option<i64>,
+    /// Local sliding-window blocks, for families that interleave them with global ones.
+    pub local_attention: Option<LocalAttention>,
+    /// The attention's query scale when it is not `head_dim^-0.5` (Gemma 3's
+    /// `query_pre_attn_scalar^-0.5`).
+    pub attn_scale: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -241,8 +294,16 @@ struct RawConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<RawRope>,
-    /// transformers >= 5 writes RoPE settings here.
-    rope_parameters: Option<RawRope>,
+    /// transformers >= 5 writes RoPE settings here (per layer type for Gemma 3).
+    rope_parameters: Option<serde_json::Value>,
+    rope_local_base_freq: Option<f64>,
+    sliding_window: Option<i64>,
+    sliding_window_pattern: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     hidden_act: Option<String>,
@@ -268,6 +329,15 @@ fn parse_rope(source: &str, key: &str, r: &RawRope) -> Result<RopeScaling> {
         .unwrap_or("default");
     match ty {
         "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: r.factor.ok_or_else(|| {
+                Error::config(
+                    source,
+                    format!("{key}.factor"),
+                    "required for rope_type linear",
+                )
+            })?,
+        }),
         "llama3" => {
             let need = |v: Option<f64>, k: &str| {
                 v.ok_or_else(|| {
@@ -292,7 +362,7 @@ fn parse_rope(source: &str, key: &str, r: &RawRope) -> Result<RopeScaling> {
             source_name: source.to_string(),
             key: format!("{key}.rope_type"),
             value: other.to_string(),
-            supported: "default, llama3".into(),
+            supported: "default, linear, llama3".into(),
         }),
     }
 }
@@ -318,16 +388,117 @@ impl ModelConfig {
         let num_layers = raw
             .num_hidden_layers
             .ok_or_else(|| Error::config(&src, "num_hidden_layers", "required key is missing"))?;
-        let (rope_theta, rope_scaling) = match (&raw.rope_parameters, &raw.rope_scaling) {
-            (Some(p), _) => (
-                p.rope_theta.or(raw.rope_theta).unwrap_or(10000.0),
-                parse_rope(&src, "rope_parameters", p)?,
+        for (k, v) in [
+            ("attn_logit_softcapping", raw.attn_logit_softcapping),
+            ("final_logit_softcapping", raw.final_logit_softcapping),
+        ] {
+            if let Some(v) = v {
+                return Err(Error::Unsupported {
+                    source_name: src.clone(),
+                    key: k.into(),
+                    value: v.to_string(),
+                    supported: "null (logit soft-capping is not implemented)".into(),
+                });
+            }
+        }
+        if raw.use_bidirectional_attention == Some(true) {
+            return Err(Error::Unsupported {
+                source_name: src.clone(),
+                key: "use_bidirectional_attention".into(),
+                value: "true".into(),
+                supported: "false (a decoder's causal attention)".into(),
+            });
+        }
+        // Gemma 3 keeps a RoPE setting per layer type; the others one for every block.
+        let rope_of = |v: &serde_json::Value, key: &str| -> Result<RawRope> {
+            serde_json::from_value(v.clone())
+                .map_err(|e| Error::config(&src, key, format!("invalid RoPE settings: {e}")))
+        };
+        let per_type = raw
+            .rope_parameters
+            .as_ref()
+            .filter(|v| v.get("full_attention").is_some() || v.get("sliding_attention").is_some());
+        let (global_key, global_rope, local_rope) = match (per_type, &raw.rope_parameters) {
+            (Some(v), _) => {
+                let sub = |t: &str| {
+                    v.get(t)
+                        .map(|x| rope_of(x, &format!("rope_parameters.{t}")))
+                        .transpose()
+                };
+                (
+                    "rope_parameters.full_attention",
+                    sub("full_attention")?,
+                    sub("sliding_attention")?,
+                )
+            }
+            (None, Some(v)) => (
+                "rope_parameters",
+                Some(rope_of(v, "rope_parameters")?),
+                None,
             ),
-            (None, Some(s)) => (
-                raw.rope_theta.unwrap_or(10000.0),
-                parse_rope(&src, "rope_scaling", s)?,
-            ),
-            (None, None) => (raw.rope_theta.unwrap_or(10000.0), RopeScaling::None),
+            (None, None) => ("rope_scaling", raw.rope_scaling, None),
+        };
+        // Gemma 3's defaults: global base 1e6, local base 1e4.
+        let default_theta = if family.local_global { 1e6 } else { 10000.0 };
+        let rope_theta = global_rope
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .or(raw.rope_theta)
+            .unwrap_or(default_theta);
+        let rope_scaling = match &global_rope {
+            Some(r) => parse_rope(&src, global_key, r)?,
+            None => RopeScaling::None,
+        };
+        let head_dim = raw.head_dim.unwrap_or(hidden_size / num_heads.max(1));
+        let (local_attention, attn_scale) = if family.local_global {
+            let key = "rope_parameters.sliding_attention";
+            if let Some(r) = &local_rope {
+                if parse_rope(&src, key, r)? != RopeScaling::None {
+                    return Err(Error::config(
+                        &src,
+                        key,
+                        "local blocks take default RoPE only",
+                    ));
+                }
+            }
+            let local_theta = local_rope
+                .as_ref()
+                .and_then(|r| r.rope_theta)
+                .or(raw.rope_local_base_freq)
+                .unwrap_or(10000.0);
+            let layers = match &raw.layer_types {
+                Some(types) => types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "sliding_attention" => Ok(true),
+                        "full_attention" => Ok(false),
+                        other => Err(Error::Unsupported {
+                            source_name: src.clone(),
+                            key: "layer_types".into(),
+                            value: other.to_string(),
+                            supported: "sliding_attention, full_attention".into(),
+                        }),
+                    })
+                    .collect::<Result<Vec<bool>>>()?,
+                None => {
+                    let pattern = raw.sliding_window_pattern.unwrap_or(6).max(1);
+                    (0..num_layers).map(|i| (i + 1) % pattern != 0).collect()
+                }
+            };
+            let window = raw
+                .sliding_window
+                .ok_or_else(|| Error::config(&src, "sliding_window", "required key is missing"))?;
+            let scalar = raw.query_pre_attn_scalar.unwrap_or(head_dim as f64);
+            (
+                Some(LocalAttention {
+                    window,
+                    layers,
+                    rope_theta: local_theta,
+                }),
+                Some(scalar.powf(-0.5)),
+            )
+        } else {
+            (None, None)
         };
         let cfg = ModelConfig {
             arch,
@@ -336,7 +507,7 @@ impl ModelConfig {
             num_layers,
             num_heads,
             num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
-            head_dim: raw.head_dim.unwrap_or(hidden_size / num_heads.max(1)),
+            head_dim,
             vocab_size: req(raw.vocab_size, "vocab_size")?,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
@@ -353,6 +524,8 @@ impl ModelConfig {
                 .bos_token_id
                 .as_ref()
                 .and_then(|v| ids_of(v).first().copied()),
+            local_attention,
+            attn_scale,
         };
         cfg.validate(&src)?;
         Ok(cfg)
@@ -403,6 +576,8 @@ impl ModelConfig {
             max_position_embeddings: int("context_length").unwrap_or(4096),
             eos_token_ids: vec![],
             bos_token_id: None,
+            local_attention: None,
+            attn_scale: None,
         };
         cfg.validate(&src)?;
         Ok(cfg)
@@ -433,6 +608,26 @@ impl ModelConfig {
                 ),
             ));
         }
+        if let Some(local) = &self.local_attention {
+            if local.layers.len() != self.num_layers {
+                return Err(Error::config(
+                    src,
+                    "layer_types",
+                    format!(
+                        "{} entries for {} blocks",
+                        local.layers.len(),
+                        self.num_layers
+                    ),
+                ));
+            }
+            if local.window <= 0 {
+                return Err(Error::config(
+                    src,
+                    "sliding_window",
+                    format!("must be positive, got {}", local.window),
+                ));
+            }
+        }
         if self.head_dim % 2 != 0 {
             return Err(Error::config(
                 src,
@@ -450,7 +645,13 @@ mod tests {
 
     #[test]
     fn every_arch_has_one_family_row() {
-        for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma] {
+        for arch in [
+            Arch::Llama,
+            Arch::Qwen2,
+            Arch::Qwen3,
+            Arch::Gemma,
+            Arch::Gemma3,
+        ] {
             assert_eq!(FAMILIES.iter().filter(|f| f.arch == arch).count(), 1);
             assert_eq!(arch.family().arch, arch);
             for name in arch.family().names {
@@ -521,6 +722,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("hidden_act") && msg.contains("relu2"), "{msg}");
+    }
+
+    #[test]
+    fn gemma3_local_and_global_blocks_from_v4_and_v5_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = serde_json::json!({"model_type":"gemma3_text","hidden_size":64,
+            "intermediate_size":96,"num_hidden_layers":7,"num_attention_heads":4,
+            "num_key_value_heads":1,"head_dim":16,"vocab_size":100,"sliding_window":512,
+            "query_pre_attn_scalar":256,"attn_logit_softcapping":null,
+            "final_logit_softcapping":null});
+        // transformers 4.x: rope_theta, rope_local_base_freq, a layer pattern, rope_scaling.
+        let mut v4 = base.clone();
+        v4["rope_theta"] = 1e6.into();
+        v4["rope_local_base_freq"] = 1e4.into();
+        v4["sliding_window_pattern"] = 6.into();
+        v4["rope_scaling"] = serde_json::json!({"rope_type":"linear","factor":8.0});
+        let a = ModelConfig::from_hf_json(&write(dir.path(), v4)).unwrap();
+        // transformers 5: layer_types and RoPE per layer type.
+        let mut v5 = base.clone();
+        v5["layer_types"] = serde_json::json!(["sliding_attention","sliding_attention",
+            "sliding_attention","sliding_attention","sliding_attention","full_attention",
+            "sliding_attention"]);
+        v5["rope_parameters"] = serde_json::json!({
+            "full_attention":{"rope_type":"linear","factor":8.0,"rope_theta":1e6},
+            "sliding_attention":{"rope_type":"default","rope_theta":1e4}});
+        let b = ModelConfig::from_hf_json(&write(dir.path(), v5)).unwrap();
+        for c in [&a, &b] {
+            assert_eq!(c.arch, Arch::Gemma3);
+            assert_eq!(c.rope_theta, 1e6);
+            assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 8.0 });
+            let local = c.local_attention.as_ref().unwrap();
+            assert_eq!(local.window, 512);
+            assert_eq!(local.rope_theta, 1e4);
+            assert_eq!(
+                local.layers,
+                vec![true, true, true, true, true, false, true]
+            );
+            assert_eq!(c.attn_scale, Some(1.0 / 16.0));
+            assert!(c.tie_word_embeddings && c.act == Act::GeluTanh);
+        }
+        let mut bad = base.clone();
+        bad["final_logit_softcapping"] = 30.0.into();
+        let msg = ModelConfig::from_hf_json(&write(dir.path(), bad))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("final_logit_softcapping"), "{msg}");
+        let mut bad = base.clone();
+        bad["layer_types"] = serde_json::json!(["full_attention"]);
+        let msg = ModelConfig::from_hf_json(&write(dir.path(), bad))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("layer_types") && msg.contains("7 blocks"), "{msg}");
+        let mut bad = base.clone();
+        bad.as_object_mut().unwrap().remove("sliding_window");
+        let msg = ModelConfig::from_hf_json(&write(dir.path(), bad))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("sliding_window"), "{msg}");
     }
 
     #[test]

@@ -141,7 +141,13 @@ impl<'m> PathBatch<'m> {
         let past = self.key_valid.size()[1];
         self.key_valid = Tensor::cat(&[&self.key_valid, valid], 1);
         self.padded |= padded;
-        let mask = self.attention_mask(past, t);
+        let mask = model.windowed(
+            self.attention_mask(past, t),
+            past,
+            t,
+            &self.key_valid,
+            &positions,
+        );
         let rope = model.rope(&positions);
         let mut h = model.embed(ids);
         let n_layers = model.num_layers();

@@ -1,6 +1,6 @@
-//! Decoder-only transformer (LLaMA family, Qwen2/2.5, Qwen3, Gemma) on libtorch.
+//! Decoder-only transformer (LLaMA family, Qwen2/2.5, Qwen3, Gemma, Gemma 3) on libtorch.
 //!
-//! Mirrors transformers' `models/{llama,qwen2,qwen3,gemma}/modeling_*.py`: one block definition
+//! Mirrors transformers' `models/{llama,qwen2,qwen3,gemma,gemma3}/modeling_*.py`: one block definition
 //! whose family differences are the traits of [`crate::config::Family`] (q/k/v biases, q/k
 //! norms, norm scaling, embedding scale, activation). Tensors are loaded by their Hugging Face
 //! names, RMSNorm computes in f32 like `LlamaRMSNorm` (or `GemmaRMSNorm`), RoPE uses the
@@ -126,7 +126,14 @@ pub(crate) struct Block {
     o: Linear,
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
+    /// The MLP's input norm (`post_attention_layernorm`, or `pre_feedforward_layernorm` with
+    /// sandwich norms).
     post_norm: Norm,
+    /// Norms of the attention's and the MLP's outputs (families with sandwich norms).
+    attn_out_norm: Option<Norm>,
+    mlp_out_norm: Option<Norm>,
+    /// A local (sliding-window) block: attends through the local mask with the local RoPE.
+    local: bool,
     /// gate and up projections fused (each `intermediate_size` wide).
     gate_up: Linear,
     down: Linear,
@@ -143,6 +150,9 @@ pub(crate) enum Attn {
     Causal,
     /// Explicit boolean mask `[B, 1, T, T_total]`, true = may attend.
     Mask(Tensor),
+    /// For global blocks `global`; local blocks attend through `local` (`[B, 1, T, T_total]`),
+    /// which also hides keys a sliding window or more back.
+    Windowed { global: Box<Attn>, local: Tensor },
 }
 
 impl Attn {
@@ -151,14 +161,31 @@ impl Attn {
             Attn::All => Attn::All,
             Attn::Causal => Attn::Causal,
             Attn::Mask(m) => Attn::Mask(m.index_select(0, idx)),
+            Attn::Windowed { global, local } => Attn::Windowed {
+                global: Box::new(global.rows(idx)),
+                local: local.index_select(0, idx),
+            },
+        }
+    }
+
+    /// The mask a block applies: the local one for a local block, else the global one.
+    fn for_block(&self, local_block: bool) -> (Option<&Tensor>, bool) {
+        match self {
+            Attn::All => (None, false),
+            Attn::Causal => (None, true),
+            Attn::Mask(m) => (Some(m), false),
+            Attn::Windowed { local, .. } if local_block => (Some(local), false),
+            Attn::Windowed { global, .. } => global.for_block(false),
         }
     }
 }
 
-/// Rotary tables for a batch: `[B, 1, T, head_dim]` each.
+/// Rotary tables for a batch: `[B, 1, T, head_dim]` each; `local` those of local blocks when
+/// their RoPE base differs.
 pub(crate) struct Rope {
     pub cos: Tensor,
     pub sin: Tensor,
+    pub local: Option<(Tensor, Tensor)>,
 }
 
 impl Rope {
@@ -166,6 +193,18 @@ impl Rope {
         Rope {
             cos: self.cos.index_select(0, idx),
             sin: self.sin.index_select(0, idx),
+            local: self
+                .local
+                .as_ref()
+                .map(|(c, s)| (c.index_select(0, idx), s.index_select(0, idx))),
+        }
+    }
+
+    /// (cos, sin) for a local or a global block.
+    fn for_block(&self, local_block: bool) -> (&Tensor, &Tensor) {
+        match &self.local {
+            Some((c, s)) if local_block => (c, s),
+            _ => (&self.cos, &self.sin),
         }
     }
 }
@@ -182,18 +221,26 @@ pub struct Model {
     norm: Norm,
     lm_head: Tensor,
     inv_freq: Tensor,
+    /// Local blocks' RoPE frequencies (their own base).
+    inv_freq_local: Option<Tensor>,
     device: Device,
     kind: Kind,
 }
 
-/// Base inverse frequencies, computed in f32 the way transformers does.
-fn inv_freq(cfg: &ModelConfig, dev: Device) -> Tensor {
+/// Base inverse frequencies for RoPE base `theta`, computed in f32 the way transformers does.
+fn base_inv_freq(cfg: &ModelConfig, theta: f64, dev: Device) -> Tensor {
     let dim = cfg.head_dim;
     let exps =
         Tensor::arange_start_step(0, dim, 2, (Kind::Int64, dev)).to_kind(Kind::Float) / dim as f64;
-    let base = Tensor::pow_scalar(cfg.rope_theta, &exps).reciprocal();
+    Tensor::pow_scalar(theta, &exps).reciprocal()
+}
+
+/// The global blocks' inverse frequencies, scaled as the configuration says.
+fn inv_freq(cfg: &ModelConfig, dev: Device) -> Tensor {
+    let base = base_inv_freq(cfg, cfg.rope_theta, dev);
     match cfg.rope_scaling {
         RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base / factor,
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -234,6 +281,7 @@ impl Model {
         )?;
         let family = cfg.arch.family();
         let one_plus = family.norm_one_plus;
+        let sandwich = family.sandwich_norms;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
@@ -264,7 +312,28 @@ impl Model {
                 } else {
                     None
                 },
-                post_norm: norm("post_attention_layernorm", h)?,
+                post_norm: norm(
+                    if sandwich {
+                        "pre_feedforward_layernorm"
+                    } else {
+                        "post_attention_layernorm"
+                    },
+                    h,
+                )?,
+                attn_out_norm: if sandwich {
+                    Some(norm("post_attention_layernorm", h)?)
+                } else {
+                    None
+                },
+                mlp_out_norm: if sandwich {
+                    Some(norm("post_feedforward_layernorm", h)?)
+                } else {
+                    None
+                },
+                local: cfg
+                    .local_attention
+                    .as_ref()
+                    .is_some_and(|a| a.layers.get(l).copied().unwrap_or(false)),
                 gate_up: Linear::fuse(vec![
                     lin("mlp.gate_proj", i, h, false)?,
                     lin("mlp.up_proj", i, h, false)?,
@@ -284,6 +353,10 @@ impl Model {
             ws.load_shaped("lm_head.weight", &[cfg.vocab_size, h], kind, device)?
         };
         let inv_freq = inv_freq(&cfg, device);
+        let inv_freq_local = cfg
+            .local_attention
+            .as_ref()
+            .map(|a| base_inv_freq(&cfg, a.rope_theta, device));
         Ok(Model {
             cfg,
             embed,
@@ -292,6 +365,7 @@ impl Model {
             norm,
             lm_head,
             inv_freq,
+            inv_freq_local,
             device,
             kind,
         })
@@ -337,11 +411,61 @@ impl Model {
 
     /// RoPE tables for position ids `[B, T]`.
     pub(crate) fn rope(&self, positions: &Tensor) -> Rope {
-        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let tables = |inv_freq: &Tensor| {
+            let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, 1, -1]);
+            let emb = Tensor::cat(&[&freqs, &freqs], -1);
+            (
+                emb.cos().to_kind(self.kind).unsqueeze(1),
+                emb.sin().to_kind(self.kind).unsqueeze(1),
+            )
+        };
+        let (cos, sin) = tables(&self.inv_freq);
         Rope {
-            cos: emb.cos().to_kind(self.kind).unsqueeze(1),
-            sin: emb.sin().to_kind(self.kind).unsqueeze(1),
+            cos,
+            sin,
+            local: self.inv_freq_local.as_ref().map(tables),
+        }
+    }
+
+    /// The attention mask of local blocks, from the global one, when a sliding window hides
+    /// some key: `past + t` keys whose validity is `key_valid` `[B, past + t]`, queries at
+    /// `positions` `[B, t]`. A key is visible within the window when its position (its count
+    /// among valid keys) is greater than the query's minus the window; every query still sees
+    /// itself, as in the global mask.
+    pub(crate) fn windowed(
+        &self,
+        global: Attn,
+        past: i64,
+        t: i64,
+        key_valid: &Tensor,
+        positions: &Tensor,
+    ) -> Attn {
+        let Some(local) = &self.cfg.local_attention else {
+            return global;
+        };
+        let total = past + t;
+        if total <= local.window || !local.layers.iter().any(|&l| l) {
+            return global;
+        }
+        let dev = self.device;
+        let b = key_valid.size()[0];
+        let q_idx = Tensor::arange_start(past, total, (Kind::Int64, dev)).view([t, 1]);
+        let k_idx = Tensor::arange(total, (Kind::Int64, dev)).view([1, total]);
+        let base = match &global {
+            Attn::All => Tensor::ones([1, 1, t, total], (Kind::Bool, dev)),
+            Attn::Causal => k_idx.le_tensor(&q_idx).view([1, 1, t, total]),
+            Attn::Mask(m) => m.shallow_clone(),
+            Attn::Windowed { local, .. } => local.shallow_clone(),
+        };
+        let key_pos = key_valid.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1;
+        let near = key_pos
+            .view([b, 1, 1, total])
+            .gt_tensor(&(positions.view([b, 1, t, 1]) - local.window));
+        let diag = k_idx.eq_tensor(&q_idx).view([1, 1, t, total]);
+        let local = base.logical_and(&near).logical_or(&diag);
+        Attn::Windowed {
+            global: Box::new(global),
+            local,
         }
     }
 }
@@ -361,6 +485,7 @@ impl Block {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps;
         let h = self.in_norm.forward(x, eps);
+        let (cos, sin) = rope.for_block(self.local);
         let qkv = self.qkv.forward(&h).split_with_sizes(self.qkv_split, -1);
         let mut q = qkv[0].view([b, t, nh, hd]);
         let mut k = qkv[1].view([b, t, nkv, hd]);
@@ -371,22 +496,30 @@ impl Block {
         }
         let q = q.transpose(1, 2);
         let k = k.transpose(1, 2);
-        let q = &q * &rope.cos + rotate_half(&q) * &rope.sin;
-        let k = &k * &rope.cos + rotate_half(&k) * &rope.sin;
+        let q = &q * cos + rotate_half(&q) * sin;
+        let k = &k * cos + rotate_half(&k) * sin;
         let (k, v) = match kv.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &v], 2)),
             None => (k, v),
         };
-        let (m, causal) = match mask {
-            Attn::All => (None, false),
-            Attn::Causal => (None, true),
-            Attn::Mask(m) => (Some(m), false),
-        };
-        let attn =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, m, 0.0, causal, None, nh != nkv);
+        let (m, causal) = mask.for_block(self.local);
+        let attn = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            m,
+            0.0,
+            causal,
+            cfg.attn_scale,
+            nh != nkv,
+        );
         *kv = Some((k, v));
         let attn = attn.transpose(1, 2).reshape([b, t, nh * hd]);
-        let x = x + self.o.forward(&attn);
+        let attn = self.o.forward(&attn);
+        let x = match &self.attn_out_norm {
+            Some(n) => x + n.forward(&attn, eps),
+            None => x + attn,
+        };
         let h = self.post_norm.forward(&x, eps);
         let gu = self.gate_up.forward(&h).chunk(2, -1);
         let gate = match cfg.act {
@@ -395,6 +528,9 @@ impl Block {
             Act::Gelu => gu[0].gelu("none"),
         };
         let mlp = self.down.forward(&(gate * &gu[1]));
-        x + mlp
+        match &self.mlp_out_norm {
+            Some(n) => x + n.forward(&mlp, eps),
+            None => x + mlp,
+        }
     }
 }

@@ -34,7 +34,7 @@ impl PathBatch<'_> {
             (valid.to_kind(tch::Kind::Int64).cumsum(1, tch::Kind::Int64) - 1).clamp_min(0);
         self.key_valid = valid.shallow_clone();
         self.padded = padded;
-        let mask = self.attention_mask(0, t);
+        let mask = model.windowed(self.attention_mask(0, t), 0, t, &self.key_valid, &positions);
         let rope = model.rope(&positions);
         let mut h = model.embed(&ids);
         for (l, block) in model.blocks.iter().enumerate() {
