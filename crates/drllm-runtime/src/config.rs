@@ -129,7 +129,7 @@ pub const FAMILIES: [Family; 5] = [
         sandwich_norms: false,
         local_global: false,
     },
-    // llama.cpp's Gemma files store the norms with the 1 already added; not read yet.
+    // llama.cpp's Gemma (1) files are not read yet.
     Family {
         arch: Arch::Gemma,
         names: &["gemma"],
@@ -146,11 +146,11 @@ pub const FAMILIES: [Family; 5] = [
     },
     Family {
         arch: Arch::Gemma3,
-        names: &["gemma3_text"],
+        names: &["gemma3_text", "gemma3"],
         qkv_bias: false,
         qk_norm: true,
         gguf_permuted_qk: false,
-        gguf: false,
+        gguf: true,
         norm_one_plus: true,
         embed_scale: true,
         act: Act::GeluTanh,
@@ -556,28 +556,68 @@ impl ModelConfig {
             Some(v) => v as i64,
             None => hidden_size / num_heads.max(1),
         };
+        let num_layers = int("block_count")? as usize;
+        // llama.cpp's rules for Gemma 3 files, which store neither the layer pattern nor the
+        // local RoPE base nor the query scale: every sixth block global, local base 1e4, queries
+        // scaled by head_dim^-0.5 (hidden / heads for the 27B model's 62 blocks).
+        let (local_attention, attn_scale) = if arch.family().local_global {
+            let scalar = if num_layers == 62 {
+                hidden_size / num_heads.max(1)
+            } else {
+                head_dim
+            };
+            (
+                Some(LocalAttention {
+                    window: int("attention.sliding_window")?,
+                    layers: (0..num_layers).map(|i| (i + 1) % 6 != 0).collect(),
+                    rope_theta: 10000.0,
+                }),
+                Some((scalar as f64).powf(-0.5)),
+            )
+        } else {
+            (None, None)
+        };
+        let rope_scaling = match g
+            .metadata
+            .get(&k("rope.scaling.type"))
+            .and_then(|v| v.as_str())
+        {
+            None | Some("none") => RopeScaling::None,
+            Some("linear") => RopeScaling::Linear {
+                factor: g.get_f64(&k("rope.scaling.factor"))?,
+            },
+            // llama.cpp stores LLaMA-3 scaling as a precomputed `rope_freqs.weight` tensor,
+            // which the model applies when present.
+            Some(_) if g.tensors.contains_key("rope_freqs.weight") => RopeScaling::None,
+            Some(other) => {
+                return Err(Error::Unsupported {
+                    source_name: src.clone(),
+                    key: k("rope.scaling.type"),
+                    value: other.to_string(),
+                    supported: "none, linear".into(),
+                })
+            }
+        };
         let cfg = ModelConfig {
             arch,
             hidden_size,
             intermediate_size: int("feed_forward_length")?,
-            num_layers: int("block_count")? as usize,
+            num_layers,
             num_heads,
             num_kv_heads: int("attention.head_count_kv").unwrap_or(num_heads),
             head_dim,
             vocab_size,
             rms_norm_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
             rope_theta: g.get_f64(&k("rope.freq_base")).unwrap_or(10000.0),
-            // llama.cpp stores LLaMA-3 scaling as a precomputed `rope_freqs.weight` tensor,
-            // which the model applies when present.
-            rope_scaling: RopeScaling::None,
+            rope_scaling,
             tie_word_embeddings: !g.tensors.contains_key("output.weight"),
             attention_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
             act: arch.family().act,
             max_position_embeddings: int("context_length").unwrap_or(4096),
             eos_token_ids: vec![],
             bos_token_id: None,
-            local_attention: None,
-            attn_scale: None,
+            local_attention,
+            attn_scale,
         };
         cfg.validate(&src)?;
         Ok(cfg)
@@ -662,7 +702,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("gemma2") && err.contains("qwen3"), "{err}");
-        // Gemma is read from Hugging Face directories only; a GGUF file of it says so.
+        // Gemma (1) is read from Hugging Face directories only; a GGUF file of it says so.
         let err = Arch::parse("x.gguf", "general.architecture", "gemma", true)
             .unwrap_err()
             .to_string();
@@ -741,9 +781,15 @@ mod tests {
         let a = ModelConfig::from_hf_json(&write(dir.path(), v4)).unwrap();
         // transformers 5: layer_types and RoPE per layer type.
         let mut v5 = base.clone();
-        v5["layer_types"] = serde_json::json!(["sliding_attention","sliding_attention",
-            "sliding_attention","sliding_attention","sliding_attention","full_attention",
-            "sliding_attention"]);
+        v5["layer_types"] = serde_json::json!([
+            "sliding_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention"
+        ]);
         v5["rope_parameters"] = serde_json::json!({
             "full_attention":{"rope_type":"linear","factor":8.0,"rope_theta":1e6},
             "sliding_attention":{"rope_type":"default","rope_theta":1e4}});
@@ -773,7 +819,10 @@ mod tests {
         let msg = ModelConfig::from_hf_json(&write(dir.path(), bad))
             .unwrap_err()
             .to_string();
-        assert!(msg.contains("layer_types") && msg.contains("7 blocks"), "{msg}");
+        assert!(
+            msg.contains("layer_types") && msg.contains("7 blocks"),
+            "{msg}"
+        );
         let mut bad = base.clone();
         bad.as_object_mut().unwrap().remove("sliding_window");
         let msg = ModelConfig::from_hf_json(&write(dir.path(), bad))

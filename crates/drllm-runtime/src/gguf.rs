@@ -925,11 +925,11 @@ pub(crate) mod tests {
             .to_string()
             .contains("not a GGUF file"));
         let unk = GgufBuilder::new()
-            .tensor("blk.0.ffn_up.weight", &[256, 1], 11, vec![0u8; 110])
+            .tensor("blk.0.ffn_up.weight", &[256, 1], 15, vec![0u8; 292])
             .write(dir.path(), "k.gguf");
         let msg = GgufFile::open(&unk).err().unwrap().to_string();
         assert!(
-            msg.contains("blk.0.ffn_up.weight") && msg.contains("Q3_K") && msg.contains("Q6_K"),
+            msg.contains("blk.0.ffn_up.weight") && msg.contains("Q8_K") && msg.contains("Q6_K"),
             "{msg}"
         );
         // K-quant rows are 256-element blocks.

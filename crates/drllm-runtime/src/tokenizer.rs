@@ -1,5 +1,6 @@
-//! Tokenizers: `tokenizer.json` through the `tokenizers` crate, or a byte-level BPE rebuilt from
-//! GGUF metadata (tokens, merges, token types, pre-tokenizer name) with llama.cpp's semantics.
+//! Tokenizers: `tokenizer.json` through the `tokenizers` crate, or rebuilt from GGUF metadata: a
+//! byte-level BPE (tokens, merges, token types, pre-tokenizer name) with llama.cpp's semantics,
+//! or the SentencePiece BPE of Gemma 3 files as transformers rebuilds it.
 use std::path::Path;
 
 use tokenizers::models::bpe::BPE;
@@ -120,14 +121,91 @@ impl Tokenizer {
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let source = g.path().display().to_string();
         let model = g.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(Error::Unsupported {
-                source_name: source,
-                key: "tokenizer.ggml.model".into(),
-                value: model.into(),
-                supported: "gpt2 (byte-level BPE)".into(),
-            });
+        let arch = g
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.as_str());
+        let sentencepiece = match (model, arch) {
+            ("gpt2", _) => false,
+            ("llama", Some("gemma3")) => true,
+            _ => {
+                return Err(Error::Unsupported {
+                    source_name: source,
+                    key: "tokenizer.ggml.model".into(),
+                    value: model.into(),
+                    supported: "gpt2 (byte-level BPE); llama (SentencePiece) in gemma3 files"
+                        .into(),
+                })
+            }
+        };
+        let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
+        let mut inner = if sentencepiece {
+            gemma_sentencepiece(&source, &tokens)?
+        } else {
+            Self::byte_level_bpe(g, &source, &tokens)?
+        };
+        if let Some(types) = g
+            .metadata
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+        {
+            let mut control = vec![];
+            let mut user = vec![];
+            for (t, ty) in tokens.iter().zip(types) {
+                match ty.as_u64().or_else(|| ty.as_f64().map(|f| f as u64)) {
+                    Some(3) => {
+                        control.push(AddedToken::from(t.to_string(), true).normalized(false))
+                    }
+                    // Only tokens the vocabulary spells so (transformers skips the others, as
+                    // Gemma's whitespace tokens respelled with `▁`): no ids past the model's.
+                    Some(4) if tokenizers::Model::token_to_id(inner.get_model(), t).is_some() => {
+                        user.push(AddedToken::from(t.to_string(), false).normalized(false))
+                    }
+                    _ => {}
+                }
+            }
+            inner.add_special_tokens(&control);
+            inner.add_tokens(&user);
         }
+        let id_key = |key: &str| -> Option<(String, u32)> {
+            let id = g.metadata.get(key)?.as_u64()? as usize;
+            Some((tokens.get(id)?.to_string(), id as u32))
+        };
+        let bos = id_key("tokenizer.ggml.bos_token_id");
+        let eos = id_key("tokenizer.ggml.eos_token_id");
+        let extra_stop_ids = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+            .iter()
+            .filter_map(|k| id_key(k).map(|(_, id)| id))
+            .collect();
+        // A SentencePiece vocabulary that does not say gets BOS (llama.cpp and transformers).
+        let prepend_bos = g
+            .metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(model == "llama");
+        let chat_template = g
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(String::from);
+        Ok(Tokenizer {
+            inner,
+            source,
+            prepend_bos,
+            bos,
+            eos,
+            extra_stop_ids,
+            chat_template,
+        })
+    }
+
+    /// The byte-level BPE of a `gpt2` GGUF vocabulary, with its pre-tokenizer.
+    fn byte_level_bpe(
+        g: &GgufFile,
+        source: &str,
+        tokens: &[&str],
+    ) -> Result<tokenizers::Tokenizer> {
+        let source = source.to_string();
         let pre = g
             .metadata
             .get("tokenizer.ggml.pre")
@@ -168,7 +246,6 @@ impl Tokenizer {
                 })
             }
         };
-        let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
         let merges = g.get_str_array("tokenizer.ggml.merges")?;
         let vocab: tokenizers::models::bpe::Vocab = tokens
             .iter()
@@ -197,54 +274,7 @@ impl Tokenizer {
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
-        if let Some(types) = g
-            .metadata
-            .get("tokenizer.ggml.token_type")
-            .and_then(|v| v.as_array())
-        {
-            let mut control = vec![];
-            let mut user = vec![];
-            for (t, ty) in tokens.iter().zip(types) {
-                match ty.as_u64().or_else(|| ty.as_f64().map(|f| f as u64)) {
-                    Some(3) => {
-                        control.push(AddedToken::from(t.to_string(), true).normalized(false))
-                    }
-                    Some(4) => user.push(AddedToken::from(t.to_string(), false).normalized(false)),
-                    _ => {}
-                }
-            }
-            inner.add_special_tokens(&control);
-            inner.add_tokens(&user);
-        }
-        let id_key = |key: &str| -> Option<(String, u32)> {
-            let id = g.metadata.get(key)?.as_u64()? as usize;
-            Some((tokens.get(id)?.to_string(), id as u32))
-        };
-        let bos = id_key("tokenizer.ggml.bos_token_id");
-        let eos = id_key("tokenizer.ggml.eos_token_id");
-        let extra_stop_ids = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
-            .iter()
-            .filter_map(|k| id_key(k).map(|(_, id)| id))
-            .collect();
-        let prepend_bos = g
-            .metadata
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
-        let chat_template = g
-            .metadata
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.as_str())
-            .map(String::from);
-        Ok(Tokenizer {
-            inner,
-            source,
-            prepend_bos,
-            bos,
-            eos,
-            extra_stop_ids,
-            chat_template,
-        })
+        Ok(inner)
     }
 
     /// Encodes text. With `add_special`, BOS is added the way the model expects; chat-templated
@@ -332,6 +362,90 @@ impl Tokenizer {
             self.eos.as_ref().map(|b| b.0.as_str()).unwrap_or(""),
         )
     }
+}
+
+/// The SentencePiece BPE of a Gemma 3 GGUF file, built as transformers' GGUF loader builds it
+/// (the reference its parity test checks against; llama.cpp's own tokenizer uses the scores
+/// instead): tokens of spaces only, stored as spaces, are spelled with `▁` as `GemmaTokenizer`
+/// looks them up; the file has no merges, so they are rebuilt from the vocabulary, every split
+/// of a token into two tokens, best first in the order the tokens appear in the file (Gemma's
+/// scores do not follow its merge order); byte fallback; spaces normalised to `▁` with no
+/// other pre-tokenization. Written here because the `tokenizers` crate has no builder for a
+/// vocabulary without merges.
+fn gemma_sentencepiece(source: &str, tokens: &[&str]) -> Result<tokenizers::Tokenizer> {
+    use std::collections::HashMap;
+    use tokenizers::decoders::{
+        byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecoderSequence,
+    };
+    use tokenizers::normalizers::replace::Replace;
+    use tokenizers::{DecoderWrapper, NormalizerWrapper};
+
+    let spelled: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.trim().is_empty() {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.to_string()
+            }
+        })
+        .collect();
+    // As a Python dict built in file order: the last id of a repeated spelling wins, the first
+    // occurrence fixes its place.
+    let mut vocab: HashMap<String, u32> = HashMap::with_capacity(spelled.len());
+    let mut order: Vec<&str> = Vec::with_capacity(spelled.len());
+    for (i, t) in spelled.iter().enumerate() {
+        if vocab.insert(t.clone(), i as u32).is_none() {
+            order.push(t);
+        }
+    }
+    // (left, right, merged token's id, chars of left, chars of right).
+    let mut merges: Vec<(&str, &str, u32, usize, usize)> = vec![];
+    for &t in &order {
+        let id = vocab[t];
+        let mut local: Vec<(&str, &str, u32, usize, usize)> = t
+            .char_indices()
+            .skip(1)
+            .enumerate()
+            .filter_map(|(k, (at, _))| {
+                let (l, r) = t.split_at(at);
+                (vocab.contains_key(l) && vocab.contains_key(r)).then(|| {
+                    let left_chars = k + 1;
+                    (l, r, id, left_chars, t.chars().count() - left_chars)
+                })
+            })
+            .collect();
+        local.sort_by_key(|m| (vocab[m.0], vocab[m.1]));
+        merges.extend(local);
+    }
+    // Best first: lower ids, then longer left and right parts (a stable sort, as Python's).
+    merges.sort_by(|a, b| (a.2, b.3, b.4).cmp(&(b.2, a.3, a.4)));
+    let merges: Vec<(String, String)> = merges
+        .into_iter()
+        .map(|(l, r, ..)| (l.to_string(), r.to_string()))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(
+            vocab
+                .into_iter()
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges,
+        )
+        .unk_token("<unk>".into())
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| tok_err(source, e))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_normalizer(Some(NormalizerWrapper::Replace(
+        Replace::new(" ", "\u{2581}").map_err(|e| tok_err(source, e))?,
+    )));
+    inner.with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(vec![
+        DecoderWrapper::Replace(Replace::new("\u{2581}", " ").map_err(|e| tok_err(source, e))?),
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+    ]))));
+    Ok(inner)
 }
 
 #[cfg(test)]

@@ -165,16 +165,32 @@ pub struct GgufWeights {
     file: std::sync::Arc<GgufFile>,
     /// Heads for q and kv heads for k, when the rows must be un-permuted (LLaMA only).
     unpermute: Option<(i64, i64)>,
+    /// Four norms per block under llama.cpp's names for them (Gemma 3).
+    sandwich_norms: bool,
+    /// llama.cpp stored the norm weights of a `1 + w` family with the 1 added: it is taken off
+    /// again (in f32, as transformers does), so both formats give the model `w`.
+    norms_one_added: bool,
 }
 
 impl GgufWeights {
-    /// Wraps a parsed GGUF file. `unpermute` = (n_heads, n_kv_heads) for LLaMA-architecture files.
-    pub fn new(file: std::sync::Arc<GgufFile>, unpermute: Option<(i64, i64)>) -> Self {
-        GgufWeights { file, unpermute }
+    /// Wraps a parsed GGUF file of a model of `family`: `unpermute` = (n_heads, n_kv_heads) for
+    /// LLaMA-architecture files.
+    pub fn new(
+        file: std::sync::Arc<GgufFile>,
+        family: &crate::config::Family,
+        unpermute: Option<(i64, i64)>,
+    ) -> Self {
+        GgufWeights {
+            file,
+            unpermute,
+            sandwich_norms: family.sandwich_norms,
+            norms_one_added: family.norm_one_plus,
+        }
     }
 
-    /// Maps a Hugging Face tensor name to its llama.cpp name.
-    pub fn gguf_name(hf: &str) -> Option<String> {
+    /// Maps a Hugging Face tensor name to its llama.cpp name (`sandwich_norms`: a Gemma 3
+    /// block's four norms).
+    pub fn gguf_name(hf: &str, sandwich_norms: bool) -> Option<String> {
         match hf {
             "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
             "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -187,6 +203,9 @@ impl GgufWeights {
         let (module, suffix) = tail.rsplit_once('.')?;
         let g = match module {
             "input_layernorm" => "attn_norm",
+            "post_attention_layernorm" if sandwich_norms => "post_attention_norm",
+            "pre_feedforward_layernorm" if sandwich_norms => "ffn_norm",
+            "post_feedforward_layernorm" if sandwich_norms => "post_ffw_norm",
             "post_attention_layernorm" => "ffn_norm",
             "self_attn.q_proj" => "attn_q",
             "self_attn.k_proj" => "attn_k",
@@ -220,10 +239,12 @@ impl WeightSource for GgufWeights {
         self.file.path().display().to_string()
     }
     fn contains(&self, name: &str) -> bool {
-        Self::gguf_name(name).is_some_and(|g| self.file.tensors.contains_key(&g))
+        Self::gguf_name(name, self.sandwich_norms)
+            .is_some_and(|g| self.file.tensors.contains_key(&g))
     }
     fn load(&self, name: &str, kind: Kind, device: Device) -> Result<Tensor> {
-        let gname = Self::gguf_name(name).ok_or_else(|| missing(self, name))?;
+        let gname =
+            Self::gguf_name(name, self.sandwich_norms).ok_or_else(|| missing(self, name))?;
         let info = self
             .file
             .tensors
@@ -248,6 +269,9 @@ impl WeightSource for GgufWeights {
             {
                 unpermute_rows(&t, n_kv)?
             }
+            _ if self.norms_one_added && gname.ends_with("norm.weight") => {
+                t.f_to_kind(Kind::Float)? - 1.0
+            }
             _ => t,
         };
         Ok(t.f_to_kind(kind)?.f_to_device(device)?)
@@ -261,19 +285,36 @@ mod tests {
     #[test]
     fn hf_to_gguf_names() {
         assert_eq!(
-            GgufWeights::gguf_name("model.layers.12.self_attn.k_proj.bias").unwrap(),
+            GgufWeights::gguf_name("model.layers.12.self_attn.k_proj.bias", false).unwrap(),
             "blk.12.attn_k.bias"
         );
         assert_eq!(
-            GgufWeights::gguf_name("model.layers.0.mlp.down_proj.weight").unwrap(),
+            GgufWeights::gguf_name("model.layers.0.mlp.down_proj.weight", false).unwrap(),
             "blk.0.ffn_down.weight"
         );
         assert_eq!(
-            GgufWeights::gguf_name("model.embed_tokens.weight").unwrap(),
+            GgufWeights::gguf_name("model.embed_tokens.weight", false).unwrap(),
             "token_embd.weight"
         );
-        assert!(GgufWeights::gguf_name("model.layers.x.mlp.down_proj.weight").is_none());
-        assert!(GgufWeights::gguf_name("model.layers.1.foo.weight").is_none());
+        assert!(GgufWeights::gguf_name("model.layers.x.mlp.down_proj.weight", false).is_none());
+        assert!(GgufWeights::gguf_name("model.layers.1.foo.weight", false).is_none());
+        // A Gemma 3 block's four norms, and the same HF name in a LLaMA block.
+        let n = |hf: &str, sandwich| GgufWeights::gguf_name(hf, sandwich).unwrap();
+        let post = "model.layers.3.post_attention_layernorm.weight";
+        assert_eq!(n(post, false), "blk.3.ffn_norm.weight");
+        assert_eq!(n(post, true), "blk.3.post_attention_norm.weight");
+        assert_eq!(
+            n("model.layers.3.pre_feedforward_layernorm.weight", true),
+            "blk.3.ffn_norm.weight"
+        );
+        assert_eq!(
+            n("model.layers.3.post_feedforward_layernorm.weight", true),
+            "blk.3.post_ffw_norm.weight"
+        );
+        assert!(
+            GgufWeights::gguf_name("model.layers.3.pre_feedforward_layernorm.weight", false)
+                .is_none()
+        );
     }
 
     /// llama.cpp's permutation (convert_hf_to_gguf.py) followed by ours is the identity.
