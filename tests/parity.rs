@@ -70,6 +70,37 @@ fn teacher_forced_max_diff(
     worst
 }
 
+/// Greedy continuations `gens` of `prompts` along `path` (the reference's path `j`) equal the
+/// reference's, and our KV-cached decode steps give its cache-free logits within `tol`.
+fn check_greedy(
+    lm: &LoadedModel,
+    prompts: &[Vec<u32>],
+    path: &LayerPath,
+    j: usize,
+    gens: &[drllm::runtime::Generated],
+    (r, t): (
+        &serde_json::Value,
+        &std::collections::HashMap<String, Tensor>,
+    ),
+    tol: f64,
+) {
+    for (i, g) in gens.iter().enumerate() {
+        let want = ids(&r["generated"][i][format!("path{j}")]);
+        assert_eq!(g.tokens, want, "greedy continuation, path {j} prompt {i}");
+        let d = teacher_forced_max_diff(
+            lm,
+            &prompts[i],
+            path,
+            &want,
+            &t[&format!("p{i}_path{j}_steps")],
+        );
+        assert!(
+            d <= tol,
+            "decode-step logits vs no-cache reference, path {j} prompt {i}: {d}"
+        );
+    }
+}
+
 #[test]
 fn smollm2_gguf_matches_transformers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -132,21 +163,7 @@ fn smollm2_gguf_matches_transformers() {
                 assert_eq!(g.tokens, want, "generate() with EOS, prompt {i}");
             }
         }
-        for (i, g) in gens.iter().enumerate() {
-            let want = ids(&r["generated"][i][format!("path{j}")]);
-            assert_eq!(g.tokens, want, "greedy continuation, path {j} prompt {i}");
-            let d = teacher_forced_max_diff(
-                &lm,
-                &prompts[i],
-                path,
-                &want,
-                &t[&format!("p{i}_path{j}_steps")],
-            );
-            assert!(
-                d <= 1e-3,
-                "decode-step logits vs no-cache reference, path {j} prompt {i}: {d}"
-            );
-        }
+        check_greedy(&lm, &prompts, path, j, &gens, (&r, &t), 1e-3);
     }
 }
 
@@ -227,21 +244,7 @@ fn gemma3_270m_gguf_matches_transformers() {
             stop_ids: vec![],
         };
         let gens = generate_fixed(&lm, &prompts, &vec![path.clone(); prompts.len()], &opts);
-        for (i, g) in gens.iter().enumerate() {
-            let want = ids(&r["generated"][i][format!("path{j}")]);
-            assert_eq!(g.tokens, want, "greedy continuation, path {j} prompt {i}");
-            let d = teacher_forced_max_diff(
-                &lm,
-                &prompts[i],
-                path,
-                &want,
-                &t[&format!("p{i}_path{j}_steps")],
-            );
-            assert!(
-                d <= 2e-3,
-                "decode-step logits vs no-cache reference, path {j} prompt {i}: {d}"
-            );
-        }
+        check_greedy(&lm, &prompts, path, j, &gens, (&r, &t), 2e-3);
     }
 }
 
