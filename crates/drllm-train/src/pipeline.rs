@@ -104,7 +104,8 @@ pub struct TrainArgs {
     max_examples: Option<usize>,
     /// Budgets at which the kept routers route the held-out prompts once more after training
     /// (comma separated): the package records each one's accuracy and cost and recommends the
-    /// cheapest budget that keeps the baseline's held-out accuracy.
+    /// cheapest budget that keeps the baseline's held-out accuracy. Skipped with
+    /// --routed-every 0.
     #[arg(
         long,
         value_delimiter = ',',
@@ -229,6 +230,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     if a.routed_every == 0 {
         select = Select::MacroF1;
+        tracing::warn!(
+            "--routed-every 0: the held-out prompts are never routed, so the epoch is chosen by \
+             macro-F1 and the --val-budgets sweep is skipped (the package recommends no budget)"
+        );
     }
     a.m.device_and_kind()?;
     let source = a.m.source()?;
