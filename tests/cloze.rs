@@ -145,9 +145,29 @@ fn cloze_log_likelihoods_match_lm_eval_with_transformers() {
 /// every document's acc and acc_norm.
 #[test]
 fn commonsense_tasks_match_lm_eval_hf_backend() {
-    let lm = model();
+    let worst = check_against_lm_eval(&embedded_gguf(), 6);
+    eprintln!("max |log-likelihood diff| vs lm-eval's hf backend: {worst:.2e}");
+}
+
+/// The same on Gemma 3 270M (its Q4_K_M GGUF, fetched from PyPI), where lm-eval's `hf`
+/// backend prepends the BOS that Gemma needs to every request: our cloze prompts must too.
+#[test]
+fn gemma3_cloze_matches_lm_eval_hf_backend() {
+    let gguf = fetched_model("gemma-3-270m");
+    let worst = check_against_lm_eval(&gguf, 3);
+    eprintln!("gemma-3-270m: max |log-likelihood diff| vs lm-eval's hf backend: {worst:.2e}");
+}
+
+/// Runs lm-eval on the first `per_task` dev documents of every multiple-choice task with the
+/// model in `gguf` and checks ours against it; returns the largest log-likelihood difference.
+fn check_against_lm_eval(gguf: &std::path::Path, per_task: usize) -> f64 {
+    let lm = LoadedModel::load(
+        ModelSource::Gguf(gguf.to_path_buf()),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
     let n = lm.model.num_layers();
-    let per_task = 6;
     let tasks = [
         TaskName::Piqa,
         TaskName::OpenBookQa,
@@ -157,7 +177,7 @@ fn commonsense_tasks_match_lm_eval_hf_backend() {
         TaskName::ArcChallenge,
     ];
     let job = serde_json::json!({
-        "gguf": embedded_gguf(), "data": data_dir(), "batch_size": 8,
+        "gguf": gguf, "data": data_dir(), "batch_size": 8,
         "tasks": tasks.iter().map(|t| (t.to_string(), serde_json::json!(per_task))).collect::<serde_json::Map<_, _>>(),
     });
     let want = run_script("lm_eval_tasks.py", &job);
@@ -202,7 +222,7 @@ fn commonsense_tasks_match_lm_eval_hf_backend() {
             }
         }
     }
-    eprintln!("max |log-likelihood diff| vs lm-eval's hf backend: {worst:.2e}");
+    worst
 }
 
 /// Many prompts and paths in mixed batches (padding, prefix sharing, evictions): every choice's
@@ -262,7 +282,7 @@ fn training_and_eval_read_the_same_tokens() {
         for s in &rows {
             let p = prepare(&lm, s, &template, &opts).unwrap();
             // drllm-train re-tokenizes the stored text with this rule.
-            let special = add_special_tokens(style, mode, Family::MultipleChoice);
+            let special = add_special_tokens(style, mode, Family::MultipleChoice, lm.needs_bos());
             assert_eq!(p.add_special, special, "{name}");
             assert_eq!(
                 lm.tokenizer.encode(&p.text, special).unwrap(),

@@ -175,14 +175,7 @@ fn smollm2_gguf_matches_transformers() {
 /// keys in prefill and in decode.
 #[test]
 fn gemma3_270m_gguf_matches_transformers() {
-    let o = std::process::Command::new("bash")
-        .arg(root().join("scripts/fetch-model.sh"))
-        .arg("gemma-3-270m")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    let gguf = std::path::PathBuf::from(stdout.lines().last().unwrap().trim());
+    let gguf = fetched_model("gemma-3-270m");
     let tmp = tempfile::tempdir().unwrap();
     let lm = LoadedModel::load(ModelSource::Gguf(gguf.clone()), Device::Cpu, Kind::Float).unwrap();
     let n = lm.model.num_layers();

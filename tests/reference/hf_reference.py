@@ -142,6 +142,15 @@ def correct_smollm_pretokenizer(tok):
          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
 
 
+def correct_pretokenizer(tok, path):
+    """The correction above, where the GGUF file says its pre-tokenizer is "smollm" (other
+    vocabularies, e.g. Gemma's SentencePiece, are left as transformers builds them)."""
+    import gguf
+    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    if field is not None and bytes(field.parts[field.data[0]]).decode() == "smollm":
+        correct_smollm_pretokenizer(tok)
+
+
 def job_tokens(job, tensors):
     d, f = os.path.split(job["gguf"])
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
@@ -173,7 +182,7 @@ def job_cloze(job, tensors):
     no cache); acc = argmax, acc_norm = argmax of loglikelihood / len(choice text)."""
     d, f = os.path.split(job["gguf"])
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    correct_smollm_pretokenizer(tok)
+    correct_pretokenizer(tok, job["gguf"])
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     out = []
     for row in job["rows"]:

@@ -107,10 +107,10 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from lm_eval.models.huggingface import HFLM
     sys.path.insert(0, os.path.dirname(__file__))
-    from hf_reference import correct_smollm_pretokenizer
+    from hf_reference import correct_pretokenizer
     d, f = os.path.split(job["gguf"])
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    correct_smollm_pretokenizer(tok)
+    correct_pretokenizer(tok, job["gguf"])
     torch.set_num_threads(int(job.get("threads", 2)))
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     hf = HFLM(pretrained=model, tokenizer=tok, batch_size=job.get("batch_size", 8), max_length=2048)

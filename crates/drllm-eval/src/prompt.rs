@@ -106,7 +106,7 @@ pub fn prepare(
     let mode = opts.mode;
     let by_letter = mode == RewardMode::ChoiceLogits && family == Family::MultipleChoice;
     let cloze = mode.is_cloze() && family == Family::MultipleChoice;
-    let add_special = add_special_tokens(template.style(), mode, family);
+    let add_special = add_special_tokens(template.style(), mode, family, lm.needs_bos());
     let mut text = template.render(sample)?;
     if template.style() == Style::Instruct {
         text = lm.tokenizer.apply_chat_template(&[Message::user(text)])?;

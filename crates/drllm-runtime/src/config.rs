@@ -83,6 +83,11 @@ pub struct Family {
     /// Local (sliding-window) blocks interleaved with global ones, each kind with its own RoPE
     /// base, and queries scaled by `query_pre_attn_scalar` (see [`LocalAttention`]).
     pub local_global: bool,
+    /// The family underperforms without a BOS token, so cloze scoring adds it where other
+    /// families' prompts get no special tokens: lm-evaluation-harness's `hf` backend encodes
+    /// with the tokenizer's defaults, which prepend it for Gemma (and earlier versions forced it
+    /// for every `gemma*` model type).
+    pub needs_bos: bool,
 }
 
 /// Every family drllm runs, in the order of [`Arch`]'s variants.
@@ -100,6 +105,7 @@ pub const FAMILIES: [Family; 5] = [
         tied_embeddings: false,
         sandwich_norms: false,
         local_global: false,
+        needs_bos: false,
     },
     Family {
         arch: Arch::Qwen2,
@@ -114,6 +120,7 @@ pub const FAMILIES: [Family; 5] = [
         tied_embeddings: false,
         sandwich_norms: false,
         local_global: false,
+        needs_bos: false,
     },
     Family {
         arch: Arch::Qwen3,
@@ -128,6 +135,7 @@ pub const FAMILIES: [Family; 5] = [
         tied_embeddings: false,
         sandwich_norms: false,
         local_global: false,
+        needs_bos: false,
     },
     // llama.cpp's Gemma (1) files are not read yet.
     Family {
@@ -143,6 +151,7 @@ pub const FAMILIES: [Family; 5] = [
         tied_embeddings: true,
         sandwich_norms: false,
         local_global: false,
+        needs_bos: true,
     },
     Family {
         arch: Arch::Gemma3,
@@ -157,6 +166,7 @@ pub const FAMILIES: [Family; 5] = [
         tied_embeddings: true,
         sandwich_norms: true,
         local_global: true,
+        needs_bos: true,
     },
 ];
 

@@ -421,6 +421,12 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// Whether the model's family needs a BOS token even where prompts are otherwise encoded
+    /// without special tokens (cloze scoring; see [`crate::config::Family::needs_bos`]).
+    pub fn needs_bos(&self) -> bool {
+        self.model.cfg.arch.family().needs_bos
+    }
+
     /// Loads model and tokenizer from `source`.
     pub fn load(source: ModelSource, device: Device, kind: Kind) -> Result<Self> {
         let (model, tokenizer) = match &source {

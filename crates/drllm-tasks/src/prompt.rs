@@ -57,10 +57,18 @@ impl std::fmt::Display for Style {
 
 /// Whether a prompt's text is tokenized with the tokenizer's special tokens (e.g. a BOS). Base
 /// prompts get them, except under cloze scoring, which follows lm-evaluation-harness (no special
-/// tokens unless asked); instruct prompts never do (the chat template already holds them). Every
-/// place that turns a rendered prompt into ids (search, training, eval) asks here.
-pub fn add_special_tokens(style: Style, mode: RewardMode, family: Family) -> bool {
-    style == Style::Base && !(mode.is_cloze() && family == Family::MultipleChoice)
+/// tokens but a BOS where the model's family needs one, `model_needs_bos`: lm-eval's `hf`
+/// backend encodes with the tokenizer's defaults, which give Gemma models their BOS and the
+/// others nothing); instruct prompts never do (the chat template already holds them). Every place that turns a rendered prompt into ids (search, training,
+/// eval) asks here.
+pub fn add_special_tokens(
+    style: Style,
+    mode: RewardMode,
+    family: Family,
+    model_needs_bos: bool,
+) -> bool {
+    style == Style::Base
+        && (model_needs_bos || !(mode.is_cloze() && family == Family::MultipleChoice))
 }
 
 impl std::str::FromStr for Style {
@@ -373,25 +381,44 @@ mod tests {
         );
         assert!(Style::resolve("chat", RewardMode::Cloze).is_err());
         assert_eq!(Style::default_for(RewardMode::Lenient), Style::Instruct);
+        let mc = Family::MultipleChoice;
         assert!(!add_special_tokens(
             Style::Base,
             RewardMode::Cloze,
-            Family::MultipleChoice
+            mc,
+            false
         ));
+        assert!(!add_special_tokens(
+            Style::Base,
+            RewardMode::ClozeNorm,
+            mc,
+            false
+        ));
+        // Gemma: lm-eval adds the BOS to log-likelihood requests too.
+        assert!(add_special_tokens(Style::Base, RewardMode::Cloze, mc, true));
         assert!(add_special_tokens(
             Style::Base,
             RewardMode::Cloze,
-            Family::Math
+            Family::Math,
+            false
         ));
         assert!(add_special_tokens(
             Style::Base,
             RewardMode::Lenient,
-            Family::MultipleChoice
+            mc,
+            false
         ));
         assert!(!add_special_tokens(
             Style::Instruct,
             RewardMode::Lenient,
-            Family::Math
+            Family::Math,
+            false
+        ));
+        assert!(!add_special_tokens(
+            Style::Instruct,
+            RewardMode::Cloze,
+            mc,
+            true
         ));
     }
 

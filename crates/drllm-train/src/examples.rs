@@ -161,12 +161,14 @@ impl ExampleSet {
 /// Reads the datasets `dirs`: all must come from the model with one of `model_fingerprints`
 /// (its current fingerprint first, then what older datasets recorded) and `num_layers` blocks. Keeps one row per prompt (the first by task and sample id); rows
 /// with a correct path become examples labelled with their best (cheapest correct) path,
-/// improved ones up to `mix.max_improved_share` of the examples.
+/// improved ones up to `mix.max_improved_share` of the examples. `model_needs_bos`: the model's
+/// family always takes a BOS (as the search that wrote the rows tokenized them).
 pub fn load_examples(
     dirs: &[PathBuf],
     model_fingerprints: &[&str],
     model_name: &str,
     num_layers: usize,
+    model_needs_bos: bool,
     mix: &LabelMix,
 ) -> Result<ExampleSet, TrainDataError> {
     let model_fingerprint = model_fingerprints.first().copied().unwrap_or_default();
@@ -251,7 +253,7 @@ pub fn load_examples(
                 source,
                 kind,
                 prompt: r.prompt,
-                add_special: add_special_tokens(style, reward, family),
+                add_special: add_special_tokens(style, reward, family, model_needs_bos),
                 path,
                 candidates,
             });
@@ -444,7 +446,7 @@ mod tests {
             max_improved_share: 0.3,
             seed: 1,
         };
-        let set = load_examples(&dirs, &["fp"], "m", 4, &mix).unwrap();
+        let set = load_examples(&dirs, &["fp"], "m", 4, false, &mix).unwrap();
         // 10 default-correct rows, and improved ones up to 30% of the examples: 4 of 10.
         let kind = |k: RowKind| set.examples.iter().filter(|e| e.kind == k).count();
         assert_eq!(kind(RowKind::Shortened), 5);
@@ -481,7 +483,7 @@ mod tests {
             }
         }
         // Deterministic by sample id: the same rows again; another seed picks others.
-        let again = load_examples(&dirs, &["fp"], "m", 4, &mix).unwrap();
+        let again = load_examples(&dirs, &["fp"], "m", 4, false, &mix).unwrap();
         assert_eq!(again.examples, set.examples);
         let ids = |s: &ExampleSet| -> Vec<String> {
             s.examples
@@ -490,7 +492,8 @@ mod tests {
                 .map(|e| e.sample_id.clone())
                 .collect()
         };
-        let other = load_examples(&dirs, &["fp"], "m", 4, &LabelMix { seed: 2, ..mix }).unwrap();
+        let other =
+            load_examples(&dirs, &["fp"], "m", 4, false, &LabelMix { seed: 2, ..mix }).unwrap();
         assert_eq!(ids(&other).len(), 4);
         assert_ne!(ids(&other), ids(&set));
         // No cap keeps all of them; a zero cap none.
@@ -499,7 +502,7 @@ mod tests {
             seed: 1,
         };
         assert_eq!(
-            load_examples(&dirs, &["fp"], "m", 4, &all)
+            load_examples(&dirs, &["fp"], "m", 4, false, &all)
                 .unwrap()
                 .examples
                 .len(),
@@ -510,7 +513,7 @@ mod tests {
             seed: 1,
         };
         assert_eq!(
-            load_examples(&dirs, &["fp"], "m", 4, &none)
+            load_examples(&dirs, &["fp"], "m", 4, false, &none)
                 .unwrap()
                 .examples
                 .len(),
@@ -528,7 +531,7 @@ mod tests {
         ds.commit("arc_easy", &[row("x", true, Some(vec![1, 0, 1, 1]))])
             .unwrap();
         let dirs = [a.path().to_path_buf(), b.path().to_path_buf()];
-        let set = load_examples(&dirs, &["fp"], "m", 4, &LabelMix::default()).unwrap();
+        let set = load_examples(&dirs, &["fp"], "m", 4, false, &LabelMix::default()).unwrap();
         assert_eq!(set.duplicates, 1);
         assert_eq!(set.examples.len(), 1);
         assert_eq!(set.examples[0].source, 1);
@@ -543,6 +546,7 @@ mod tests {
             &["fp"],
             "m",
             4,
+            false,
             &LabelMix::default(),
         )
         .unwrap_err()

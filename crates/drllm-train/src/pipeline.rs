@@ -251,6 +251,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         &[&fingerprints.current, &fingerprints.legacy],
         &name,
         n_layers,
+        model_cfg.arch.family().needs_bos,
         &mix,
     )?;
 
