@@ -59,8 +59,8 @@ impl std::fmt::Display for Style {
 /// prompts get them, except under cloze scoring, which follows lm-evaluation-harness (no special
 /// tokens but a BOS where the model's family needs one, `model_needs_bos`: lm-eval's `hf`
 /// backend encodes with the tokenizer's defaults, which give Gemma models their BOS and the
-/// others nothing); instruct prompts never do (the chat template already holds them). Every place that turns a rendered prompt into ids (search, training,
-/// eval) asks here.
+/// others nothing); instruct prompts never do (the chat template already holds them). Every
+/// place that turns a rendered prompt into ids (search, training, eval) asks here.
 pub fn add_special_tokens(
     style: Style,
     mode: RewardMode,
