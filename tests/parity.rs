@@ -315,7 +315,7 @@ fn tokenizer_matches_transformers() {
     let strings = tokenizer_strings();
     assert!(strings.len() >= 320);
     let (r, _) = reference(
-        serde_json::json!({"job": "tokens", "gguf": gguf, "strings": strings, "pre": "smollm"}),
+        serde_json::json!({"job": "tokens", "gguf": gguf, "strings": strings}),
         tmp.path(),
     );
     eprintln!(

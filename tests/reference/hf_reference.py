@@ -155,8 +155,7 @@ def job_tokens(job, tensors):
     d, f = os.path.split(job["gguf"])
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     raw = [tok(s, add_special_tokens=False).input_ids for s in job["strings"]]
-    if job.get("pre") == "smollm":
-        correct_smollm_pretokenizer(tok)
+    correct_pretokenizer(tok, job["gguf"])
     ids = [tok(s, add_special_tokens=False).input_ids for s in job["strings"]]
     return {"ids": ids, "uncorrected_differs": sum(a != b for a, b in zip(raw, ids))}
 
