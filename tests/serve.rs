@@ -573,6 +573,8 @@ fn the_server_is_bounded_under_abuse_and_observable() {
         "2",
         "--body-timeout",
         "1",
+        "--write-timeout",
+        "2",
     ]);
     // Idle connections fill the cap; the header timeout closes them, so /health answers again
     // within seconds, and the cap was logged.
@@ -824,6 +826,82 @@ fn the_server_is_bounded_under_abuse_and_observable() {
         want,
         "streamed vs plain chat logprobs"
     );
+    // Cancellations are the clients' alone. A request the full queue refuses leaves the jobs
+    // it had queued, which are not cancellations: 300 prompts against a queue of 256.
+    let cancelled_now = || -> u64 {
+        let st = client(
+            &server.base,
+            json!({"requests": [{"method": "GET", "path": "/drllm/stats"}]}),
+        );
+        st[0]["body"]["cancelled"].as_u64().unwrap()
+    };
+    let wait_cancelled = |want: u64, what: &str| {
+        let t = Instant::now();
+        loop {
+            let n = cancelled_now();
+            if n == want {
+                return;
+            }
+            assert!(n < want, "{what}: {n} cancelled, want {want}");
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "{what}: {n} cancelled, want {want}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let before = cancelled_now();
+    let many = completion(json!(vec!["1, 2, 3,"; 300]), 2, json!({}));
+    let got = client(&server.base, json!({"requests": [many]}));
+    assert_eq!(got[0]["status"], 503, "{got}");
+    assert_eq!(got[0]["body"]["error"]["code"], "overloaded", "{got}");
+    // The queue is first in, first out: once a later request is answered, the refused
+    // request's jobs have been passed over.
+    let after = client(&server.base, json!({"requests": [counting(2)]}));
+    assert_eq!(after[0]["status"], 200, "{after}");
+    assert_eq!(
+        cancelled_now(),
+        before,
+        "a refused request is not a cancellation"
+    );
+    // A client that leaves a plain (not streamed) request ends its generation, counted once.
+    let mut left = counting(4000);
+    left["hangup_after"] = json!(2);
+    let got = client(&server.base, json!({"requests": [left]}));
+    assert_eq!(got[0]["hung_up"], true, "{got}");
+    wait_cancelled(before + 1, "a plain request left");
+    // A client that stops reading its event stream: the write timeout closes the connection
+    // and cancels its eight prompts (their echoed log-probabilities are megabytes, more than
+    // the sockets buffer), and /health answers meanwhile.
+    {
+        use std::io::Write;
+        let body = json!({"prompt": vec!["word ".repeat(1200); 8], "max_tokens": 4000,
+            "echo": true, "logprobs": 20, "stream": true, "temperature": 0})
+        .to_string();
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            c,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let t = Instant::now();
+        while !server.log_has("read nothing of its answer") {
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "a stalled reader was never closed"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let health = client(
+            &server.base,
+            json!({"requests": [{"method": "GET", "path": "/health"}]}),
+        );
+        assert_eq!(health[0]["status"], 200, "{health}");
+        wait_cancelled(before + 9, "a stalled reader");
+        drop(c);
+    }
     // SIGTERM with a request that outlives the drain deadline: it gets 503, the server exits.
     let base = server.base.clone();
     let long = std::thread::spawn(move || client(&base, json!({"requests": [counting(4000)]})));

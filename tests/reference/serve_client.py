@@ -6,7 +6,8 @@ run would, and prints what came back as JSON. A JSON job on stdin:
       a body that is not JSON; "key": "..." overrides the job's key for this request; "stream":
       true reads server-sent events). Answers: [{"status", "body" | "events", "retry_after"}].
       "hangup": true on a streamed request closes the connection after the first event
-      (a client that leaves).
+      (a client that leaves); "hangup_after": S on any request closes it after S seconds
+      without an answer.
   {"base": ..., "key": ..., "openai": true}
       the official `openai` client: a completion, a chat completion, and both streamed.
   {"base": ..., "metrics": true}
@@ -34,6 +35,12 @@ def send(base, key, req):
         headers["Authorization"] = f"Bearer {k}"
     r = urllib.request.Request(base + req["path"], data=data, headers=headers,
                                method=req.get("method", "POST" if data else "GET"))
+    if "hangup_after" in req:
+        try:
+            with urllib.request.urlopen(r, timeout=req["hangup_after"]) as resp:
+                return {"status": resp.status, "hung_up": False}
+        except (TimeoutError, urllib.error.URLError):
+            return {"status": None, "hung_up": True}
     if req.get("hangup"):
         with urllib.request.urlopen(r, timeout=600) as resp:
             first = resp.readline()

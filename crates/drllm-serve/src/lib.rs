@@ -47,11 +47,26 @@ pub struct ConnLimits {
     /// request's within this time of the last answer (hyper's header-read timeout, which is
     /// also the idle timeout of a kept-alive connection); else it is closed.
     pub header_timeout: Duration,
+    /// A write to a connection that makes no progress for this long (a client that stopped
+    /// reading its answer or its event stream) closes it, which cancels the request; zero: none.
+    pub write_timeout: Duration,
     /// Most open connections; beyond it new ones wait in the listen backlog until one closes.
     pub max_connections: usize,
     /// After `shutdown`, the requests in flight get this long to finish; then they fail with
     /// 503 and the server stops.
     pub drain_timeout: Duration,
+}
+
+/// Whether a connection ended because a write made no progress within the write timeout.
+fn stalled_writes(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, within `limits`; requests in flight
@@ -104,6 +119,9 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        // A write progress deadline: hyper has a header-read timeout but none for writes.
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout((!limits.write_timeout.is_zero()).then_some(limits.write_timeout));
         let app = app.clone();
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -114,11 +132,19 @@ pub async fn serve(
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
-            .serve_connection(TokioIo::new(stream), svc);
+            .serve_connection(TokioIo::new(Box::pin(stream)), svc);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(%peer, "connection closed: {e}");
+                if stalled_writes(&e) {
+                    tracing::warn!(
+                        %peer,
+                        "connection closed: the client read nothing of its answer for \
+                         --write-timeout; its request is cancelled"
+                    );
+                } else {
+                    tracing::debug!(%peer, "connection closed: {e}");
+                }
             }
             drop(permit);
         });

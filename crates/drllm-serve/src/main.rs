@@ -80,6 +80,10 @@ struct Cli {
     /// that trickles a body cannot hold a connection longer.
     #[arg(long, env = "DRLLM_BODY_TIMEOUT", default_value_t = 60.0)]
     body_timeout: f64,
+    /// Seconds a write to a client may make no progress (a client that stopped reading its
+    /// answer or its event stream) before its connection is closed and its request cancelled (0: no limit).
+    #[arg(long, env = "DRLLM_WRITE_TIMEOUT", default_value_t = 60.0)]
+    write_timeout: f64,
     /// Most open connections; more wait in the listen backlog until one closes (keep it
     /// under the process's open-file limit, `ulimit -n`).
     #[arg(long, env = "DRLLM_MAX_CONNECTIONS", default_value_t = 512)]
@@ -123,6 +127,7 @@ async fn main() -> Result<()> {
     for (name, v) in [
         ("--header-timeout", a.header_timeout),
         ("--body-timeout", a.body_timeout),
+        ("--write-timeout", a.write_timeout),
         ("--drain-timeout", a.drain_timeout),
     ] {
         if !(0.0..=86_400.0).contains(&v) {
@@ -207,6 +212,7 @@ async fn main() -> Result<()> {
     let stop = drllm_serve_stop()?;
     let limits = ConnLimits {
         header_timeout: std::time::Duration::from_secs_f64(a.header_timeout),
+        write_timeout: std::time::Duration::from_secs_f64(a.write_timeout),
         max_connections: a.max_connections.max(1),
         drain_timeout: std::time::Duration::from_secs_f64(a.drain_timeout),
     };

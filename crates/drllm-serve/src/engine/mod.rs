@@ -81,6 +81,18 @@ pub struct Job {
     pub route: Route,
     /// Where this job's events go; a closed receiver (the client left) ends the job.
     pub events: mpsc::UnboundedSender<Event>,
+    /// Set (for all of a request's prompts) when the server itself gives up the request (the
+    /// queue was full, or another of its prompts failed): its receivers then close, but no
+    /// client cancelled it, so it is not counted as cancelled.
+    pub abandoned: Arc<AtomicBool>,
+}
+
+impl Job {
+    /// Whether the client left before the job ended (its receiver closed while the request
+    /// was still wanted).
+    fn cancelled(&self) -> bool {
+        self.events.is_closed() && !self.abandoned.load(Ordering::Relaxed)
+    }
 }
 
 /// A token with its log-probability under the model (`None` for a prompt's first token) and
@@ -382,7 +394,7 @@ fn retire<'m>(
         if keep.binary_search(&i).is_ok() {
             rows.push(r);
         } else {
-            if r.finish.is_none() {
+            if r.finish.is_none() && r.job.cancelled() {
                 m.cancelled.inc();
             }
             finish(&mut r, lm);

@@ -43,7 +43,9 @@ impl Queue {
                 break;
             };
             if j.events.is_closed() {
-                m.cancelled.inc();
+                if j.cancelled() {
+                    m.cancelled.inc();
+                }
                 continue;
             }
             let need = j.prompt.len().saturating_add(j.max_tokens);

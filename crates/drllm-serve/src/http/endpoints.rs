@@ -216,12 +216,12 @@ pub(super) async fn completions(
     let id = format!("cmpl-{}", s.ids.fetch_add(1, Ordering::Relaxed));
     let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
     let prompt_tokens: usize = lens.iter().sum();
-    let rxs = submit(s, ids, &c, echo, logprobs)?;
+    let mut sub = submit(s, ids, &c, echo, logprobs)?;
     if c.stream {
         return Ok(stream(
             s,
             lens.clone(),
-            rxs,
+            sub.rxs,
             id,
             model,
             c.route,
@@ -234,12 +234,22 @@ pub(super) async fn completions(
     }
     let mut choices = vec![];
     let mut completion_tokens = 0;
-    // Gathered at once, so that each prompt's timings are its own.
-    let gathered: Vec<_> = rxs.into_iter().map(|rx| tokio::spawn(gather(rx))).collect();
-    for (i, g) in gathered.into_iter().enumerate() {
-        let o = g
-            .await
-            .map_err(|e| ApiError::internal(format!("gathering an answer: {e}")))??;
+    // Gathered at once, so that each prompt's timings are its own. The set aborts its tasks
+    // when dropped, so a client that leaves (this handler dropped) or a prompt that fails ends
+    // the request's other jobs.
+    let mut gathering = tokio::task::JoinSet::new();
+    let n = sub.rxs.len();
+    for (i, rx) in std::mem::take(&mut sub.rxs).into_iter().enumerate() {
+        gathering.spawn(async move { (i, gather(rx).await) });
+    }
+    let mut outcomes: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
+    while let Some(done) = gathering.join_next().await {
+        let (i, o) =
+            done.map_err(|e| sub.abandon(ApiError::internal(format!("gathering an answer: {e}"))))?;
+        outcomes[i] = Some(o.map_err(|e| sub.abandon(e))?);
+    }
+    for (i, o) in outcomes.into_iter().enumerate() {
+        let o = o.ok_or_else(|| ApiError::internal("an answer went missing"))?;
         s.record(c.route, lens[i], &o, arrived);
         let prefix = if echo {
             texts[i].clone()
@@ -317,12 +327,12 @@ pub(super) async fn chat_completions(
     let prompt_len = ids.len();
     let model = f.str("model")?.unwrap_or(&info.name).to_string();
     let id = format!("chatcmpl-{}", s.ids.fetch_add(1, Ordering::Relaxed));
-    let rxs = submit(s, vec![ids], &c, false, logprobs)?;
+    let sub = submit(s, vec![ids], &c, false, logprobs)?;
     if c.stream {
         return Ok(stream(
             s,
             vec![prompt_len],
-            rxs,
+            sub.rxs,
             id,
             model,
             c.route,
@@ -333,7 +343,7 @@ pub(super) async fn chat_completions(
             arrived,
         ));
     }
-    let Some(rx) = rxs.into_iter().next() else {
+    let Some(rx) = sub.rxs.into_iter().next() else {
         return Err(ApiError::internal("no job was queued"));
     };
     let o = gather(rx).await?;

@@ -230,6 +230,23 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// A request's queued jobs: their event receivers, and the flag that tells the engine the
+/// server itself gave the request up (so that closing the receivers is not a cancellation).
+struct Submitted {
+    rxs: Vec<mpsc::UnboundedReceiver<Event>>,
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Submitted {
+    /// Gives the request up for `e` (another prompt's failure, a full queue): its other jobs
+    /// end without counting as cancelled.
+    fn abandon(&self, e: ApiError) -> ApiError {
+        self.abandoned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        e
+    }
+}
+
 /// Queues one job per prompt (all or none: a full queue refuses the request).
 fn submit(
     s: &AppState,
@@ -237,8 +254,11 @@ fn submit(
     c: &Common,
     echo: bool,
     logprobs: Option<usize>,
-) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ApiError> {
-    let mut rxs = vec![];
+) -> Result<Submitted, ApiError> {
+    let mut sub = Submitted {
+        rxs: vec![],
+        abandoned: Arc::new(AtomicBool::new(false)),
+    };
     for prompt in prompts {
         let (tx, rx) = mpsc::unbounded_channel();
         let job = Job {
@@ -250,17 +270,20 @@ fn submit(
             stop: c.stop.clone(),
             route: c.route,
             events: tx,
+            abandoned: sub.abandoned.clone(),
         };
         match s.jobs.try_send(job) {
-            Ok(()) => rxs.push(rx),
+            Ok(()) => sub.rxs.push(rx),
             // Receivers already made are dropped here, so the engine skips their jobs.
-            Err(mpsc::error::TrySendError::Full(_)) => return Err(ApiError::overloaded()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(sub.abandon(ApiError::overloaded()))
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                return Err(ApiError::internal("the model is shutting down"))
+                return Err(sub.abandon(ApiError::internal("the model is shutting down")))
             }
         }
     }
-    Ok(rxs)
+    Ok(sub)
 }
 
 /// One prompt's result, gathered from its events.
