@@ -438,3 +438,105 @@ fn the_routing_diagnostic_reports_every_block_and_reuses_its_memo() {
     let (ok, _, err) = run("1", &second);
     assert!(!ok && err.contains("too few for 2 folds"), "{err}");
 }
+
+/// `drllm-search-bench candidates` on real prompts of two tasks: candidates of equal cost chosen
+/// on the first prompts of each task (one over both tasks, one per task), every choice at most
+/// the oracle's accuracy, margins whose sign is the reward's, the memo reused on a rerun (same
+/// report), and bad flags refused before any reward is computed.
+#[test]
+fn the_candidate_diagnostic_chooses_equal_cost_sets_and_reuses_its_memo() {
+    let dir = tempfile::tempdir().unwrap();
+    let memo = dir.path().join("memo.jsonl");
+    let run = |extra: &[&str], json: &std::path::Path| {
+        let o = Command::new(bin("drllm-search-bench"))
+            .args(["candidates", "--data"])
+            .arg(data_dir())
+            .args(["--dataset", "arc_easy,piqa", "--split", "train"])
+            .args(["--limit", "12", "--shortlist", "3", "--folds", "2"])
+            .args(["--bootstrap", "50", "--threads", "2", "--memo"])
+            .arg(&memo)
+            .arg("--json")
+            .arg(json)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (first, second) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let flags = ["--select", "4", "--skip", "2"];
+    let (ok, out, err) = run(&flags, &first);
+    assert!(ok, "{out}\n{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&first).unwrap()).unwrap();
+    assert_eq!(v["prompts"], 16, "12 per task, the first 4 of each choose");
+    let cands = v["candidates"].as_array().unwrap();
+    assert!((1..=3).contains(&cands.len()), "{v}");
+    let mut chosen_for: Vec<&str> = vec![];
+    for c in cands {
+        assert_eq!(c["skipped"].as_array().unwrap().len(), 2, "{c}");
+        assert_eq!(c["path"].as_str().unwrap().matches('0').count(), 2, "{c}");
+        chosen_for.extend(
+            c["chosen_for"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap()),
+        );
+    }
+    chosen_for.sort();
+    assert_eq!(chosen_for, ["all tasks", "arc_easy", "piqa"]);
+    let groups = v["groups"].as_array().unwrap();
+    let names: Vec<&str> = groups.iter().map(|g| g["task"].as_str().unwrap()).collect();
+    assert_eq!(names, ["arc_easy", "piqa", "pooled"]);
+    for g in groups {
+        let oracle = g["oracle"][0].as_f64().unwrap();
+        for k in [
+            "global_static",
+            "per_task_static",
+            "task_mean_margin",
+            "routed",
+        ] {
+            let x = g[k][0].as_f64().unwrap();
+            assert!(
+                (0.0..=oracle + 1e-12).contains(&x),
+                "{k} above the oracle: {g}"
+            );
+        }
+    }
+    // Margins were kept in the memo, and their sign is the reward (ties aside).
+    let text = std::fs::read_to_string(&memo).unwrap();
+    let mut with_margin = 0;
+    for line in text.lines().skip(1) {
+        let l: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(m) = l["margin"].as_f64() {
+            with_margin += 1;
+            if m != 0.0 {
+                assert_eq!(l["reward"].as_f64().unwrap() == 1.0, m > 0.0, "{l}");
+            }
+        }
+    }
+    assert!(
+        with_margin >= 16 * (1 + cands.len()),
+        "{with_margin} margins"
+    );
+    // A rerun computes nothing and reports the same.
+    let (ok, out, err) = run(&flags, &second);
+    assert!(ok && out.contains("| 0 rewards computed"), "{out}\n{err}");
+    let w: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&second).unwrap()).unwrap();
+    assert_eq!(v, w);
+    // Refused: a reward without margins, no blocks to skip, too few prompts left for the folds.
+    let (ok, _, err) = run(
+        &[&flags[..], &["--reward", "choice-logits"]].concat(),
+        &second,
+    );
+    assert!(!ok && err.contains("cloze or cloze-norm"), "{err}");
+    let (ok, _, err) = run(&["--select", "4", "--skip", "0"], &second);
+    assert!(!ok && err.contains("--skip 0"), "{err}");
+    let (ok, _, err) = run(&["--select", "10", "--skip", "2"], &second);
+    assert!(!ok && err.contains("too few for 2 folds"), "{err}");
+}

@@ -39,7 +39,7 @@ def send(base, key, req):
         try:
             with urllib.request.urlopen(r, timeout=req["hangup_after"]) as resp:
                 return {"status": resp.status, "hung_up": False}
-        except (TimeoutError, urllib.error.URLError):
+        except OSError:  # the timeout (socket.timeout, URLError around it)
             return {"status": None, "hung_up": True}
     if req.get("hangup"):
         with urllib.request.urlopen(r, timeout=600) as resp:

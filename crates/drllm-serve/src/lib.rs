@@ -139,8 +139,8 @@ pub async fn serve(
                 if stalled_writes(&e) {
                     tracing::warn!(
                         %peer,
-                        "connection closed: the client read nothing of its answer for \
-                         --write-timeout; its request is cancelled"
+                        "connection closed: a write to the client made no progress for \
+                         --write-timeout (it stopped reading its answer); its request is cancelled"
                     );
                 } else {
                     tracing::debug!(%peer, "connection closed: {e}");

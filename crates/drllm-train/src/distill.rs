@@ -183,9 +183,7 @@ pub fn gated_paths(
         gates.push(g.shallow_clone());
         g
     };
-    let _ = PathBatch::new_routed(model, prompts.len())
-        .prefill_gated(prompts, &mut gate)
-        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let _ = PathBatch::new_routed(model, prompts.len()).prefill_gated(prompts, &mut gate)?;
     let g = Tensor::stack(&gates, 1).to_device(tch::Device::Cpu);
     let v: Vec<f32> = Vec::try_from(g.flatten(0, -1)).map_err(TrainError::Torch)?;
     Ok(v.chunks(gates.len().max(1))
@@ -210,11 +208,8 @@ fn step_loss(
     let teacher = {
         let _g = tch::no_grad_guard();
         let paths = vec![LayerPath::all_ones(n_layers); b];
-        let mut batch =
-            PathBatch::new(model, &paths).map_err(|e| TrainError::Model(e.to_string()))?;
-        let h = batch
-            .prefill(prompts)
-            .map_err(|e| TrainError::Model(e.to_string()))?;
+        let mut batch = PathBatch::new(model, &paths)?;
+        let h = batch.prefill(prompts)?;
         model.logits(&h).log_softmax(-1, Kind::Float)
     };
     let pool = drllm_router::pool::pool_weights(&lens, t, cfg.windows, dev);
@@ -224,9 +219,7 @@ fn step_loss(
         gates.push(g.shallow_clone());
         g
     };
-    let h = PathBatch::new_routed(model, b)
-        .prefill_gated(prompts, &mut gate)
-        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let h = PathBatch::new_routed(model, b).prefill_gated(prompts, &mut gate)?;
     let student = model.logits(&h).log_softmax(-1, Kind::Float);
     let kl_pos = (teacher.exp() * (&teacher - &student)).sum_dim_intlist(-1, false, Kind::Float);
     let mask = valid_mask(&lens, t, dev);

@@ -192,13 +192,9 @@ pub fn extract_features(
         let paths: Vec<LayerPath> = chunk
             .iter()
             .map(|&i| LayerPath::from_counts(examples[i].path.clone()))
-            .collect::<Result<_, _>>()
-            .map_err(|e| TrainError::Model(e.to_string()))?;
-        let mut batch =
-            PathBatch::new(&lm.model, &paths).map_err(|e| TrainError::Model(e.to_string()))?;
-        let inputs = batch
-            .prefill_block_inputs(&prompts)
-            .map_err(|e| TrainError::Model(e.to_string()))?;
+            .collect::<Result<_, _>>()?;
+        let mut batch = PathBatch::new(&lm.model, &paths)?;
+        let inputs = batch.prefill_block_inputs(&prompts)?;
         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let pooled: Vec<Tensor> = inputs
             .iter()

@@ -215,10 +215,8 @@ pub fn relabel_by_margin(
             let paths = chunk
                 .iter()
                 .map(|&k| LayerPath::from_counts(jobs[k].1.to_vec()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| TrainError::Data(e.to_string()))?;
-            let answers = answer_batch(lm, &ps, &PathChoice::Each(paths), batch, &opts)
-                .map_err(|e| TrainError::Model(e.to_string()))?;
+                .collect::<Result<Vec<_>, _>>()?;
+            let answers = answer_batch(lm, &ps, &PathChoice::Each(paths), batch, &opts)?;
             let mut new = vec![];
             for (&k, a) in chunk.iter().zip(&answers) {
                 let p = &prompts[jobs[k].0];

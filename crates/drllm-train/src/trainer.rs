@@ -34,9 +34,15 @@ pub enum TrainError {
         /// What is wrong.
         msg: String,
     },
-    /// The model failed.
+    /// The model failed (loading a batch, a prefill).
     #[error("model: {0}")]
-    Model(String),
+    Model(#[from] drllm_runtime::Error),
+    /// Evaluating answers along paths failed.
+    #[error("model: {0}")]
+    Eval(#[from] drllm_eval::EvalError),
+    /// A path is not a path of the model (wrong length, counts outside 0..=2).
+    #[error("path: {0}")]
+    Path(#[from] drllm_path::PathError),
     /// Features or labels are unusable (wrong shape, labels outside 0..3, NaN).
     #[error("{0}")]
     Data(String),

@@ -143,8 +143,7 @@ impl RoutedValidation {
             &PathChoice::Fixed(LayerPath::all_ones(n)),
             v.batch,
             &v.opts,
-        )
-        .map_err(|e| TrainError::Model(e.to_string()))?;
+        )?;
         v.baseline_accuracy = score(&base).0;
         Ok(v)
     }
@@ -172,16 +171,13 @@ impl RoutedValidation {
         let mut answers = vec![];
         // Decoded prompts are regrouped by path within a pool; forward-scored ones batch alone.
         for chunk in self.prompts.chunks(self.batch.max(1) * 8) {
-            answers.extend(
-                answer_batch(
-                    lm,
-                    chunk,
-                    &PathChoice::Routed(&route),
-                    self.batch,
-                    &self.opts,
-                )
-                .map_err(|e| TrainError::Model(e.to_string()))?,
-            );
+            answers.extend(answer_batch(
+                lm,
+                chunk,
+                &PathChoice::Routed(&route),
+                self.batch,
+                &self.opts,
+            )?);
         }
         Ok(score(&answers))
     }

@@ -116,11 +116,13 @@ impl Kernel {
 
     /// Cross-fitted scores of `items` (outcomes `y`, folds `fold`, intercept groups `group`):
     /// each fold scored by a fit on the others, with the ridge strength of `lambdas` that
-    /// maximises the AUC of an inner cross-validation on those others alone.
+    /// maximises the AUC of an inner cross-validation on those others alone, for telling
+    /// outcomes above `above` (0.5 for 0/1 outcomes, 0 for margins) from the rest.
     pub fn cross_fit(
         &self,
         items: &[usize],
         y: &[f64],
+        above: f64,
         fold: &[usize],
         group: &[usize],
         lambdas: &[f64],
@@ -133,7 +135,7 @@ impl Kernel {
             if test.is_empty() {
                 continue;
             }
-            let lambda = self.choose_lambda(&train, y, fold, group, lambdas);
+            let lambda = self.choose_lambda(&train, y, above, fold, group, lambdas);
             for (i, s) in test.iter().zip(self.ridge(&train, y, &test, lambda, group)) {
                 out[*i] = s;
             }
@@ -147,6 +149,7 @@ impl Kernel {
         &self,
         train: &[usize],
         y: &[f64],
+        above: f64,
         fold: &[usize],
         group: &[usize],
         lambdas: &[f64],
@@ -165,7 +168,7 @@ impl Kernel {
                 let tr: Vec<usize> = train.iter().copied().filter(|&i| fold[i] != g).collect();
                 let te: Vec<usize> = train.iter().copied().filter(|&i| fold[i] == g).collect();
                 scores.extend(self.ridge(&tr, y, &te, lambda, group));
-                labels.extend(te.iter().map(|&i| y[i] > 0.5));
+                labels.extend(te.iter().map(|&i| y[i] > above));
             }
             if let Some(a) = auc(&scores, &labels) {
                 if a > best.0 {
@@ -312,15 +315,15 @@ mod tests {
         let items: Vec<usize> = (0..n).collect();
         let lambdas = [0.1, 1.0, 10.0, 100.0];
         let one = vec![0; n];
-        let s = Kernel::new(&signal).cross_fit(&items, &y, &fold, &one, &lambdas);
+        let s = Kernel::new(&signal).cross_fit(&items, &y, 0.5, &fold, &one, &lambdas);
         assert!(auc(&s, &labels).unwrap() > 0.9, "{:?}", auc(&s, &labels));
-        let s = Kernel::new(&noise).cross_fit(&items, &y, &fold, &one, &lambdas);
+        let s = Kernel::new(&noise).cross_fit(&items, &y, 0.5, &fold, &one, &lambdas);
         let a = auc(&s, &labels).unwrap();
         assert!((0.3..0.7).contains(&a), "{a}");
         // With group intercepts, an outcome that is the group alone is scored by its rate,
         // from noise features.
         let group: Vec<usize> = (0..n).map(|i| i % 2).collect();
-        let s = Kernel::new(&noise).cross_fit(&items, &y, &fold, &group, &lambdas);
+        let s = Kernel::new(&noise).cross_fit(&items, &y, 0.5, &fold, &group, &lambdas);
         assert_eq!(auc(&s, &labels), Some(1.0));
     }
 

@@ -11,6 +11,10 @@
 //!   (the pooled hidden state entering each block along the default path) predict which single
 //!   skips keep a prompt's answer better than the block's and the task's keep rate, cross-fitted
 //!   over folds of prompts (`predict.rs`).
+//! - `candidates`: the same question for candidate selection: whether those inputs tell which
+//!   of a few skip sets of equal cost keeps a prompt's answer, better than the best set of the
+//!   prompt's task (`candidates.rs`).
+mod candidates;
 mod predict;
 
 use std::collections::HashMap;
@@ -35,6 +39,8 @@ use drllm_search::{sample_seed, Search, SearchConfig, SearchResult, Step};
       --config uct --config chain --config pw,order=skip-first,c=0.5,stop=4 --memo memo.jsonl
   drllm-search-bench static --dataset arc_easy,arc_challenge --limit 200 --blocks 6 --memo memo.jsonl
   drllm-search-bench predict --dataset arc_easy,piqa,sciq --limit 200 --memo memo.jsonl --json predict.json
+  drllm-search-bench candidates --dataset arc_easy,piqa,sciq --split train --limit 260 --select 60 \\
+      --skip 3 --memo memo.jsonl --json candidates.json
 
 Every reward is evaluated once per run (and read from --memo when present)."
 )]
@@ -65,6 +71,51 @@ other folds are anti-correlated with the held-out outcomes when one class is rar
 below 0.5 there is that artifact, for both predictors): read the pooled rows."
     )]
     Predict(PredictArgs),
+    /// Candidate selection's diagnostic: whether the routers' inputs tell which of a few skip
+    /// sets of equal cost (chosen on other train prompts) keeps a prompt's answer, better than
+    /// the best set of the prompt's task.
+    #[command(
+        after_help = "The first --select prompts of each task choose the candidates: the greedy skip set of --skip
+blocks over all tasks, and one per task (as `static` grows them). On the other prompts, every
+candidate's cloze margin (the gold choice's score minus the best other choice's, in the reward's
+units) is computed, and a ridge probe on the pooled hidden state entering the first block any
+candidate skips (what a router reads before it must choose) predicts each candidate's margin,
+cross-fitted over --folds folds with the task's mean margin as its intercept. Each prompt then
+runs the candidate of highest predicted margin (routed), compared on the same prompts with the
+candidate most accurate on the other folds over all tasks (global) and in the prompt's task
+(per-task), all at the same cost; the oracle is any candidate right. Needs --reward cloze or
+cloze-norm on multiple-choice tasks."
+    )]
+    Candidates(CandidatesArgs),
+}
+
+#[derive(clap::Args)]
+struct CandidatesArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Blocks each candidate skips (all candidates cost the same).
+    #[arg(long, default_value_t = 3)]
+    skip: usize,
+    /// Prompts at the start of each task that choose the candidates (the rest are the
+    /// diagnostic's).
+    #[arg(long, default_value_t = 60)]
+    select: usize,
+    /// Blocks tried at each greedy step: the best by single-skip accuracy not yet skipped (0 =
+    /// every block).
+    #[arg(long, default_value_t = 10)]
+    shortlist: usize,
+    /// Windows the hidden state is pooled over (as the routers read it).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    windows: u16,
+    /// Folds of prompts for cross-fitting.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(2..=50))]
+    folds: u16,
+    /// Bootstrap resamples for the intervals.
+    #[arg(long, default_value_t = 1000)]
+    bootstrap: usize,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -211,6 +262,8 @@ struct Oracle {
     eval: drllm_eval::EvalOptions,
     run: drllm_eval::RunConfig,
     memo: HashMap<(String, LayerPath), f64>,
+    /// Cloze margins (the gold choice's score minus the best other's), where computed.
+    margins: HashMap<(String, LayerPath), f64>,
     memo_out: Option<std::fs::File>,
     from_memo: usize,
     computed: usize,
@@ -251,6 +304,7 @@ impl Oracle {
         let header = header_for(&fingerprints.current);
         let legacy_header = header_for(&fingerprints.legacy);
         let mut memo: HashMap<(String, LayerPath), f64> = HashMap::new();
+        let mut margins: HashMap<(String, LayerPath), f64> = HashMap::new();
         let mut memo_out = None;
         if let Some(path) = &a.memo {
             if path.exists() {
@@ -276,6 +330,9 @@ impl Oracle {
                         bail!("{}: expected key, path and reward", at());
                     };
                     let p: LayerPath = p.parse().with_context(|| format!("{}: path", at()))?;
+                    if let Some(m) = v["margin"].as_f64() {
+                        margins.insert((id.to_string(), p.clone()), m);
+                    }
                     memo.insert((id.to_string(), p), r);
                 }
             }
@@ -297,6 +354,7 @@ impl Oracle {
             run,
             from_memo: memo.len(),
             memo,
+            margins,
             memo_out,
             computed: 0,
             cache: PrefixCache::new(a.prefix_cache_mb << 20),
@@ -309,13 +367,24 @@ impl Oracle {
         self.memo.get(&(self.keys[i].clone(), p.clone())).copied()
     }
 
-    /// Computes the rewards of `wanted` (prompt index, path) not known yet.
+    /// The cloze margin of prompt `i` along `p`, when computed.
+    fn margin(&self, i: usize, p: &LayerPath) -> Option<f64> {
+        self.margins
+            .get(&(self.keys[i].clone(), p.clone()))
+            .copied()
+    }
+
+    /// Computes the rewards of `wanted` (prompt index, path) not known yet, and their cloze
+    /// margins too when `margins` (a memo line written before margins were kept has none).
     fn fill(
         &mut self,
         mut wanted: Vec<(usize, LayerPath)>,
+        margins: bool,
         bar: &indicatif::ProgressBar,
     ) -> Result<()> {
-        wanted.retain(|(i, p)| self.get(*i, p).is_none());
+        wanted.retain(|(i, p)| {
+            self.get(*i, p).is_none() || (margins && self.margin(*i, p).is_none())
+        });
         wanted.sort_by(|x, y| (x.0, x.1.counts()).cmp(&(y.0, y.1.counts())));
         wanted.dedup();
         for chunk in wanted.chunks(self.batch) {
@@ -324,10 +393,25 @@ impl Oracle {
             let evals = evaluate_batch(&self.lm, &items, &self.eval, &mut self.cache)?;
             for ((i, p), e) in chunk.iter().zip(evals) {
                 let id = self.keys[*i].clone();
+                let margin = match &self.prompts[*i].scoring {
+                    drllm_eval::Scoring::Cloze {
+                        chars, gold, norm, ..
+                    } => drllm_tasks::cloze_margin(&e.logliks, chars, *norm, *gold),
+                    _ => None,
+                }
+                // A choice of zero probability makes an infinite margin, which JSON cannot
+                // hold: kept as a very large one of the same sign.
+                .map(|m| m.clamp(-1e9, 1e9));
                 if let Some(f) = self.memo_out.as_mut() {
-                    let line =
+                    let mut line =
                         serde_json::json!({"key": id, "path": p.to_string(), "reward": e.reward});
+                    if let Some(m) = margin {
+                        line["margin"] = m.into();
+                    }
                     writeln!(f, "{line}")?;
+                }
+                if let Some(m) = margin {
+                    self.margins.insert((id.clone(), p.clone()), m);
                 }
                 self.memo.insert((id, p.clone()), e.reward);
             }
@@ -340,6 +424,23 @@ impl Oracle {
             ));
         }
         Ok(())
+    }
+
+    /// The tasks of the prompts, sorted by name, and each prompt's index among them.
+    fn tasks(&self) -> (Vec<String>, Vec<usize>) {
+        let tasks: Vec<&str> = self
+            .keys
+            .iter()
+            .map(|k| k.split('/').next().unwrap_or_default())
+            .collect();
+        let mut names: Vec<String> = tasks.iter().map(|t| t.to_string()).collect();
+        names.sort();
+        names.dedup();
+        let of = tasks
+            .iter()
+            .map(|t| names.iter().position(|x| x == t).unwrap_or(0))
+            .collect();
+        (names, of)
     }
 
     fn header(&self, d: &DataArgs) -> String {
@@ -374,6 +475,10 @@ fn main() -> Result<()> {
         Cli::Static(a) => {
             a.common.log.init("warn");
             static_paths(a)
+        }
+        Cli::Candidates(a) => {
+            a.common.log.init("warn");
+            candidates::candidates(a)
         }
         Cli::Predict(a) => {
             a.common.log.init("warn");
@@ -430,7 +535,7 @@ fn compare(a: CompareArgs) -> Result<()> {
         if wanted.is_empty() {
             break;
         }
-        o.fill(wanted, &bar)?;
+        o.fill(wanted, false, &bar)?;
     }
     bar.finish_and_clear();
     let mut rows: Vec<Row> = combos
@@ -503,59 +608,65 @@ fn skipping(n_layers: usize, blocks: &[usize]) -> Result<LayerPath> {
     Ok(LayerPath::from_counts(counts)?)
 }
 
-/// Accuracy of a path over all prompts (rewards must be known).
-fn accuracy(o: &Oracle, p: &LayerPath) -> f64 {
-    let n = o.prompts.len().max(1) as f64;
-    (0..o.prompts.len())
-        .map(|i| o.get(i, p).unwrap_or(0.0))
-        .sum::<f64>()
-        / n
+/// Accuracy of a path over the prompts `idx` (rewards must be known).
+fn accuracy(o: &Oracle, idx: &[usize], p: &LayerPath) -> f64 {
+    idx.iter().map(|&i| o.get(i, p).unwrap_or(0.0)).sum::<f64>() / idx.len().max(1) as f64
 }
 
-fn static_paths(a: StaticArgs) -> Result<()> {
-    let mut o = Oracle::open(&a.common)?;
+/// Every `(prompt, path)` pair of the prompts `idx` and the paths `paths`.
+fn pairs_of(idx: &[usize], paths: &[LayerPath]) -> Vec<(usize, LayerPath)> {
+    paths
+        .iter()
+        .flat_map(|p| idx.iter().map(move |&i| (i, p.clone())))
+        .collect()
+}
+
+/// Blocks ranked by the accuracy of skipping each alone over the prompts `idx`, safest first
+/// (highest accuracy, then the lower block): the skip prior.
+fn rank_single_skips(
+    o: &mut Oracle,
+    idx: &[usize],
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<(usize, f64)>> {
     let n = o.lm.model.num_layers();
-    let np = o.prompts.len();
-    if a.blocks >= n {
-        bail!("--blocks {} leaves nothing of a {n}-block model", a.blocks);
-    }
-    let bar = drllm_cli::progress_bar(0, "paths");
-    let all = |paths: &[LayerPath]| -> Vec<(usize, LayerPath)> {
-        paths
-            .iter()
-            .flat_map(|p| (0..np).map(move |i| (i, p.clone())))
-            .collect()
-    };
-    // The baseline and every single skip.
-    let base = LayerPath::all_ones(n);
     let singles: Vec<LayerPath> = (0..n).map(|b| skipping(n, &[b])).collect::<Result<_>>()?;
-    bar.set_length(1 + n as u64);
-    o.fill(all(&[vec![base.clone()], singles.clone()].concat()), &bar)?;
-    let base_acc = accuracy(&o, &base);
-    let mut single_acc: Vec<(usize, f64)> =
-        (0..n).map(|b| (b, accuracy(&o, &singles[b]))).collect();
-    // Safest first: highest accuracy, then the lower block.
-    single_acc.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
-    let prior: Vec<usize> = single_acc.iter().map(|&(b, _)| b).collect();
-    // Greedy: grow the skip set by the candidate that keeps accuracy highest.
+    o.fill(pairs_of(idx, &singles), false, bar)?;
+    let mut ranked: Vec<(usize, f64)> =
+        (0..n).map(|b| (b, accuracy(o, idx, &singles[b]))).collect();
+    ranked.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+    Ok(ranked)
+}
+
+/// One greedy skip set per size up to `k`, over the prompts `idx`: each grows the last by the
+/// block that keeps accuracy highest among the first `shortlist` blocks of `prior` not yet
+/// skipped (0 = every block). Returns (skipped blocks, sorted; path; accuracy) per size.
+fn greedy_sets(
+    o: &mut Oracle,
+    idx: &[usize],
+    prior: &[usize],
+    k: usize,
+    shortlist: usize,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<(Vec<usize>, LayerPath, f64)>> {
+    let n = o.lm.model.num_layers();
     let mut chosen: Vec<usize> = vec![];
     let mut steps = vec![];
-    for _ in 0..a.blocks {
+    for _ in 0..k {
         let shortlist: Vec<usize> = prior
             .iter()
             .copied()
             .filter(|b| !chosen.contains(b))
-            .take(if a.shortlist == 0 { n } else { a.shortlist })
+            .take(if shortlist == 0 { n } else { shortlist })
             .collect();
         let paths: Vec<LayerPath> = shortlist
             .iter()
             .map(|&b| skipping(n, &[&chosen[..], &[b]].concat()))
             .collect::<Result<_>>()?;
-        o.fill(all(&paths), &bar)?;
+        o.fill(pairs_of(idx, &paths), false, bar)?;
         let (best, acc) = shortlist
             .iter()
             .zip(&paths)
-            .map(|(&b, p)| (b, accuracy(&o, p)))
+            .map(|(&b, p)| (b, accuracy(o, idx, p)))
             .fold(None, |m: Option<(usize, f64)>, x| match m {
                 Some(m) if m.1 >= x.1 => Some(m),
                 _ => Some(x),
@@ -566,6 +677,25 @@ fn static_paths(a: StaticArgs) -> Result<()> {
         sorted.sort_unstable();
         steps.push((sorted, skipping(n, &chosen)?, acc));
     }
+    Ok(steps)
+}
+
+fn static_paths(a: StaticArgs) -> Result<()> {
+    let mut o = Oracle::open(&a.common)?;
+    let n = o.lm.model.num_layers();
+    let np = o.prompts.len();
+    if a.blocks >= n {
+        bail!("--blocks {} leaves nothing of a {n}-block model", a.blocks);
+    }
+    let bar = drllm_cli::progress_bar(0, "paths");
+    let all: Vec<usize> = (0..np).collect();
+    let base = LayerPath::all_ones(n);
+    bar.set_length(1 + n as u64);
+    o.fill(pairs_of(&all, std::slice::from_ref(&base)), false, &bar)?;
+    let base_acc = accuracy(&o, &all, &base);
+    let single_acc = rank_single_skips(&mut o, &all, &bar)?;
+    let prior: Vec<usize> = single_acc.iter().map(|&(b, _)| b).collect();
+    let steps = greedy_sets(&mut o, &all, &prior, a.blocks, a.shortlist, &bar)?;
     bar.finish_and_clear();
     println!("{}", o.header(&a.common.d));
     println!("baseline accuracy {base_acc:.4}");
@@ -611,17 +741,27 @@ fn static_paths(a: StaticArgs) -> Result<()> {
     Ok(())
 }
 
-/// The pooled hidden state entering every block along the default path: per block `[N, W * H]`.
-fn block_features(o: &Oracle, windows: usize, batch: usize) -> Result<Vec<tch::Tensor>> {
+/// The pooled hidden state entering every block along the default path, of the prompts `idx`:
+/// per block `[idx.len(), W * H]`, row `r` for prompt `idx[r]`.
+fn block_features(
+    o: &Oracle,
+    idx: &[usize],
+    windows: usize,
+    batch: usize,
+) -> Result<Vec<tch::Tensor>> {
     let n_layers = o.lm.model.num_layers();
-    let np = o.prompts.len() as i64;
-    let mut order: Vec<usize> = (0..o.prompts.len()).collect();
-    order.sort_by_key(|&i| o.prompts[i].ids.len());
+    let np = idx.len() as i64;
+    // Rows of `idx`, shortest prompts first (less padding per batch).
+    let mut order: Vec<usize> = (0..idx.len()).collect();
+    order.sort_by_key(|&r| o.prompts[idx[r]].ids.len());
     let mut out: Vec<tch::Tensor> = vec![];
     let bar = drllm_cli::progress_bar(order.len() as u64, "features");
     let _g = tch::no_grad_guard();
     for chunk in order.chunks(batch.max(1)) {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| o.prompts[i].ids.clone()).collect();
+        let ids: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|&r| o.prompts[idx[r]].ids.clone())
+            .collect();
         let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
         let paths = vec![LayerPath::all_ones(n_layers); chunk.len()];
         let mut b = drllm_runtime::PathBatch::new(&o.lm.model, &paths)?;
@@ -657,7 +797,7 @@ fn predict_keeps(a: PredictArgs) -> Result<()> {
         .chain(&singles)
         .flat_map(|p| (0..np).map(move |i| (i, p.clone())))
         .collect();
-    o.fill(wanted, &bar)?;
+    o.fill(wanted, false, &bar)?;
     bar.finish_and_clear();
     // The prompts whose default is correct: the routing question is which skips keep them.
     let kept: Vec<usize> = (0..np)
@@ -670,19 +810,9 @@ fn predict_keeps(a: PredictArgs) -> Result<()> {
             a.folds
         );
     }
-    let tasks: Vec<String> = o
-        .keys
-        .iter()
-        .map(|k| k.split('/').next().unwrap_or_default().to_string())
-        .collect();
-    let mut task_names: Vec<String> = tasks.clone();
-    task_names.sort();
-    task_names.dedup();
-    let task_of: Vec<usize> = tasks
-        .iter()
-        .map(|t| task_names.iter().position(|x| x == t).unwrap_or(0))
-        .collect();
-    let feats = block_features(&o, a.windows as usize, o.batch)?;
+    let (task_names, task_of) = o.tasks();
+    let all: Vec<usize> = (0..np).collect();
+    let feats = block_features(&o, &all, a.windows as usize, o.batch)?;
     let fold = fold_ids(np, a.folds as usize, o.run.seed);
     let lambdas = [0.01, 0.1, 1.0, 10.0, 100.0];
     // Per block: outcome, probe score and prompt-blind score of every kept prompt.
@@ -695,7 +825,7 @@ fn predict_keeps(a: PredictArgs) -> Result<()> {
             y[b][i] = o.get(i, &singles[b]).unwrap_or(0.0).min(1.0);
         }
         let k = Kernel::new(&feats[b]);
-        probe[b] = k.cross_fit(&kept, &y[b], &fold, &task_of, &lambdas);
+        probe[b] = k.cross_fit(&kept, &y[b], 0.5, &fold, &task_of, &lambdas);
         blind[b] = group_rate(&kept, &y[b], &fold, &task_of);
         bar.inc(1);
     }
