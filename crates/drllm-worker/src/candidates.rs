@@ -50,7 +50,7 @@ pub(super) fn candidates(a: CandidatesArgs) -> Result<()> {
         .collect();
     let select: Vec<usize> = (0..np).filter(|&i| pos[i] < a.select).collect();
     let diag: Vec<usize> = (0..np).filter(|&i| pos[i] >= a.select).collect();
-    let folds = a.folds as usize;
+    let folds = a.probe.folds as usize;
     for (t, name) in task_names.iter().enumerate() {
         let d = diag.iter().filter(|&&i| task_of[i] == t).count();
         if d < 2 * folds {
@@ -131,7 +131,7 @@ pub(super) fn candidates(a: CandidatesArgs) -> Result<()> {
         .filter_map(|c| c.blocks.first().copied())
         .min()
         .unwrap_or(0);
-    let feats = block_features(&o, &diag, a.windows as usize, o.batch)?
+    let feats = block_features(&o, &diag, a.probe.windows as usize, o.batch)?
         .into_iter()
         .nth(read_at)
         .context("no features at the decision block")?;
@@ -186,7 +186,7 @@ pub(super) fn candidates(a: CandidatesArgs) -> Result<()> {
     let fmt = |c: (f64, f64, f64)| format!("{:.3} [{:.3}, {:.3}]", c.0, c.1, c.2);
     let mut json_cands = vec![];
     for (c, cand) in cands.iter().enumerate() {
-        let m = mean_ci(&acc[c + 1], a.bootstrap);
+        let m = mean_ci(&acc[c + 1], a.probe.bootstrap);
         println!(
             "  candidate {c}: skips {:?} (chosen for {}); accuracy on the diagnostic prompts {}",
             cand.blocks,
@@ -209,7 +209,7 @@ pub(super) fn candidates(a: CandidatesArgs) -> Result<()> {
             owner.push(r);
         }
     }
-    let sign_auc = compare_auc(&s1, &s2, &labels, &owner, nd, a.bootstrap);
+    let sign_auc = compare_auc(&s1, &s2, &labels, &owner, nd, a.probe.bootstrap);
     if let Some(s) = &sign_auc {
         println!(
             "margin > 0 over (prompt, candidate) pairs: probe AUC {}, task-mean AUC {}, paired {}",
@@ -258,9 +258,9 @@ pub(super) fn candidates(a: CandidatesArgs) -> Result<()> {
         let diff = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| a - b).collect::<Vec<_>>();
         let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
         let (vs_task, vs_global, vs_base) = (
-            mean_ci(&diff(&ro, &p), a.bootstrap),
-            mean_ci(&diff(&ro, &g), a.bootstrap),
-            mean_ci(&diff(&ro, &base), a.bootstrap),
+            mean_ci(&diff(&ro, &p), a.probe.bootstrap),
+            mean_ci(&diff(&ro, &g), a.probe.bootstrap),
+            mean_ci(&diff(&ro, &base), a.probe.bootstrap),
         );
         let differs = rs.iter().filter(|&&r| routed[r] != per_task[r]).count() as f64
             / rs.len().max(1) as f64;
@@ -279,9 +279,9 @@ pub(super) fn candidates(a: CandidatesArgs) -> Result<()> {
         );
         json_rows.push(json!({
             "task": name, "prompts": rs.len(),
-            "baseline": mean_ci(&base, a.bootstrap), "global_static": mean_ci(&g, a.bootstrap),
-            "per_task_static": mean_ci(&p, a.bootstrap), "task_mean_margin": mean_ci(&mm, a.bootstrap),
-            "routed": mean_ci(&ro, a.bootstrap), "oracle": mean_ci(&or, a.bootstrap),
+            "baseline": mean_ci(&base, a.probe.bootstrap), "global_static": mean_ci(&g, a.probe.bootstrap),
+            "per_task_static": mean_ci(&p, a.probe.bootstrap), "task_mean_margin": mean_ci(&mm, a.probe.bootstrap),
+            "routed": mean_ci(&ro, a.probe.bootstrap), "oracle": mean_ci(&or, a.probe.bootstrap),
             "routed_minus_per_task_static": vs_task, "routed_minus_global_static": vs_global,
             "routed_minus_baseline": vs_base, "routed_differs_from_per_task": differs,
         }));
@@ -291,13 +291,13 @@ pub(super) fn candidates(a: CandidatesArgs) -> Result<()> {
          prompt's task); mean-mg: the candidate of highest mean margin in the task on the other \
          folds; oracle: any candidate right; differs: share of prompts routed off the per-task \
          choice. Intervals: 95% percentile bootstrap over prompts ({} resamples), differences paired",
-        a.bootstrap
+        a.probe.bootstrap
     );
-    if let Some(p) = &a.json {
+    if let Some(p) = &a.probe.json {
         let v = json!({
             "model": o.lm.source.name(), "reward": o.run.reward.to_string(),
             "style": o.run.style.to_string(), "skip": a.skip, "select": a.select,
-            "prompts": nd, "folds": folds, "windows": a.windows, "read_at_block": read_at,
+            "prompts": nd, "folds": folds, "windows": a.probe.windows, "read_at_block": read_at,
             "candidates": json_cands,
             "margin_sign_auc": sign_auc.as_ref().map(|s| json!({"probe": s.a, "task_mean": s.b, "difference": s.diff})),
             "groups": json_rows,

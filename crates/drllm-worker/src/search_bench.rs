@@ -104,6 +104,13 @@ struct CandidatesArgs {
     /// every block).
     #[arg(long, default_value_t = 10)]
     shortlist: usize,
+    #[command(flatten)]
+    probe: ProbeArgs,
+}
+
+/// What the two probe diagnostics (`predict`, `candidates`) share.
+#[derive(clap::Args)]
+struct ProbeArgs {
     /// Windows the hidden state is pooled over (as the routers read it).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     windows: u16,
@@ -153,18 +160,8 @@ struct StaticArgs {
 struct PredictArgs {
     #[command(flatten)]
     common: Common,
-    /// Windows the hidden state is pooled over (as the routers read it).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
-    windows: u16,
-    /// Folds of prompts for cross-fitting.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(2..=50))]
-    folds: u16,
-    /// Bootstrap resamples for the intervals.
-    #[arg(long, default_value_t = 1000)]
-    bootstrap: usize,
-    /// Write the report as JSON to this file.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    probe: ProbeArgs,
 }
 
 /// What both commands share: model, prompts, search flags (prompting and reward), evaluator.
@@ -803,17 +800,17 @@ fn predict_keeps(a: PredictArgs) -> Result<()> {
     let kept: Vec<usize> = (0..np)
         .filter(|&i| o.get(i, &base).unwrap_or(0.0) >= 1.0)
         .collect();
-    if kept.len() < 2 * a.folds as usize {
+    if kept.len() < 2 * a.probe.folds as usize {
         bail!(
             "{} of {np} prompts have a correct default path: too few for {} folds (raise --limit)",
             kept.len(),
-            a.folds
+            a.probe.folds
         );
     }
     let (task_names, task_of) = o.tasks();
     let all: Vec<usize> = (0..np).collect();
-    let feats = block_features(&o, &all, a.windows as usize, o.batch)?;
-    let fold = fold_ids(np, a.folds as usize, o.run.seed);
+    let feats = block_features(&o, &all, a.probe.windows as usize, o.batch)?;
+    let fold = fold_ids(np, a.probe.folds as usize, o.run.seed);
     let lambdas = [0.01, 0.1, 1.0, 10.0, 100.0];
     // Per block: outcome, probe score and prompt-blind score of every kept prompt.
     let mut y = vec![vec![0.0; np]; n];
@@ -861,7 +858,7 @@ fn predict_keeps(a: PredictArgs) -> Result<()> {
         let (s1, s2, l, p) = pairs(&|_| true, &[b]);
         let lost = l.iter().filter(|&&x| !x).count();
         let keep = 1.0 - lost as f64 / l.len().max(1) as f64;
-        match compare_auc(&s1, &s2, &l, &p, np, a.bootstrap) {
+        match compare_auc(&s1, &s2, &l, &p, np, a.probe.bootstrap) {
             Some(c) => {
                 println!(
                     "{b:>5} {keep:>6.3} {lost:>5} {:>22} {:>22} {:>25}",
@@ -900,7 +897,7 @@ fn predict_keeps(a: PredictArgs) -> Result<()> {
     }
     // One skip per prompt: the probe's highest-scored block against the block with the highest
     // keep rate on the other folds (per fold, pooled over tasks), on the same prompts.
-    let rates: Vec<Vec<f64>> = (0..a.folds as usize)
+    let rates: Vec<Vec<f64>> = (0..a.probe.folds as usize)
         .map(|f| {
             (0..n)
                 .map(|b| rate_outside(&kept, &y[b], &fold, f))
@@ -926,15 +923,15 @@ fn predict_keeps(a: PredictArgs) -> Result<()> {
         let sel = |i: usize| task.is_none_or(|t| task_of[i] == t);
         let (s1, s2, l, p) = pairs(&sel, &all);
         let prompts = kept.iter().filter(|&&i| sel(i)).count();
-        let c = compare_auc(&s1, &s2, &l, &p, np, a.bootstrap);
+        let c = compare_auc(&s1, &s2, &l, &p, np, a.probe.bootstrap);
         let ids: Vec<usize> = kept.iter().copied().filter(|&i| sel(i)).collect();
         let routed: Vec<f64> = ids.iter().map(|&i| y[routed_choice[i]][i]).collect();
         let fixed: Vec<f64> = ids.iter().map(|&i| y[static_choice[i]][i]).collect();
         let diff: Vec<f64> = routed.iter().zip(&fixed).map(|(r, f)| r - f).collect();
         let (r, f, d) = (
-            mean_ci(&routed, a.bootstrap),
-            mean_ci(&fixed, a.bootstrap),
-            mean_ci(&diff, a.bootstrap),
+            mean_ci(&routed, a.probe.bootstrap),
+            mean_ci(&fixed, a.probe.bootstrap),
+            mean_ci(&diff, a.probe.bootstrap),
         );
         match &c {
             Some(c) => println!(
@@ -956,10 +953,10 @@ fn predict_keeps(a: PredictArgs) -> Result<()> {
             "one_skip_keep": {"probe": r, "static": f, "probe_minus_static": d},
         }));
     }
-    println!("intervals: 95% percentile bootstrap over prompts ({} resamples); probe - blind and the one-skip difference are paired", a.bootstrap);
-    if let Some(p) = &a.json {
+    println!("intervals: 95% percentile bootstrap over prompts ({} resamples); probe - blind and the one-skip difference are paired", a.probe.bootstrap);
+    if let Some(p) = &a.probe.json {
         let v = serde_json::json!({
-            "prompts": np, "default_correct": kept.len(), "windows": a.windows, "folds": a.folds,
+            "prompts": np, "default_correct": kept.len(), "windows": a.probe.windows, "folds": a.probe.folds,
             "model": o.lm.source.name(), "reward": o.run.reward.to_string(), "style": o.run.style.to_string(),
             "blocks": json_blocks, "groups": json_tasks,
         });
