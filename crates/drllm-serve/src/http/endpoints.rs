@@ -234,22 +234,14 @@ pub(super) async fn completions(
     }
     let mut choices = vec![];
     let mut completion_tokens = 0;
-    // Gathered at once, so that each prompt's timings are its own. The set aborts its tasks
-    // when dropped, so a client that leaves (this handler dropped) or a prompt that fails ends
-    // the request's other jobs.
-    let mut gathering = tokio::task::JoinSet::new();
-    let n = sub.rxs.len();
-    for (i, rx) in std::mem::take(&mut sub.rxs).into_iter().enumerate() {
-        gathering.spawn(async move { (i, gather(rx).await) });
-    }
-    let mut outcomes: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
-    while let Some(done) = gathering.join_next().await {
-        let (i, o) =
-            done.map_err(|e| sub.abandon(ApiError::internal(format!("gathering an answer: {e}"))))?;
-        outcomes[i] = Some(o.map_err(|e| sub.abandon(e))?);
-    }
+    // Gathered at once in this handler, so that each prompt's timings are its own, and a
+    // client that leaves (the handler dropped) or a prompt that fails drops the request's other
+    // receivers, which ends their jobs.
+    let rxs = std::mem::take(&mut sub.rxs);
+    let outcomes = futures_util::future::try_join_all(rxs.into_iter().map(gather))
+        .await
+        .map_err(|e| sub.abandon(e))?;
     for (i, o) in outcomes.into_iter().enumerate() {
-        let o = o.ok_or_else(|| ApiError::internal("an answer went missing"))?;
         s.record(c.route, lens[i], &o, arrived);
         let prefix = if echo {
             texts[i].clone()
