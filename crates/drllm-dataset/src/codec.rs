@@ -9,7 +9,7 @@ use arrow_array::builder::{
 use arrow_array::cast::AsArray;
 use arrow_array::types::{UInt16Type, UInt32Type, UInt64Type, UInt8Type};
 use arrow_array::{Array, ArrayRef, RecordBatch};
-use arrow_schema::{DataType, Field, Schema};
+use arrow_schema::{ArrowError, DataType, Field, Schema};
 use drllm_path::LayerPath;
 
 use crate::*;
@@ -58,7 +58,7 @@ pub fn schema() -> Schema {
 }
 
 /// Rows as one Arrow record batch of [`schema`].
-pub fn to_batch(rows: &[PathRecord]) -> std::result::Result<RecordBatch, String> {
+pub fn to_batch(rows: &[PathRecord]) -> std::result::Result<RecordBatch, ArrowError> {
     let strings = |f: &dyn Fn(&PathRecord) -> Option<&str>| -> ArrayRef {
         let mut b = StringBuilder::new();
         for r in rows {
@@ -131,7 +131,7 @@ pub fn to_batch(rows: &[PathRecord]) -> std::result::Result<RecordBatch, String>
         Arc::new(seed.finish()),
         strings(&|r| r.best_response.as_deref()),
     ];
-    RecordBatch::try_new(schema, cols).map_err(|e| e.to_string())
+    RecordBatch::try_new(schema, cols)
 }
 
 /// Reads every committed row of the dataset in `out` (parts listed in its manifest, in commit

@@ -24,7 +24,7 @@ pub use codec::{read_rows, schema, to_batch};
 pub use error::DatasetError;
 pub use integrity::{file_sha256, verify, Checked, VerifyReport, CONTENT_KEY};
 pub use manifest::{config_diff, read_manifest, FailedSample, Manifest, PartInfo, FORMAT_VERSION};
-pub use row::PathRecord;
+pub use row::{PathRecord, RowError};
 pub use store::Dataset;
 
 #[allow(unused_imports)]
@@ -165,19 +165,30 @@ mod tests {
     fn rows_validate_against_the_model() {
         assert_eq!(row("arc_easy", "a", true).validate(30), Ok(()));
         assert_eq!(row("arc_easy", "a", false).validate(30), Ok(()));
-        assert!(row("arc_easy", "a", true)
-            .validate(28)
-            .unwrap_err()
-            .contains("num_layers"));
+        assert_eq!(
+            row("arc_easy", "a", true).validate(28),
+            Err(RowError::NumLayers {
+                stored: 30,
+                model: 28
+            })
+        );
         let mut r = row("arc_easy", "a", true);
         r.best_path = Some(LayerPath::all_ones(29));
-        assert!(r.validate(30).unwrap_err().contains("29 counts"));
+        assert!(r
+            .validate(30)
+            .unwrap_err()
+            .to_string()
+            .contains("29 counts"));
         let mut r = row("arc_easy", "a", true);
         r.good_paths.push(LayerPath::all_ones(31));
-        assert!(r.validate(30).unwrap_err().contains("a good path has 31"));
+        assert!(r
+            .validate(30)
+            .unwrap_err()
+            .to_string()
+            .contains("a good path has 31"));
         let mut r = row("arc_easy", "a", true);
         r.best_path = None;
-        assert!(r.validate(30).unwrap_err().contains("best_path is null"));
+        assert_eq!(r.validate(30), Err(RowError::MissingBestPath));
     }
 
     /// A part whose columns disagree (edited, or written by another tool) is refused on read,

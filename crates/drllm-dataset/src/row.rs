@@ -1,7 +1,61 @@
 //! A row: one sample's search outcome, and the checks it must pass.
 
-use drllm_path::LayerPath;
+use drllm_path::{LayerPath, PathError};
 use serde::{Deserialize, Serialize};
+
+/// Why a row cannot be committed: it does not fit the model it claims, or its fields disagree.
+/// Shared by every place a row arrives from outside (a worker's report, a Parquet part).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RowError {
+    /// The row's `num_layers` is not the model's depth.
+    #[error("num_layers {stored} but the model has {model}")]
+    NumLayers {
+        /// What the row says.
+        stored: u16,
+        /// Blocks of the model.
+        model: usize,
+    },
+    /// A wire row's `num_layers` does not fit the dataset's `uint16` column.
+    #[error("num_layers {0} is out of range")]
+    NumLayersOutOfRange(u32),
+    /// A path has another length than the model's depth.
+    #[error("{what} has {got} counts, expected {want}")]
+    PathLength {
+        /// Which path (`best_path`, `a good path`).
+        what: &'static str,
+        /// Its counts.
+        got: usize,
+        /// Blocks of the model.
+        want: usize,
+    },
+    /// A count does not fit a byte (wire rows carry them as `u32`).
+    #[error("{what} has count {count}; counts must be 0, 1 or 2")]
+    Count {
+        /// Which path.
+        what: &'static str,
+        /// The count sent.
+        count: u32,
+    },
+    /// A path breaks the path rules (a count above 2, an empty path).
+    #[error("{what}: {source}")]
+    Path {
+        /// Which path.
+        what: &'static str,
+        /// The rule it breaks.
+        source: PathError,
+    },
+    /// The row says a path was found but holds none.
+    #[error("found or improved is true but best_path is null")]
+    MissingBestPath,
+    /// The stated cost (`best_cost`, or `best_layers`) disagrees with `best_path`.
+    #[error("best_cost {stated:?} does not match best_path (cost {actual:?})")]
+    Cost {
+        /// What the row states.
+        stated: Option<u32>,
+        /// The cost of its best path.
+        actual: Option<u32>,
+    },
+}
 
 /// One sample's search outcome: a row of the dataset (columns documented in docs/dataset.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,19 +117,20 @@ impl PathRecord {
     /// Checks the row against the model's depth: `num_layers` equal to it, every path of that
     /// many blocks, and a best path whenever the row says one was found. (Counts are valid by
     /// construction of [`LayerPath`].)
-    pub fn validate(&self, num_layers: usize) -> std::result::Result<(), String> {
+    pub fn validate(&self, num_layers: usize) -> std::result::Result<(), RowError> {
         if self.num_layers as usize != num_layers {
-            return Err(format!(
-                "num_layers {} but the model has {num_layers}",
-                self.num_layers
-            ));
+            return Err(RowError::NumLayers {
+                stored: self.num_layers,
+                model: num_layers,
+            });
         }
-        let check = |what: &str, p: &LayerPath| {
+        let check = |what: &'static str, p: &LayerPath| {
             if p.num_layers() != num_layers {
-                return Err(format!(
-                    "{what} has {} counts, expected {num_layers}",
-                    p.num_layers()
-                ));
+                return Err(RowError::PathLength {
+                    what,
+                    got: p.num_layers(),
+                    want: num_layers,
+                });
             }
             Ok(())
         };
@@ -84,9 +139,7 @@ impl PathRecord {
         }
         match &self.best_path {
             Some(p) => check("best_path", p),
-            None if self.found || self.improved => {
-                Err("found or improved is true but best_path is null".into())
-            }
+            None if self.found || self.improved => Err(RowError::MissingBestPath),
             None => Ok(()),
         }
     }

@@ -344,7 +344,7 @@ impl Dataset {
                 )));
             }
         }
-        let batch = to_batch(rows).map_err(perr)?;
+        let batch = to_batch(rows).map_err(|e| perr(e.to_string()))?;
         let meta = [
             self.manifest.config.to_string(),
             self.manifest.model_fingerprint.clone(),

@@ -199,8 +199,8 @@ impl CoordinatorCore {
                         )),
                     );
                 }
-                if let Err(msg) = rec.validate(self.num_layers) {
-                    return refuse(self, invalid(msg));
+                if let Err(e) = rec.validate(self.num_layers) {
+                    return refuse(self, invalid(e.to_string()));
                 }
                 self.found += rec.found as usize;
                 self.table.committed(index);

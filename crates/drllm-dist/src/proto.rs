@@ -2,7 +2,7 @@
 //! tonic/prost, and conversions between its search records and dataset rows.
 #![allow(missing_docs, clippy::large_enum_variant)]
 
-use drllm_dataset::PathRecord;
+use drllm_dataset::{PathRecord, RowError};
 use drllm_path::LayerPath;
 
 tonic::include_proto!("drllm.v1");
@@ -18,12 +18,10 @@ fn path(counts: &[u8]) -> Path {
 
 /// Counts of a wire path as bytes (a count that does not fit is refused here; [`LayerPath`]
 /// refuses one above 2).
-fn counts(p: &Path, what: &str) -> Result<Vec<u8>, String> {
+fn counts(p: &Path, what: &'static str) -> Result<Vec<u8>, RowError> {
     p.counts
         .iter()
-        .map(|&c| {
-            u8::try_from(c).map_err(|_| format!("{what} has count {c}; counts must be 0, 1 or 2"))
-        })
+        .map(|&count| u8::try_from(count).map_err(|_| RowError::Count { what, count }))
         .collect()
 }
 
@@ -58,11 +56,12 @@ impl SearchRecord {
     /// column from the registered id, never from the message). Counts are checked here, once,
     /// as they become [`LayerPath`]s, and the sent cost against the best path; check the row
     /// against the model with [`PathRecord::validate`] before committing it.
-    pub fn into_row(self, worker: &str) -> Result<PathRecord, String> {
+    pub fn into_row(self, worker: &str) -> Result<PathRecord, RowError> {
         let num_layers = u16::try_from(self.num_layers)
-            .map_err(|_| format!("num_layers {} is out of range", self.num_layers))?;
-        let layer_path = |p: &Path, what: &str| {
-            LayerPath::from_counts(counts(p, what)?).map_err(|e| format!("{what}: {e}"))
+            .map_err(|_| RowError::NumLayersOutOfRange(self.num_layers))?;
+        let layer_path = |p: &Path, what: &'static str| {
+            LayerPath::from_counts(counts(p, what)?)
+                .map_err(|source| RowError::Path { what, source })
         };
         let best = self
             .best_path
@@ -96,11 +95,10 @@ impl SearchRecord {
             best_response: self.best_response,
         };
         if self.best_cost != row.best_cost() {
-            return Err(format!(
-                "best_cost {:?} does not match best_path (cost {:?})",
-                self.best_cost,
-                row.best_cost()
-            ));
+            return Err(RowError::Cost {
+                stated: self.best_cost,
+                actual: row.best_cost(),
+            });
         }
         Ok(row)
     }
@@ -155,9 +153,15 @@ mod tests {
         let mut m = SearchRecord::from(&row("arc_easy", "x", true));
         m.good_paths[0].counts[4] = 300;
         let e = m.clone().into_row("w").unwrap_err();
-        assert!(e.contains("count 300"), "{e}");
+        assert_eq!(
+            e,
+            RowError::Count {
+                what: "a good path",
+                count: 300
+            }
+        );
         m.good_paths[0].counts[4] = 3;
-        let e = m.clone().into_row("w").unwrap_err();
+        let e = m.clone().into_row("w").unwrap_err().to_string();
         assert!(
             e.contains("a good path: invalid layer path: block 4 has count 3"),
             "{e}"
@@ -165,10 +169,17 @@ mod tests {
         m.good_paths[0].counts[4] = 1;
         m.best_cost = Some(3);
         let e = m.clone().into_row("w").unwrap_err();
-        assert!(e.contains("best_cost Some(3) does not match"), "{e}");
+        assert!(
+            e.to_string().contains("best_cost Some(3) does not match"),
+            "{e}"
+        );
         m.best_cost = Some(27);
         m.best_path.as_mut().unwrap().counts.pop();
         let r = m.into_row("w").unwrap();
-        assert!(r.validate(30).unwrap_err().contains("29 counts"));
+        assert!(r
+            .validate(30)
+            .unwrap_err()
+            .to_string()
+            .contains("29 counts"));
     }
 }
