@@ -454,26 +454,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         .map(|p| p.parse().with_context(|| format!("--path {p}")))
         .collect::<Result<Vec<LayerPath>>>()?;
     let task_paths = parse_task_paths(&a.task_paths)?;
-    let per_task_sets = task_paths.first().map_or(0, |(_, v)| v.len());
-    for (t, v) in &task_paths {
-        if !names.contains(t) {
-            bail!(
-                "--task-path {t}=...: {t} is not among the evaluated tasks ({})",
-                names.join(", ")
-            );
-        }
-        if v.len() != per_task_sets {
-            bail!("--task-path: every task needs the same number of paths ({} has {}, {} has {per_task_sets})", t, v.len(), task_paths[0].0);
-        }
-    }
-    if per_task_sets > 0 {
-        if let Some(t) = names
-            .iter()
-            .find(|n| !task_paths.iter().any(|(t, _)| t == *n))
-        {
-            bail!("--task-path: no path for {t} (every evaluated task needs one)");
-        }
-    }
+    let per_task_sets = check_task_paths(&task_paths, &names)?;
     let pkg = a
         .routers
         .as_ref()
@@ -519,21 +500,6 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         }
         None => None,
     };
-    // Routers read the hidden states of the prompts they were trained on: refuse prompts of
-    // another form (cloze and cloze-norm share theirs, as strict and lenient do).
-    if let Some(r) = &routing {
-        if let Some(p) = &r.trained.prompts {
-            let (theirs, their_style): (RewardMode, Style) = (p.reward.parse()?, p.style.parse()?);
-            if theirs.prompt_form() != reward.prompt_form() || their_style != style {
-                bail!(
-                    "--routers {}: trained on prompts of reward {theirs} and style {their_style}, \
-                     asked to route prompts of reward {reward} and style {style}: the routers would \
-                     read other tokens (pass --reward {theirs} --style {their_style})",
-                    r.spec.display()
-                );
-            }
-        }
-    }
     // Each task's template, made once.
     let templates: Vec<Template> = loaded
         .iter()
@@ -542,58 +508,14 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             None => Template::builtin_for(task.family(), style, reward),
         })
         .collect();
-    // ... and rendered as they were: each prompt here must render the same with the template
-    // the package records for its family (sources may differ where the prompts do not, e.g. a
-    // built-in that learned another task).
-    if let Some(p) = routing.as_ref().and_then(|r| r.trained.prompts.as_ref()) {
-        let spec = routing
-            .as_ref()
-            .map(|r| r.spec.display().to_string())
-            .unwrap_or_default();
-        for ((task, l), ours) in loaded.iter().zip(&templates) {
-            let family = task.family();
-            let Some(t) = p.templates.iter().find(|t| t.family == family.name()) else {
-                continue;
-            };
-            if t.source == ours.source() {
-                continue;
-            }
-            let theirs = Template::from_source(t.name.clone(), t.source.clone(), style)
-                .with_context(|| format!("--routers {spec}: its {} template", t.name))?;
-            for s in &l.samples {
-                let (x, y) = (theirs.render(s), ours.render(s));
-                if x.is_err() || y.is_err() || x.ok() != y.ok() {
-                    bail!(
-                        "--routers {spec}: trained on {} prompts rendered with the template {}, which \
-                         renders {task} sample {} otherwise than {} used here: the routers would \
-                         read other tokens (pass --template with the search's template file)",
-                        family.name(),
-                        t.name,
-                        s.id,
-                        ours.name()
-                    );
-                }
-            }
-        }
+    if let Some(r) = &routing {
+        check_prompts_match(r, reward, style, &loaded, &templates)?;
     }
     let opts = EvalOptions {
         mode: reward,
         max_new_tokens: a.max_new_tokens,
     };
-    let mut prepared = vec![];
-    for ((task, l), template) in loaded.iter().zip(&templates) {
-        let name = task.to_string();
-        let mut prompts = vec![];
-        for s in &l.samples {
-            match prepare(&lm, s, template, &opts) {
-                Ok(p) => prompts.push(p),
-                Err(e) => {
-                    tracing::warn!(task = %name, sample = %s.id, error = %e, "sample skipped")
-                }
-            }
-        }
-        prepared.push((name.clone(), prompts));
-    }
+    let prepared = prepare_tasks(&lm, &loaded, &templates, &opts);
     let policies: &[drllm_router::Policy] = routing.as_ref().map_or(&[], |r| &r.policies);
     let modes_per_task =
         1 + statics.len() + per_task_sets + policies.len() * (1 + a.controls.len());
@@ -666,55 +588,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         "{} split, reward {reward}, style {style}, batch {}, routers {routers_label}",
         split, a.batch,
     );
-    let decodes = runs
-        .iter()
-        .any(|t| t.prompts.iter().any(PreparedPrompt::decodes));
-    println!(
-        "{:<14} {:>7} {:<16} {:<22} {:<26} {:<26} {:>7} {:>7} {:>9} {:>7}",
-        "task",
-        "prompts",
-        "mode",
-        "accuracy [95% CI]",
-        "- baseline [paired 95%]",
-        "routed - this [paired]",
-        "cost",
-        "saved",
-        if decodes { "tokens/s" } else { "prompts/s" },
-        "wall"
-    );
-    let table = runs
-        .iter()
-        .map(|t| (t.task.as_str(), t.prompts.len(), &t.base, &t.others))
-        .chain(
-            pooled
-                .iter()
-                .map(|(n, base, others)| ("pooled", *n, base, others)),
-        );
-    for (task, n, base, others) in table {
-        for r in std::iter::once(base).chain(others) {
-            let (acc, lo, hi) = r.ci;
-            let fmt = |d: Option<(f64, f64, f64)>| match d {
-                Some((d, lo, hi)) => format!("{:+.3} [{:+.3}, {:+.3}]", d, lo, hi),
-                None => String::new(),
-            };
-            println!(
-                "{:<14} {:>7} {:<16} {:.3} [{:.3}, {:.3}]   {:<26} {:<26} {:>7.2} {:>6.1}% {:>9.1} {:>6.1}s",
-                task,
-                n,
-                r.label(),
-                acc,
-                lo,
-                hi,
-                fmt(r.diff),
-                fmt(r.routed_minus),
-                r.cost(),
-                100.0 * (1.0 - r.cost() / n_layers as f64),
-                if decodes { r.tokens_per_s() } else { r.prompts_per_s() },
-                r.secs
-            );
-        }
-    }
-    println!("cost = block applications per token (the baseline runs each of the {n_layers} blocks once); routed - this = the routers (at the control's budget, else the first) minus the mode on the same prompts");
+    print_table(&runs, pooled.as_ref(), n_layers);
     let task_json = |task: &str, n: usize, base: &Run, others: &[Run]| {
         let of = |f: &dyn Fn(&Run) -> bool| {
             others
@@ -784,6 +658,167 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         println!("plot: {}", path.display());
     }
     Ok(())
+}
+
+/// Checks `--task-path` against the evaluated tasks: every task named is evaluated, each has the
+/// same number of paths, and (when any is given) every evaluated task has them. Returns that
+/// number (0 without the flag).
+fn check_task_paths(task_paths: &[(String, Vec<LayerPath>)], names: &[String]) -> Result<usize> {
+    let per_task_sets = task_paths.first().map_or(0, |(_, v)| v.len());
+    for (t, v) in task_paths {
+        if !names.contains(t) {
+            bail!(
+                "--task-path {t}=...: {t} is not among the evaluated tasks ({})",
+                names.join(", ")
+            );
+        }
+        if v.len() != per_task_sets {
+            bail!("--task-path: every task needs the same number of paths ({} has {}, {} has {per_task_sets})", t, v.len(), task_paths[0].0);
+        }
+    }
+    if per_task_sets > 0 {
+        if let Some(t) = names
+            .iter()
+            .find(|n| !task_paths.iter().any(|(t, _)| t == *n))
+        {
+            bail!("--task-path: no path for {t} (every evaluated task needs one)");
+        }
+    }
+    Ok(per_task_sets)
+}
+
+/// Refuses routers trained on prompts of another form: another reward's prompt form or style,
+/// or a template that renders any of these samples otherwise than the one used here (routers
+/// read the hidden states of the prompts they were trained on).
+fn check_prompts_match(
+    r: &Routing,
+    reward: RewardMode,
+    style: Style,
+    loaded: &[(drllm_tasks::TaskName, drllm_tasks::data::Loaded)],
+    templates: &[Template],
+) -> Result<()> {
+    // A package without a record of its prompts (an older one) is taken on trust.
+    let Some(p) = &r.trained.prompts else {
+        return Ok(());
+    };
+    let spec = r.spec.display().to_string();
+    // Prompts of another form (cloze and cloze-norm share theirs, as strict and lenient do).
+    let (theirs, their_style): (RewardMode, Style) = (p.reward.parse()?, p.style.parse()?);
+    if theirs.prompt_form() != reward.prompt_form() || their_style != style {
+        bail!(
+            "--routers {spec}: trained on prompts of reward {theirs} and style {their_style}, \
+             asked to route prompts of reward {reward} and style {style}: the routers would \
+             read other tokens (pass --reward {theirs} --style {their_style})"
+        );
+    }
+    // ... and rendered as they were: each prompt here must render the same with the template
+    // the package records for its family (sources may differ where the prompts do not, e.g. a
+    // built-in that learned another task).
+    for ((task, l), ours) in loaded.iter().zip(templates) {
+        let family = task.family();
+        let Some(t) = p.templates.iter().find(|t| t.family == family.name()) else {
+            continue;
+        };
+        if t.source == ours.source() {
+            continue;
+        }
+        let theirs = Template::from_source(t.name.clone(), t.source.clone(), style)
+            .with_context(|| format!("--routers {spec}: its {} template", t.name))?;
+        for s in &l.samples {
+            let (x, y) = (theirs.render(s), ours.render(s));
+            if x.is_err() || y.is_err() || x.ok() != y.ok() {
+                bail!(
+                    "--routers {spec}: trained on {} prompts rendered with the template {}, which \
+                     renders {task} sample {} otherwise than {} used here: the routers would \
+                     read other tokens (pass --template with the search's template file)",
+                    family.name(),
+                    t.name,
+                    s.id,
+                    ours.name()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every task's samples as prepared prompts (a sample that cannot be prepared is skipped with a
+/// warning).
+fn prepare_tasks(
+    lm: &LoadedModel,
+    loaded: &[(drllm_tasks::TaskName, drllm_tasks::data::Loaded)],
+    templates: &[Template],
+    opts: &EvalOptions,
+) -> Vec<(String, Vec<PreparedPrompt>)> {
+    let mut prepared = vec![];
+    for ((task, l), template) in loaded.iter().zip(templates) {
+        let name = task.to_string();
+        let mut prompts = vec![];
+        for s in &l.samples {
+            match prepare(lm, s, template, opts) {
+                Ok(p) => prompts.push(p),
+                Err(e) => {
+                    tracing::warn!(task = %name, sample = %s.id, error = %e, "sample skipped")
+                }
+            }
+        }
+        prepared.push((name.clone(), prompts));
+    }
+    prepared
+}
+
+/// The accuracy table (stdout): per task and pooled, every mode with its interval, its paired
+/// differences, cost and speed.
+fn print_table(runs: &[TaskRuns], pooled: Option<&(usize, Run, Vec<Run>)>, n_layers: usize) {
+    let decodes = runs
+        .iter()
+        .any(|t| t.prompts.iter().any(PreparedPrompt::decodes));
+    println!(
+        "{:<14} {:>7} {:<16} {:<22} {:<26} {:<26} {:>7} {:>7} {:>9} {:>7}",
+        "task",
+        "prompts",
+        "mode",
+        "accuracy [95% CI]",
+        "- baseline [paired 95%]",
+        "routed - this [paired]",
+        "cost",
+        "saved",
+        if decodes { "tokens/s" } else { "prompts/s" },
+        "wall"
+    );
+    let table = runs
+        .iter()
+        .map(|t| (t.task.as_str(), t.prompts.len(), &t.base, &t.others))
+        .chain(
+            pooled
+                .into_iter()
+                .map(|(n, base, others)| ("pooled", *n, base, others)),
+        );
+    for (task, n, base, others) in table {
+        for r in std::iter::once(base).chain(others) {
+            let (acc, lo, hi) = r.ci;
+            let fmt = |d: Option<(f64, f64, f64)>| match d {
+                Some((d, lo, hi)) => format!("{:+.3} [{:+.3}, {:+.3}]", d, lo, hi),
+                None => String::new(),
+            };
+            println!(
+                "{:<14} {:>7} {:<16} {:.3} [{:.3}, {:.3}]   {:<26} {:<26} {:>7.2} {:>6.1}% {:>9.1} {:>6.1}s",
+                task,
+                n,
+                r.label(),
+                acc,
+                lo,
+                hi,
+                fmt(r.diff),
+                fmt(r.routed_minus),
+                r.cost(),
+                100.0 * (1.0 - r.cost() / n_layers as f64),
+                if decodes { r.tokens_per_s() } else { r.prompts_per_s() },
+                r.secs
+            );
+        }
+    }
+    println!("cost = block applications per token (the baseline runs each of the {n_layers} blocks once); routed - this = the routers (at the control's budget, else the first) minus the mode on the same prompts");
 }
 
 /// Pairs every mode with the baseline, and every mode that is not routed with the routers (at

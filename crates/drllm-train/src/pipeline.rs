@@ -212,100 +212,417 @@ pub(crate) fn check_output_flags(
     Ok(kind)
 }
 
-/// A training run: examples from the paths datasets (label mix, optional margin labels), the
-/// feature pass (cached), training with routed validation, the budget sweep, and the package
-/// written to `--out`; progress on stderr, the summary on stdout.
-pub fn run(a: TrainArgs) -> Result<()> {
-    let Some(out) = a.out.clone() else {
-        bail!("--out is required");
-    };
-    if a.windows == 0 || a.epochs == 0 || a.batch_size == 0 {
-        bail!("--windows, --epochs and --batch-size must be positive");
+/// A training run with every flag checked and parsed: what [`execute`] runs. Made from
+/// [`TrainArgs`] by [`TrainPlan::from_args`]; a caller without flags fills it directly.
+#[derive(Debug, Clone)]
+pub struct TrainPlan {
+    /// Paths datasets (drllm-coordinator OUT directories).
+    pub data: Vec<PathBuf>,
+    /// The model the datasets were searched with, and where it runs.
+    pub model: ModelArgs,
+    /// Output package directory (new, or an existing package).
+    pub out: PathBuf,
+    /// Dtype of the package's weights.
+    pub weights_kind: tch::Kind,
+    /// How the shipped epoch is chosen.
+    pub select: Select,
+    /// Pooling windows per prompt.
+    pub windows: usize,
+    /// Prompts per forward pass of the feature pass.
+    pub feature_batch: usize,
+    /// Directory of the feature and margin caches; `None` reads and writes neither.
+    pub cache_dir: Option<PathBuf>,
+    /// Fraction of samples held out for validation.
+    pub val_fraction: f64,
+    /// Which improved rows are kept.
+    pub mix: LabelMix,
+    /// Margin-aware labels' share (0 = the search's verdict).
+    pub label_margin: f64,
+    /// Routed accuracy is measured every this many epochs (and at the last).
+    pub routed_every: usize,
+    /// Task data for routed validation and margins (`None`: $DRLLM_DATA, else ../shared/data).
+    pub task_data: Option<PathBuf>,
+    /// Prompts per forward pass of routed validation.
+    pub routed_batch: usize,
+    /// Train on at most this many training examples.
+    pub max_examples: Option<usize>,
+    /// Budgets of the held-out sweep after training.
+    pub val_budgets: Vec<f64>,
+    /// Hyper-parameters of the routers' training.
+    pub config: TrainConfig,
+}
+
+impl TrainPlan {
+    /// Checks and parses the flags; nothing is loaded yet.
+    pub fn from_args(a: TrainArgs) -> Result<Self> {
+        let Some(out) = a.out else {
+            bail!("--out is required");
+        };
+        if a.windows == 0 || a.epochs == 0 || a.batch_size == 0 {
+            bail!("--windows, --epochs and --batch-size must be positive");
+        }
+        if a.max_examples == Some(0) {
+            bail!("--max-examples must be positive");
+        }
+        let weights_kind = check_output_flags(&a.val_budgets, &a.weights_dtype, &out)?;
+        let mut select = match a.select.as_str() {
+            "routed-accuracy" => Select::RoutedAccuracy,
+            "macro-f1" => Select::MacroF1,
+            other => bail!("--select {other:?}: expected routed-accuracy or macro-f1"),
+        };
+        if a.routed_every == 0 {
+            select = Select::MacroF1;
+            tracing::warn!(
+                "--routed-every 0: the held-out prompts are never routed, so the epoch is chosen by \
+                 macro-F1 and the --val-budgets sweep is skipped (the package recommends no budget)"
+            );
+        }
+        Ok(TrainPlan {
+            data: a.data,
+            model: a.m,
+            out,
+            weights_kind,
+            select,
+            windows: a.windows,
+            feature_batch: a.feature_batch,
+            cache_dir: (!a.no_feature_cache)
+                .then(|| a.feature_cache.unwrap_or_else(default_cache_dir)),
+            val_fraction: a.val_fraction,
+            mix: LabelMix {
+                max_improved_share: a.max_improved_share,
+                seed: a.seed,
+            },
+            label_margin: a.label_margin,
+            routed_every: a.routed_every,
+            task_data: a.task_data,
+            routed_batch: a.routed_batch,
+            max_examples: a.max_examples,
+            val_budgets: a.val_budgets,
+            config: TrainConfig {
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                weight_decay: a.weight_decay,
+                warmup: a.warmup,
+                focal_gamma: a.focal_gamma,
+                class_beta: a.class_beta,
+                class_weight_total: a.class_weight_total,
+                router_hidden: a.router_hidden,
+                seed: a.seed,
+            },
+        })
     }
-    let weights_kind = check_output_flags(&a.val_budgets, &a.weights_dtype, &out)?;
-    let mut select = match a.select.as_str() {
-        "routed-accuracy" => Select::RoutedAccuracy,
-        "macro-f1" => Select::MacroF1,
-        other => bail!("--select {other:?}: expected routed-accuracy or macro-f1"),
-    };
-    if a.routed_every == 0 {
-        select = Select::MacroF1;
-        tracing::warn!(
-            "--routed-every 0: the held-out prompts are never routed, so the epoch is chosen by \
-             macro-F1 and the --val-budgets sweep is skipped (the package recommends no budget)"
+
+    fn select_name(&self) -> &'static str {
+        match self.select {
+            Select::RoutedAccuracy => "routed-accuracy",
+            Select::MacroF1 => "macro-f1",
+        }
+    }
+}
+
+/// What a finished training run reports: the written package's manifest and the figures its
+/// summary prints.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    /// The package directory.
+    pub out: PathBuf,
+    /// Its manifest (epochs, the kept one, the budget sweep).
+    pub manifest: PackageManifest,
+    /// Blocks of the model.
+    pub num_layers: usize,
+    /// Teacher-forced validation macro-F1 of the kept routers.
+    pub val_macro_f1: f64,
+    /// The same for predicting the majority training label everywhere.
+    pub majority_macro_f1: f64,
+    /// That label's class index.
+    pub majority_class: usize,
+    /// The epoch that macro-F1 would have chosen (1-based).
+    pub epoch_by_f1: usize,
+    /// Routed validation: (held-out prompts, baseline accuracy along the default path).
+    pub routed_val: Option<(usize, f64)>,
+    /// Seconds of training (feature pass excluded).
+    pub train_secs: f64,
+}
+
+/// A training run from flags: [`TrainPlan::from_args`], [`execute`], then the summary on stdout.
+pub fn run(a: TrainArgs) -> Result<()> {
+    let report = execute(&TrainPlan::from_args(a)?)?;
+    print_report(&report);
+    Ok(())
+}
+
+/// Prints a finished run's summary (stdout): epochs, validation against the majority class,
+/// routed validation and the budget sweep.
+pub fn print_report(r: &TrainReport) {
+    let m = &r.manifest;
+    print_epochs(m);
+    let kept = &m.epochs[m.best_epoch - 1];
+    println!(
+        "\nvalidation macro-F1 {:.4} (epoch {}) vs {:.4} for always-{}",
+        r.val_macro_f1, m.best_epoch, r.majority_macro_f1, CLASSES[r.majority_class],
+    );
+    if let (Some((prompts, baseline)), Some(acc), Some(cost)) =
+        (r.routed_val, kept.val_routed_accuracy, kept.val_routed_cost)
+    {
+        let f1_epoch = &m.epochs[r.epoch_by_f1 - 1];
+        println!(
+            "routed validation ({prompts} prompts): accuracy {acc:.4} at cost {cost:.2}/{} (baseline {baseline:.4}); the macro-F1 choice (epoch {}) routes to {}",
+            r.num_layers,
+            r.epoch_by_f1,
+            match (f1_epoch.val_routed_accuracy, f1_epoch.val_routed_cost) {
+                (Some(a), Some(c)) => format!("accuracy {a:.4} at cost {c:.2}"),
+                _ => "(not measured)".into(),
+            }
         );
     }
-    a.m.device_and_kind()?;
-    let source = a.m.source()?;
+    print_sweep(m);
+    println!(
+        "trained in {:.1}s | package {}",
+        r.train_secs,
+        r.out.display()
+    );
+}
+
+/// A training run: examples from the paths datasets (label mix, optional margin labels), the
+/// feature pass (cached), training with routed validation, the budget sweep, and the package
+/// written to the plan's `out`; progress on stderr.
+pub fn execute(plan: &TrainPlan) -> Result<TrainReport> {
+    plan.model.device_and_kind()?;
+    let source = plan.model.source()?;
     let fingerprints = source.fingerprints()?;
-    let fingerprint = fingerprints.current.clone();
     let name = source.name();
     let model_cfg = source.config()?;
     let n_layers = model_cfg.num_layers;
-    let mix = LabelMix {
-        max_improved_share: a.max_improved_share,
-        seed: a.seed,
-    };
     let mut set = load_examples(
-        &a.data,
+        &plan.data,
         &[&fingerprints.current, &fingerprints.legacy],
         &name,
         n_layers,
         model_cfg.arch.family().needs_bos,
-        &mix,
+        &plan.mix,
     )?;
 
     // The model is needed for margin labels, routed validation, or the feature pass on a cache
     // miss.
+    let load_model = || -> Result<LoadedModel> { plan.model.load_source(source.clone()) };
     let mut lm = None;
-    let load_model = || -> Result<LoadedModel> { a.m.load_source(source.clone()) };
-    if select == Select::RoutedAccuracy || a.label_margin > 0.0 {
+    if plan.select == Select::RoutedAccuracy || plan.label_margin > 0.0 {
         lm = Some(load_model()?);
     }
-    let cache_dir = a.feature_cache.clone().unwrap_or_else(default_cache_dir);
     let relabelled = match &lm {
-        Some(lm) if a.label_margin > 0.0 => {
-            let dir = drllm_tasks::data::resolve_data_dir(a.task_data.as_deref())?;
-            let mut cache =
-                MarginCache::open((!a.no_feature_cache).then(|| cache_dir.join("margins.jsonl")))?;
-            let bar = drllm_cli::progress_bar(0, "margins");
-            let t = std::time::Instant::now();
-            let r = relabel_by_margin(
-                lm,
-                &mut set,
-                &dir,
-                &MarginRule {
-                    share: a.label_margin,
-                },
-                a.routed_batch,
-                &mut cache,
-                |done, planned| {
-                    bar.set_length(planned as u64);
-                    bar.set_position(done as u64);
-                    // The bar is hidden in logs (nohup, SLURM): a line every 512 margins.
-                    if bar.is_hidden() && done % 512 < a.routed_batch.max(1) * 8 {
-                        tracing::info!(done, planned, "margins measured");
-                    }
-                },
-            )?;
-            bar.finish_and_clear();
-            eprintln!(
-                "--label-margin {}: of {} default-correct rows with a cheaper correct path, {} keep \
-                 the cheapest, {} a dearer one, {} are fragile (all-execute); median default \
-                 margin {:.2}; {} margins measured in {:.1}s",
-                a.label_margin,
-                r.rows,
-                r.cheapest,
-                r.dearer,
-                r.fragile,
-                r.median_baseline_margin,
-                r.computed,
-                t.elapsed().as_secs_f64()
-            );
-            Some(r)
-        }
+        Some(lm) if plan.label_margin > 0.0 => Some(margin_labels(plan, lm, &mut set)?),
         _ => None,
     };
+    describe(plan, &set);
+    let (train_idx, val_idx) = split(plan, &set)?;
+    let n = set.examples.len();
+    eprintln!(
+        "{n} examples ({} duplicate prompts dropped): {} train, {} validation | model {name}, {n_layers} blocks",
+        set.duplicates,
+        train_idx.len(),
+        val_idx.len()
+    );
+    if val_idx.is_empty() {
+        tracing::warn!("no validation examples: metrics are computed on the training set");
+    }
+
+    // Feature pass (skipped when the cache has it).
+    let t0 = std::time::Instant::now();
+    let key = FeatureCache::key(&fingerprints.current, plan.windows, &set.examples);
+    let cache = plan.cache_dir.clone().map(|dir| FeatureCache { dir });
+    let hidden = model_cfg.hidden_size as usize;
+    let cached = cache
+        .as_ref()
+        .and_then(|c| c.get(&key, n, n_layers, plan.windows, hidden));
+    let features = match cached {
+        Some(f) => {
+            eprintln!(
+                "features: {n} examples from the cache ({})",
+                cache
+                    .as_ref()
+                    .map(|c| c.file(&key).display().to_string())
+                    .unwrap_or_default()
+            );
+            f
+        }
+        None => {
+            if lm.is_none() {
+                lm = Some(load_model()?);
+            }
+            let lm = lm.as_ref().context("model loaded")?;
+            let fbar = drllm_cli::progress_bar(n as u64, "features");
+            let f = extract_features(lm, &set.examples, plan.windows, plan.feature_batch, |d| {
+                fbar.set_position(d as u64)
+            })?;
+            fbar.finish_and_clear();
+            let secs = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "features: {n} examples in {secs:.1}s ({:.2} examples/s)",
+                n as f64 / secs.max(1e-9)
+            );
+            if let Some(c) = &cache {
+                c.put(&key, &f)?;
+            }
+            f
+        }
+    };
+    let feat_secs = t0.elapsed().as_secs_f64();
+    let tr = features.select(&train_idx);
+    let va = features.select(&val_idx);
+
+    let routed_val = match (&lm, plan.select) {
+        (Some(lm), Select::RoutedAccuracy) => Some(routed_validation(plan, lm, &set)?),
+        _ => None,
+    };
+    let t1 = std::time::Instant::now();
+    let trained = fit(plan, &tr, &va, routed_val.as_ref().zip(lm.as_ref()))?;
+    let train_secs = t1.elapsed().as_secs_f64();
+
+    // The majority-class baseline on the same validation examples: every block predicts the
+    // most frequent training label.
+    let scored = if va.is_empty() { &tr } else { &va };
+    let majority = (0..3).max_by_key(|&c| trained.label_counts[c]).unwrap_or(1);
+    let gold: Vec<i64> = Vec::try_from(scored.labels.flatten(0, -1)).unwrap_or_default();
+    let base = crate::Confusion::from_pairs(&gold, &vec![majority as i64; gold.len()]);
+    let (best_conf, _, _) = evaluate(&trained.routers, scored);
+    let epoch_by_f1 = best_epoch(&trained.epochs, Select::MacroF1);
+
+    // The kept routers at several budgets on the held-out prompts: the operating point is chosen
+    // here, on training data, never on the evaluation split.
+    let (sweep, recommended) = match (&routed_val, &lm) {
+        (Some(v), Some(lm)) => {
+            // Budget 0 was measured during training.
+            let kept = &trained.epochs[trained.best_epoch - 1];
+            let at_zero = kept.val_routed_accuracy.zip(kept.val_routed_cost);
+            v.sweep(lm, &trained.routers, &plan.val_budgets, at_zero)?
+        }
+        _ => (vec![], None),
+    };
+
+    let mut manifest = PackageManifest::new(
+        fingerprints.current.clone(),
+        name,
+        trained.routers.shape,
+        plan.windows,
+    );
+    manifest.label_counts = trained.label_counts;
+    let first = &set.sources[0];
+    manifest.prompts = Some(drllm_router::PromptSpec {
+        reward: first.config.reward.to_string(),
+        style: first.config.style.to_string(),
+        templates: templates_of(first),
+    });
+    if let Some(s) = set
+        .sources
+        .iter()
+        .find(|s| s.config.reward != first.config.reward || s.config.style != first.config.style)
+    {
+        tracing::warn!(
+            "{} was searched with reward {} and style {}, {} with {} and {}: the package records the first",
+            s.path.display(), s.config.reward, s.config.style, first.path.display(), first.config.reward, first.config.style
+        );
+    }
+    manifest.training = serde_json::json!({
+        "config": plan.config,
+        "class_weights": trained.class_weights,
+        "val_fraction": plan.val_fraction,
+        "select": plan.select_name(),
+        "feature_secs": feat_secs,
+        "train_secs": train_secs,
+    });
+    manifest.data = serde_json::json!({
+        "sources": set.sources.iter().map(|s| serde_json::json!({
+            "path": s.path.display().to_string(), "rows": s.rows, "examples": s.examples,
+            "reward": s.config.reward.name(), "style": s.config.style.name()})).collect::<Vec<_>>(),
+        "rows_by_outcome": set.kinds.iter().map(|(k, n)| (kind_name(*k).to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
+        "max_improved_share": plan.mix.max_improved_share,
+        "improved_left_out": set.improved_dropped,
+        "label_margin": plan.label_margin,
+        "margin_labels": relabelled,
+        "examples": n,
+        "duplicates": set.duplicates,
+        "train": tr.len(),
+        "max_examples": plan.max_examples,
+        "val": va.len(),
+        "routed_val_prompts": routed_val.as_ref().map(|v| v.len()),
+        "routed_val_baseline_accuracy": routed_val.as_ref().map(|v| v.baseline_accuracy),
+        "routed_val_budgets": sweep.iter().map(|(b, acc, cost)| serde_json::json!({
+            "budget": b, "accuracy": acc, "cost": cost})).collect::<Vec<_>>(),
+        "recommended_budget": recommended,
+        "majority_class": CLASSES[majority],
+        "majority_baseline_macro_f1": base.macro_f1(),
+    });
+    manifest.epochs = trained.epochs.clone();
+    manifest.best_epoch = trained.best_epoch;
+    let pkg = Package {
+        manifest,
+        routers: trained.routers,
+    };
+    pkg.save_as(&plan.out, plan.weights_kind)
+        .with_context(|| format!("writing the router package {}", plan.out.display()))?;
+    Ok(TrainReport {
+        out: plan.out.clone(),
+        manifest: pkg.manifest,
+        num_layers: n_layers,
+        val_macro_f1: best_conf.macro_f1(),
+        majority_macro_f1: base.macro_f1(),
+        majority_class: majority,
+        epoch_by_f1,
+        routed_val: routed_val.map(|v| (v.len(), v.baseline_accuracy)),
+        train_secs,
+    })
+}
+
+/// Margin-aware labels: measures (or reads from the cache) each candidate path's margin and
+/// relabels the default-correct rows by the plan's rule.
+fn margin_labels(
+    plan: &TrainPlan,
+    lm: &LoadedModel,
+    set: &mut crate::ExampleSet,
+) -> Result<crate::Relabelled> {
+    let dir = drllm_tasks::data::resolve_data_dir(plan.task_data.as_deref())?;
+    let mut cache = MarginCache::open(plan.cache_dir.as_ref().map(|d| d.join("margins.jsonl")))?;
+    let bar = drllm_cli::progress_bar(0, "margins");
+    let t = std::time::Instant::now();
+    let batch = plan.routed_batch;
+    let r = relabel_by_margin(
+        lm,
+        set,
+        &dir,
+        &MarginRule {
+            share: plan.label_margin,
+        },
+        batch,
+        &mut cache,
+        |done, planned| {
+            bar.set_length(planned as u64);
+            bar.set_position(done as u64);
+            // The bar is hidden in logs (nohup, SLURM): a line every 512 margins.
+            if bar.is_hidden() && done % 512 < batch.max(1) * 8 {
+                tracing::info!(done, planned, "margins measured");
+            }
+        },
+    )?;
+    bar.finish_and_clear();
+    eprintln!(
+        "--label-margin {}: of {} default-correct rows with a cheaper correct path, {} keep \
+         the cheapest, {} a dearer one, {} are fragile (all-execute); median default \
+         margin {:.2}; {} margins measured in {:.1}s",
+        plan.label_margin,
+        r.rows,
+        r.cheapest,
+        r.dearer,
+        r.fragile,
+        r.median_baseline_margin,
+        r.computed,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(r)
+}
+
+/// The examples' sources, outcomes and labels, on stderr.
+fn describe(plan: &TrainPlan, set: &crate::ExampleSet) {
     for s in &set.sources {
         eprintln!(
             "{}: {} rows, {} examples (reward {}, style {})",
@@ -325,7 +642,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     eprintln!(
         "rows by outcome: {}; improved left out by --max-improved-share {}: {}",
         kinds.join(", "),
-        a.max_improved_share,
+        plan.mix.max_improved_share,
         set.improved_dropped
     );
     let total_labels = labels.iter().sum::<u64>().max(1) as f64;
@@ -338,17 +655,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
         labels[2],
         100.0 * labels[2] as f64 / total_labels
     );
+}
+
+/// Training and validation example indices: the seeded hash split, then `max_examples` of the
+/// training side (a seeded choice by sample id).
+fn split(plan: &TrainPlan, set: &crate::ExampleSet) -> Result<(Vec<usize>, Vec<usize>)> {
+    let seed = plan.config.seed;
     let n = set.examples.len();
     let (val_idx, mut train_idx): (Vec<usize>, Vec<usize>) =
-        (0..n).partition(|&i| split_of(&set.examples[i].sample_id, a.seed, a.val_fraction));
-    if let Some(m) = a.max_examples.filter(|&m| m < train_idx.len()) {
-        if m == 0 {
-            bail!("--max-examples must be positive");
-        }
+        (0..n).partition(|&i| split_of(&set.examples[i].sample_id, seed, plan.val_fraction));
+    if let Some(m) = plan.max_examples.filter(|&m| m < train_idx.len()) {
         let dropped = train_idx.len() - m;
-        train_idx.sort_by_key(|&i| {
-            drllm_search::sample_seed(a.seed ^ 0x5eed, &set.examples[i].sample_id)
-        });
+        train_idx
+            .sort_by_key(|&i| drllm_search::sample_seed(seed ^ 0x5eed, &set.examples[i].sample_id));
         train_idx.truncate(m);
         train_idx.sort_unstable();
         eprintln!("--max-examples {m}: {dropped} training examples left out");
@@ -356,110 +675,55 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if train_idx.is_empty() {
         bail!("all {n} examples fell into the validation split; lower --val-fraction");
     }
-    eprintln!(
-        "{n} examples ({} duplicate prompts dropped): {} train, {} validation | model {name}, {n_layers} blocks",
-        set.duplicates,
-        train_idx.len(),
-        val_idx.len()
-    );
-    if val_idx.is_empty() {
-        tracing::warn!("no validation examples: metrics are computed on the training set");
+    Ok((train_idx, val_idx))
+}
+
+/// Routed validation: every held-out prompt (labelled or not), answered along the routers'
+/// paths.
+fn routed_validation(
+    plan: &TrainPlan,
+    lm: &LoadedModel,
+    set: &crate::ExampleSet,
+) -> Result<RoutedValidation> {
+    let held_out: Vec<&crate::Example> = set
+        .examples
+        .iter()
+        .chain(&set.unlabelled)
+        .filter(|e| split_of(&e.sample_id, plan.config.seed, plan.val_fraction))
+        .collect();
+    if held_out.is_empty() {
+        bail!("no held-out prompts for routed validation: raise --val-fraction or use --select macro-f1");
     }
+    let dir = drllm_tasks::data::resolve_data_dir(plan.task_data.as_deref())?;
+    let t = std::time::Instant::now();
+    let v = RoutedValidation::new(lm, set, &held_out, &dir, plan.windows, plan.routed_batch)?;
+    eprintln!(
+        "routed validation: {} held-out prompts, baseline accuracy {:.4} ({:.1}s)",
+        v.len(),
+        v.baseline_accuracy,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(v)
+}
 
-    // Feature pass (skipped when the cache has it).
-    let cache = (!a.no_feature_cache).then_some(FeatureCache { dir: cache_dir });
-    let key = FeatureCache::key(&fingerprint, a.windows, &set.examples);
-    let hidden = model_cfg.hidden_size as usize;
-    let t0 = std::time::Instant::now();
-    let cached = cache
-        .as_ref()
-        .and_then(|c| c.get(&key, n, n_layers, a.windows, hidden));
-    let features = match cached {
-        Some(f) => {
-            eprintln!(
-                "features: {n} examples from the cache ({})",
-                cache
-                    .as_ref()
-                    .map(|c| c.file(&key).display().to_string())
-                    .unwrap_or_default()
-            );
-            f
-        }
-        None => {
-            if lm.is_none() {
-                lm = Some(load_model()?);
-            }
-            let lm = lm.as_ref().context("model loaded")?;
-            let fbar = drllm_cli::progress_bar(n as u64, "features");
-            let f = extract_features(lm, &set.examples, a.windows, a.feature_batch, |d| {
-                fbar.set_position(d as u64)
-            })?;
-            fbar.finish_and_clear();
-            let secs = t0.elapsed().as_secs_f64();
-            eprintln!(
-                "features: {n} examples in {secs:.1}s ({:.2} examples/s)",
-                n as f64 / secs.max(1e-9)
-            );
-            if let Some(c) = &cache {
-                c.put(&key, &f)?;
-            }
-            f
-        }
-    };
-    let feat_secs = t0.elapsed().as_secs_f64();
-    let tr = features.select(&train_idx);
-    let va = features.select(&val_idx);
-
-    // Routed validation: every held-out prompt (labelled or not), answered along the routers'
-    // paths.
-    let routed_val = match (&lm, select) {
-        (Some(lm), Select::RoutedAccuracy) => {
-            let held_out: Vec<&crate::Example> = set
-                .examples
-                .iter()
-                .chain(&set.unlabelled)
-                .filter(|e| split_of(&e.sample_id, a.seed, a.val_fraction))
-                .collect();
-            if held_out.is_empty() {
-                bail!("no held-out prompts for routed validation: raise --val-fraction or use --select macro-f1");
-            }
-            let dir = drllm_tasks::data::resolve_data_dir(a.task_data.as_deref())?;
-            let t = std::time::Instant::now();
-            let v = RoutedValidation::new(lm, &set, &held_out, &dir, a.windows, a.routed_batch)?;
-            eprintln!(
-                "routed validation: {} held-out prompts, baseline accuracy {:.4} ({:.1}s)",
-                v.len(),
-                v.baseline_accuracy,
-                t.elapsed().as_secs_f64()
-            );
-            Some(v)
-        }
-        _ => None,
-    };
-
-    // Training.
-    let cfg = TrainConfig {
-        epochs: a.epochs,
-        batch_size: a.batch_size,
-        lr: a.lr,
-        weight_decay: a.weight_decay,
-        warmup: a.warmup,
-        focal_gamma: a.focal_gamma,
-        class_beta: a.class_beta,
-        class_weight_total: a.class_weight_total,
-        router_hidden: a.router_hidden,
-        seed: a.seed,
-    };
+/// Trains the routers on `tr`, scoring `va` each epoch and routing the held-out prompts every
+/// `routed_every` epochs (and at the last) when `routed` is given; a progress bar of steps.
+fn fit(
+    plan: &TrainPlan,
+    tr: &crate::Features,
+    va: &crate::Features,
+    routed: Option<(&RoutedValidation, &LoadedModel)>,
+) -> Result<crate::Trained> {
     let steps = drllm_cli::progress_bar(0, "steps");
-    let t1 = std::time::Instant::now();
-    let every = a.routed_every.max(1);
+    let every = plan.routed_every.max(1);
+    let last = plan.config.epochs;
     let trained = train(
-        &tr,
-        &va,
-        &cfg,
-        select,
-        |epoch, routers| match (&routed_val, &lm) {
-            (Some(v), Some(lm)) if epoch % every == 0 || epoch == a.epochs => {
+        tr,
+        va,
+        &plan.config,
+        plan.select,
+        |epoch, routers| match routed {
+            Some((v, lm)) if epoch % every == 0 || epoch == last => {
                 v.measure(lm, routers, 0.0).map(Some)
             }
             _ => Ok(None),
@@ -483,111 +747,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         },
     )?;
     steps.finish_and_clear();
-    let train_secs = t1.elapsed().as_secs_f64();
-
-    // The majority-class baseline on the same validation examples: every block predicts the
-    // most frequent training label.
-    let scored = if va.is_empty() { &tr } else { &va };
-    let majority = (0..3).max_by_key(|&c| trained.label_counts[c]).unwrap_or(1) as i64;
-    let gold: Vec<i64> = Vec::try_from(scored.labels.flatten(0, -1)).unwrap_or_default();
-    let base = crate::Confusion::from_pairs(&gold, &vec![majority; gold.len()]);
-    let (best_conf, _, _) = evaluate(&trained.routers, scored);
-    let by_f1 = best_epoch(&trained.epochs, Select::MacroF1);
-
-    // The kept routers at several budgets on the held-out prompts: the operating point is chosen
-    // here, on training data, never on the evaluation split.
-    let (sweep, recommended) = match (&routed_val, &lm) {
-        (Some(v), Some(lm)) => {
-            // Budget 0 was measured during training.
-            let kept = &trained.epochs[trained.best_epoch - 1];
-            let at_zero = kept.val_routed_accuracy.zip(kept.val_routed_cost);
-            v.sweep(lm, &trained.routers, &a.val_budgets, at_zero)?
-        }
-        _ => (vec![], None),
-    };
-
-    let mut manifest = PackageManifest::new(fingerprint, name, trained.routers.shape, a.windows);
-    manifest.label_counts = trained.label_counts;
-    let first = &set.sources[0];
-    manifest.prompts = Some(drllm_router::PromptSpec {
-        reward: first.config.reward.to_string(),
-        style: first.config.style.to_string(),
-        templates: templates_of(first),
-    });
-    if let Some(s) = set
-        .sources
-        .iter()
-        .find(|s| s.config.reward != first.config.reward || s.config.style != first.config.style)
-    {
-        tracing::warn!(
-            "{} was searched with reward {} and style {}, {} with {} and {}: the package records the first",
-            s.path.display(), s.config.reward, s.config.style, first.path.display(), first.config.reward, first.config.style
-        );
-    }
-    manifest.training = serde_json::json!({
-        "config": cfg,
-        "class_weights": trained.class_weights,
-        "val_fraction": a.val_fraction,
-        "select": a.select,
-        "feature_secs": feat_secs,
-        "train_secs": train_secs,
-    });
-    manifest.data = serde_json::json!({
-        "sources": set.sources.iter().map(|s| serde_json::json!({
-            "path": s.path.display().to_string(), "rows": s.rows, "examples": s.examples,
-            "reward": s.config.reward.name(), "style": s.config.style.name()})).collect::<Vec<_>>(),
-        "rows_by_outcome": set.kinds.iter().map(|(k, n)| (kind_name(*k).to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
-        "max_improved_share": a.max_improved_share,
-        "improved_left_out": set.improved_dropped,
-        "label_margin": a.label_margin,
-        "margin_labels": relabelled,
-        "examples": n,
-        "duplicates": set.duplicates,
-        "train": tr.len(),
-        "max_examples": a.max_examples,
-        "val": va.len(),
-        "routed_val_prompts": routed_val.as_ref().map(|v| v.len()),
-        "routed_val_baseline_accuracy": routed_val.as_ref().map(|v| v.baseline_accuracy),
-        "routed_val_budgets": sweep.iter().map(|(b, acc, cost)| serde_json::json!({
-            "budget": b, "accuracy": acc, "cost": cost})).collect::<Vec<_>>(),
-        "recommended_budget": recommended,
-        "majority_class": CLASSES[majority as usize],
-        "majority_baseline_macro_f1": base.macro_f1(),
-    });
-    manifest.epochs = trained.epochs.clone();
-    manifest.best_epoch = trained.best_epoch;
-    let pkg = Package {
-        manifest,
-        routers: trained.routers,
-    };
-    pkg.save_as(&out, weights_kind)
-        .with_context(|| format!("writing the router package {}", out.display()))?;
-    print_epochs(&pkg.manifest);
-    let kept = &pkg.manifest.epochs[pkg.manifest.best_epoch - 1];
-    println!(
-        "\nvalidation macro-F1 {:.4} (epoch {}) vs {:.4} for always-{}",
-        best_conf.macro_f1(),
-        pkg.manifest.best_epoch,
-        base.macro_f1(),
-        CLASSES[majority as usize],
-    );
-    if let (Some(v), Some(acc), Some(cost)) =
-        (&routed_val, kept.val_routed_accuracy, kept.val_routed_cost)
-    {
-        let f1_epoch = &pkg.manifest.epochs[by_f1 - 1];
-        println!(
-            "routed validation ({} prompts): accuracy {acc:.4} at cost {cost:.2}/{n_layers} (baseline {:.4}); the macro-F1 choice (epoch {by_f1}) routes to {}",
-            v.len(),
-            v.baseline_accuracy,
-            match (f1_epoch.val_routed_accuracy, f1_epoch.val_routed_cost) {
-                (Some(a), Some(c)) => format!("accuracy {a:.4} at cost {c:.2}"),
-                _ => "(not measured)".into(),
-            }
-        );
-    }
-    print_sweep(&pkg.manifest);
-    println!("trained in {train_secs:.1}s | package {}", out.display());
-    Ok(())
+    Ok(trained)
 }
 
 fn kind_name(k: RowKind) -> &'static str {
