@@ -47,7 +47,7 @@ pub enum RowError {
     /// The row says a path was found but holds none.
     #[error("found or improved is true but best_path is null")]
     MissingBestPath,
-    /// The stated cost (`best_cost`, or `best_layers`) disagrees with `best_path`.
+    /// The stated `best_cost` disagrees with `best_path`.
     #[error("best_cost {stated:?} does not match best_path (cost {actual:?})")]
     Cost {
         /// What the row states.
