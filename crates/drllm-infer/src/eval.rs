@@ -762,7 +762,7 @@ fn prepare_tasks(
                 }
             }
         }
-        prepared.push((name.clone(), prompts));
+        prepared.push((name, prompts));
     }
     prepared
 }

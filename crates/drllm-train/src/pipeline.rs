@@ -312,13 +312,6 @@ impl TrainPlan {
             },
         })
     }
-
-    fn select_name(&self) -> &'static str {
-        match self.select {
-            Select::RoutedAccuracy => "routed-accuracy",
-            Select::MacroF1 => "macro-f1",
-        }
-    }
 }
 
 /// What a finished training run reports: the written package's manifest and the figures its
@@ -329,8 +322,6 @@ pub struct TrainReport {
     pub out: PathBuf,
     /// Its manifest (epochs, the kept one, the budget sweep).
     pub manifest: PackageManifest,
-    /// Blocks of the model.
-    pub num_layers: usize,
     /// Teacher-forced validation macro-F1 of the kept routers.
     pub val_macro_f1: f64,
     /// The same for predicting the majority training label everywhere.
@@ -368,7 +359,7 @@ pub fn print_report(r: &TrainReport) {
         let f1_epoch = &m.epochs[r.epoch_by_f1 - 1];
         println!(
             "routed validation ({prompts} prompts): accuracy {acc:.4} at cost {cost:.2}/{} (baseline {baseline:.4}); the macro-F1 choice (epoch {}) routes to {}",
-            r.num_layers,
+            m.shape.num_layers,
             r.epoch_by_f1,
             match (f1_epoch.val_routed_accuracy, f1_epoch.val_routed_cost) {
                 (Some(a), Some(c)) => format!("accuracy {a:.4} at cost {c:.2}"),
@@ -527,7 +518,7 @@ pub fn execute(plan: &TrainPlan) -> Result<TrainReport> {
         "config": plan.config,
         "class_weights": trained.class_weights,
         "val_fraction": plan.val_fraction,
-        "select": plan.select_name(),
+        "select": plan.select,
         "feature_secs": feat_secs,
         "train_secs": train_secs,
     });
@@ -564,7 +555,6 @@ pub fn execute(plan: &TrainPlan) -> Result<TrainReport> {
     Ok(TrainReport {
         out: plan.out.clone(),
         manifest: pkg.manifest,
-        num_layers: n_layers,
         val_macro_f1: best_conf.macro_f1(),
         majority_macro_f1: base.macro_f1(),
         majority_class: majority,
