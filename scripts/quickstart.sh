@@ -48,7 +48,8 @@ if [ -z "${DRLLM_QUICKSTART_NO_BUILD:-}" ]; then
   bash scripts/setup.sh
   cargo build --release --locked --workspace
 fi
-bin=target/release
+# Where cargo put the binaries (CARGO_TARGET_DIR when the user sets one).
+bin="${CARGO_TARGET_DIR:-target}/release"
 ref=routers/smollm2-135m-instruct
 # The embedded model's skip prior and best static paths, measured on 300 ARC train prompts by
 # `drllm-search-bench static` (docs/benchmarks.md); the reference routers' search used them too.

@@ -32,7 +32,9 @@ with open(path) as f:
         print(f"{q['stem']} {choices} Answer with the letter of the correct choice.")
 PY
 )
-bin=target/release/drllm-infer
+# Where cargo put the binaries (CARGO_TARGET_DIR when the user sets one).
+release="${CARGO_TARGET_DIR:-target}/release"
+bin="$release/drllm-infer"
 echo "== default path (all 30 blocks once)"
 "$bin" generate --model embedded --chat --max-new-tokens 24 "${args[@]}"
 # Skip two late blocks and repeat an early one: cost 29 of 30.
@@ -41,7 +43,7 @@ echo "== shorter path $path"
 "$bin" generate --model embedded --chat --max-new-tokens 24 --path "$path" "${args[@]}"
 out="${OUT:-.cache/run/paths}"
 echo "== path search: $limit ARC-Easy train prompts, 20 simulations each, 2 workers -> $out"
-target/release/drllm-coordinator --workers 2 --data "$data" --dataset arc_easy --split train \
+"$release/drllm-coordinator" --workers 2 --data "$data" --dataset arc_easy --split train \
   --limit "$limit" --num-simulations 20 --seed 7 --out "$out"
 find "$out/data" -name '*.parquet' | sort
 .venv/bin/python - "$out" <<'PY'
