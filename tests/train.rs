@@ -400,6 +400,36 @@ fn drllm_train_fits_routers_on_a_real_search_and_refuses_bad_input() {
     let (ok, _, stderr) = train(&["--epochs", "2", "--lr", "5e-4"], &[&run], &pkg, &cache);
     assert!(ok && stderr.contains("from the cache"), "{stderr}");
     assert_eq!(Package::load(&pkg).unwrap().manifest.epochs.len(), 2);
+    // Soft targets from every verified path: the same features, the mass printed and recorded.
+    let soft = [
+        "--epochs",
+        "2",
+        "--routed-every",
+        "0",
+        "--targets",
+        "search",
+        "--target-temperature",
+        "2",
+    ];
+    let (ok, _, stderr) = train(&soft, &[&run], &pkg, &cache);
+    assert!(
+        ok && stderr.contains("from the cache")
+            && stderr.contains("--targets search (temperature 2): target mass skip"),
+        "{stderr}"
+    );
+    let t = Package::load(&pkg).unwrap().manifest.training;
+    assert_eq!(
+        (t["targets"].as_str(), t["target_temperature"].as_f64()),
+        (Some("search"), Some(2.0)),
+        "{t}"
+    );
+    let (ok, _, e) = train(
+        &["--targets", "search", "--label-margin", "0.5"],
+        &[&run],
+        &pkg,
+        &cache,
+    );
+    assert!(!ok && e.contains("use one of them"), "{e}");
 
     // Margin labels: a strict share relabels the default-correct rows it applies to, each
     // exactly once, and records what it did; a second run reads every margin from the cache.

@@ -1,7 +1,9 @@
 //! OpenAI's request fields and error shape. Bodies are parsed by hand from JSON values so that
 //! every refusal names the field (`param`) and what was expected; unknown fields are ignored,
 //! as OpenAI clients send more than a server needs.
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
+
+use crate::openai::{ErrorBody, ErrorDetail};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with an HTTP
 /// status.
@@ -114,13 +116,15 @@ impl ApiError {
     }
 
     /// The JSON body.
-    pub fn body(&self) -> Value {
-        json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.code,
-        }})
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind,
+                param: self.param.clone(),
+                code: self.code,
+            },
+        }
     }
 }
 
@@ -357,6 +361,7 @@ pub fn messages(v: Option<&Value>) -> Result<Vec<drllm_runtime::Message>, ApiErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn every_prompt_form_parses_and_bad_ones_name_the_field() {
@@ -400,7 +405,7 @@ mod tests {
         assert!(object(b"{not json").unwrap_err().message.contains("parse"));
         assert!(object(b"[1]").unwrap_err().message.contains("an array"));
         let body = ApiError::unauthorized().body();
-        assert_eq!(body["error"]["code"], "invalid_api_key");
-        assert!(body["error"]["param"].is_null());
+        assert_eq!(body.error.code, Some("invalid_api_key"));
+        assert!(body.error.param.is_none());
     }
 }

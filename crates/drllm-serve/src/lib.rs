@@ -9,6 +9,7 @@ pub mod api;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod openai;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;

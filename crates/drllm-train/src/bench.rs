@@ -86,6 +86,7 @@ fn main() -> Result<()> {
                 (Kind::BFloat16, Device::Cpu),
             ),
             labels: Tensor::randint(3, [n as i64, l as i64], (Kind::Int64, Device::Cpu)),
+            targets: None,
         };
         let tr = features(n);
         // A held-out tenth, scored after every epoch as in a real run.

@@ -368,6 +368,43 @@ pub fn load_examples(
     })
 }
 
+impl Example {
+    /// Soft per-block targets from the whole search rather than its first verified path: over
+    /// every correct path the search verified for this prompt (its `good_paths`, and the
+    /// default when the default was correct), weighted by `exp(blocks saved / temperature)`,
+    /// the share of weight on each action (skip, execute, repeat) at each block. A temperature
+    /// near 0 gives the cheapest path's one-hot labels (the paper's); a large one the plain
+    /// share of verified paths. Rows with no correct path (never trained on) get their label's
+    /// one-hot, as an empty path gives an empty target.
+    pub fn search_targets(&self, temperature: f64) -> Vec<[f32; 3]> {
+        let default_correct = matches!(
+            self.kind,
+            RowKind::Shortened | RowKind::DefaultOnly | RowKind::Fragile
+        );
+        let default = vec![1u8; self.path.len()];
+        let mut paths: Vec<&[u8]> = self.candidates.iter().map(Vec::as_slice).collect();
+        if default_correct {
+            paths.push(&default);
+        }
+        if !paths.contains(&self.path.as_slice()) {
+            paths.push(&self.path);
+        }
+        let saved = |p: &[u8]| p.len() as f64 - p.iter().map(|&c| c as f64).sum::<f64>();
+        let t = temperature.max(1e-6);
+        // Softmax over the paths' savings, shifted by the largest for stability.
+        let top = paths.iter().map(|p| saved(p)).fold(f64::MIN, f64::max);
+        let weights: Vec<f64> = paths.iter().map(|p| ((saved(p) - top) / t).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut out = vec![[0f32; 3]; self.path.len()];
+        for (p, w) in paths.iter().zip(&weights) {
+            for (block, &c) in out.iter_mut().zip(p.iter()) {
+                block[(c as usize).min(2)] += (w / total) as f32;
+            }
+        }
+        out
+    }
+}
+
 /// Whether `sample_id` is in the validation split: a seeded hash of the id (stable across
 /// runs, machines and dataset order) below `val_fraction`.
 pub fn split_of(sample_id: &str, seed: u64, val_fraction: f64) -> bool {
@@ -552,5 +589,59 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("--max-improved-share"), "{e}");
+    }
+
+    fn example(kind: RowKind, path: Vec<u8>, candidates: Vec<Vec<u8>>) -> Example {
+        Example {
+            sample_id: "s".into(),
+            task: "arc_easy".into(),
+            split: "train".into(),
+            source: 0,
+            kind,
+            prompt: "p".into(),
+            add_special: true,
+            path,
+            candidates,
+        }
+    }
+
+    #[test]
+    fn search_targets_weigh_every_verified_path_by_its_saving() {
+        // Default correct; the search verified one skip (block 1) and two skips (1 and 2).
+        let e = example(
+            RowKind::Shortened,
+            vec![1, 0, 0, 1],
+            vec![vec![1, 0, 0, 1], vec![1, 0, 1, 1]],
+        );
+        let t = e.search_targets(1.0);
+        // Weights e^2, e^1, e^0 for savings 2, 1, 0 (the default).
+        let z = (2f64.exp() + 1f64.exp() + 1.0) as f32;
+        let close = |a: f32, b: f32| (a - b).abs() < 1e-5;
+        assert!(close(t[0][1], 1.0) && close(t[3][1], 1.0));
+        assert!(close(t[1][0], (2f64.exp() + 1f64.exp()) as f32 / z));
+        assert!(close(t[2][0], 2f64.exp() as f32 / z));
+        for b in &t {
+            assert!(close(b.iter().sum(), 1.0), "{t:?}");
+        }
+        // A cold temperature is the cheapest path's one-hot label (the paper's).
+        let cold = e.search_targets(1e-3);
+        for (b, &c) in cold.iter().zip(&e.path) {
+            assert!(close(b[c as usize], 1.0), "{cold:?}");
+        }
+        // A hot one is the plain share of the three verified paths.
+        let hot = e.search_targets(1e6);
+        assert!(
+            close(hot[1][0], 2.0 / 3.0) && close(hot[2][0], 1.0 / 3.0),
+            "{hot:?}"
+        );
+        // An improved row's default was wrong: it is not among the targets.
+        let imp = example(RowKind::Improved, vec![1, 2, 1, 1], vec![vec![1, 2, 1, 1]]);
+        assert_eq!(imp.search_targets(1.0)[1], [0.0, 0.0, 1.0]);
+        // A default-only row: every block executes.
+        let only = example(RowKind::DefaultOnly, vec![1; 4], vec![]);
+        assert!(only
+            .search_targets(1.0)
+            .iter()
+            .all(|b| b == &[0.0, 1.0, 0.0]));
     }
 }

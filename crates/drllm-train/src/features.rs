@@ -22,6 +22,9 @@ pub struct Features {
     pub x: Tensor,
     /// `[N, L]` gold counts (int64).
     pub labels: Tensor,
+    /// `[N, L, 3]` soft targets (f32, each block's row sums to 1) that the loss uses instead of
+    /// `labels` when present (`drllm-train --targets search`); metrics still read `labels`.
+    pub targets: Option<Tensor>,
 }
 
 impl Features {
@@ -41,6 +44,7 @@ impl Features {
         Features {
             x: self.x.index_select(1, &i),
             labels: self.labels.index_select(0, &i),
+            targets: self.targets.as_ref().map(|t| t.index_select(0, &i)),
         }
     }
 }
@@ -127,6 +131,7 @@ impl FeatureCache {
         Some(Features {
             x: x.to_kind(Kind::Float),
             labels: labels.to_kind(Kind::Int64),
+            targets: None,
         })
     }
 
@@ -224,7 +229,11 @@ pub fn extract_features(
         .flat_map(|e| e.path.iter().map(|&c| c as i64))
         .collect();
     let labels = Tensor::from_slice(&labels).view([examples.len() as i64, n_layers as i64]);
-    Ok(Features { x, labels })
+    Ok(Features {
+        x,
+        labels,
+        targets: None,
+    })
 }
 
 /// The default feature cache: `$DRLLM_CACHE/features` (see `drllm_runtime::cache_dir`).

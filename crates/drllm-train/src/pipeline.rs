@@ -83,6 +83,16 @@ pub struct TrainArgs {
     /// features.
     #[arg(long, default_value_t = 0.0, value_parser = drllm_cli::number_in(0.0, 1e3))]
     label_margin: f64,
+    /// What the routers learn at each block: `cheapest` (the paper's labels: the cheapest
+    /// correct path the search found) or `search` (soft targets from every correct path the
+    /// search verified for the prompt, the default included when it was correct, each weighted
+    /// by exp(blocks saved / --target-temperature)).
+    #[arg(long, value_enum, default_value_t = Targets::Cheapest, hide_possible_values = true)]
+    targets: Targets,
+    /// Temperature of `--targets search`, in blocks saved: near 0 is the cheapest path alone,
+    /// large values the plain share of verified paths.
+    #[arg(long, default_value_t = 1.0, value_parser = drllm_cli::positive_up_to(1e6))]
+    target_temperature: f64,
     /// Which epoch is shipped: routed-accuracy (the routers route the held-out prompts; best
     /// accuracy, then lowest cost) or macro-f1 (teacher-forced validation macro-F1).
     #[arg(long, default_value = "routed-accuracy")]
@@ -212,6 +222,17 @@ pub(crate) fn check_output_flags(
     Ok(kind)
 }
 
+/// What the routers are trained to predict at each block (`--targets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Targets {
+    /// The paper's labels: the cheapest correct path found, one-hot per block.
+    Cheapest,
+    /// Soft targets from every correct path the search verified (see
+    /// [`crate::Example::search_targets`]).
+    Search,
+}
+
 /// A training run with every flag checked and parsed: what [`execute`] runs. Made from
 /// [`TrainArgs`] by [`TrainPlan::from_args`]; a caller without flags fills it directly.
 #[derive(Debug, Clone)]
@@ -238,6 +259,10 @@ pub struct TrainPlan {
     pub mix: LabelMix,
     /// Margin-aware labels' share (0 = the search's verdict).
     pub label_margin: f64,
+    /// What the routers learn at each block.
+    pub targets: Targets,
+    /// Temperature of [`Targets::Search`], in blocks saved.
+    pub target_temperature: f64,
     /// Routed accuracy is measured every this many epochs (and at the last).
     pub routed_every: usize,
     /// Task data for routed validation and margins (`None`: $DRLLM_DATA, else ../shared/data).
@@ -265,6 +290,12 @@ impl TrainPlan {
             bail!("--max-examples must be positive");
         }
         let weights_kind = check_output_flags(&a.val_budgets, &a.weights_dtype, &out)?;
+        if a.targets == Targets::Search && a.label_margin > 0.0 {
+            bail!(
+                "--targets search weighs every verified path by its saving, --label-margin \
+                 relabels by margins: use one of them"
+            );
+        }
         let mut select = match a.select.as_str() {
             "routed-accuracy" => Select::RoutedAccuracy,
             "macro-f1" => Select::MacroF1,
@@ -293,6 +324,8 @@ impl TrainPlan {
                 seed: a.seed,
             },
             label_margin: a.label_margin,
+            targets: a.targets,
+            target_temperature: a.target_temperature,
             routed_every: a.routed_every,
             task_data: a.task_data,
             routed_batch: a.routed_batch,
@@ -426,7 +459,7 @@ pub fn execute(plan: &TrainPlan) -> Result<TrainReport> {
     let cached = cache
         .as_ref()
         .and_then(|c| c.get(&key, n, n_layers, plan.windows, hidden));
-    let features = match cached {
+    let mut features = match cached {
         Some(f) => {
             eprintln!(
                 "features: {n} examples from the cache ({})",
@@ -459,6 +492,9 @@ pub fn execute(plan: &TrainPlan) -> Result<TrainReport> {
         }
     };
     let feat_secs = t0.elapsed().as_secs_f64();
+    if plan.targets == Targets::Search {
+        features.targets = Some(search_targets(plan, &set));
+    }
     let tr = features.select(&train_idx);
     let va = features.select(&val_idx);
 
@@ -519,6 +555,8 @@ pub fn execute(plan: &TrainPlan) -> Result<TrainReport> {
         "class_weights": trained.class_weights,
         "val_fraction": plan.val_fraction,
         "select": plan.select,
+        "targets": plan.targets,
+        "target_temperature": (plan.targets == Targets::Search).then_some(plan.target_temperature),
         "feature_secs": feat_secs,
         "train_secs": train_secs,
     });
@@ -645,6 +683,29 @@ fn describe(plan: &TrainPlan, set: &crate::ExampleSet) {
         labels[2],
         100.0 * labels[2] as f64 / total_labels
     );
+}
+
+/// The soft targets of every example, `[N, L, 3]`, and their mass per class on stderr.
+fn search_targets(plan: &TrainPlan, set: &crate::ExampleSet) -> tch::Tensor {
+    let rows: Vec<f32> = set
+        .examples
+        .iter()
+        .flat_map(|e| e.search_targets(plan.target_temperature))
+        .flatten()
+        .collect();
+    let mut mass = [0f64; 3];
+    for (i, x) in rows.iter().enumerate() {
+        mass[i % 3] += *x as f64;
+    }
+    let total = mass.iter().sum::<f64>().max(1e-9);
+    eprintln!(
+        "--targets search (temperature {}): target mass skip {:.1}%, execute {:.1}%, repeat {:.1}%",
+        plan.target_temperature,
+        100.0 * mass[0] / total,
+        100.0 * mass[1] / total,
+        100.0 * mass[2] / total
+    );
+    tch::Tensor::from_slice(&rows).view([set.examples.len() as i64, set.num_layers as i64, 3])
 }
 
 /// Training and validation example indices: the seeded hash split, then `max_examples` of the

@@ -152,12 +152,21 @@ pub fn class_weights(counts: [u64; 3], beta: f64, total: f64) -> [f64; 3] {
 
 /// Focal loss of `logits [M, 3]` against `labels [M]`: mean of `-w_y (1 - p_y)^gamma log p_y`.
 pub fn focal_loss(logits: &Tensor, labels: &Tensor, weights: &Tensor, gamma: f64) -> Tensor {
+    soft_focal_loss(logits, &one_hot(labels), weights, gamma)
+}
+
+/// Focal loss against soft targets `[M, 3]` (rows summing to 1): mean over rows of
+/// `-sum_c t_c w_c (1 - p_c)^gamma log p_c`; with one-hot targets, [`focal_loss`].
+pub fn soft_focal_loss(logits: &Tensor, targets: &Tensor, weights: &Tensor, gamma: f64) -> Tensor {
     let logp = logits.log_softmax(-1, Kind::Float);
-    let logp_y = logp.gather(1, &labels.unsqueeze(1), false).squeeze_dim(1);
-    let p_y = logp_y.exp();
-    let w = weights.index_select(0, labels);
-    let focus = (p_y.neg() + 1.0).pow_tensor_scalar(gamma);
-    (-(w * focus * logp_y)).mean(Kind::Float)
+    let focus = (logp.exp().neg() + 1.0).pow_tensor_scalar(gamma);
+    let per_class = targets * weights.view([1, 3]) * focus * logp;
+    (-per_class.sum_dim_intlist(-1, false, Kind::Float)).mean(Kind::Float)
+}
+
+/// `labels [..]` (0..3) as one-hot f32 rows `[.., 3]`.
+fn one_hot(labels: &Tensor) -> Tensor {
+    labels.one_hot(3).to_kind(Kind::Float)
 }
 
 /// Learning rate at `step` (0-based) of `total`: linear warm-up over `warmup` steps, then cosine
@@ -201,6 +210,20 @@ fn check(f: &Features, what: &str, num_layers: i64) -> Result<(), TrainError> {
             return Err(TrainError::Data(format!(
                 "{what}: labels must be 0 (skip), 1 (execute) or 2 (repeat); found {}",
                 if lo < 0 { lo } else { hi }
+            )));
+        }
+    }
+    if let Some(t) = &f.targets {
+        let want = [s[1], num_layers, 3];
+        let rows_ok = t.size() == want && {
+            let sums = t.sum_dim_intlist(-1, false, Kind::Float);
+            t.min().double_value(&[]) >= 0.0 && (sums - 1.0).abs().max().double_value(&[]) < 1e-3
+        };
+        if !rows_ok {
+            return Err(TrainError::Data(format!(
+                "{what}: soft targets {:?} must be [N, L, 3] = {want:?}, non-negative, each \
+                 block's row summing to 1",
+                t.size()
             )));
         }
     }
@@ -349,7 +372,11 @@ pub fn train(
             opt.set_lr(lr);
             let b = train.select(chunk);
             let logits = routers.forward_layer_major(&b.x).reshape([-1, 3]);
-            let loss = focal_loss(&logits, &b.labels.view([-1]), &wt, cfg.focal_gamma);
+            let targets = match &b.targets {
+                Some(t) => t.view([-1, 3]),
+                None => one_hot(&b.labels.view([-1])),
+            };
+            let loss = soft_focal_loss(&logits, &targets, &wt, cfg.focal_gamma);
             opt.backward_step(&loss);
             loss_sum += loss.double_value(&[]);
             step += 1;
@@ -475,6 +502,18 @@ mod tests {
     }
 
     #[test]
+    fn soft_focal_loss_is_the_target_weighted_mix_of_the_hard_losses() {
+        let logits = Tensor::from_slice(&[1.0f32, 2.0, 0.5]).view([1, 3]);
+        let w = Tensor::from_slice(&[2.0f32, 1.0, 1.5]);
+        let hard =
+            |c: i64| focal_loss(&logits, &Tensor::from_slice(&[c]), &w, 2.0).double_value(&[]);
+        let t = Tensor::from_slice(&[0.25f32, 0.75, 0.0]).view([1, 3]);
+        let got = soft_focal_loss(&logits, &t, &w, 2.0).double_value(&[]);
+        let want = 0.25 * hard(0) + 0.75 * hard(1);
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    }
+
+    #[test]
     fn schedule_warms_up_then_decays_to_zero() {
         let lrs: Vec<f64> = (0..100).map(|s| lr_at(s, 100, 10, 1e-3)).collect();
         assert!((lrs[9] - 1e-3).abs() < 1e-12);
@@ -498,6 +537,7 @@ mod tests {
         Features {
             x: x.permute([1, 0, 2, 3]).contiguous(),
             labels,
+            targets: None,
         }
     }
 
@@ -524,6 +564,14 @@ mod tests {
         let again = train(&tr, &va, &cfg, Select::MacroF1, none, |_, _| {}, |_| {}).unwrap();
         assert!(again.routers.w1.equal(&t.routers.w1));
         assert_eq!(again.epochs.len(), t.epochs.len());
+        // Soft targets that are the labels' one-hot rows train the same routers.
+        let soft = Features {
+            x: tr.x.shallow_clone(),
+            labels: tr.labels.shallow_clone(),
+            targets: Some(one_hot(&tr.labels)),
+        };
+        let s = train(&soft, &va, &cfg, Select::MacroF1, none, |_, _| {}, |_| {}).unwrap();
+        assert!(s.routers.w1.allclose(&t.routers.w1, 1e-5, 1e-6, false));
     }
 
     #[test]
@@ -550,8 +598,16 @@ mod tests {
         let short = Features {
             x: ok.x.shallow_clone(),
             labels: ok.labels.narrow(1, 0, 5),
+            targets: None,
         };
         let e = refused(&short);
         assert!(e.contains("do not match"), "{e}");
+        let unnormalised = Features {
+            x: ok.x.shallow_clone(),
+            labels: ok.labels.shallow_clone(),
+            targets: Some(Tensor::ones([10, 6, 3], (Kind::Float, Device::Cpu))),
+        };
+        let e = refused(&unnormalised);
+        assert!(e.contains("summing to 1"), "{e}");
     }
 }

@@ -8,10 +8,15 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use drllm_runtime::Tokenizer;
-use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 
 use crate::api::{self, ApiError, Fields, Prompt};
 use crate::engine::{Finish, Route, TokenLogprob};
+use crate::openai::{
+    ChatChoice, ChatCompletion, ChatLogprobs, ChatMessage, ChatTokenLogprob, Completion,
+    CompletionChoice, CompletionLogprobs, Detokenized, Health, ModelCard, ModelList, Stats,
+    Tokenized, TokenizerInfo, TopLogprob, Usage,
+};
 
 use super::stream::{stream, Kind};
 use super::validate::*;
@@ -31,7 +36,7 @@ pub(super) async fn not_found() -> Response {
 }
 
 pub(super) async fn health() -> Response {
-    json_response(200, &json!({"status": "ok"}))
+    json_response(200, &Health { status: "ok" })
 }
 
 pub(super) async fn metrics(State(s): State<AppState>) -> Response {
@@ -55,35 +60,47 @@ pub(super) async fn models(State(s): State<AppState>) -> Response {
         ids.push(format!("{}@{b}", s.info.name));
         ids.push(format!("{}@none", s.info.name));
     }
-    let data: Vec<Value> = ids
+    let data = ids
         .into_iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "drllm"}))
-        .collect();
-    json_response(200, &json!({"object": "list", "data": data}))
-}
-
-pub(super) async fn stats(State(s): State<AppState>) -> Response {
-    let stats = s.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let routes: Map<String, Value> = stats
-        .into_iter()
-        .map(|(label, r)| {
-            let mean = r.cost as f64 / r.prompts.max(1) as f64;
-            (
-                label,
-                json!({
-                    "prompts": r.prompts,
-                    "prompt_tokens": r.prompt_tokens,
-                    "completion_tokens": r.completion_tokens,
-                    "mean_cost": mean,
-                    "num_layers": r.num_layers,
-                    "blocks_saved": 1.0 - mean / r.num_layers.max(1) as f64,
-                }),
-            )
+        .map(|id| ModelCard {
+            id,
+            object: "model",
+            created: 0,
+            owned_by: "drllm",
         })
         .collect();
     json_response(
         200,
-        &json!({"routes": routes, "cancelled": s.shared.metrics.cancelled.get()}),
+        &ModelList {
+            object: "list",
+            data,
+        },
+    )
+}
+
+pub(super) async fn stats(State(s): State<AppState>) -> Response {
+    let stats = s.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let routes = stats
+        .into_iter()
+        .map(|(label, r)| {
+            let mean = r.cost as f64 / r.prompts.max(1) as f64;
+            let r = crate::openai::RouteStats {
+                prompts: r.prompts,
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: r.completion_tokens,
+                mean_cost: mean,
+                num_layers: r.num_layers,
+                blocks_saved: 1.0 - mean / r.num_layers.max(1) as f64,
+            };
+            (label, r)
+        })
+        .collect();
+    json_response(
+        200,
+        &Stats {
+            routes,
+            cancelled: s.shared.metrics.cancelled.get(),
+        },
     )
 }
 
@@ -92,15 +109,15 @@ pub(super) async fn tokenizer_info(State(s): State<AppState>) -> Response {
     let eos = t.eos.as_ref().map(|e| e.0.clone());
     json_response(
         200,
-        &json!({
-            "tokenizer_class": "drllm",
-            "eos_token": eos,
-            "bos_token": t.bos.as_ref().map(|b| b.0.clone()),
+        &TokenizerInfo {
+            tokenizer_class: "drllm",
+            bos_token: t.bos.as_ref().map(|b| b.0.clone()),
             // No pad token of its own: padding is never seen by the model here.
-            "pad_token": eos,
-            "chat_template": t.chat_template,
-            "model_max_length": s.info.context,
-        }),
+            pad_token: eos.clone(),
+            eos_token: eos,
+            chat_template: t.chat_template.clone(),
+            model_max_length: s.info.context,
+        },
     )
 }
 
@@ -114,7 +131,11 @@ pub(super) async fn tokenize(State(s): State<AppState>, body: Bytes) -> Result<R
     let ids = s
         .encode_bounded(text.to_string(), special, "prompt", false)
         .await?;
-    let v = json!({"tokens": ids, "count": ids.len(), "max_model_len": s.info.context});
+    let v = Tokenized {
+        count: ids.len(),
+        tokens: ids,
+        max_model_len: s.info.context,
+    };
     Ok(json_response(200, &v))
 }
 
@@ -137,7 +158,7 @@ pub(super) async fn detokenize(
         .tokenizer
         .decode_keep_special(&ids)
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(json_response(200, &json!({"prompt": text})))
+    Ok(json_response(200, &Detokenized { prompt: text }))
 }
 
 /// The legacy completions `logprobs` object over `toks` (text offsets from `start`), and the
@@ -146,30 +167,24 @@ pub(super) fn completion_logprobs(
     t: &Tokenizer,
     toks: &[TokenLogprob],
     start: usize,
-) -> (Value, usize) {
+) -> (CompletionLogprobs, usize) {
     let mut offset = start;
-    let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    let mut lp = CompletionLogprobs::default();
     for tok in toks {
         let text = t.token_text(tok.id);
-        offsets.push(offset);
+        lp.text_offset.push(offset);
         offset += text.chars().count();
-        tokens.push(text);
-        lps.push(tok.logprob);
-        tops.push(match tok.logprob {
-            None => Value::Null,
-            Some(_) => {
-                let mut m = Map::new();
-                for &(id, lp) in &tok.top {
-                    m.entry(t.token_text(id)).or_insert(json!(lp));
-                }
-                Value::Object(m)
+        lp.tokens.push(text);
+        lp.token_logprobs.push(tok.logprob.map(f64::from));
+        lp.top_logprobs.push(tok.logprob.map(|_| {
+            let mut m = BTreeMap::new();
+            for &(id, x) in &tok.top {
+                m.entry(t.token_text(id)).or_insert(f64::from(x));
             }
-        });
+            m
+        }));
     }
-    (
-        json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}),
-        offset,
-    )
+    (lp, offset)
 }
 
 pub(super) async fn completions(
@@ -253,28 +268,24 @@ pub(super) async fn completions(
             completion_logprobs(&info.tokenizer, &all, 0).0
         });
         completion_tokens += o.completion_tokens;
-        choices.push(json!({
-            "index": i,
-            "text": prefix + &o.text,
-            "logprobs": lp,
-            "finish_reason": o.finish.map(Finish::as_str),
-            "drllm": path_ext(o.path.as_ref(), c.route),
-        }));
+        choices.push(CompletionChoice {
+            index: i,
+            text: prefix + &o.text,
+            logprobs: lp,
+            finish_reason: o.finish.map(Finish::as_str),
+            drllm: path_info(o.path.as_ref(), c.route),
+        });
     }
     Ok(json_response(
         200,
-        &json!({
-            "id": id,
-            "object": "text_completion",
-            "created": now(),
-            "model": model,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }),
+        &Completion {
+            id,
+            object: "text_completion",
+            created: now(),
+            model,
+            choices,
+            usage: Usage::new(prompt_tokens, completion_tokens),
+        },
     ))
 }
 
@@ -343,40 +354,51 @@ pub(super) async fn chat_completions(
     let lp = logprobs.map(|_| chat_logprobs(&info.tokenizer, &o.tokens));
     Ok(json_response(
         200,
-        &json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": now(),
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": o.text},
-                "logprobs": lp,
-                "finish_reason": o.finish.map(Finish::as_str),
-                "drllm": path_ext(o.path.as_ref(), c.route),
+        &ChatCompletion {
+            id,
+            object: "chat.completion",
+            created: now(),
+            model,
+            choices: vec![ChatChoice {
+                index: 0,
+                message: ChatMessage {
+                    role: "assistant",
+                    content: o.text,
+                },
+                logprobs: lp,
+                finish_reason: o.finish.map(Finish::as_str),
+                drllm: path_info(o.path.as_ref(), c.route),
             }],
-            "usage": {
-                "prompt_tokens": prompt_len,
-                "completion_tokens": o.completion_tokens,
-                "total_tokens": prompt_len + o.completion_tokens,
-            },
-        }),
+            usage: Usage::new(prompt_len, o.completion_tokens),
+        },
     ))
 }
 
 /// The chat `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
-pub(super) fn chat_logprobs(t: &Tokenizer, toks: &[TokenLogprob]) -> Value {
-    let entry = |id: u32, lp: f32| {
-        let text = t.token_text(id);
-        json!({"token": text, "logprob": lp, "bytes": text.as_bytes()})
+pub(super) fn chat_logprobs(t: &Tokenizer, toks: &[TokenLogprob]) -> ChatLogprobs {
+    let top = |id: u32, lp: f32| {
+        let token = t.token_text(id);
+        TopLogprob {
+            bytes: token.as_bytes().to_vec(),
+            token,
+            logprob: f64::from(lp),
+        }
     };
-    let content: Vec<Value> = toks
+    let content = toks
         .iter()
         .map(|tok| {
-            let mut e = entry(tok.id, tok.logprob.unwrap_or(f32::NAN));
-            e["top_logprobs"] = tok.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
-            e
+            let TopLogprob {
+                token,
+                logprob,
+                bytes,
+            } = top(tok.id, tok.logprob.unwrap_or(f32::NAN));
+            ChatTokenLogprob {
+                token,
+                logprob,
+                bytes,
+                top_logprobs: tok.top.iter().map(|&(id, lp)| top(id, lp)).collect(),
+            }
         })
         .collect();
-    json!({"content": content})
+    ChatLogprobs { content }
 }

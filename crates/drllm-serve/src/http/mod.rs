@@ -18,11 +18,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use drllm_runtime::Tokenizer;
-use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::api::ApiError;
 use crate::engine::{Event, Finish, Job, Route, Shared, TokenLogprob};
+use crate::openai::PathInfo;
 
 mod endpoints;
 mod layers;
@@ -203,14 +203,23 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn json_response(status: u16, v: &Value) -> Response {
+fn json_response(status: u16, v: &impl serde::Serialize) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
         code,
         [(header::CONTENT_TYPE, "application/json")],
-        v.to_string(),
+        to_json(v),
     )
         .into_response()
+}
+
+/// `v` as JSON text. The bodies of [`crate::openai`] always serialize (string keys, no
+/// fallible `Serialize`); were one not to, the client still gets an error in OpenAI's shape.
+fn to_json(v: &impl serde::Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| {
+        let body = ApiError::internal(format!("encoding the response: {e}")).body();
+        serde_json::to_string(&body).unwrap_or_default()
+    })
 }
 
 impl IntoResponse for ApiError {
@@ -328,14 +337,14 @@ async fn gather(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Outcome, ApiEr
 }
 
 /// The `drllm` extension of a choice: the path taken and its cost.
-fn path_ext(path: Option<&drllm_runtime::LayerPath>, route: Route) -> Value {
-    match path {
-        Some(p) => json!({
-            "path": p.to_string(),
-            "cost": p.cost(),
-            "num_layers": p.num_layers(),
-            "budget": match route { Route::Budget(b) => Some(b), Route::AllExecute => None },
-        }),
-        None => Value::Null,
-    }
+fn path_info(path: Option<&drllm_runtime::LayerPath>, route: Route) -> Option<PathInfo> {
+    path.map(|p| PathInfo {
+        path: p.to_string(),
+        cost: p.cost(),
+        num_layers: p.num_layers(),
+        budget: match route {
+            Route::Budget(b) => Some(b),
+            Route::AllExecute => None,
+        },
+    })
 }

@@ -4,11 +4,11 @@ use std::time::Instant;
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::api::ApiError;
 use crate::engine::{Event, Route};
+use crate::openai::{ChatDelta, Chunk, ChunkChoice, Logprobs, PathInfo};
 
 use super::*;
 
@@ -43,16 +43,37 @@ pub(super) fn stream(
         Kind::Completion => "text_completion",
         Kind::Chat => "chat.completion.chunk",
     };
-    let chunk = move |index: usize, delta: Value, lp: Value, finish: Option<&str>, ext: Value| {
-        let choice = match kind {
-            Kind::Completion => json!({"index": index, "text": delta, "logprobs": lp,
-                "finish_reason": finish, "drllm": ext}),
-            Kind::Chat => json!({"index": index, "delta": delta, "logprobs": lp,
-                "finish_reason": finish, "drllm": ext}),
+    // A chunk of new text (`None`: the prompt's last chunk, with its finish reason and path):
+    // `text` for completions, a `delta` for chats.
+    let chunk = move |index: usize,
+                      text: Option<String>,
+                      logprobs: Option<Logprobs>,
+                      finish_reason: Option<&'static str>,
+                      drllm: Option<PathInfo>| {
+        let (text, delta) = match kind {
+            Kind::Completion => (Some(text.unwrap_or_default()), None),
+            Kind::Chat => (
+                None,
+                Some(ChatDelta {
+                    role: None,
+                    content: text,
+                }),
+            ),
         };
-        let v = json!({"id": id, "object": object, "created": created, "model": model,
-            "choices": [choice]});
-        Bytes::from(format!("data: {v}\n\n"))
+        Chunk {
+            id: id.clone(),
+            object,
+            created,
+            model: model.clone(),
+            choices: [ChunkChoice {
+                index,
+                text,
+                delta,
+                logprobs,
+                finish_reason,
+                drllm,
+            }],
+        }
     };
     let n = rxs.len();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
@@ -62,13 +83,13 @@ pub(super) fn stream(
         let prefix = (echo && kind == Kind::Completion).then(|| texts[index].clone());
         tokio::spawn(async move {
             if kind == Kind::Chat {
-                let _ = tx.send(chunk(
-                    index,
-                    json!({"role": "assistant", "content": ""}),
-                    Value::Null,
-                    None,
-                    Value::Null,
-                ));
+                // The role first, with empty content, as OpenAI's first chunk.
+                let mut first = chunk(index, None, None, None, None);
+                first.choices[0].delta = Some(ChatDelta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                });
+                let _ = tx.send(sse(&first));
             }
             let tok = &state.info.tokenizer;
             // With log-probabilities, the echoed prompt goes out with its own (from the
@@ -76,7 +97,7 @@ pub(super) fn stream(
             let mut prefix = prefix;
             if !logprobs {
                 if let Some(p) = prefix.take() {
-                    let _ = tx.send(chunk(index, json!(p), Value::Null, None, Value::Null));
+                    let _ = tx.send(sse(&chunk(index, Some(p), None, None, None)));
                 }
             }
             // Text offset of the next token (completions' `text_offset`).
@@ -88,25 +109,25 @@ pub(super) fn stream(
                         if let Some(text) = prefix.take() {
                             let (lp, next) = completion_logprobs(tok, &p, offset);
                             offset = next;
-                            let _ = tx.send(chunk(index, json!(text), lp, None, Value::Null));
+                            let lp = Some(Logprobs::Completion(lp));
+                            let _ = tx.send(sse(&chunk(index, Some(text), lp, None, None)));
                         }
                     }
                     Event::Delta { text, tokens } => {
                         first.get_or_insert_with(Instant::now);
-                        let delta = match kind {
-                            Kind::Completion => json!(text),
-                            Kind::Chat => json!({"content": text}),
-                        };
                         let lp = match (logprobs, kind) {
-                            (false, _) => Value::Null,
+                            (false, _) => None,
                             (true, Kind::Completion) => {
                                 let (lp, next) = completion_logprobs(tok, &tokens, offset);
                                 offset = next;
-                                lp
+                                Some(Logprobs::Completion(lp))
                             }
-                            (true, Kind::Chat) => chat_logprobs(tok, &tokens),
+                            (true, Kind::Chat) => Some(Logprobs::Chat(chat_logprobs(tok, &tokens))),
                         };
-                        if tx.send(chunk(index, delta, lp, None, Value::Null)).is_err() {
+                        if tx
+                            .send(sse(&chunk(index, Some(text), lp, None, None)))
+                            .is_err()
+                        {
                             return; // The client left: dropping `events` ends the job.
                         }
                     }
@@ -122,22 +143,19 @@ pub(super) fn stream(
                             ..Outcome::default()
                         };
                         state.record(route, lens[index], &o, arrived);
-                        let empty = match kind {
-                            Kind::Completion => json!(""),
-                            Kind::Chat => json!({}),
-                        };
-                        let _ = tx.send(chunk(
+                        let last = chunk(
                             index,
-                            empty,
-                            Value::Null,
+                            None,
+                            None,
                             Some(finish.as_str()),
-                            path_ext(Some(&path), route),
-                        ));
+                            path_info(Some(&path), route),
+                        );
+                        let _ = tx.send(sse(&last));
                         break;
                     }
                     Event::Failed { message, status } => {
                         let e = ApiError::from_status(status, message);
-                        let _ = tx.send(Bytes::from(format!("data: {}\n\n", e.body())));
+                        let _ = tx.send(sse(&e.body()));
                         break;
                     }
                 }
@@ -164,4 +182,9 @@ pub(super) fn stream(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| ApiError::internal("building the stream").into_response())
+}
+
+/// One server-sent event carrying `v` as JSON.
+fn sse(v: &impl serde::Serialize) -> Bytes {
+    Bytes::from(format!("data: {}\n\n", to_json(v)))
 }
