@@ -651,6 +651,85 @@ fn eval_controls_tell_routing_from_static_paths() {
     assert!((pooled["baseline"]["accuracy"].as_f64().unwrap() - mean("accuracy")).abs() < 1e-12);
     assert!(piqa["static"][0]["routed_minus_this"].is_null());
 
+    // The same prompts evaluated one task per run and pooled: eval's own pooled figures.
+    let mut files = vec![];
+    for (task, tp) in [("piqa", &piqa_path), ("boolq", &boolq_path)] {
+        let out = dir.path().join(format!("{task}.parquet"));
+        let o = out.display().to_string();
+        let (ok, _, e) = infer(&[
+            "eval",
+            "--data",
+            &data,
+            "--dataset",
+            task,
+            "--limit",
+            "4",
+            "--batch",
+            "4",
+            "--path",
+            STATIC_3,
+            "--task-path",
+            tp,
+            "--out",
+            &o,
+        ]);
+        assert!(ok, "{e}");
+        files.push(o);
+    }
+    let pooled_json = dir.path().join("pooled.json");
+    let pj = pooled_json.display().to_string();
+    let (ok, out, e) = infer(&["pool", &files[0], &files[1], "--json", &pj]);
+    assert!(ok, "{e}");
+    assert!(out.contains("| pooled | per-task static | 8 |"), "{out}");
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&pooled_json).unwrap()).unwrap();
+    let row = |task: &str, mode: &str| {
+        p["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["task"] == task && r["mode"] == mode)
+            .unwrap_or_else(|| panic!("no {task} {mode} in {p}"))
+            .clone()
+    };
+    let b = row("pooled", "baseline");
+    assert_eq!(b["accuracy"], pooled["baseline"]["accuracy"]);
+    assert_eq!(b["ci95"], pooled["baseline"]["ci95"]);
+    let skips = STATIC_3
+        .split(',')
+        .enumerate()
+        .filter(|(_, c)| *c == "0")
+        .map(|(i, _)| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    for (mode, k) in [
+        (format!("static -{skips}"), 0),
+        ("per-task static".into(), 1),
+    ] {
+        let r = row("pooled", &mode);
+        let want = &pooled["static"][k]["minus_baseline"];
+        assert_eq!(r["minus_baseline"][0], want["accuracy"], "{mode}");
+        assert_eq!(
+            r["minus_baseline"].as_array().unwrap()[1..],
+            want["paired_ci95"].as_array().unwrap()[..],
+            "{mode}"
+        );
+        assert_eq!(r["cost"], pooled["static"][k]["cost"], "{mode}");
+    }
+    let oracle = row("pooled", "oracle (any cheaper mode)");
+    assert!(
+        oracle["accuracy"].as_f64().unwrap()
+            >= row("pooled", "per-task static")["accuracy"]
+                .as_f64()
+                .unwrap()
+                - 1e-12
+    );
+    // A run given twice, and a file that is not an eval's, are refused by name.
+    let (ok, _, e) = infer(&["pool", &files[0], &files[0]]);
+    assert!(!ok && e.contains("both hold piqa static"), "{e}");
+    let (ok, _, e) = infer(&["pool", &j]);
+    assert!(!ok && e.contains("s.json: not Parquet"), "{e}");
+
     for (flags, want) in [
         (vec!["--budget", "0"], "pass --routers too"),
         (vec!["--control", "permuted"], "pass --routers too"),
@@ -702,6 +781,31 @@ fn eval_controls_tell_routing_from_static_paths() {
         assert_eq!(c["cost"], routed["cost"], "{c}");
         assert!(c["routed_minus_this"]["paired_ci95"].is_array(), "{c}");
         assert!(c["minus_baseline"]["paired_ci95"].is_array(), "{c}");
+    }
+    // Pooling the one file gives the controls' pairings with the routers as eval did.
+    let pooled_json = dir.path().join("controls.json");
+    let pj = pooled_json.display().to_string();
+    let (ok, _, e) = infer(&["pool", &p, "--json", &pj]);
+    assert!(ok, "{e}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&pooled_json).unwrap()).unwrap();
+    for c in t["controls"].as_array().unwrap() {
+        let mode = format!("{} +0.00", c["mode"].as_str().unwrap());
+        let r = v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["mode"] == mode.as_str())
+            .unwrap_or_else(|| panic!("no {mode} in {v}"));
+        assert_eq!(
+            r["routed_minus_this"][0], c["routed_minus_this"]["accuracy"],
+            "{mode}"
+        );
+        assert_eq!(
+            r["routed_minus_this"].as_array().unwrap()[1..],
+            c["routed_minus_this"]["paired_ci95"].as_array().unwrap()[..],
+            "{mode}"
+        );
     }
     let code = format!(
         "import pandas as pd, json; d = pd.read_parquet({p:?}); \

@@ -59,6 +59,13 @@ enum Cmd {
   drllm-infer merge evals/*.json
   drllm-infer merge evals/*.json --csv evals.csv --plot evals.png")]
     Merge(drllm_infer::merge::MergeArgs),
+    /// Pool the per-sample files of split `eval --out` runs (one per task, say): every mode per
+    /// task and over all tasks, paired with the baseline and with the routers on the same
+    /// prompts, and the oracle over the evaluated paths cheaper than the baseline.
+    #[command(after_help = "Examples:
+  drllm-infer pool arc_easy.parquet arc_challenge.parquet
+  drllm-infer pool evals/*.parquet --json pooled.json")]
+    Pool(drllm_infer::pool::PoolArgs),
 }
 
 #[derive(clap::Args)]
@@ -233,5 +240,6 @@ fn main() -> Result<()> {
         Cmd::Logits(a) => logits(a),
         Cmd::Eval(a) => eval::eval(*a),
         Cmd::Merge(a) => drllm_infer::merge::run(a),
+        Cmd::Pool(a) => drllm_infer::pool::run(a),
     }
 }
