@@ -191,7 +191,7 @@ impl Run {
 fn run_mode(
     lm: &LoadedModel,
     prompts: &[PreparedPrompt],
-    a: &EvalArgs,
+    a: &EvalPlan,
     opts: &EvalOptions,
     mode: &Mode<'_>,
     kind: Kind,
@@ -412,50 +412,205 @@ fn control_seed(seed: u64, task: &str, budget_index: usize) -> u64 {
     h
 }
 
+/// A control of each routed budget (`--control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Each prompt runs the path the routers chose for another prompt of its task.
+    Permuted,
+    /// A random path with the routed path's numbers of skips and repeats.
+    Random,
+}
+
+/// An evaluation with every flag checked and parsed (nothing loaded yet): what [`execute`]
+/// runs. Made from [`EvalArgs`] by [`EvalPlan::from_args`].
+pub struct EvalPlan {
+    /// The model and where it runs.
+    pub model: ModelArgs,
+    /// The tasks, split and samples.
+    pub data: DataArgs,
+    /// The router package as given (None: the baseline and fixed paths alone).
+    pub routers: Option<PathBuf>,
+    /// Router budgets (0 when routers are given without budgets).
+    pub budgets: Vec<f64>,
+    /// `--path` flags as given, with their paths (lengths are checked against the model).
+    pub statics: Vec<(String, LayerPath)>,
+    /// `--task-path` paths per task, in the order given.
+    pub task_paths: Vec<(String, Vec<LayerPath>)>,
+    /// Per-task path sets (each task has this many).
+    pub per_task_sets: usize,
+    /// Controls of each routed budget.
+    pub controls: Vec<Control>,
+    /// Seed of the controls' draws.
+    pub control_seed: u64,
+    /// Answer scoring.
+    pub reward: RewardMode,
+    /// Prompt style (resolved).
+    pub style: Style,
+    /// Own prompt template: its file and the template read from it.
+    pub template: Option<(PathBuf, Template)>,
+    /// Most new tokens per answer.
+    pub max_new_tokens: usize,
+    /// Prompts per batch.
+    pub batch: usize,
+    /// Routed prompts decode in batches chosen among this many.
+    pub route_pool: usize,
+    /// Bootstrap resamples.
+    pub bootstrap: usize,
+    /// Summary JSON file.
+    pub json: Option<PathBuf>,
+    /// Per-sample Parquet file.
+    pub out: Option<PathBuf>,
+    /// Plot file (.png or .svg).
+    pub plot: Option<PathBuf>,
+}
+
+impl EvalPlan {
+    /// Checks and parses the flags: a typo fails before any model work.
+    pub fn from_args(a: EvalArgs) -> Result<Self> {
+        let style = Style::resolve(&a.style, a.reward)?;
+        let template = match a.template {
+            Some(p) => {
+                let t = Template::from_file(&p, style).context("--template")?;
+                Some((p, t))
+            }
+            None => None,
+        };
+        if let Some(p) = &a.plot {
+            crate::plot::Format::of(p)?;
+        }
+        if a.routers.is_none() {
+            if !a.budget.is_empty() {
+                bail!("--budget sets the routers' budget: pass --routers too (without routers, --path and --task-path evaluate fixed paths alone)");
+            }
+            if !a.controls.is_empty() {
+                bail!("--control permutes or redraws the routers' paths: pass --routers too");
+            }
+            if a.plot.is_some() {
+                bail!("--plot draws the routing: pass --routers too");
+            }
+        }
+        let budgets = match (&a.routers, a.budget.is_empty()) {
+            (Some(_), true) => vec![0.0],
+            _ => a.budget,
+        };
+        let statics = a
+            .paths
+            .into_iter()
+            .map(|p| {
+                let path = p.parse().with_context(|| format!("--path {p}"))?;
+                Ok((p, path))
+            })
+            .collect::<Result<Vec<(String, LayerPath)>>>()?;
+        let task_paths = parse_task_paths(&a.task_paths)?;
+        let names: Vec<String> = a.d.dataset.iter().map(ToString::to_string).collect();
+        let per_task_sets = check_task_paths(&task_paths, &names)?;
+        let controls = a
+            .controls
+            .iter()
+            .map(|c| match c.as_str() {
+                "permuted" => Ok(Control::Permuted),
+                "random" => Ok(Control::Random),
+                other => bail!("--control {other}: expected permuted or random"),
+            })
+            .collect::<Result<_>>()?;
+        Ok(EvalPlan {
+            model: a.m,
+            data: a.d,
+            routers: a.routers,
+            budgets,
+            statics,
+            task_paths,
+            per_task_sets,
+            controls,
+            control_seed: a.control_seed,
+            reward: a.reward,
+            style,
+            template,
+            max_new_tokens: a.max_new_tokens,
+            batch: a.batch,
+            route_pool: a.route_pool,
+            bootstrap: a.bootstrap,
+            json: a.json,
+            out: a.out,
+            plot: a.plot,
+        })
+    }
+
+    /// The controls' names, as the summary records them.
+    fn control_names(&self) -> Vec<&'static str> {
+        self.controls
+            .iter()
+            .map(|c| match c {
+                Control::Permuted => "permuted",
+                Control::Random => "random",
+            })
+            .collect()
+    }
+}
+
+/// A finished evaluation: every task's modes, pooled when there are several tasks, and its
+/// summary.
+pub struct EvalReport {
+    header: String,
+    title: String,
+    runs: Vec<TaskRuns>,
+    pooled: Option<(usize, Run, Vec<Run>)>,
+    n_layers: usize,
+    ids: Identity,
+    /// The summary (what `--json` writes): settings, and per task and pooled every mode's
+    /// accuracy, interval, paired differences, cost and speed.
+    pub summary: serde_json::Value,
+}
+
+/// A validation run from flags: [`EvalPlan::from_args`], [`execute`], the table on stdout,
+/// then [`write_outputs`].
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let reward = a.reward;
-    let split = a.d.split;
-    let style = Style::resolve(&a.style, reward)?;
-    // Read (and parsed) before any model work.
-    let own_template = match &a.template {
-        Some(p) => Some(Template::from_file(p, style).context("--template")?),
-        None => None,
-    };
-    if let Some(p) = &a.plot {
-        crate::plot::Format::of(p)?;
+    let plan = EvalPlan::from_args(a)?;
+    let report = execute(&plan)?;
+    print_report(&report);
+    write_outputs(&plan, &report)
+}
+
+/// Prints a finished evaluation (stdout): its settings and the table.
+pub fn print_report(r: &EvalReport) {
+    println!("{}", r.header);
+    print_table(&r.runs, r.pooled.as_ref(), r.n_layers);
+}
+
+/// Writes what the plan asks for: the summary (`--json`), one row per sample and mode
+/// (`--out`) and the plot (`--plot`, its file named on stdout).
+pub fn write_outputs(plan: &EvalPlan, r: &EvalReport) -> Result<()> {
+    if let Some(path) = &plan.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r.summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
-    if a.routers.is_none() {
-        if !a.budget.is_empty() {
-            bail!("--budget sets the routers' budget: pass --routers too (without routers, --path and --task-path evaluate fixed paths alone)");
-        }
-        if !a.controls.is_empty() {
-            bail!("--control permutes or redraws the routers' paths: pass --routers too");
-        }
-        if a.plot.is_some() {
-            bail!("--plot draws the routing: pass --routers too");
-        }
+    if let Some(path) = &plan.out {
+        write_parquet(path, &r.runs, &r.ids)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
-    let budgets: Vec<f64> = match (&a.routers, a.budget.is_empty()) {
-        (Some(_), true) => vec![0.0],
-        _ => a.budget.clone(),
-    };
-    let dir = a.d.dir()?;
-    let loaded = a.d.load(&dir)?;
+    if let Some(path) = &plan.plot {
+        let data = plot_data(r.title.clone(), &r.runs, r.n_layers, plan.budgets[0]);
+        crate::plot::draw(path, &data)?;
+        println!("plot: {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs an evaluation: the tasks' prompts in every mode (baseline, fixed paths, per-task paths,
+/// routed budgets and their controls), each paired with the baseline and the routers, and
+/// pooled over tasks. Progress on stderr.
+pub fn execute(plan: &EvalPlan) -> Result<EvalReport> {
+    let (reward, style) = (plan.reward, plan.style);
+    let split = plan.data.split;
+    let dir = plan.data.dir()?;
+    let loaded = plan.data.load(&dir)?;
     for (task, l) in &loaded {
         if l.samples.is_empty() {
             bail!("{task}/{split} has no samples in {}", dir.display());
         }
     }
-    let names: Vec<String> = a.d.dataset.iter().map(ToString::to_string).collect();
-    // Flags are checked before the model loads: a typo fails fast.
-    let statics = a
-        .paths
-        .iter()
-        .map(|p| p.parse().with_context(|| format!("--path {p}")))
-        .collect::<Result<Vec<LayerPath>>>()?;
-    let task_paths = parse_task_paths(&a.task_paths)?;
-    let per_task_sets = check_task_paths(&task_paths, &names)?;
-    let pkg = a
+    let names: Vec<String> = plan.data.dataset.iter().map(ToString::to_string).collect();
+    let pkg = plan
         .routers
         .as_ref()
         .map(|r| crate::routing::open_package(r).map(|p| (r, p)))
@@ -467,21 +622,22 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                 .with_context(|| format!("--routers {}", r.display()))
         })
         .transpose()?;
-    let lm = a.m.load()?;
+    let lm = plan.model.load()?;
     let ids = Identity {
         model: lm.source.name(),
         model_fingerprint: lm.source.fingerprint()?,
         routers_fingerprint,
     };
     let n_layers = lm.model.num_layers();
-    let statics: Vec<LayerPath> = statics
-        .into_iter()
-        .zip(&a.paths)
-        .map(|(p, s)| {
-            crate::routing::path_for(Some(p), n_layers).with_context(|| format!("--path {s}"))
+    let statics: Vec<LayerPath> = plan
+        .statics
+        .iter()
+        .map(|(s, p)| {
+            crate::routing::path_for(Some(p.clone()), n_layers)
+                .with_context(|| format!("--path {s}"))
         })
         .collect::<Result<_>>()?;
-    for (t, v) in &task_paths {
+    for (t, v) in &plan.task_paths {
         for p in v {
             p.check_len(n_layers)
                 .with_context(|| format!("--task-path {t}={p}"))?;
@@ -490,7 +646,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     // Every budget is checked (and the package with it) before any answer is generated.
     let routing = match pkg {
         Some((spec, pkg)) => {
-            let (policies, trained) = crate::routing::load_policies(&lm, spec, pkg, &budgets)
+            let (policies, trained) = crate::routing::load_policies(&lm, spec, pkg, &plan.budgets)
                 .with_context(|| format!("--routers {}", spec.display()))?;
             Some(Routing {
                 spec: spec.clone(),
@@ -503,8 +659,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     // Each task's template, made once.
     let templates: Vec<Template> = loaded
         .iter()
-        .map(|(task, _)| match &own_template {
-            Some(t) => t.clone(),
+        .map(|(task, _)| match &plan.template {
+            Some((_, t)) => t.clone(),
             None => Template::builtin_for(task.family(), style, reward),
         })
         .collect();
@@ -513,12 +669,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let opts = EvalOptions {
         mode: reward,
-        max_new_tokens: a.max_new_tokens,
+        max_new_tokens: plan.max_new_tokens,
     };
     let prepared = prepare_tasks(&lm, &loaded, &templates, &opts);
     let policies: &[drllm_router::Policy] = routing.as_ref().map_or(&[], |r| &r.policies);
     let modes_per_task =
-        1 + statics.len() + per_task_sets + policies.len() * (1 + a.controls.len());
+        1 + statics.len() + plan.per_task_sets + policies.len() * (1 + plan.controls.len());
     let answers: usize = prepared.iter().map(|(_, p)| p.len()).sum::<usize>() * modes_per_task;
     let bar = indicatif::ProgressBar::new(answers as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} answers [{elapsed} < {eta}]")
@@ -531,45 +687,52 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let mut runs = vec![];
     for (task, prompts) in prepared {
         let run = |mode: &Mode<'_>, kind: Kind, budget: Option<f64>| {
-            run_mode(&lm, &prompts, &a, &opts, mode, kind, budget, &bar)
+            run_mode(&lm, &prompts, plan, &opts, mode, kind, budget, &bar)
         };
         let base = run(&baseline, Kind::Baseline, None)?;
         let mut others = vec![];
         for p in &statics {
             others.push(run(&Mode::Static(p.clone()), Kind::Static, None)?);
         }
-        let mine = task_paths.iter().find(|(t, _)| *t == task).map(|(_, v)| v);
+        let mine = plan
+            .task_paths
+            .iter()
+            .find(|(t, _)| *t == task)
+            .map(|(_, v)| v);
         for (k, p) in mine.into_iter().flatten().enumerate() {
             others.push(run(&Mode::Static(p.clone()), Kind::PerTask(k), None)?);
         }
         for (b, policy) in policies.iter().enumerate() {
             let routed = run(&Mode::Routed(policy), Kind::Routed, Some(policy.budget()))?;
-            let seed = control_seed(a.control_seed, &task, b);
+            let seed = control_seed(plan.control_seed, &task, b);
             let mut controls = vec![];
-            for c in &a.controls {
-                let (paths, kind) = if c == "permuted" {
-                    let perm = derangement(routed.paths.len(), seed);
-                    (
-                        perm.iter().map(|&j| routed.paths[j].clone()).collect(),
-                        Kind::Permuted,
-                    )
-                } else {
-                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-                    (
-                        routed
-                            .paths
-                            .iter()
-                            .map(|p| random_like(p, &mut rng))
-                            .collect::<Result<Vec<_>>>()?,
-                        Kind::Random,
-                    )
+            for c in &plan.controls {
+                let (paths, kind) = match c {
+                    Control::Permuted => {
+                        let perm = derangement(routed.paths.len(), seed);
+                        (
+                            perm.iter().map(|&j| routed.paths[j].clone()).collect(),
+                            Kind::Permuted,
+                        )
+                    }
+                    Control::Random => {
+                        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+                        (
+                            routed
+                                .paths
+                                .iter()
+                                .map(|p| random_like(p, &mut rng))
+                                .collect::<Result<Vec<_>>>()?,
+                            Kind::Random,
+                        )
+                    }
                 };
                 controls.push(run(&Mode::Each(paths), kind, Some(policy.budget()))?);
             }
             others.push(routed);
             others.extend(controls);
         }
-        pair_up(&base, &mut others, a.bootstrap);
+        pair_up(&base, &mut others, plan.bootstrap);
         runs.push(TaskRuns {
             task,
             prompts,
@@ -578,17 +741,16 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         });
     }
     bar.finish_and_clear();
-    let pooled = (runs.len() > 1).then(|| pool(&runs, a.bootstrap));
+    let pooled = (runs.len() > 1).then(|| pool(&runs, plan.bootstrap));
 
-    let routers_label = a
+    let routers_label = plan
         .routers
         .as_ref()
         .map_or("none".to_string(), |r| r.display().to_string());
-    println!(
+    let header = format!(
         "{} split, reward {reward}, style {style}, batch {}, routers {routers_label}",
-        split, a.batch,
+        split, plan.batch,
     );
-    print_table(&runs, pooled.as_ref(), n_layers);
     let task_json = |task: &str, n: usize, base: &Run, others: &[Run]| {
         let of = |f: &dyn Fn(&Run) -> bool| {
             others
@@ -606,58 +768,66 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         })
     };
     let summary = serde_json::json!({
-        "split": split.to_string(), "reward": reward.name(), "style": style.name(), "template": a.template.as_ref().map(|p| p.display().to_string()), "batch": a.batch,
-        "max_new_tokens": a.max_new_tokens, "budgets": budgets, "num_layers": n_layers,
+        "split": split.to_string(), "reward": reward.name(), "style": style.name(), "template": plan.template.as_ref().map(|(p, _)| p.display().to_string()), "batch": plan.batch,
+        "max_new_tokens": plan.max_new_tokens, "budgets": plan.budgets, "num_layers": n_layers,
         "model": ids.model, "model_fingerprint": ids.model_fingerprint,
-        "routers": a.routers.as_ref().map(|r| r.display().to_string()), "routers_fingerprint": ids.routers_fingerprint,
-        "bootstrap": a.bootstrap, "controls": a.controls, "control_seed": a.control_seed,
+        "routers": plan.routers.as_ref().map(|r| r.display().to_string()), "routers_fingerprint": ids.routers_fingerprint,
+        "bootstrap": plan.bootstrap, "controls": plan.control_names(), "control_seed": plan.control_seed,
         "tasks": runs.iter().map(|t| task_json(&t.task, t.prompts.len(), &t.base, &t.others)).collect::<Vec<_>>(),
         "pooled": pooled.as_ref().map(|(n, base, others)| task_json("pooled", *n, base, others)),
     });
-    if let Some(path) = &a.json {
-        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+    let title = format!(
+        "{} routers on {} ({} split, reward {reward})",
+        lm.source.name(),
+        names.join(", "),
+        split,
+    );
+    Ok(EvalReport {
+        header,
+        title,
+        runs,
+        pooled,
+        n_layers,
+        ids,
+        summary,
+    })
+}
+
+/// The eval plot: per task the routing pattern and cost histogram at the first budget, and
+/// accuracy vs cost over every budget and fixed path.
+fn plot_data(
+    title: String,
+    runs: &[TaskRuns],
+    n_layers: usize,
+    budget: f64,
+) -> crate::plot::PlotData {
+    fn routed(t: &TaskRuns) -> Vec<&Run> {
+        t.others.iter().filter(|r| r.kind == Kind::Routed).collect()
     }
-    if let Some(path) = &a.out {
-        write_parquet(path, &runs, &ids).with_context(|| format!("writing {}", path.display()))?;
+    crate::plot::PlotData {
+        title,
+        num_layers: n_layers,
+        budget,
+        tasks: runs
+            .iter()
+            .map(|t| crate::plot::TaskPlot {
+                name: t.task.clone(),
+                freq: routed(t)[0].frequencies(n_layers),
+                costs: routed(t)[0].paths.iter().map(|p| p.cost()).collect(),
+                baseline_accuracy: t.base.ci.0,
+                sweep: routed(t)
+                    .iter()
+                    .map(|r| (r.budget.unwrap_or(0.0), r.cost(), r.ci.0))
+                    .collect(),
+                statics: t
+                    .others
+                    .iter()
+                    .filter(|r| matches!(r.kind, Kind::Static | Kind::PerTask(_)))
+                    .map(|r| (r.cost(), r.ci.0))
+                    .collect(),
+            })
+            .collect(),
     }
-    if let Some(path) = &a.plot {
-        fn routed(t: &TaskRuns) -> Vec<&Run> {
-            t.others.iter().filter(|r| r.kind == Kind::Routed).collect()
-        }
-        let data = crate::plot::PlotData {
-            title: format!(
-                "{} routers on {} ({} split, reward {reward})",
-                lm.source.name(),
-                names.join(", "),
-                split,
-            ),
-            num_layers: n_layers,
-            budget: budgets[0],
-            tasks: runs
-                .iter()
-                .map(|t| crate::plot::TaskPlot {
-                    name: t.task.clone(),
-                    freq: routed(t)[0].frequencies(n_layers),
-                    costs: routed(t)[0].paths.iter().map(|p| p.cost()).collect(),
-                    baseline_accuracy: t.base.ci.0,
-                    sweep: routed(t)
-                        .iter()
-                        .map(|r| (r.budget.unwrap_or(0.0), r.cost(), r.ci.0))
-                        .collect(),
-                    statics: t
-                        .others
-                        .iter()
-                        .filter(|r| matches!(r.kind, Kind::Static | Kind::PerTask(_)))
-                        .map(|r| (r.cost(), r.ci.0))
-                        .collect(),
-                })
-                .collect(),
-        };
-        crate::plot::draw(path, &data)?;
-        println!("plot: {}", path.display());
-    }
-    Ok(())
 }
 
 /// Checks `--task-path` against the evaluated tasks: every task named is evaluated, each has the
