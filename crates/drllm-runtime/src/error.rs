@@ -119,12 +119,233 @@ pub enum Error {
         /// What was looked for and what is expected.
         msg: String,
     },
+    /// A `--model` argument whose model is not where it points: a directory without one, or a
+    /// repo id absent from the Hugging Face cache.
+    #[error("model {spec:?}: {source}")]
+    ModelSource {
+        /// What the user passed.
+        spec: String,
+        /// What was looked for.
+        #[source]
+        source: SourceError,
+    },
+    /// A repo id absent from the cache whose download failed.
+    #[error(
+        "model {spec:?}: {cached}, and downloading it failed: {source} (HF_HUB_OFFLINE=1 keeps \
+         drllm to the cache)"
+    )]
+    ModelDownload {
+        /// What the user passed.
+        spec: String,
+        /// Why the cache did not have it.
+        cached: SourceError,
+        /// Why the download failed.
+        #[source]
+        source: HubError,
+    },
+    /// A repo id absent from the cache while `HF_HUB_OFFLINE` forbids the download.
+    #[error(
+        "model {spec:?}: {source}; HF_HUB_OFFLINE is set, so drllm reads the cache only: download \
+         it where the hub is reachable, `hf download {repo} --revision {revision}` \
+         (huggingface_hub; HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME choose the cache)"
+    )]
+    ModelOffline {
+        /// What the user passed.
+        spec: String,
+        /// The repo id.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+        /// Why the cache did not have it.
+        #[source]
+        source: SourceError,
+    },
     /// A bad generation request (empty prompt, batch mismatch, ...).
     #[error("generation request: {0}")]
     Request(String),
     /// An error from libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+}
+
+/// Why a model directory or the Hugging Face cache holds no model for a `--model` argument.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The repo has no folder in the cache.
+    #[error("{repo} is not in the Hugging Face cache {}", .cache.display())]
+    NotCached {
+        /// The repo id.
+        repo: String,
+        /// The hub cache.
+        cache: PathBuf,
+    },
+    /// The cache knows the repo but not the branch or tag.
+    #[error(
+        "{repo} has no revision {revision} in the Hugging Face cache {} (cached refs: {})",
+        .cache.display(),
+        list_or_none(.known)
+    )]
+    NoRevision {
+        /// The repo id.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+        /// The hub cache.
+        cache: PathBuf,
+        /// The refs the cache holds.
+        known: Vec<String>,
+    },
+    /// The revision resolves to a commit with no snapshot directory.
+    #[error(
+        "{repo}@{revision} (commit {commit}) has no snapshot in the Hugging Face cache {}",
+        .cache.display()
+    )]
+    NoSnapshot {
+        /// The repo id.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+        /// The commit it names.
+        commit: String,
+        /// The hub cache.
+        cache: PathBuf,
+    },
+    /// The snapshot lacks the GGUF file named in the repo id.
+    #[error("{repo}@{revision} in the Hugging Face cache {} has no {file}", .cache.display())]
+    NoFileInSnapshot {
+        /// The repo id.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+        /// The hub cache.
+        cache: PathBuf,
+        /// The file named.
+        file: String,
+    },
+    /// A model directory that cannot be listed.
+    #[error("cannot read {}: {source}", .dir.display())]
+    ReadDir {
+        /// The directory.
+        dir: PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// A directory with neither layout.
+    #[error("{} has neither config.json (Hugging Face layout) nor a .gguf file", .dir.display())]
+    NoModelFiles {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// A directory with several GGUF files and no way to choose.
+    #[error("{} holds {count} .gguf files; name one", .dir.display())]
+    SeveralGguf {
+        /// The directory.
+        dir: PathBuf,
+        /// How many it holds.
+        count: usize,
+    },
+}
+
+/// Why downloading a model from the hub failed; each names the repo, revision and hub.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The HTTP client could not be made.
+    #[error("cannot set up a client for {hub}: {source}")]
+    Client {
+        /// The hub.
+        hub: String,
+        /// The client's error.
+        source: hf_hub::api::sync::ApiError,
+    },
+    /// The repo's files could not be listed (absent, private or gated).
+    #[error(
+        "cannot list {repo} at revision {revision} on {hub}: {source} (a private or gated repo \
+         needs HF_TOKEN)"
+    )]
+    List {
+        /// The repo id.
+        repo: String,
+        /// The revision.
+        revision: String,
+        /// The hub.
+        hub: String,
+        /// The client's error.
+        source: hf_hub::api::sync::ApiError,
+    },
+    /// The repo has no file of the name given.
+    #[error("{repo}@{revision} on {hub} has no file {file} (its .gguf files: {})", list_or_none(.ggufs))]
+    NoFile {
+        /// The repo id.
+        repo: String,
+        /// The revision.
+        revision: String,
+        /// The hub.
+        hub: String,
+        /// The file named.
+        file: String,
+        /// The repo's GGUF files.
+        ggufs: Vec<String>,
+    },
+    /// The repo holds no model in either layout.
+    #[error(
+        "{repo}@{revision} on {hub} holds neither config.json (Hugging Face layout) nor a .gguf file"
+    )]
+    NoModelFiles {
+        /// The repo id.
+        repo: String,
+        /// The revision.
+        revision: String,
+        /// The hub.
+        hub: String,
+    },
+    /// The repo holds several GGUF files and none was named.
+    #[error(
+        "{repo}@{revision} on {hub} holds {} .gguf files; name one as {repo}/FILE.gguf ({})",
+        .ggufs.len(),
+        .ggufs.join(", ")
+    )]
+    SeveralGguf {
+        /// The repo id.
+        repo: String,
+        /// The revision.
+        revision: String,
+        /// The hub.
+        hub: String,
+        /// The repo's GGUF files.
+        ggufs: Vec<String>,
+    },
+    /// A file's download failed.
+    #[error("downloading {file} of {repo}@{revision} from {hub}: {source}")]
+    Download {
+        /// The file.
+        file: String,
+        /// The repo id.
+        repo: String,
+        /// The revision.
+        revision: String,
+        /// The hub.
+        hub: String,
+        /// The client's error.
+        source: hf_hub::api::sync::ApiError,
+    },
+    /// Nothing was fetched.
+    #[error("{repo}@{revision} on {hub}: nothing to download")]
+    Nothing {
+        /// The repo id.
+        repo: String,
+        /// The revision.
+        revision: String,
+        /// The hub.
+        hub: String,
+    },
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 /// Result alias of this crate.

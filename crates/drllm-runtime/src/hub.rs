@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Repo, RepoType};
 
+use crate::error::HubError;
+
 /// The files of a Hugging Face model directory drllm reads (weights, config, tokenizer, chat
 /// template, stop tokens); everything else in a repo (other formats, READMEs, images) is left.
 fn wanted(file: &str) -> bool {
@@ -53,14 +55,14 @@ pub fn endpoint() -> String {
 
 /// Downloads `repo` at `revision` into the hub cache `cache` and returns its snapshot directory.
 /// `file` names the one file to fetch (a `.gguf` of a repo holding many quantizations); without
-/// it, the files of a Hugging Face model directory are fetched. Errors are sentences naming the
-/// repo, revision and hub.
+/// it, the files of a Hugging Face model directory are fetched. Errors name the repo, revision
+/// and hub.
 pub fn download(
     cache: &Path,
     repo: &str,
     revision: &str,
     file: Option<&str>,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, HubError> {
     let hub = endpoint();
     let api = ApiBuilder::new()
         .with_cache_dir(cache.to_path_buf())
@@ -68,51 +70,54 @@ pub fn download(
         .with_token(token(cache))
         .with_progress(true)
         .build()
-        .map_err(|e| format!("cannot set up a client for {hub}: {e}"))?;
+        .map_err(|source| HubError::Client {
+            hub: hub.clone(),
+            source,
+        })?;
     let handle = api.repo(Repo::with_revision(
         repo.to_string(),
         RepoType::Model,
         revision.to_string(),
     ));
-    let info = handle.info().map_err(|e| {
-        format!("cannot list {repo} at revision {revision} on {hub}: {e} (a private or gated repo needs HF_TOKEN)")
+    let info = handle.info().map_err(|source| HubError::List {
+        repo: repo.into(),
+        revision: revision.into(),
+        hub: hub.clone(),
+        source,
     })?;
     let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let ggufs: Vec<String> = listed
+        .iter()
+        .filter(|n| n.ends_with(".gguf"))
+        .map(|n| n.to_string())
+        .collect();
     let files: Vec<&str> = match file {
         Some(f) if listed.contains(&f) => vec![f],
         Some(f) => {
-            let ggufs: Vec<&str> = listed
-                .iter()
-                .copied()
-                .filter(|n| n.ends_with(".gguf"))
-                .collect();
-            return Err(format!(
-                "{repo}@{revision} on {hub} has no file {f} (its .gguf files: {})",
-                if ggufs.is_empty() {
-                    "none".into()
-                } else {
-                    ggufs.join(", ")
-                }
-            ));
+            return Err(HubError::NoFile {
+                repo: repo.into(),
+                revision: revision.into(),
+                hub,
+                file: f.into(),
+                ggufs,
+            });
         }
         None => {
             let files: Vec<&str> = listed.iter().copied().filter(|n| wanted(n)).collect();
             if !files.contains(&"config.json") {
-                let ggufs: Vec<&str> = listed
-                    .iter()
-                    .copied()
-                    .filter(|n| n.ends_with(".gguf"))
-                    .collect();
                 return Err(match ggufs.as_slice() {
-                    [] => format!(
-                        "{repo}@{revision} on {hub} holds neither config.json (Hugging Face layout) nor a .gguf file"
-                    ),
+                    [] => HubError::NoModelFiles {
+                        repo: repo.into(),
+                        revision: revision.into(),
+                        hub,
+                    },
                     [one] => return download(cache, repo, revision, Some(one)),
-                    many => format!(
-                        "{repo}@{revision} on {hub} holds {} .gguf files; name one as {repo}/FILE.gguf ({})",
-                        many.len(),
-                        many.join(", ")
-                    ),
+                    _ => HubError::SeveralGguf {
+                        repo: repo.into(),
+                        revision: revision.into(),
+                        hub,
+                        ggufs,
+                    },
                 });
             }
             files
@@ -121,9 +126,13 @@ pub fn download(
     let mut snapshot = None;
     for f in files {
         tracing::info!(%repo, %revision, file = f, hub = %hub, "downloading");
-        let path = handle
-            .get(f)
-            .map_err(|e| format!("downloading {f} of {repo}@{revision} from {hub}: {e}"))?;
+        let path = handle.get(f).map_err(|source| HubError::Download {
+            file: f.into(),
+            repo: repo.into(),
+            revision: revision.into(),
+            hub: hub.clone(),
+            source,
+        })?;
         snapshot = path.parent().map(Path::to_path_buf);
     }
     // hf-hub records the ref under the revision asked for; huggingface_hub keeps no ref for a
@@ -136,7 +145,11 @@ pub fn download(
             .join(revision);
         let _ = std::fs::remove_file(r);
     }
-    snapshot.ok_or_else(|| format!("{repo}@{revision} on {hub}: nothing to download"))
+    snapshot.ok_or_else(|| HubError::Nothing {
+        repo: repo.into(),
+        revision: revision.into(),
+        hub,
+    })
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ pub mod weights;
 pub use chat::Message;
 pub use config::{Arch, ModelConfig};
 pub use drllm_path::{LayerPath, PathError};
-pub use error::{Error, Result};
+pub use error::{Error, HubError, Result, SourceError};
 pub use exec::{GateFn, GroupRouteFn, PathBatch, RouteFn};
 pub use fingerprint::ModelFingerprint;
 pub use generate::{

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tch::{Device, Kind};
 
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SourceError};
 use crate::fingerprint::ModelFingerprint;
 use crate::gguf::GgufFile;
 use crate::model::Model;
@@ -121,13 +121,17 @@ fn repo_id_of_snapshot(dir: &Path) -> Option<String> {
 /// The snapshot directory of `repo` at `revision` in the hub cache `cache`, looked up as
 /// `huggingface_hub` does offline: a 40-hex commit hash names its snapshot directly, anything
 /// else (a branch or tag) is read from `refs/`.
-fn hub_snapshot(cache: &Path, repo: &str, revision: &str) -> std::result::Result<PathBuf, String> {
+fn hub_snapshot(
+    cache: &Path,
+    repo: &str,
+    revision: &str,
+) -> std::result::Result<PathBuf, SourceError> {
     let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
     if !folder.is_dir() {
-        return Err(format!(
-            "{repo} is not in the Hugging Face cache {}",
-            cache.display()
-        ));
+        return Err(SourceError::NotCached {
+            repo: repo.into(),
+            cache: cache.into(),
+        });
     }
     let is_hash = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
     let commit = if is_hash {
@@ -143,20 +147,23 @@ fn hub_snapshot(cache: &Path, repo: &str, revision: &str) -> std::result::Result
                     .filter_map(|e| e.ok()?.file_name().into_string().ok())
                     .collect();
                 known.sort();
-                return Err(format!(
-                    "{repo} has no revision {revision} in the Hugging Face cache {} (cached refs: {})",
-                    cache.display(),
-                    if known.is_empty() { "none".into() } else { known.join(", ") }
-                ));
+                return Err(SourceError::NoRevision {
+                    repo: repo.into(),
+                    revision: revision.into(),
+                    cache: cache.into(),
+                    known,
+                });
             }
         }
     };
     let snap = folder.join("snapshots").join(&commit);
     if !snap.is_dir() {
-        return Err(format!(
-            "{repo}@{revision} (commit {commit}) has no snapshot in the Hugging Face cache {}",
-            cache.display()
-        ));
+        return Err(SourceError::NoSnapshot {
+            repo: repo.into(),
+            revision: revision.into(),
+            commit,
+            cache: cache.into(),
+        });
     }
     Ok(snap)
 }
@@ -265,8 +272,12 @@ impl ModelSource {
         if path.is_file() {
             return Ok(ModelSource::Gguf(path.to_path_buf()));
         }
+        let sourced = |source| Error::ModelSource {
+            spec: spec.to_string(),
+            source,
+        };
         if path.is_dir() {
-            return Self::from_dir(path).map_err(err);
+            return Self::from_dir(path).map_err(sourced);
         }
         // A repo id such as "HuggingFaceTB/SmolLM2-135M-Instruct[@revision]", or one GGUF file
         // of a repo ("org/name-GGUF/name.Q4_K_M.gguf"): the hub cache, then the hub.
@@ -283,50 +294,57 @@ impl ModelSource {
             return Err(err("empty revision after @".into()));
         }
         let cached = hub_snapshot(hf_cache, repo, revision).and_then(|snap| match file {
-            Some(f) if !snap.join(f).is_file() => Err(format!(
-                "{repo}@{revision} in the Hugging Face cache {} has no {f}",
-                hf_cache.display()
-            )),
+            Some(f) if !snap.join(f).is_file() => Err(SourceError::NoFileInSnapshot {
+                repo: repo.into(),
+                revision: revision.into(),
+                cache: hf_cache.into(),
+                file: f.into(),
+            }),
             _ => Ok(snap),
         });
         let snap = match cached {
             Ok(snap) => snap,
-            Err(why) if download => crate::hub::download(hf_cache, repo, revision, file)
-                .map_err(|e| err(format!("{why}, and downloading it failed: {e} (HF_HUB_OFFLINE=1 keeps drllm to the cache)")))?,
-            Err(why) => {
-                return Err(err(format!(
-                    "{why}; HF_HUB_OFFLINE is set, so drllm reads the cache only: download it where the hub is reachable, \
-                     `hf download {repo} --revision {revision}` (huggingface_hub; HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME choose the cache)"
-                )))
+            Err(cached) if download => crate::hub::download(hf_cache, repo, revision, file)
+                .map_err(|source| Error::ModelDownload {
+                    spec: spec.to_string(),
+                    cached,
+                    source,
+                })?,
+            Err(source) => {
+                return Err(Error::ModelOffline {
+                    spec: spec.to_string(),
+                    repo: repo.into(),
+                    revision: revision.into(),
+                    source,
+                })
             }
         };
         match file {
             Some(f) => Ok(ModelSource::Gguf(snap.join(f))),
-            None => Self::from_dir(&snap).map_err(err),
+            None => Self::from_dir(&snap).map_err(sourced),
         }
     }
 
     /// A model directory: the Hugging Face layout, or a directory holding one `.gguf` file.
-    fn from_dir(path: &Path) -> std::result::Result<Self, String> {
+    fn from_dir(path: &Path) -> std::result::Result<Self, SourceError> {
         if path.join("config.json").is_file() {
             return Ok(ModelSource::HfDir(path.to_path_buf()));
         }
         let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .map_err(|source| SourceError::ReadDir {
+                dir: path.into(),
+                source,
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
             .collect();
         match ggufs.as_slice() {
             [one] => Ok(ModelSource::Gguf(one.clone())),
-            [] => Err(format!(
-                "{} has neither config.json (Hugging Face layout) nor a .gguf file",
-                path.display()
-            )),
-            _ => Err(format!(
-                "{} holds {} .gguf files; name one",
-                path.display(),
-                ggufs.len()
-            )),
+            [] => Err(SourceError::NoModelFiles { dir: path.into() }),
+            _ => Err(SourceError::SeveralGguf {
+                dir: path.into(),
+                count: ggufs.len(),
+            }),
         }
     }
 }
@@ -539,9 +557,21 @@ mod tests {
             // Named by repo id, not by the snapshot's hash.
             assert_eq!(got.name(), repo, "{spec}");
         }
-        let msg = ModelSource::resolve_in(&format!("{repo}@v9"), cache.path(), false)
-            .unwrap_err()
-            .to_string();
+        let err = ModelSource::resolve_in(&format!("{repo}@v9"), cache.path(), false).unwrap_err();
+        // Typed, with the cache's answer as its source.
+        match &err {
+            Error::ModelOffline {
+                source:
+                    SourceError::NoRevision {
+                        revision, known, ..
+                    },
+                ..
+            } => assert_eq!((revision.as_str(), known.len()), ("v9", 3)),
+            other => panic!("{other:?}"),
+        }
+        let source = std::error::Error::source(&err).map(ToString::to_string);
+        assert!(source.is_some_and(|s| s.contains("no revision v9")));
+        let msg = err.to_string();
         assert!(
             msg.contains("no revision v9") && msg.contains("main, refs, v2"),
             "{msg}"
