@@ -127,7 +127,7 @@ pub enum Error {
         spec: String,
         /// What was looked for.
         #[source]
-        source: SourceError,
+        source: Box<SourceError>,
     },
     /// A repo id absent from the cache whose download failed.
     #[error(
@@ -138,10 +138,10 @@ pub enum Error {
         /// What the user passed.
         spec: String,
         /// Why the cache did not have it.
-        cached: SourceError,
+        cached: Box<SourceError>,
         /// Why the download failed.
         #[source]
-        source: HubError,
+        source: Box<HubError>,
     },
     /// A repo id absent from the cache while `HF_HUB_OFFLINE` forbids the download.
     #[error(
@@ -158,7 +158,7 @@ pub enum Error {
         revision: String,
         /// Why the cache did not have it.
         #[source]
-        source: SourceError,
+        source: Box<SourceError>,
     },
     /// A bad generation request (empty prompt, batch mismatch, ...).
     #[error("generation request: {0}")]

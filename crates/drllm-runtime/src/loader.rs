@@ -274,7 +274,7 @@ impl ModelSource {
         }
         let sourced = |source| Error::ModelSource {
             spec: spec.to_string(),
-            source,
+            source: Box::new(source),
         };
         if path.is_dir() {
             return Self::from_dir(path).map_err(sourced);
@@ -307,15 +307,15 @@ impl ModelSource {
             Err(cached) if download => crate::hub::download(hf_cache, repo, revision, file)
                 .map_err(|source| Error::ModelDownload {
                     spec: spec.to_string(),
-                    cached,
-                    source,
+                    cached: Box::new(cached),
+                    source: Box::new(source),
                 })?,
             Err(source) => {
                 return Err(Error::ModelOffline {
                     spec: spec.to_string(),
                     repo: repo.into(),
                     revision: revision.into(),
-                    source,
+                    source: Box::new(source),
                 })
             }
         };
@@ -560,13 +560,12 @@ mod tests {
         let err = ModelSource::resolve_in(&format!("{repo}@v9"), cache.path(), false).unwrap_err();
         // Typed, with the cache's answer as its source.
         match &err {
-            Error::ModelOffline {
-                source:
-                    SourceError::NoRevision {
-                        revision, known, ..
-                    },
-                ..
-            } => assert_eq!((revision.as_str(), known.len()), ("v9", 3)),
+            Error::ModelOffline { source, .. } => match source.as_ref() {
+                SourceError::NoRevision {
+                    revision, known, ..
+                } => assert_eq!((revision.as_str(), known.len()), ("v9", 3)),
+                other => panic!("{other:?}"),
+            },
             other => panic!("{other:?}"),
         }
         let source = std::error::Error::source(&err).map(ToString::to_string);
