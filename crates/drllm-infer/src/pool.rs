@@ -18,7 +18,9 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 #[derive(clap::Args)]
 pub struct PoolArgs {
     /// Per-sample files written by `drllm-infer eval --out` (of one model; a baseline that
-    /// several files hold must agree).
+    /// several files hold must agree). Tasks are pooled in the order they first appear: give
+    /// the files in eval's --dataset order to reproduce its intervals exactly (another order
+    /// gives the same accuracies, and intervals that differ by the bootstrap's noise).
     #[arg(required = true)]
     files: Vec<PathBuf>,
     /// Bootstrap resamples for the intervals.

@@ -119,19 +119,19 @@ pub enum Error {
         /// What was looked for and what is expected.
         msg: String,
     },
-    /// A `--model` argument whose model is not where it points: a directory without one, or a
-    /// repo id absent from the Hugging Face cache.
-    #[error("model {spec:?}: {source}")]
+    /// A `--model` directory (given, or a snapshot of the Hugging Face cache) that holds no
+    /// usable model. The message is one sentence with the reason in it, so the reason is a
+    /// field, not a `source` (printed chains would repeat it).
+    #[error("model {spec:?}: {reason}")]
     ModelSource {
         /// What the user passed.
         spec: String,
         /// What was looked for.
-        #[source]
-        source: Box<SourceError>,
+        reason: Box<SourceError>,
     },
     /// A repo id absent from the cache whose download failed.
     #[error(
-        "model {spec:?}: {cached}, and downloading it failed: {source} (HF_HUB_OFFLINE=1 keeps \
+        "model {spec:?}: {cached}, and downloading it failed: {download} (HF_HUB_OFFLINE=1 keeps \
          drllm to the cache)"
     )]
     ModelDownload {
@@ -139,13 +139,12 @@ pub enum Error {
         spec: String,
         /// Why the cache did not have it.
         cached: Box<SourceError>,
-        /// Why the download failed.
-        #[source]
-        source: Box<HubError>,
+        /// Why the download failed (with the client's error as its source).
+        download: Box<HubError>,
     },
     /// A repo id absent from the cache while `HF_HUB_OFFLINE` forbids the download.
     #[error(
-        "model {spec:?}: {source}; HF_HUB_OFFLINE is set, so drllm reads the cache only: download \
+        "model {spec:?}: {reason}; HF_HUB_OFFLINE is set, so drllm reads the cache only: download \
          it where the hub is reachable, `hf download {repo} --revision {revision}` \
          (huggingface_hub; HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME choose the cache)"
     )]
@@ -157,8 +156,7 @@ pub enum Error {
         /// The revision asked for.
         revision: String,
         /// Why the cache did not have it.
-        #[source]
-        source: Box<SourceError>,
+        reason: Box<SourceError>,
     },
     /// A bad generation request (empty prompt, batch mismatch, ...).
     #[error("generation request: {0}")]
@@ -246,7 +244,8 @@ pub enum SourceError {
     },
 }
 
-/// Why downloading a model from the hub failed; each names the repo, revision and hub.
+/// Why downloading a model from the hub failed; each names the hub, and all but the client's
+/// set-up the repo and revision.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     /// The HTTP client could not be made.

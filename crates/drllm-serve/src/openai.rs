@@ -305,7 +305,7 @@ pub struct RouteStats {
 /// The body of `GET /drllm/stats`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Stats {
-    /// By route label (`all-execute`, `budget=B`).
+    /// By route label (`all-execute`, `budget B`).
     pub routes: BTreeMap<String, RouteStats>,
     /// Requests their clients cancelled.
     pub cancelled: u64,

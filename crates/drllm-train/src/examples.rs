@@ -373,8 +373,9 @@ impl Example {
     /// every correct path the search verified for this prompt (its `good_paths`, and the
     /// default when the default was correct), weighted by `exp(blocks saved / temperature)`,
     /// the share of weight on each action (skip, execute, repeat) at each block. A temperature
-    /// near 0 gives the cheapest path's one-hot labels (the paper's); a large one the plain
-    /// share of verified paths. Rows with no correct path (never trained on) get their label's
+    /// near 0 puts the weight on the cheapest verified paths (the paper's one-hot label when one
+    /// path is cheapest, an even mix of those that tie); a large one gives the plain share of
+    /// verified paths. Rows with no correct path (never trained on) get their label's
     /// one-hot, as an empty path gives an empty target.
     pub fn search_targets(&self, temperature: f64) -> Vec<[f32; 3]> {
         let default_correct = matches!(

@@ -89,8 +89,9 @@ pub struct TrainArgs {
     /// by exp(blocks saved / --target-temperature)).
     #[arg(long, value_enum, default_value_t = Targets::Cheapest, hide_possible_values = true)]
     targets: Targets,
-    /// Temperature of `--targets search`, in blocks saved: near 0 is the cheapest path alone,
-    /// large values the plain share of verified paths.
+    /// Temperature of `--targets search`, in blocks saved: near 0 is the cheapest verified
+    /// paths alone (an even mix where several tie), large values the plain share of verified
+    /// paths.
     #[arg(long, default_value_t = 1.0, value_parser = drllm_cli::positive_up_to(1e6))]
     target_temperature: f64,
     /// Which epoch is shipped: routed-accuracy (the routers route the held-out prompts; best

@@ -159,7 +159,11 @@ pub fn focal_loss(logits: &Tensor, labels: &Tensor, weights: &Tensor, gamma: f64
 /// `-sum_c t_c w_c (1 - p_c)^gamma log p_c`; with one-hot targets, [`focal_loss`].
 pub fn soft_focal_loss(logits: &Tensor, targets: &Tensor, weights: &Tensor, gamma: f64) -> Tensor {
     let logp = logits.log_softmax(-1, Kind::Float);
-    let focus = (logp.exp().neg() + 1.0).pow_tensor_scalar(gamma);
+    // Clamped away from 0: (1 - p)^gamma has an infinite slope at p = 1 when gamma < 1, and a
+    // class of target weight 0 would turn it into 0 * inf = NaN.
+    let focus = (logp.exp().neg() + 1.0)
+        .clamp_min(1e-12)
+        .pow_tensor_scalar(gamma);
     let per_class = targets * weights.view([1, 3]) * focus * logp;
     (-per_class.sum_dim_intlist(-1, false, Kind::Float)).mean(Kind::Float)
 }
