@@ -716,7 +716,7 @@ fn eval_controls_tell_routing_from_static_paths() {
         );
         assert_eq!(r["cost"], pooled["static"][k]["cost"], "{mode}");
     }
-    let oracle = row("pooled", "oracle (any cheaper mode)");
+    let oracle = row("pooled", "oracle (any mode but the baseline)");
     assert!(
         oracle["accuracy"].as_f64().unwrap()
             >= row("pooled", "per-task static")["accuracy"]

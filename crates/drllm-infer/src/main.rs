@@ -61,7 +61,7 @@ enum Cmd {
     Merge(drllm_infer::merge::MergeArgs),
     /// Pool the per-sample files of split `eval --out` runs (one per task, say): every mode per
     /// task and over all tasks, paired with the baseline and with the routers on the same
-    /// prompts, and the oracle over the evaluated paths cheaper than the baseline.
+    /// prompts, and the oracle over every mode but the baseline.
     #[command(after_help = "Examples:
   drllm-infer pool arc_easy.parquet arc_challenge.parquet
   drllm-infer pool evals/*.parquet --json pooled.json")]
