@@ -114,15 +114,15 @@ fn read_file(path: &Path, fingerprint: &mut Option<(String, PathBuf)>) -> Result
                 path.display()
             )
         };
-        let task = col("task")?
-            .as_string_opt::<i32>()
-            .with_context(|| bad("task"))?;
-        let id = col("sample_id")?
-            .as_string_opt::<i32>()
-            .with_context(|| bad("sample_id"))?;
-        let mode = col("mode")?
-            .as_string_opt::<i32>()
-            .with_context(|| bad("mode"))?;
+        let text = |name: &str| -> Result<&arrow_array::StringArray> {
+            col(name)?.as_string_opt::<i32>().with_context(|| bad(name))
+        };
+        let (task, id, mode, fp) = (
+            text("task")?,
+            text("sample_id")?,
+            text("mode")?,
+            text("model_fingerprint")?,
+        );
         let budget = col("budget")?
             .as_primitive_opt::<Float64Type>()
             .with_context(|| bad("budget"))?;
@@ -135,9 +135,6 @@ fn read_file(path: &Path, fingerprint: &mut Option<(String, PathBuf)>) -> Result
         let paths = col("path")?
             .as_list_opt::<i32>()
             .with_context(|| bad("path"))?;
-        let fp = col("model_fingerprint")?
-            .as_string_opt::<i32>()
-            .with_context(|| bad("model_fingerprint"))?;
         for r in 0..b.num_rows() {
             let this_fp = fp.value(r);
             match fingerprint {
@@ -151,15 +148,16 @@ fn read_file(path: &Path, fingerprint: &mut Option<(String, PathBuf)>) -> Result
             }
             let kind = mode.value(r).to_string();
             let bud = (!budget.is_null(r)).then(|| budget.value(r));
-            let counts = paths.value(r);
-            let counts = counts
-                .as_primitive_opt::<UInt8Type>()
-                .with_context(|| bad("path"))?
-                .values()
-                .to_vec();
             let mut label = match (kind.as_str(), bud) {
                 ("baseline", _) => "baseline".to_string(),
-                ("static", _) => format!("static {}", path_label(&counts)),
+                // Only a static mode is named by its path.
+                ("static", _) => {
+                    let counts = paths.value(r);
+                    let counts = counts
+                        .as_primitive_opt::<UInt8Type>()
+                        .with_context(|| bad("path"))?;
+                    format!("static {}", path_label(counts.values()))
+                }
                 ("per_task_static", _) => "per-task static".to_string(),
                 (k, Some(b)) => format!("{k} {b:+.2}"),
                 (k, None) => k.to_string(),
